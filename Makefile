@@ -1,0 +1,31 @@
+# make demo: fresh machine -> .venv with pinned deps, data, a short training run, samples.
+# make test: the whole test suite (CPU only, no network).
+PY := .venv/bin/python
+# a GPU machine runs nanoGPT's recipe; a CPU machine a CPU-sized one (~4 minutes on 2 cores)
+DEMO_CONFIG = $(shell $(PY) -c "import torch; print('config/train_shakespeare_char.py' if torch.cuda.is_available() else 'config/train_shakespeare_char_cpu.py')")
+
+.PHONY: demo test clean
+
+.venv/ok: requirements.txt
+	python3 -m venv .venv
+	$(PY) -m pip install -q -r requirements.txt
+	touch .venv/ok
+
+data/shakespeare_char/train.bin: .venv/ok data/shakespeare_char/prepare.py
+	$(PY) data/shakespeare_char/prepare.py
+
+# A second `make demo` continues (or just reloads) the first one's run instead of refusing to
+# overwrite its checkpoints.
+demo: .venv/ok data/shakespeare_char/train.bin
+	@if [ -n "$$(ls out-shakespeare-char/*.pt 2>/dev/null)" ]; then \
+		$(PY) train.py $(DEMO_CONFIG) --init_from=resume; \
+	else \
+		$(PY) train.py $(DEMO_CONFIG); \
+	fi
+	$(PY) sample.py --out_dir=out-shakespeare-char --num_samples=3 --max_new_tokens=300
+
+test: .venv/ok
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf out-shakespeare-char data/*/train.bin data/*/val.bin data/*/meta.pkl

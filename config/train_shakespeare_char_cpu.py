@@ -1,0 +1,30 @@
+# tiny Shakespeare on a CPU: the CPU recipe (about 4 minutes on 2 cores), used by `make demo`
+# on machines without a GPU. Same data and vocab as the GPU recipe, a smaller model and context.
+
+out_dir = "out-shakespeare-char"
+eval_interval = 250
+eval_iters = 20
+log_interval = 10
+always_save_checkpoint = False
+checkpoint_interval = 250
+
+dataset = "shakespeare_char"
+gradient_accumulation_steps = 1
+batch_size = 12
+block_size = 64
+
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+
+learning_rate = 1e-3
+max_iters = 2000
+lr_decay_iters = 2000
+min_lr = 1e-4
+beta2 = 0.99
+warmup_iters = 100
+
+device = "cpu"
+dtype = "float32"  # bf16 autocast is 20-40x slower on CPUs without bf16 matrix units
+compile = False  # no speed-up for a model this small, and ~50 s to compile

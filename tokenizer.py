@@ -1,0 +1,56 @@
+"""
+Tokenizers: GPT-2 BPE (tiktoken) built offline from the files shipped in data/gpt2_bpe/, and the
+character vocab that data/shakespeare_char/prepare.py writes to meta.pkl.
+"""
+import os
+import pickle
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+BPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gpt2_bpe")
+# the hashes tiktoken itself checks for these two files
+ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+_gpt2 = None
+
+
+def gpt2_encoding():
+    """tiktoken's 'gpt2' encoding. The shipped files are byte-identical to what
+    tiktoken.get_encoding('gpt2') downloads, so they come first: offline that call would
+    only wait on the network and fail. get_encoding is the fallback if the files are gone."""
+    global _gpt2
+    if _gpt2 is None:
+        encoder_json = os.path.join(BPE_DIR, "encoder.json")
+        vocab_bpe = os.path.join(BPE_DIR, "vocab.bpe")
+        if os.path.exists(encoder_json) and os.path.exists(vocab_bpe):
+            ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json,
+                                                    vocab_bpe_hash=VOCAB_BPE_SHA256, encoder_json_hash=ENCODER_JSON_SHA256)
+            _gpt2 = tiktoken.Encoding(name="gpt2", explicit_n_vocab=50257, pat_str=r50k_pat_str,
+                                      mergeable_ranks=ranks, special_tokens={ENDOFTEXT: 50256})
+        else:
+            _gpt2 = tiktoken.get_encoding("gpt2")
+    return _gpt2
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    # meta.pkl holds only dicts, lists, str and int, which unpickle without find_class;
+    # anything that names a class or function is refused, so a planted file runs nothing.
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: meta.pkl may hold plain data only")
+
+
+def load_meta(path):
+    with open(path, "rb") as f:
+        return _PlainUnpickler(f).load()
+
+
+def get_codec(meta_path=None):
+    """(encode, decode) for a char vocab's meta.pkl when it exists, else GPT-2 BPE."""
+    if meta_path and os.path.exists(meta_path):
+        meta = load_meta(meta_path)
+        stoi, itos = meta["stoi"], meta["itos"]
+        return (lambda s: [stoi[c] for c in s]), (lambda ids: "".join(itos[i] for i in ids))
+    enc = gpt2_encoding()
+    return (lambda s: enc.encode(s, allowed_special={ENDOFTEXT})), enc.decode

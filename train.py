@@ -1,0 +1,325 @@
+"""
+Train a GPT, on one CPU or GPU or on many GPUs and nodes with DDP.
+
+    python train.py config/train_shakespeare_char.py               # one process
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+    python train.py config/train_shakespeare_char.py --init_from=resume   # carry on where it stopped
+
+The globals below are the config: config files and --key=value flags override them (configurator.py).
+A run checkpoints every checkpoint_interval iterations, on SIGTERM/SIGINT and at the end, and a
+resumed run continues exactly where the interrupted one was (see README, "Checkpoints").
+"""
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import checkpoint
+from configurator import config_keys, configure
+from dataset import TokenData
+from model import GPT, GPTConfig, autocast_context, peak_flops_for, pick_device, pick_dtype
+
+# -----------------------------------------------------------------------------------------------
+# default config: GPT-2 124M on OpenWebText
+# I/O
+out_dir = "out"
+eval_interval = 2000
+log_interval = 1
+eval_iters = 200
+eval_only = False  # evaluate once and exit
+always_save_checkpoint = True  # ckpt.pt at every eval, not only when val loss improves
+init_from = "scratch"  # 'scratch', 'resume', or GPT-2 weights: 'gpt2', 'gpt2-medium', ..., or a local HF folder
+# checkpoints
+checkpoint_interval = 1000  # periodic checkpoint every N iterations (0: only on signals and at the end)
+keep_last = 3  # periodic checkpoints kept; older ones are deleted once a newer one is safely on disk
+resume_from = ""  # with init_from='resume': this file rather than the newest good one in out_dir
+async_save = False  # write periodic checkpoints on a background thread; training stalls only for a snapshot
+# wandb logging
+wandb_log = False
+wandb_project = "owt"
+wandb_run_name = "gpt2"
+# data
+dataset = "openwebtext"
+gradient_accumulation_steps = 5 * 8  # in total over all ranks: the global batch does not change with world size
+batch_size = 12  # micro-batch per rank
+block_size = 1024
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0  # 0 for pretraining, 0.1+ for fine-tuning
+bias = False
+# AdamW
+learning_rate = 6e-4
+max_iters = 600000
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0 disables
+# learning rate: linear warmup, then cosine decay to min_lr
+decay_lr = True
+warmup_iters = 2000
+lr_decay_iters = 600000  # ~= max_iters, as in Chinchilla
+min_lr = 6e-5  # ~= learning_rate / 10
+# system
+backend = "auto"  # nccl on CUDA, gloo elsewhere
+device = "auto"  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = "auto"  # 'auto' (bf16 on CUDA that has it, else fp16; fp32 on CPU), 'float32', 'bfloat16', 'float16'
+compile = True  # torch.compile the model
+seed = 1337
+peak_flops = 0.0  # FLOP/s that MFU is measured against; 0: data-sheet peak for known GPUs, else measured
+# -----------------------------------------------------------------------------------------------
+keys = config_keys(globals())
+chosen = configure(globals())  # the keys a config file or flag set, as opposed to defaults
+config = {k: globals()[k] for k in keys}  # plain values, stored in every checkpoint
+# -----------------------------------------------------------------------------------------------
+
+# distributed: torchrun sets RANK; a plain `python train.py` is a world of one
+ddp = "RANK" in os.environ
+device = pick_device(device)
+if ddp:
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=("nccl" if device.startswith("cuda") else "gloo") if backend == "auto" else backend)
+else:
+    rank, local_rank, world_size = 0, 0, 1
+master = rank == 0
+log = print if master else (lambda *a, **k: None)
+if gradient_accumulation_steps % world_size:
+    raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple "
+                     f"of the world size {world_size}")
+accum = gradient_accumulation_steps // world_size  # micro-steps per rank
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+device_type = "cuda" if device.startswith("cuda") else device
+dtype = pick_dtype(dtype, device)
+if device_type == "cpu" and dtype != "float32":
+    log(f"warning: {dtype} autocast on this CPU is much slower than float32 (no bf16/fp16 matrix units); "
+        f"use --dtype=float32 for speed")
+ctx = autocast_context(device, dtype)
+torch.manual_seed(seed + rank)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+log(f"device {device}, dtype {dtype}, world size {world_size}, tokens per iteration {tokens_per_iter:,}")
+
+data = TokenData(dataset)
+vocab_size = data.vocab_size()
+os.makedirs(out_dir, exist_ok=True)
+if master:
+    checkpoint.remove_stray_temps(out_dir)
+
+# -----------------------------------------------------------------------------------------------
+# model: from scratch, from a checkpoint, or from GPT-2 weights
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                  vocab_size=vocab_size or 50304, dropout=dropout)
+iter_num, best_val_loss, train_seconds, last_val_loss, origin, ckpt = 0, float("inf"), 0.0, None, init_from, None
+if init_from == "scratch":
+    existing = checkpoint.candidates(out_dir)
+    if existing:  # never overwrite a run's work by accident
+        raise SystemExit(f"error: out_dir {out_dir!r} already holds checkpoints ({os.path.basename(existing[0])}, ...); "
+                         f"continue with --init_from=resume, or pick another --out_dir")
+    model = GPT(GPTConfig(**model_args))
+elif init_from == "resume":
+    try:
+        if resume_from:
+            path, ckpt = resume_from, checkpoint.load(resume_from)
+        else:
+            path, ckpt = checkpoint.load_latest(out_dir, log=log)
+        checkpoint.check_compatible(ckpt, model_args, chosen, dataset, vocab_size)
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+    model_args.update({k: ckpt["model_args"][k] for k in checkpoint.MODEL_ARGS if k in ckpt["model_args"] and k != "dropout"})
+    model = GPT(GPTConfig(**model_args))
+    model.load_state_dict(ckpt["model"])
+    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    meta = ckpt.get("metadata", {})
+    train_seconds, last_val_loss, origin = meta.get("train_seconds", 0.0), meta.get("val_loss"), meta.get("init_from", "resume")
+    log(f"resuming from {path} at iteration {iter_num}")
+else:
+    raise SystemExit(f"error: init_from={init_from!r} is not one of 'scratch', 'resume'")
+    model_args.update({k: getattr(model.config, k) for k in checkpoint.MODEL_ARGS})
+if block_size < model.config.block_size:
+    model.crop_block_size(block_size)  # e.g. GPT-2's 1024 context cut to 256 for fine-tuning
+    model_args["block_size"] = block_size
+model.to(device)
+
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if ckpt is not None:
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    rngs = ckpt.get("rng")
+    if rngs and len(rngs) == world_size:
+        checkpoint.restore_rng(rngs[rank])
+    elif rngs:
+        log(f"note: checkpoint was written by {len(rngs)} rank(s), this run has {world_size}: the data order "
+            f"is exact, dropout's random stream starts afresh")
+    else:
+        log("note: checkpoint has no RNG state (nanoGPT or older file): approximate resume, data order reseeded")
+    del ckpt  # free host memory before training
+raw_model = model
+if compile:
+    log("compiling the model... (takes a minute)")
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+peak = peak_flops_for(device, dtype, peak_flops) if master else 1.0
+
+
+def get_lr(it):
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters fixed batches per split, shared out between ranks."""
+    out = {}
+    model.eval()
+    for split in ("train", "val"):
+        losses = torch.zeros(eval_iters, device=device)
+        for k in range(rank, eval_iters, world_size):
+            X, Y = data.eval_batch(split, seed, k, batch_size, block_size)
+            with ctx:
+                _, loss = model(X.to(device), Y.to(device))
+            losses[k] = loss.float()
+        if ddp:
+            dist.all_reduce(losses)
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def save_checkpoint(path, retain=False):
+    """Every rank calls this (RNG states are gathered); rank 0 writes."""
+    rng = checkpoint.capture_rng()
+    rngs = [None] * world_size
+    if ddp:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if not master:
+        return
+    state = dict(
+        model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
+        iter_num=iter_num, best_val_loss=best_val_loss, config=config, scaler=scaler.state_dict(), rng=rngs,
+        format_version=checkpoint.FORMAT_VERSION,
+        metadata=dict(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), torch_version=str(torch.__version__),
+                      world_size=world_size, tokens_seen=iter_num * tokens_per_iter,
+                      train_seconds=train_seconds + time.time() - t_start, val_loss=last_val_loss,
+                      git_commit=git_commit, init_from=origin, dataset=dataset))
+    then = (lambda: checkpoint.apply_retention(out_dir, keep_last)) if retain else None
+    if async_save:  # snapshot now (the stall), write in the background
+        saver.save(checkpoint.to_cpu(state, copy=True), path, then)
+    else:
+        checkpoint.save(checkpoint.to_cpu(state), path)
+        if then:
+            then()
+
+
+# SIGTERM (preemption) and SIGINT (Ctrl-C): finish the iteration, save, exit. A second Ctrl-C
+# leaves at once; that is safe because no checkpoint file is ever half-written.
+stop_signal = None
+
+
+def on_signal(signum, frame):
+    global stop_signal
+    if stop_signal is not None:
+        print(f"second {signal.Signals(signum).name}: exiting now without saving", file=sys.stderr, flush=True)
+        os._exit(130)
+    stop_signal = signum
+    print(f"{signal.Signals(signum).name} received: finishing this iteration, then saving a checkpoint", flush=True)
+
+
+signal.signal(signal.SIGTERM, on_signal)
+signal.signal(signal.SIGINT, on_signal)
+
+if wandb_log and master:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+# -----------------------------------------------------------------------------------------------
+# the training loop. iter_num counts finished updates: a checkpoint taken after update k-1 holds
+# iter_num=k, and a resumed run starts with update k, so none is run twice or skipped.
+saver = checkpoint.AsyncSaver()
+git_commit = checkpoint.git_commit() if master else None
+t_start = time.time()
+step_times = []
+while True:
+    if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
+        losses = estimate_loss()
+        last_val_loss = losses["val"]
+        log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        if wandb_log and master:
+            wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": get_lr(iter_num)})
+        if not eval_only and iter_num > 0 and (losses["val"] < best_val_loss or always_save_checkpoint):
+            best_val_loss = min(best_val_loss, losses["val"])
+            saver.wait()  # one write at a time
+            save_checkpoint(os.path.join(out_dir, checkpoint.BEST))
+            log(f"saved {checkpoint.BEST} (val loss {losses['val']:.4f})")
+    if iter_num >= max_iters or eval_only:
+        break
+
+    t0 = time.perf_counter()
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for micro_step in range(accum):
+        if ddp:  # gradients are averaged across ranks on the last micro-step only
+            model.require_backward_grad_sync = micro_step == accum - 1
+        X, Y = data.train_batch(seed, iter_num, micro_step, batch_size, block_size, accum, rank, world_size)
+        X, Y = X.to(device, non_blocking=True), Y.to(device, non_blocking=True)
+        with ctx:
+            _, loss = model(X, Y)
+            loss = loss / accum  # the mean over the whole global batch
+        scaler.scale(loss).backward()
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+    lossf = loss.item() * accum  # also waits for the GPU, so dt is the real step time
+    dt = time.perf_counter() - t0
+    step_times.append(dt)
+
+    if iter_num % log_interval == 0:
+        mfu = raw_model.estimate_mfu(batch_size * accum * block_size, dt, peak)
+        log(f"iter {iter_num - 1}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
+            f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%, lr {lr:.2e}")
+
+    stop = stop_signal is not None
+    if ddp:  # every rank must stop after the same iteration
+        flag = torch.tensor(float(stop), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+    periodic = checkpoint_interval > 0 and iter_num % checkpoint_interval == 0
+    if periodic or stop or iter_num == max_iters:
+        path = os.path.join(out_dir, checkpoint.PERIODIC.format(iter_num))
+        save_checkpoint(path, retain=True)
+        log(f"{'writing' if async_save else 'saved'} {path}")
+    if stop:
+        break
+
+saver.wait()  # a background write must reach the disk before the process ends
+if step_times:
+    steady = sorted(step_times[min(10, len(step_times) // 2):]) or sorted(step_times)
+    log(f"done at iteration {iter_num}: median {steady[len(steady) // 2] * 1000:.2f} ms/iter, "
+        f"{time.time() - t_start:.1f}s wall")
+if ddp:
+    dist.destroy_process_group()
+if stop_signal is not None:
+    log(f"checkpoint saved at iteration {iter_num}; resume with --init_from=resume")
+    sys.exit(130 if stop_signal == signal.SIGINT else 0)
