@@ -6,6 +6,7 @@ Sample from a trained model (out_dir's ckpt.pt) or from OpenAI's GPT-2 weights.
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt
 """
 import os
+import sys
 
 import torch
 
@@ -47,10 +48,11 @@ if init_from == "resume":
     dataset = ckpt.get("config", {}).get("dataset")
     if dataset:  # a char-level run keeps its vocab in the dataset's meta.pkl
         meta_path = os.path.join(DATA_DIR, dataset, "meta.pkl")
-    print(f"sampling from {path} (iteration {ckpt.get('iter_num')})")
+    print(f"sampling from {path} (iteration {ckpt.get('iter_num')})", file=sys.stderr)  # stdout: samples only
     del ckpt
-else:
-    raise SystemExit(f"error: init_from={init_from!r} is not 'resume'")
+else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder; meta_path stays None: GPT-2 BPE
+    from model import load_gpt2
+    model = load_gpt2(init_from)
 
 model.eval()
 model.to(device)

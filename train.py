@@ -96,7 +96,6 @@ if gradient_accumulation_steps % world_size:
     raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple "
                      f"of the world size {world_size}")
 accum = gradient_accumulation_steps // world_size  # micro-steps per rank
-tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 device_type = "cuda" if device.startswith("cuda") else device
 dtype = pick_dtype(dtype, device)
 if device_type == "cpu" and dtype != "float32":
@@ -106,7 +105,6 @@ ctx = autocast_context(device, dtype)
 torch.manual_seed(seed + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-log(f"device {device}, dtype {dtype}, world size {world_size}, tokens per iteration {tokens_per_iter:,}")
 
 data = TokenData(dataset)
 vocab_size = data.vocab_size()
@@ -141,12 +139,19 @@ elif init_from == "resume":
     meta = ckpt.get("metadata", {})
     train_seconds, last_val_loss, origin = meta.get("train_seconds", 0.0), meta.get("val_loss"), meta.get("init_from", "resume")
     log(f"resuming from {path} at iteration {iter_num}")
-else:
-    raise SystemExit(f"error: init_from={init_from!r} is not one of 'scratch', 'resume'")
+else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder; the shape is theirs
+    from model import load_gpt2
+    model = load_gpt2(init_from, dropout=dropout)
     model_args.update({k: getattr(model.config, k) for k in checkpoint.MODEL_ARGS})
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # e.g. GPT-2's 1024 context cut to 256 for fine-tuning
     model_args["block_size"] = block_size
+# the model's shape comes from the checkpoint or GPT-2 when there is one: the config follows it
+n_layer, n_head, n_embd, block_size, bias = (model_args[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias"))
+config.update(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias)
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+log(f"device {device}, dtype {dtype}, world size {world_size}, {model.get_num_params() / 1e6:.2f}M parameters, "
+    f"tokens per iteration {tokens_per_iter:,}")
 model.to(device)
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
@@ -315,10 +320,13 @@ while True:
 
 saver.wait()  # a background write must reach the disk before the process ends
 if step_times:
-    steady = sorted(step_times[min(10, len(step_times) // 2):]) or sorted(step_times)
+    steady = sorted(step_times[min(10, len(step_times) // 2):])  # past the warm-up steps
     log(f"done at iteration {iter_num}: median {steady[len(steady) // 2] * 1000:.2f} ms/iter, "
         f"{time.time() - t_start:.1f}s wall")
+elif not eval_only:
+    log(f"nothing to train: already at iteration {iter_num} (max_iters={max_iters})")
 if ddp:
+    dist.barrier()  # rank 0 may still be writing; tearing down gloo under it aborts the other ranks
     dist.destroy_process_group()
 if stop_signal is not None:
     log(f"checkpoint saved at iteration {iter_num}; resume with --init_from=resume")

@@ -1,0 +1,91 @@
+"""configurator.py: config files and --key=value flags, and one clear line for every mistake."""
+import pytest
+
+from conftest import ROOT, run
+from configurator import configure
+
+
+def defaults():
+    return dict(batch_size=12, learning_rate=6e-4, compile=True, device="auto", out_dir="out", n_layer=12)
+
+
+def test_flags_are_literals_or_strings():
+    ns = defaults()
+    touched = configure(ns, ["--batch_size=32", "--learning_rate=1e-3", "--compile=False", "--device=cuda:1",
+                             "--out_dir=123"])
+    assert ns == dict(batch_size=32, learning_rate=1e-3, compile=False, device="cuda:1", out_dir="123", n_layer=12)
+    assert touched == {"batch_size", "learning_rate", "compile", "device", "out_dir"}
+
+
+def test_int_for_float_is_fine_and_equals_sign_inside_value():
+    ns = defaults()
+    configure(ns, ["--learning_rate=0", "--out_dir=a=b"])
+    assert ns["learning_rate"] == 0.0 and isinstance(ns["learning_rate"], float)
+    assert ns["out_dir"] == "a=b"
+
+
+def test_config_file_then_flag(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("import math\nbatch_size = 64\nn_layer = int(math.sqrt(16))\n_helper = 3\n")
+    ns = defaults()
+    touched = configure(ns, [str(cfg), "--batch_size=8"])
+    assert ns["batch_size"] == 8 and ns["n_layer"] == 4
+    assert touched == {"batch_size", "n_layer"}
+
+
+def expect_error(capsys, ns, argv, *words):
+    with pytest.raises(SystemExit) as e:
+        configure(ns, argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def test_unknown_key_suggests_close_match(capsys):
+    expect_error(capsys, defaults(), ["--batch_sise=3"], "batch_sise", "did you mean 'batch_size'")
+
+
+def test_unknown_key_in_config_file(capsys, tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("n_layers = 4\n")
+    expect_error(capsys, defaults(), [str(cfg)], "n_layers", str(cfg), "did you mean 'n_layer'")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--batch_size=1.5"], ["batch_size", "int", "1.5"]),
+    (["--compile=yes"], ["compile", "bool"]),
+    (["--learning_rate=fast"], ["learning_rate", "float"]),
+])
+def test_wrong_type(capsys, argv, words):
+    expect_error(capsys, defaults(), argv, *words)
+
+
+def test_wrong_type_in_config_file(capsys, tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("batch_size = '12'\n")
+    expect_error(capsys, defaults(), [str(cfg)], "batch_size", "int")
+
+
+def test_missing_file_and_malformed_args(capsys, tmp_path):
+    expect_error(capsys, defaults(), [str(tmp_path / "nope.py")], "nope.py", "not found")
+    expect_error(capsys, defaults(), ["batch_size=3"], "batch_size=3")
+    expect_error(capsys, defaults(), ["--batch_size"], "--key=value")
+
+
+def test_broken_config_file(capsys, tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("batch_size = = 3\n")
+    expect_error(capsys, defaults(), [str(cfg)], "SyntaxError")
+
+
+@pytest.mark.parametrize("script, typo, key", [("train.py", "n_layr", "n_layer"),
+                                               ("sample.py", "num_sample", "num_samples"),
+                                               ("bench.py", "blok_size", "block_size")])
+def test_scripts_exit_2_without_traceback(script, typo, key):
+    proc = run(script, f"--{typo}=3", check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"error: unknown config key '{typo}' in --{typo}=3; did you mean '{key}'?"

@@ -1,0 +1,73 @@
+"""End to end, as a user runs it: train -> ckpt.pt -> resume -> sample, and the scripts' clear errors."""
+import os
+import re
+
+import torch
+
+import checkpoint
+from conftest import TINY, run
+
+
+def test_train_resume_sample(shakespeare_char, tmp_path):
+    out = str(tmp_path / "out")
+    p = run("train.py", *TINY, f"--out_dir={out}", "--max_iters=20", "--eval_interval=10", "--checkpoint_interval=0")
+    assert "step 20: train loss" in p.stdout and "saved ckpt.pt" in p.stdout
+    losses = [float(x) for x in re.findall(r"^iter \d+: loss ([\d.]+)", p.stdout, re.M)]
+    assert len(losses) == 20 and losses[-1] < losses[0]  # it learns
+
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)  # plain data only
+    assert set(ckpt) >= {"model", "optimizer", "model_args", "iter_num", "best_val_loss", "config"}
+    assert ckpt["iter_num"] == 20 and isinstance(ckpt["best_val_loss"], float)
+    assert ckpt["model_args"] == dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False, vocab_size=65, dropout=0.0)
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    assert ckpt["config"]["dataset"] == "shakespeare_char" and ckpt["config"]["max_iters"] == 20
+
+    # resume needs no architecture flags: they come from the checkpoint
+    p = run("train.py", f"--out_dir={out}", "--init_from=resume", "--dataset=shakespeare_char", "--device=cpu",
+            "--compile=False", "--max_iters=25", "--eval_iters=2", "--eval_interval=10", "--log_interval=1")
+    assert "at iteration 20" in p.stdout and "iter 20:" in p.stdout and "iter 19:" not in p.stdout
+    assert checkpoint.load(os.path.join(out, checkpoint.PERIODIC.format(25)))["iter_num"] == 25
+
+    p = run("sample.py", f"--out_dir={out}", "--num_samples=2", "--max_new_tokens=30", "--device=cpu", "--start=ROMEO:")
+    samples = [s for s in p.stdout.split("---------------") if s.strip()]
+    assert len(samples) == 2 and all(s.strip().startswith("ROMEO:") for s in samples)
+
+
+def test_compiled_model_saves_plain_names(shakespeare_char, tmp_path):
+    out = str(tmp_path / "out")
+    run("train.py", *TINY, f"--out_dir={out}", "--max_iters=2", "--eval_interval=2", "--compile=True", timeout=600)
+    ckpt = checkpoint.load(os.path.join(out, "ckpt.pt"))
+    assert not any("_orig_mod" in k for k in torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"])
+    assert "transformer.wte.weight" in ckpt["model"]
+
+
+def test_float16_on_cpu_runs(shakespeare_char, tmp_path):
+    p = run("train.py", *TINY, f"--out_dir={tmp_path}", "--max_iters=3", "--dtype=float16", "--eval_interval=100")
+    assert "warning: float16 autocast on this CPU" in p.stdout
+    assert "nan" not in p.stdout.lower()
+    assert "scaler" in checkpoint.load(os.path.join(tmp_path, checkpoint.PERIODIC.format(3)))
+
+
+def one_error_line(proc, *words):
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    err = proc.stderr.strip()
+    assert err.startswith("error:") and "\n" not in err, err
+    for w in words:
+        assert w in err, err
+
+
+def test_clear_errors(shakespeare_char, tmp_path):
+    one_error_line(run("train.py", "--dataset=nosuchdata", "--device=cpu", check=False), "nosuchdata", "does not exist")
+    one_error_line(run("train.py", *TINY, "--init_from=resume", f"--out_dir={tmp_path / 'empty'}", check=False),
+                   "no checkpoint", "empty")
+    one_error_line(run("sample.py", f"--out_dir={tmp_path / 'empty'}", check=False), "no checkpoint", "empty")
+    one_error_line(run("train.py", *TINY, "--init_from=scrach", check=False), "scrach")
+
+
+def test_bench_runs_on_cpu(shakespeare_char):
+    args = ["--device=cpu", "--compile=False", "--batch_size=2", "--block_size=16", "--n_layer=1", "--n_head=2",
+            "--n_embd=16", "--warmup_steps=1", "--timed_steps=2"]
+    p = run("bench.py", *args, "--real_data=False")
+    assert re.search(r"median [\d.]+ ms/iter .* tokens/s, MFU [\d.]+%", p.stdout)
+    p = run("bench.py", *args, "--dataset=shakespeare_char")
+    assert "ms/iter" in p.stdout
