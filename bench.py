@@ -126,7 +126,7 @@ def bench_checkpoint():
         checkpoint.save(checkpoint.to_cpu(state), path)
         results["sync save"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        saver.save(checkpoint.to_cpu(state, copy=True), path)
+        saver.save(checkpoint.to_cpu(state), path)
         results["async stall"].append(time.perf_counter() - t0)
         saver.wait()
         results["async total"].append(time.perf_counter() - t0)

@@ -14,9 +14,9 @@ import glob
 import os
 import pickle
 import random
+import signal
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 
@@ -69,15 +69,14 @@ def remove_stray_temps(out_dir):
         os.remove(path)
 
 
-def to_cpu(obj, copy=False):
-    """A copy of a nested state with every tensor on the CPU. copy=True snapshots CPU tensors
-    too, so that training can go on changing them while a background thread writes them."""
+def to_cpu(obj):
+    """A nested state with every tensor on the CPU (CPU tensors are not copied)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=copy)
+        return obj.detach().cpu()
     if isinstance(obj, dict):
-        return {k: to_cpu(v, copy) for k, v in obj.items()}
+        return {k: to_cpu(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v, copy) for v in obj)
+        return type(obj)(to_cpu(v) for v in obj)
     return obj
 
 
@@ -87,35 +86,41 @@ def save(ckpt, path):
 
 
 class AsyncSaver:
-    """Writes checkpoints on a background thread. The caller snapshots the state to CPU memory
-    (to_cpu(copy=True)) and goes on training; at most one write is in flight, a new save waits
-    for the previous one, and wait() must be called before the process exits."""
+    """Writes checkpoints from a forked child process. fork() hands the child a copy-on-write
+    snapshot of the whole process in well under a second, so training stalls for the fork (plus,
+    for GPU tensors, their copy to host memory in to_cpu) rather than for writing, or even
+    copying, gigabytes. At most one write is in flight: save() and wait() first wait for the
+    previous one, and the training script calls wait() before it exits. POSIX only (fork)."""
 
     def __init__(self):
-        self.thread = None
-        self.error = None
+        self.pid, self.path = None, None
 
     def save(self, ckpt, path, then=None):
         self.wait()
-
-        def work():
+        pid = os.fork()
+        if pid == 0:  # the child: write, then leave without running any of the parent's exit code
+            code = 1
             try:
+                # Ctrl-C or SIGTERM reach the whole process group; the parent waits for this write
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 save(ckpt, path)
                 if then:
                     then()
-            except BaseException as e:  # re-raised in the training thread by wait()
-                self.error = e
-
-        self.thread = threading.Thread(target=work, name="checkpoint-writer")
-        self.thread.start()
+                code = 0
+            except BaseException as e:
+                print(f"error: background checkpoint write to {path} failed: {e}", file=sys.stderr, flush=True)
+            finally:
+                os._exit(code)
+        self.pid, self.path = pid, path
 
     def wait(self):
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+        if self.pid is None:
+            return
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = None
+        if status != 0:
+            raise CheckpointError(f"background write of {self.path} failed (wait status {status})")
 
 
 def apply_retention(out_dir, keep_last):

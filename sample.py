@@ -13,7 +13,7 @@ import torch
 import checkpoint
 from configurator import configure
 from dataset import DATA_DIR
-from model import GPT, GPTConfig, autocast_context, pick_device, pick_dtype
+from model import GPT, GPTConfig, autocast_context, load_gpt2, pick_device, pick_dtype
 from tokenizer import get_codec
 
 # -----------------------------------------------------------------------------------------------
@@ -51,7 +51,6 @@ if init_from == "resume":
     print(f"sampling from {path} (iteration {ckpt.get('iter_num')})", file=sys.stderr)  # stdout: samples only
     del ckpt
 else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder; meta_path stays None: GPT-2 BPE
-    from model import load_gpt2
     model = load_gpt2(init_from)
 
 model.eval()

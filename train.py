@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 from configurator import config_keys, configure
 from dataset import TokenData
-from model import GPT, GPTConfig, autocast_context, peak_flops_for, pick_device, pick_dtype
+from model import GPT, GPTConfig, autocast_context, load_gpt2, peak_flops_for, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------------------------
 # default config: GPT-2 124M on OpenWebText
@@ -38,7 +38,7 @@ init_from = "scratch"  # 'scratch', 'resume', or GPT-2 weights: 'gpt2', 'gpt2-me
 checkpoint_interval = 1000  # periodic checkpoint every N iterations (0: only on signals and at the end)
 keep_last = 3  # periodic checkpoints kept; older ones are deleted once a newer one is safely on disk
 resume_from = ""  # with init_from='resume': this file rather than the newest good one in out_dir
-async_save = False  # write periodic checkpoints on a background thread; training stalls only for a snapshot
+async_save = False  # a forked process writes checkpoints; training stalls only for the fork (POSIX)
 # wandb logging
 wandb_log = False
 wandb_project = "owt"
@@ -140,7 +140,6 @@ elif init_from == "resume":
     train_seconds, last_val_loss, origin = meta.get("train_seconds", 0.0), meta.get("val_loss"), meta.get("init_from", "resume")
     log(f"resuming from {path} at iteration {iter_num}")
 else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder; the shape is theirs
-    from model import load_gpt2
     model = load_gpt2(init_from, dropout=dropout)
     model_args.update({k: getattr(model.config, k) for k in checkpoint.MODEL_ARGS})
 if block_size < model.config.block_size:
@@ -224,11 +223,12 @@ def save_checkpoint(path, retain=False):
                       world_size=world_size, tokens_seen=iter_num * tokens_per_iter,
                       train_seconds=train_seconds + time.time() - t_start, val_loss=last_val_loss,
                       git_commit=git_commit, init_from=origin, dataset=dataset))
+    state = checkpoint.to_cpu(state)
     then = (lambda: checkpoint.apply_retention(out_dir, keep_last)) if retain else None
-    if async_save:  # snapshot now (the stall), write in the background
-        saver.save(checkpoint.to_cpu(state, copy=True), path, then)
+    if async_save:  # a forked child writes this snapshot while training goes on
+        saver.save(state, path, then)
     else:
-        checkpoint.save(checkpoint.to_cpu(state), path)
+        checkpoint.save(state, path)
         if then:
             then()
 

@@ -1,0 +1,198 @@
+"""GPT-2 weights in and out: the import computes what transformers computes, a local HF folder
+fine-tunes and resumes, exports load back into transformers unchanged, missing weights give one
+clear line, and the GPT-2 BPE data scripts count right. CPU only, no network: the GPT-2 weights
+here are tiny random ones written with transformers itself."""
+import importlib.util
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import checkpoint
+from conftest import ROOT, run
+from model import GPT, GPTConfig, load_gpt2
+
+# initializer_range well above GPT-2's 0.02 spreads the logits, so greedy decoding has no near-ties
+TINY_HF = dict(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=100, initializer_range=0.2,
+               bos_token_id=None, eos_token_id=None)
+CPU = ["--device=cpu", "--compile=False", "--batch_size=2", "--gradient_accumulation_steps=1", "--eval_iters=2",
+       "--eval_interval=2", "--checkpoint_interval=2", "--log_interval=1"]
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A GPT-2 checkpoint folder as transformers writes it (config.json + model.safetensors)."""
+    torch.manual_seed(0)
+    folder = str(tmp_path_factory.mktemp("hf") / "tiny-gpt2")
+    GPT2LMHeadModel(GPT2Config(**TINY_HF)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset():
+    """train.py reads data/<dataset>/, so a few random token bins live there for this module only.
+    No meta.pkl: to train.py this is BPE-style data whose vocab comes from the model."""
+    name = "_test_gpt2_tiny"
+    folder = os.path.join(ROOT, "data", name)
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4000), ("val", 1000)):
+        rng.integers(0, TINY_HF["vocab_size"], n).astype(np.uint16).tofile(os.path.join(folder, f"{split}.bin"))
+    yield name
+    shutil.rmtree(folder)
+
+
+def logits_of(model, idx):
+    """Every position's logits: our forward returns them all only when given targets."""
+    with torch.no_grad():
+        return model(idx, idx)[0] if isinstance(model, GPT) else model(idx).logits
+
+
+def load_ours(path):
+    ckpt = checkpoint.load(path)
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def assert_hf_equal(folder, ours, vocab_size):
+    hf, info = GPT2LMHeadModel.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    idx = torch.randint(0, vocab_size, (2, ours.config.block_size))
+    assert (logits_of(hf.eval(), idx) - logits_of(ours, idx)).abs().max() <= 1e-4
+
+
+def test_import_matches_transformers(hf_folder):
+    hf = GPT2LMHeadModel.from_pretrained(hf_folder).eval()
+    ours = load_gpt2(hf_folder).eval()
+    c = ours.config
+    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size, c.bias, c.dropout) == (2, 2, 64, 64, 100, True, 0.0)
+    assert ours.lm_head.weight is ours.transformer.wte.weight  # still tied
+    torch.manual_seed(0)
+    for T in (1, 7, 64):
+        idx = torch.randint(0, 100, (2, T))
+        ref = logits_of(hf, idx)
+        assert (logits_of(ours, idx) - ref).abs().max() <= 1e-4
+        with torch.no_grad():
+            last = ours(idx)[0]  # without targets: the last position only
+        assert last.shape == (2, 1, 100) and (last[:, 0] - ref[:, -1]).abs().max() <= 1e-4
+
+    prompt = torch.randint(0, 100, (1, 5))
+    ours_tokens = ours.generate(prompt, 40, top_k=1)  # top_k=1: sampling is argmax
+    hf_tokens = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
+                            pad_token_id=0)
+    assert torch.equal(ours_tokens, hf_tokens)
+    assert load_gpt2(hf_folder, dropout=0.1).config.dropout == 0.1
+
+
+def test_finetune_local_folder_resume_and_export(hf_folder, tiny_dataset, tmp_path):
+    out = str(tmp_path / "out")
+    args = [*CPU, f"--dataset={tiny_dataset}", f"--out_dir={out}", "--block_size=32"]
+    run("train.py", *args, f"--init_from={hf_folder}", "--max_iters=4")
+    ckpt = checkpoint.load(os.path.join(out, checkpoint.PERIODIC.format(4)))
+    assert ckpt["model_args"] == dict(n_layer=2, n_head=2, n_embd=64, block_size=32, bias=True, vocab_size=100, dropout=0.0)
+    assert ckpt["iter_num"] == 4 and ckpt["metadata"]["init_from"] == hf_folder
+
+    p = run("train.py", *args, "--init_from=resume", "--max_iters=6")
+    assert "at iteration 4" in p.stdout and "iter 4:" in p.stdout and "iter 3:" not in p.stdout
+    ckpt = checkpoint.load(os.path.join(out, checkpoint.PERIODIC.format(6)))
+    assert ckpt["iter_num"] == 6 and ckpt["metadata"]["init_from"] == hf_folder  # still says where it began
+
+    # export: to an HF folder (the newest checkpoint), and as one safetensors file (a given file)
+    ours, _ = load_ours(os.path.join(out, checkpoint.PERIODIC.format(6)))
+    hf_out = str(tmp_path / "hf-out")
+    p = run("export.py", f"--out_dir={out}", "--which=latest", "--format=hf", f"--to={hf_out}")
+    assert "no tokenizer written" in p.stdout
+    assert sorted(os.listdir(hf_out)) == ["config.json", "model.safetensors"]
+    assert_hf_equal(hf_out, ours, 100)
+    back = load_gpt2(hf_out).eval()  # an export is itself a local folder to start from
+    idx = torch.randint(0, 100, (2, 32))
+    assert (logits_of(back, idx) - logits_of(ours, idx)).abs().max() <= 1e-4
+
+    path = os.path.join(out, checkpoint.PERIODIC.format(6))
+    run("export.py", f"--ckpt={path}", "--format=safetensors", f"--to={tmp_path / 'w.safetensors'}")
+    weights = load_file(tmp_path / "w.safetensors")
+    state = ours.state_dict()
+    assert set(weights) == set(state) - {"lm_head.weight"}  # tied: stored once, as wte
+    assert all(torch.equal(weights[k], state[k]) for k in weights)
+    with safe_open(tmp_path / "w.safetensors", "pt") as f:
+        model_args = json.loads(f.metadata()["model_args"])
+    again = GPT(GPTConfig(**model_args))
+    load_model(again, tmp_path / "w.safetensors")
+    assert (logits_of(again.eval(), idx) - logits_of(ours, idx)).abs().max() == 0
+
+
+def test_export_bias_free_bpe_model(tiny_dataset, tmp_path):
+    # from scratch: train.py's default bias=False and, with no meta.pkl, the padded GPT-2 vocab 50304
+    out = str(tmp_path / "out")
+    run("train.py", *CPU, f"--dataset={tiny_dataset}", f"--out_dir={out}", "--n_layer=1", "--n_head=2",
+        "--n_embd=32", "--block_size=16", "--max_iters=2")
+    p = run("export.py", f"--out_dir={out}", f"--to={tmp_path / 'hf'}")  # --which=best: ckpt.pt
+    ours, ckpt = load_ours(os.path.join(out, checkpoint.BEST))
+    assert ckpt["model_args"]["bias"] is False and ckpt["model_args"]["vocab_size"] == 50304
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+    assert "vocab.json" in p.stdout
+    hf_config = json.load(open(tmp_path / "hf" / "config.json"))
+    assert hf_config["vocab_size"] == 50304 and hf_config["n_positions"] == 16
+    assert_hf_equal(str(tmp_path / "hf"), ours, 50304)
+    with open(os.path.join(ROOT, "data", "gpt2_bpe", "vocab.bpe"), "rb") as a, open(tmp_path / "hf" / "merges.txt", "rb") as b:
+        assert a.read() == b.read()
+
+
+def one_error_line(text, *words):
+    text = text.strip()
+    assert text.startswith("error:") and "\n" not in text and "Traceback" not in text, text
+    for w in words:
+        assert w in text, text
+
+
+def test_missing_gpt2_weights_offline(tmp_path):
+    t0 = time.time()
+    p = run("sample.py", "--init_from=gpt2-xl", "--device=cpu", check=False,
+            env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert time.time() - t0 < 10
+    assert p.returncode != 0
+    one_error_line(p.stderr, "gpt2-xl", "download gpt2-xl", str(tmp_path / "hub"), "local folder")
+
+
+def test_not_gpt2_weights(tmp_path):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "empty").mkdir()
+    for what, words in ((tmp_path / "bert", ["bert", "not GPT-2"]), (tmp_path / "empty", ["not a Hugging Face GPT-2"]),
+                        ("gpt3", ["gpt3", "gpt2-xl", "folder"])):
+        with pytest.raises(SystemExit) as e:
+            load_gpt2(str(what))
+        one_error_line(str(e.value), *words)
+
+
+def test_shakespeare_bpe_prepare():
+    p = run("data/shakespeare/prepare.py")
+    assert "train has 301,966 tokens" in p.stdout and "val has 36,059 tokens" in p.stdout
+    folder = os.path.join(ROOT, "data", "shakespeare")
+    train = np.fromfile(os.path.join(folder, "train.bin"), dtype=np.uint16)
+    assert len(train) == 301_966 and len(np.fromfile(os.path.join(folder, "val.bin"), dtype=np.uint16)) == 36_059
+    from tokenizer import gpt2_encoding
+    assert gpt2_encoding().decode(train[:3].tolist()) == "First Citizen:"
+
+
+def test_openwebtext_write_bin(tmp_path):
+    spec = importlib.util.spec_from_file_location("owt_prepare", os.path.join(ROOT, "data", "openwebtext", "prepare.py"))
+    owt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(owt)  # the datasets package is imported only when run as a script
+    texts = ["Hello world", "", "<|endoftext|> in a text is just text", "the end"]
+    n = owt.write_bin([texts[:2], texts[2:]], str(tmp_path / "train.bin"))
+    ids = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)
+    assert n == len(ids) and (tmp_path / "train.bin").stat().st_size == 2 * n
+    assert np.flatnonzero(ids == 50256).size == len(texts) and ids[-1] == 50256  # one <|endoftext|> after each
+    from tokenizer import gpt2_encoding
+    enc = gpt2_encoding()
+    assert ids.tolist() == [t for text in texts for t in enc.encode_ordinary(text) + [50256]]
+    assert not os.path.exists(tmp_path / "train.bin.tmp")
