@@ -132,7 +132,9 @@ elif init_from == "resume":
         checkpoint.check_compatible(ckpt, model_args, chosen, dataset, vocab_size)
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"error: {e}")
-    model_args.update({k: ckpt["model_args"][k] for k in checkpoint.MODEL_ARGS if k in ckpt["model_args"] and k != "dropout"})
+    # the checkpoint's shape always; its dropout too, unless this run sets one (e.g. to fine-tune)
+    model_args.update({k: ckpt["model_args"][k] for k in checkpoint.MODEL_ARGS
+                       if k in ckpt["model_args"] and not (k == "dropout" and k in chosen)})
     model = GPT(GPTConfig(**model_args))
     model.load_state_dict(ckpt["model"])
     iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
