@@ -177,6 +177,7 @@ if compile:
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 peak = peak_flops_for(device, dtype, peak_flops) if master else 1.0
+flops_per_iter = raw_model.flops_per_token() * batch_size * accum * block_size  # per rank, for MFU
 
 
 def get_lr(it):
@@ -303,7 +304,7 @@ while True:
     step_times.append(dt)
 
     if iter_num % log_interval == 0:
-        mfu = raw_model.estimate_mfu(batch_size * accum * block_size, dt, peak)
+        mfu = flops_per_iter / dt / peak
         log(f"iter {iter_num - 1}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
             f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%, lr {lr:.2e}")
 

@@ -90,6 +90,7 @@ def test_malicious_pickle_is_refused_and_never_runs(trained, tmp_path):
     p = resume(out, "--max_iters=13")  # the planted file is newest: refused, then the previous one
     assert "refused" in p.stdout and "at iteration 12" in p.stdout
     p = run("sample.py", f"--out_dir={out}", "--max_new_tokens=5", "--num_samples=1", "--device=cpu")
+    assert "ckpt.pt" in p.stderr and p.stdout.strip()  # sampled from the good file
     p = run("checkpoint.py", str(out))
     assert re.search(r"ckpt-00000099.pt .* BAD: .*refused", p.stdout)
     assert not marker.exists()
