@@ -14,6 +14,8 @@ import glob
 import os
 import pickle
 import random
+import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -24,10 +26,26 @@ import numpy as np
 import torch
 
 FORMAT_VERSION = 1
-BEST = "ckpt.pt"            # nanoGPT's file: best val loss so far (or every eval), read by sample.py
-PERIODIC = "ckpt-{:08d}.pt"  # every checkpoint_interval iterations, on SIGTERM/SIGINT, at the end
-TMP_TAG = ".tmp-"            # temporary files are '.<name>.tmp-<pid>'; never read, removed on start
+BEST = "ckpt.pt"                  # nanoGPT's file: best val loss so far (or every eval), read by sample.py
+PERIODIC = "ckpt-{:08d}.pt"       # every checkpoint_interval iterations, on signals, at the end (branch 0)
+BRANCHED = "ckpt-{:08d}-b{}.pt"   # the same for branch b > 0 (a run resumed by hand from an older file)
+KEPT_BEST = "ckpt-best-b{}-{:08d}.pt"  # another branch's ckpt.pt, kept when a branch writes its own
+TMP_TAG = ".tmp-"                 # temporary files are '.<name>.tmp-<pid>'; never read, removed on start
+NAMES = re.compile(r"ckpt(-\d{8}(-b\d+)?|-best-b\d+-\d{8})?\.pt$")
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # config keys that fix the model's shape
+# never taken from a stored config: where and how this process starts
+NOT_RESTORED = ("out_dir", "init_from", "resume_from", "eval_only")
+# nanoGPT stores what its machine had here (its dtype default depends on the GPU), not a user's choice
+MACHINE = ("device", "dtype", "backend", "compile")
+
+
+def periodic_name(it, branch=0):
+    return PERIODIC.format(it) if branch == 0 else BRANCHED.format(it, branch)
+
+
+def new_run_id():
+    return secrets.token_hex(4)
 
 
 class CheckpointError(Exception):
@@ -123,13 +141,54 @@ class AsyncSaver:
             raise CheckpointError(f"background write of {self.path} failed (wait status {status})")
 
 
-def apply_retention(out_dir, keep_last):
-    """Keep the newest keep_last periodic files. Called only after a new one is on disk, so the
-    newest good checkpoint is never the one deleted."""
+def verified(path):
+    """True if every record of the file matches its CRC-32: one full read (see load)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.testzip() is None
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def apply_retention(out_dir, keep_last, keep_every, run_id, branch, written=()):
+    """Delete this run's and this branch's periodic files beyond the newest keep_last good ones.
+    Called only after a new file is on disk. Never deleted: ckpt.pt, other runs' and branches'
+    files, files kept by keep_every, files that do not load. A file counts toward keep_last only
+    if this process wrote it (`written`) or its CRCs check out, so a damaged or junk file never
+    pushes a good one out."""
     if keep_last <= 0:
         return
-    for path in periodic_files(out_dir)[keep_last:]:
-        os.remove(path)
+    heads, _ = scan(out_dir)
+    mine = [h for h in heads if h["kind"] == "periodic" and h["branch"] == branch and h["run_id"] in (run_id, None)
+            and not (keep_every > 0 and h["iter_num"] % keep_every == 0)]
+    good = 0
+    for h in mine:  # newest first
+        if good >= keep_last:
+            os.remove(h["path"])
+        elif h["path"] in written or verified(h["path"]):
+            good += 1
+
+
+def keep_others_best(out_dir, run_id, branch, resumed_from=None, log=print):
+    """Before this run first writes ckpt.pt: if the ckpt.pt there belongs to another branch (or run),
+    keep it under KEPT_BEST rather than replace it, and say so. Called once per process."""
+    best = os.path.join(out_dir, BEST)
+    if not os.path.exists(best):
+        return
+    try:
+        h = read_header(best)
+    except CheckpointError:
+        return  # a damaged ckpt.pt holds nothing to keep
+    ours = h["branch"] == branch and h["run_id"] in (run_id, None)
+    if ours or (resumed_from and os.path.realpath(resumed_from) == os.path.realpath(best)):
+        return
+    kept = os.path.join(out_dir, KEPT_BEST.format(h["branch"], h["iter_num"]))
+    if not os.path.exists(kept):
+        os.rename(best, kept)  # this run writes ckpt.pt right after; until then sample.py falls back
+        fsync_dir(out_dir)
+    val = f", val loss {h['val_loss']:.4f}" if isinstance(h["val_loss"], float) else ""
+    log(f"note: {BEST} held branch {h['branch']}'s best (iteration {h['iter_num']}{val}); kept as "
+        f"{os.path.basename(kept)}, this branch writes its own {BEST}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,74 +205,185 @@ def strip_prefixes(state_dict):
     return out
 
 
-def load(path, map_location="cpu"):
-    """Load and verify one checkpoint. Raises CheckpointError with a one-line reason for a missing,
-    truncated, corrupt, foreign or unsafe file; an unsafe pickle is refused before any of it runs."""
+def _torch_load(path, map_location="cpu", mmap=False):
+    """torch.load(weights_only=True), every failure turned into a one-line CheckpointError."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     try:
-        # torch.save writes a zip with a CRC-32 per record but torch.load never checks them, so a
-        # flipped byte inside a tensor would load silently; zipfile checks every record.
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()
-        if bad is not None:
-            raise CheckpointError(f"{path}: corrupt (CRC mismatch in {bad})")
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # torch's message is a page long; its one useful line names the global that was refused
         why = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), "not plain data")
         raise CheckpointError(f"{path}: refused, loading it would need arbitrary pickle, which can run code "
                               f"({why.split('. ')[0][:160]})") from None
-    except CheckpointError:
-        raise
     except Exception as e:  # truncated zip, bad magic, unreadable: all mean "not a usable file"
         raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise CheckpointError(f"{path}: not a GPT checkpoint (no 'model' and 'model_args' keys)")
+    return ckpt
+
+
+def load(path, map_location="cpu"):
+    """Load and verify one checkpoint. Raises CheckpointError with a one-line reason for a missing,
+    truncated, corrupt, foreign or unsafe file; an unsafe pickle is refused before any of it runs."""
+    # torch.save writes a zip with a CRC-32 per record but torch.load never checks them, so a
+    # flipped byte inside a tensor would load silently; zipfile checks every record.
+    if os.path.isfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()
+        except (OSError, zipfile.BadZipFile) as e:
+            raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+        if bad is not None:
+            raise CheckpointError(f"{path}: corrupt (CRC mismatch in {bad})")
+    ckpt = _torch_load(path, map_location)
     ckpt["model"] = strip_prefixes(ckpt["model"])
     if isinstance(ckpt.get("best_val_loss"), torch.Tensor):  # nanoGPT stores a 0-d tensor
         ckpt["best_val_loss"] = ckpt["best_val_loss"].item()
     return ckpt
 
 
-def periodic_files(out_dir):
-    """Periodic checkpoints, newest first."""
-    files = glob.glob(os.path.join(out_dir, "ckpt-*.pt"))
-    return sorted(files, key=lambda p: (os.path.getmtime(p), p), reverse=True)
+def read_header(path):
+    """What ranks a file, read without its tensors (mmap: ~10 ms for a 400 MB file): iteration,
+    run id, branch, kind, val loss. Only load() checks the CRCs."""
+    ckpt = _torch_load(path, mmap=True)
+    meta = ckpt.get("metadata") or {}
+    name = os.path.basename(path)
+    kind = "best" if name == BEST else "kept" if name.startswith("ckpt-best-") else "periodic"
+    return dict(path=path, iter_num=int(ckpt.get("iter_num", 0)), run_id=meta.get("run_id"),
+                branch=int(meta.get("branch", 0)), kind=kind, val_loss=meta.get("val_loss"))
+
+
+def rank(h):
+    """Newest first: the highest branch (branches are numbered as they are made), then the highest
+    iteration; at a tie a periodic file, which is written after ckpt.pt at the same iteration."""
+    return h["branch"], h["iter_num"], {"periodic": 2, "best": 1, "kept": 0}[h["kind"]]
+
+
+def scan(out_dir):
+    """The checkpoint files in out_dir: (headers newest first by content, [(path, reason)] for files
+    with a checkpoint's name that cannot be read). File times are never used: copies, restores
+    and downloads change them."""
+    if not os.path.isdir(out_dir):
+        return [], []
+    heads, bad = [], []
+    for name in sorted(os.listdir(out_dir)):
+        if NAMES.match(name):
+            path = os.path.join(out_dir, name)
+            try:
+                heads.append(read_header(path))
+            except CheckpointError as e:
+                bad.append((path, str(e)))
+    return sorted(heads, key=rank, reverse=True), bad
 
 
 def candidates(out_dir):
-    """Every checkpoint in out_dir, newest first. Newest means last written (mtime), not highest
-    iteration: after resume_from=<an older file> the run's own new files win over the ones from
-    the abandoned branch. ckpt.pt counts too, so a nanoGPT out_dir resumes."""
-    files = periodic_files(out_dir)
-    best = os.path.join(out_dir, BEST)
-    if os.path.isfile(best):
-        files.append(best)
-    return sorted(files, key=lambda p: (os.path.getmtime(p), p), reverse=True)
+    """Every file with a checkpoint's name in out_dir: readable ones newest first, then the rest."""
+    heads, bad = scan(out_dir)
+    return [h["path"] for h in heads] + [path for path, _ in bad]
 
 
 def load_latest(out_dir, map_location="cpu", log=print):
-    """The newest checkpoint in out_dir that loads; each bad newer one is reported in one line."""
-    files = candidates(out_dir)
-    if not files:
+    """The newest checkpoint in out_dir that loads; each bad one is reported in one line."""
+    heads, bad = scan(out_dir)
+    for path, why in bad:
+        log(f"warning: skipping {why}; left in place, not counted as a checkpoint")
+    if not heads and not bad:
         raise CheckpointError(f"no checkpoint in {out_dir!r} (looked for {BEST} and ckpt-*.pt)")
-    for i, path in enumerate(files):
+    for i, h in enumerate(heads):
         try:
-            return path, load(path, map_location)
+            return h["path"], load(h["path"], map_location)
         except CheckpointError as e:
-            nxt = f"falling back to {os.path.basename(files[i + 1])}" if i + 1 < len(files) else "no older one left"
+            nxt = f"falling back to {os.path.basename(heads[i + 1]['path'])}" if i + 1 < len(heads) else "no older one left"
             log(f"warning: skipping {e}; {nxt}")
-    raise CheckpointError(f"none of the {len(files)} checkpoint(s) in {out_dir!r} loads (see warnings above)")
+    raise CheckpointError(f"none of the {len(heads) + len(bad)} checkpoint(s) in {out_dir!r} loads (see warnings above)")
 
 
-def check_compatible(ckpt, model_args, chosen, dataset, vocab_size):
-    """Refuse to resume into a different model or dataset. Only what the user set explicitly
-    (config file or --flag) is compared: everything else is taken from the checkpoint."""
-    problems = [f"{k}={model_args[k]!r} but the checkpoint has {ckpt['model_args'][k]!r}"
-                for k in MODEL_ARGS if k in chosen and k != "dropout" and k in ckpt["model_args"]
-                and model_args[k] != ckpt["model_args"][k]]
-    saved_dataset = ckpt.get("config", {}).get("dataset")
+# ---------------------------------------------------------------------------------------------
+# resume rules (README, "Checkpoints")
+
+def same_origin(a, b):
+    return a == b or (os.path.isdir(a) and os.path.isdir(b) and os.path.realpath(a) == os.path.realpath(b))
+
+
+def find_start(out_dir, init_from, resume_from="", log=print):
+    """(path, ckpt) that this start continues, or (None, None) to start fresh. resume_from: that
+    file. Otherwise the newest good checkpoint in out_dir, whatever init_from says, so the same
+    command run twice continues the run; init_from='resume' with none there is an error."""
+    if resume_from:
+        return resume_from, load(resume_from)
+    if init_from == "resume":
+        return load_latest(out_dir, log=log)
+    if not candidates(out_dir):
+        return None, None
+    try:
+        path, ckpt = load_latest(out_dir, log=log)
+    except CheckpointError:
+        raise CheckpointError(f"out_dir {out_dir!r} holds checkpoint files but none of them loads (see warnings "
+                              f"above); move them away or pick another --out_dir") from None
+    origin = (ckpt.get("metadata") or {}).get("init_from") or (ckpt.get("config") or {}).get("init_from")
+    if origin not in (None, "resume") and not same_origin(origin, init_from):
+        raise CheckpointError(f"out_dir {out_dir!r} holds a run that began from {origin!r} (iteration "
+                              f"{ckpt['iter_num']}, {os.path.basename(path)}), not from {init_from!r}: continue "
+                              f"it with --init_from=resume, or pick another --out_dir")
+    log(f"{out_dir} holds this run at iteration {ckpt['iter_num']} ({os.path.basename(path)}): continuing it "
+        f"(to start over, pick another --out_dir)")
+    return path, ckpt
+
+
+def branch_for(out_dir, ckpt, picked):
+    """The branch a resumed run writes: the checkpoint's own, unless the file was picked by hand
+    (resume_from) and out_dir holds later work; then a new branch, whose files get their own
+    names and outrank the abandoned ones, so nothing is overwritten and a plain resume continues
+    the newest branch."""
+    b = int((ckpt.get("metadata") or {}).get("branch", 0))
+    if not picked:
+        return b
+    heads, _ = scan(out_dir)
+    if any((h["branch"], h["iter_num"]) > (b, ckpt["iter_num"]) for h in heads):
+        return 1 + max(h["branch"] for h in heads)
+    return b
+
+
+def restore_config(namespace, ckpt, sources, log=print):
+    """The config of a resumed run: train.py defaults < the checkpoint's stored config < config
+    files < --flags (`sources` says which keys a file or flag set). The model's shape is always
+    the checkpoint's: another value from a config file gets a note, from a --flag an error. Returns
+    {key: (stored, now)} for each knob that differs from the stored run."""
+    stored, args = ckpt.get("config") or {}, ckpt["model_args"]
+    skip = NOT_RESTORED + (() if "format_version" in ckpt else MACHINE)
+    for k, v in stored.items():
+        if k in namespace and k not in sources and k not in skip and k not in SHAPE:
+            default = namespace[k]
+            if type(v) is type(default) or default is None or (isinstance(default, float) and type(v) is int):
+                namespace[k] = float(v) if isinstance(default, float) and type(v) is int else v
+    device = namespace.get("device", "auto")
+    if "device" not in sources and ((device.startswith("cuda") and not torch.cuda.is_available()) or
+                                    (device == "mps" and not torch.backends.mps.is_available())):
+        log(f"note: the run used device={device!r}, which this machine lacks; using device='auto'")
+        namespace["device"] = "auto"
+    flagged = [f"{k}={namespace[k]!r} but the checkpoint has {args[k]!r}" for k in SHAPE
+               if k in args and sources.get(k, "").startswith("--") and namespace[k] != args[k]]
+    if flagged:
+        raise CheckpointError("the model's shape comes from the checkpoint and cannot change on resume: "
+                              + "; ".join(flagged) + " (drop those flags, or pick another --out_dir for a new run)")
+    filed = [k for k in SHAPE if k in args and k in sources and namespace[k] != args[k]]
+    if filed:
+        log(f"note: using the checkpoint's model ({', '.join(f'{k}={args[k]!r}' for k in filed)}), not "
+            f"{', '.join(f'{k}={namespace[k]!r}' for k in filed)} from {sources[filed[0]]}")
+    for k in SHAPE:
+        if k in args:
+            namespace[k] = args[k]
+    if "dropout" not in sources and "dropout" in args:
+        namespace["dropout"] = args["dropout"]  # the model's own, also for files whose config lacks it
+    return {k: (stored[k], namespace[k]) for k in sources
+            if k in stored and k not in skip and k not in SHAPE and stored[k] != namespace[k]}
+
+
+def check_compatible(ckpt, dataset, vocab_size):
+    """Refuse to resume on other data: another dataset, or a vocab the model does not have."""
+    problems = []
+    saved_dataset = (ckpt.get("config") or {}).get("dataset")
     if saved_dataset is not None and saved_dataset != dataset:
         problems.append(f"dataset={dataset!r} but the checkpoint was trained on {saved_dataset!r}")
     if vocab_size is not None and vocab_size != ckpt["model_args"]["vocab_size"]:
@@ -264,16 +434,18 @@ def git_commit():
 # inspect CLI
 
 def describe(path):
-    """One line: iteration, val loss, size, time written, and whether it loads."""
+    """One line: branch, iteration, val loss measured at that iteration, size, time, whether it loads."""
     size = os.path.getsize(path) / 2**20
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(path)))
+    name = os.path.basename(path)
     try:
         ckpt = load(path)
     except CheckpointError as e:
-        return f"{os.path.basename(path):<18} {'-':>8} {'-':>9} {size:9.1f} MB  {when}  BAD: {e}"
-    val = ckpt.get("metadata", {}).get("val_loss", ckpt.get("best_val_loss"))
-    val = f"{val:.4f}" if isinstance(val, (int, float)) else "-"
-    return f"{os.path.basename(path):<18} {ckpt.get('iter_num', '-'):>8} {val:>9} {size:9.1f} MB  {when}  ok"
+        return f"{name:<24} {'-':>6} {'-':>8} {'-':>9} {size:9.1f} MB  {when}  BAD: {e}"
+    meta = ckpt.get("metadata") or {}
+    val = meta.get("val_loss")
+    val = f"{val:.4f}" if isinstance(val, float) else "-"
+    return f"{name:<24} {meta.get('branch', 0):>6} {ckpt.get('iter_num', '-'):>8} {val:>9} {size:9.1f} MB  {when}  ok"
 
 
 def main(argv):
@@ -284,7 +456,7 @@ def main(argv):
         files = candidates(target)
         if not files:
             sys.exit(f"error: no checkpoint in {target!r}")
-        print(f"{'file':<18} {'iter':>8} {'val loss':>9} {'size':>12}  {'written':<19}  status (newest first)")
+        print(f"{'file (newest first)':<24} {'branch':>6} {'iter':>8} {'val loss':>9} {'size':>12}  {'written':<19}  status")
         for path in files:
             print(describe(path))
         return
@@ -292,14 +464,27 @@ def main(argv):
         ckpt = load(target)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
+    meta = dict(ckpt.get("metadata") or {})
+    it = ckpt.get("iter_num")
     print(f"file:          {target}")
     print(f"format:        {ckpt.get('format_version', 'nanoGPT (no format_version)')}")
-    print(f"iter_num:      {ckpt.get('iter_num')}")
+    print(f"iter_num:      {it}")
     print(f"best_val_loss: {ckpt.get('best_val_loss')}")
     print(f"model_args:    {ckpt['model_args']}")
-    for k, v in ckpt.get("metadata", {}).items():
+    val, last = meta.pop("val_loss", None), meta.pop("last_eval", None)
+    if isinstance(val, float):
+        print(f"val_loss:      {val:.4f} (measured at iteration {it})")
+    else:
+        print(f"val_loss:      not measured at iteration {it}"
+              + (f" (last eval: iteration {last[0]}, {last[1]:.4f})" if last else ""))
+    resumes = meta.pop("resumes", [])
+    for k, v in meta.items():
         print(f"{k + ':':<15}{v}")
     print(f"exact resume:  {'yes' if 'rng' in ckpt else 'no (no RNG state: resume is approximate)'}")
+    print(f"lineage:       began from {meta.get('init_from', '?')}, resumed {len(resumes)} time(s)")
+    for r in resumes:
+        changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in r.get("changed", {}).items()) or "nothing changed"
+        print(f"  {r['time']}  iteration {r['iter']} from {r['from']} (branch {r['branch']}): {changed}")
 
 
 if __name__ == "__main__":

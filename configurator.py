@@ -43,11 +43,12 @@ def _coerce(key, value, default, where):
 
 def configure(namespace, argv=None):
     """Apply config files and --key=value overrides from argv (default sys.argv[1:]) to namespace.
-    Returns the set of keys that were set, so a script can tell a user's choice from a default."""
+    Returns {key: where it was set} for the keys a file or flag set ('--key' for a flag, else the
+    file's path), so a script can tell a user's choice from a default, and a flag from a file."""
     argv = sys.argv[1:] if argv is None else argv
     keys = config_keys(namespace)
     defaults = {k: namespace[k] for k in keys}
-    touched = set()
+    touched = {}
     for arg in argv:
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
@@ -55,18 +56,21 @@ def configure(namespace, argv=None):
             scope = dict(namespace)
             try:
                 with open(arg) as f:
-                    exec(compile(f.read(), arg, "exec"), scope)
+                    tree = ast.parse(f.read(), arg)
+                exec(compile(tree, arg, "exec"), scope)
             except Exception as e:  # a config file is user code: report its error in one line
                 fail(f"config file {arg!r} failed: {type(e).__name__}: {e}")
-            for k, v in scope.items():
-                if k in namespace and v is namespace[k]:
-                    continue  # not assigned by the file (or assigned the very same object)
+            # the names the file assigns, even to their default value: on resume a file's value
+            # wins over the run's stored one, so "set" must not mean "differs from the default"
+            assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            for k in sorted(assigned & scope.keys()):
+                v = scope[k]
                 if k.startswith("_") or isinstance(v, (types.ModuleType, types.FunctionType, type)):
-                    continue  # imports and helpers a config file may use
+                    continue  # helpers a config file may use
                 if k not in defaults:
                     _unknown(k, keys, f"in {arg}")
                 namespace[k] = _coerce(k, v, defaults[k], f"in {arg}")
-                touched.add(k)
+                touched[k] = arg
         else:
             key, eq, text = arg[2:].partition("=")
             if not eq:
@@ -80,5 +84,5 @@ def configure(namespace, argv=None):
             if isinstance(defaults[key], str) and not isinstance(value, str):
                 value = text  # --out_dir=123 means the string '123'
             namespace[key] = _coerce(key, value, defaults[key], f"in {arg}")
-            touched.add(key)
+            touched[key] = "--" + key
     return touched

@@ -3,11 +3,12 @@ Train a GPT, on one CPU or GPU or on many GPUs and nodes with DDP.
 
     python train.py config/train_shakespeare_char.py               # one process
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
-    python train.py config/train_shakespeare_char.py --init_from=resume   # carry on where it stopped
+    python train.py --init_from=resume --out_dir=out-shakespeare-char   # carry on where it stopped
 
 The globals below are the config: config files and --key=value flags override them (configurator.py).
-A run checkpoints every checkpoint_interval iterations, on SIGTERM/SIGINT and at the end, and a
-resumed run continues exactly where the interrupted one was (see README, "Checkpoints").
+A run checkpoints every checkpoint_interval iterations, on SIGTERM/SIGINT and at the end. An out_dir
+that holds a good checkpoint is always continued, with the config stored in it, so the same command
+run again carries on exactly where the run was (see README, "Checkpoints").
 """
 import math
 import os
@@ -37,7 +38,8 @@ init_from = "scratch"  # 'scratch', 'resume', or GPT-2 weights: 'gpt2', 'gpt2-me
 # checkpoints
 checkpoint_interval = 1000  # periodic checkpoint every N iterations (0: only on signals and at the end)
 keep_last = 3  # periodic checkpoints kept; older ones are deleted once a newer one is safely on disk
-resume_from = ""  # with init_from='resume': this file rather than the newest good one in out_dir
+keep_every = 0  # also keep every checkpoint whose iteration is a multiple of this, forever (0: none)
+resume_from = ""  # resume from this file rather than the newest good one in out_dir (implies init_from='resume')
 async_save = False  # a forked process writes checkpoints; training stalls only for the fork (POSIX)
 # wandb logging
 wandb_log = False
@@ -75,23 +77,50 @@ seed = 1337
 peak_flops = 0.0  # FLOP/s that MFU is measured against; 0: data-sheet peak for known GPUs, else measured
 # -----------------------------------------------------------------------------------------------
 keys = config_keys(globals())
-chosen = configure(globals())  # the keys a config file or flag set, as opposed to defaults
-config = {k: globals()[k] for k in keys}  # plain values, stored in every checkpoint
+sources = configure(globals())  # {key: the config file or --flag that set it}; defaults are absent
 # -----------------------------------------------------------------------------------------------
 
-# distributed: torchrun sets RANK; a plain `python train.py` is a world of one
+rank = int(os.environ.get("RANK", 0))  # torchrun sets RANK; a plain `python train.py` is a world of one
+master = rank == 0
+log = print if master else (lambda *a, **k: None)
+
+# start or continue. An out_dir that holds a good checkpoint is always continued, whatever init_from
+# says, so the same command run twice (a re-queued job, `make demo` again) carries on instead of
+# starting over; the run's stored config comes back, with config files and flags on top.
+if resume_from and init_from != "resume":
+    if sources.get("init_from", "").startswith("--"):
+        raise SystemExit(f"error: --resume_from continues a checkpoint, but --init_from={init_from!r} asks for a "
+                         f"fresh start; drop one of them")
+    init_from = "resume"  # resume_from implies it
+try:
+    ckpt_path, ckpt = checkpoint.find_start(out_dir, init_from, resume_from, log=log)
+    changed = checkpoint.restore_config(globals(), ckpt, sources, log=log) if ckpt else {}
+except checkpoint.CheckpointError as e:
+    raise SystemExit(f"error: {e}")
+data = TokenData(dataset)
+vocab_size = data.vocab_size()
+if ckpt is not None:
+    try:
+        checkpoint.check_compatible(ckpt, dataset, vocab_size)
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+if ckpt and ckpt["iter_num"] >= max_iters and not eval_only:
+    log(f"the run is complete: iteration {ckpt['iter_num']} of max_iters={max_iters} ({ckpt_path}); "
+        f"raise --max_iters to train longer")
+    sys.exit(0)
+config = {k: globals()[k] for k in keys}  # plain values, stored in every checkpoint
+
+# distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = "RANK" in os.environ
 device = pick_device(device)
 if ddp:
-    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank, world_size = int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     dist.init_process_group(backend=("nccl" if device.startswith("cuda") else "gloo") if backend == "auto" else backend)
 else:
-    rank, local_rank, world_size = 0, 0, 1
-master = rank == 0
-log = print if master else (lambda *a, **k: None)
+    local_rank, world_size = 0, 1
 if gradient_accumulation_steps % world_size:
     raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple "
                      f"of the world size {world_size}")
@@ -106,41 +135,37 @@ torch.manual_seed(seed + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
-data = TokenData(dataset)
-vocab_size = data.vocab_size()
 os.makedirs(out_dir, exist_ok=True)
 if master:
     checkpoint.remove_stray_temps(out_dir)
 
 # -----------------------------------------------------------------------------------------------
-# model: from scratch, from a checkpoint, or from GPT-2 weights
+# model: from the checkpoint being continued, from scratch, or from GPT-2 weights
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=vocab_size or 50304, dropout=dropout)
-iter_num, best_val_loss, train_seconds, last_val_loss, origin, ckpt = 0, float("inf"), 0.0, None, init_from, None
-if init_from == "scratch":
-    existing = checkpoint.candidates(out_dir)
-    if existing:  # never overwrite a run's work by accident
-        raise SystemExit(f"error: out_dir {out_dir!r} already holds checkpoints ({os.path.basename(existing[0])}, ...); "
-                         f"continue with --init_from=resume, or pick another --out_dir")
-    model = GPT(GPTConfig(**model_args))
-elif init_from == "resume":
-    try:
-        if resume_from:
-            path, ckpt = resume_from, checkpoint.load(resume_from)
-        else:
-            path, ckpt = checkpoint.load_latest(out_dir, log=log)
-        checkpoint.check_compatible(ckpt, model_args, chosen, dataset, vocab_size)
-    except checkpoint.CheckpointError as e:
-        raise SystemExit(f"error: {e}")
-    # the checkpoint's shape always; its dropout too, unless this run sets one (e.g. to fine-tune)
-    model_args.update({k: ckpt["model_args"][k] for k in checkpoint.MODEL_ARGS
-                       if k in ckpt["model_args"] and not (k == "dropout" and k in chosen)})
+iter_num, best_val_loss, train_seconds, last_eval = 0, float("inf"), 0.0, None
+# the run's identity: its id, its branch (a resume by hand from an older file starts a new one, see
+# checkpoint.branch_for) and each resume, recorded in every checkpoint's metadata
+run_id, branch, resumes, origin = checkpoint.new_run_id(), 0, [], init_from
+if ckpt is not None:
+    model_args.update({k: ckpt["model_args"][k] for k in checkpoint.MODEL_ARGS if k in ckpt["model_args"]})
+    model_args["dropout"] = dropout  # the run's own, or a new one set on resume (e.g. to fine-tune)
     model = GPT(GPTConfig(**model_args))
     model.load_state_dict(ckpt["model"])
     iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-    meta = ckpt.get("metadata", {})
-    train_seconds, last_val_loss, origin = meta.get("train_seconds", 0.0), meta.get("val_loss"), meta.get("init_from", "resume")
-    log(f"resuming from {path} at iteration {iter_num}")
+    meta = ckpt.get("metadata") or {}
+    train_seconds, last_eval, origin = meta.get("train_seconds", 0.0), meta.get("last_eval"), meta.get("init_from", "resume")
+    run_id, branch = meta.get("run_id") or run_id, checkpoint.branch_for(out_dir, ckpt, picked=bool(resume_from))
+    resumes = list(meta.get("resumes", [])) + [dict(
+        iter=iter_num, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **{"from": os.path.basename(ckpt_path)},
+        branch=branch, changed={k: list(v) for k, v in changed.items()})]
+    log(f"resuming from {ckpt_path} at iteration {iter_num}"
+        + (f", as branch {branch}: later checkpoints of branch {meta.get('branch', 0)} stay as they are"
+           if branch != meta.get("branch", 0) else ""))
+    if changed:
+        log("changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+elif init_from == "scratch":
+    model = GPT(GPTConfig(**model_args))
 else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder; the shape is theirs
     model = load_gpt2(init_from, dropout=dropout)
     model_args.update({k: getattr(model.config, k) for k in checkpoint.MODEL_ARGS})
@@ -208,8 +233,9 @@ def estimate_loss():
     return out
 
 
-def save_checkpoint(path, retain=False):
-    """Every rank calls this (RNG states are gathered); rank 0 writes."""
+def save_checkpoint(path, val_loss=None, retain=False):
+    """Every rank calls this (RNG states are gathered); rank 0 writes. val_loss: measured at this
+    very iteration, else None (metadata never carries an older eval's loss as this one's)."""
     rng = checkpoint.capture_rng()
     rngs = [None] * world_size
     if ddp:
@@ -224,10 +250,13 @@ def save_checkpoint(path, retain=False):
         format_version=checkpoint.FORMAT_VERSION,
         metadata=dict(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), torch_version=str(torch.__version__),
                       world_size=world_size, tokens_seen=iter_num * tokens_per_iter,
-                      train_seconds=train_seconds + time.time() - t_start, val_loss=last_val_loss,
-                      git_commit=git_commit, init_from=origin, dataset=dataset))
+                      train_seconds=train_seconds + time.time() - t_start, val_loss=val_loss, last_eval=last_eval,
+                      git_commit=git_commit, init_from=origin, dataset=dataset,
+                      run_id=run_id, branch=branch, resumes=resumes))
     state = checkpoint.to_cpu(state)
-    then = (lambda: checkpoint.apply_retention(out_dir, keep_last)) if retain else None
+    written.add(path)
+    then = (lambda: checkpoint.apply_retention(out_dir, keep_last, keep_every, run_id, branch, written)) if retain else None
+    saver.wait()  # one write at a time
     if async_save:  # a forked child writes this snapshot while training goes on
         saver.save(state, path, then)
     else:
@@ -259,24 +288,46 @@ if wandb_log and master:
 
 # -----------------------------------------------------------------------------------------------
 # the training loop. iter_num counts finished updates: a checkpoint taken after update k-1 holds
-# iter_num=k, and a resumed run starts with update k, so none is run twice or skipped.
+# iter_num=k, and a resumed run starts with update k, so none is run twice or skipped. At each
+# iteration, before its update: evaluate if due, checkpoint if due (with the val loss just
+# measured), then stop or train.
 saver = checkpoint.AsyncSaver()
 git_commit = checkpoint.git_commit() if master else None
+written = set()  # files this process wrote: known good, so retention need not re-read them
+best_claimed = False  # whether ckpt.pt is this branch's yet (checkpoint.keep_others_best)
+start_iter = iter_num
 t_start = time.time()
 step_times = []
 while True:
-    if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
+    stop = stop_signal is not None
+    if ddp:  # every rank must stop at the same iteration
+        flag = torch.tensor(float(stop), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+    val_loss = None
+    evaluated = last_eval is not None and last_eval[0] == iter_num  # the checkpoint resumed from has it
+    if not stop and not evaluated and (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only):
         losses = estimate_loss()
-        last_val_loss = losses["val"]
-        log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        val_loss, last_eval = losses["val"], [iter_num, losses["val"]]
+        log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}")
         if wandb_log and master:
-            wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": get_lr(iter_num)})
-        if not eval_only and iter_num > 0 and (losses["val"] < best_val_loss or always_save_checkpoint):
-            best_val_loss = min(best_val_loss, losses["val"])
-            saver.wait()  # one write at a time
-            save_checkpoint(os.path.join(out_dir, checkpoint.BEST))
-            log(f"saved {checkpoint.BEST} (val loss {losses['val']:.4f})")
-    if iter_num >= max_iters or eval_only:
+            wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": val_loss, "lr": get_lr(iter_num)})
+        if not eval_only and iter_num > 0 and (val_loss < best_val_loss or always_save_checkpoint):
+            best_val_loss = min(best_val_loss, val_loss)
+            if master and not best_claimed:
+                checkpoint.keep_others_best(out_dir, run_id, branch, ckpt_path, log=log)
+                best_claimed = True
+            save_checkpoint(os.path.join(out_dir, checkpoint.BEST), val_loss)
+            log(f"saved {checkpoint.BEST} (val loss {val_loss:.4f})")
+    if eval_only:
+        break
+    periodic = (checkpoint_interval > 0 and iter_num % checkpoint_interval == 0) or \
+               (keep_every > 0 and iter_num % keep_every == 0)
+    if iter_num > start_iter and (periodic or stop or iter_num == max_iters):
+        path = os.path.join(out_dir, checkpoint.periodic_name(iter_num, branch))
+        save_checkpoint(path, val_loss, retain=True)
+        log(f"{'writing' if async_save else 'saved'} {path}")
+    if stop or iter_num >= max_iters:
         break
 
     t0 = time.perf_counter()
@@ -308,19 +359,6 @@ while True:
         log(f"iter {iter_num - 1}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
             f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%, lr {lr:.2e}")
 
-    stop = stop_signal is not None
-    if ddp:  # every rank must stop after the same iteration
-        flag = torch.tensor(float(stop), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag.item())
-    periodic = checkpoint_interval > 0 and iter_num % checkpoint_interval == 0
-    if periodic or stop or iter_num == max_iters:
-        path = os.path.join(out_dir, checkpoint.PERIODIC.format(iter_num))
-        save_checkpoint(path, retain=True)
-        log(f"{'writing' if async_save else 'saved'} {path}")
-    if stop:
-        break
-
 saver.wait()  # a background write must reach the disk before the process ends
 if step_times:
     steady = sorted(step_times[min(10, len(step_times) // 2):])  # past the warm-up steps
@@ -332,5 +370,8 @@ if ddp:
     dist.barrier()  # rank 0 may still be writing; tearing down gloo under it aborts the other ranks
     dist.destroy_process_group()
 if stop_signal is not None:
-    log(f"checkpoint saved at iteration {iter_num}; resume with --init_from=resume")
+    if iter_num > start_iter:
+        log(f"checkpoint saved at iteration {iter_num}; the same command (or --init_from=resume) continues the run")
+    else:
+        log(f"stopped before the first update: nothing new to save")
     sys.exit(130 if stop_signal == signal.SIGINT else 0)

@@ -14,7 +14,8 @@ def test_flags_are_literals_or_strings():
     touched = configure(ns, ["--batch_size=32", "--learning_rate=1e-3", "--compile=False", "--device=cuda:1",
                              "--out_dir=123"])
     assert ns == dict(batch_size=32, learning_rate=1e-3, compile=False, device="cuda:1", out_dir="123", n_layer=12)
-    assert touched == {"batch_size", "learning_rate", "compile", "device", "out_dir"}
+    assert set(touched) == {"batch_size", "learning_rate", "compile", "device", "out_dir"}
+    assert all(where == "--" + k for k, where in touched.items())
 
 
 def test_int_for_float_is_fine_and_equals_sign_inside_value():
@@ -30,7 +31,7 @@ def test_config_file_then_flag(tmp_path):
     ns = defaults()
     touched = configure(ns, [str(cfg), "--batch_size=8"])
     assert ns["batch_size"] == 8 and ns["n_layer"] == 4
-    assert touched == {"batch_size", "n_layer"}
+    assert touched == {"batch_size": "--batch_size", "n_layer": str(cfg)}  # the flag wins; where each came from
 
 
 def expect_error(capsys, ns, argv, *words):

@@ -100,8 +100,14 @@ def test_finetune_local_folder_resume_and_export(hf_folder, tiny_dataset, tmp_pa
     assert ckpt["model_args"] == dict(n_layer=2, n_head=2, n_embd=64, block_size=32, bias=True, vocab_size=100, dropout=0.0)
     assert ckpt["iter_num"] == 4 and ckpt["metadata"]["init_from"] == hf_folder
 
-    p = run("train.py", *args, "--init_from=resume", "--max_iters=6")
-    assert "at iteration 4" in p.stdout and "iter 4:" in p.stdout and "iter 3:" not in p.stdout
+    first = open(os.path.join(out, checkpoint.PERIODIC.format(2)), "rb").read()
+    # the same command again (a re-queued job) with a longer max_iters: continues, never re-imports
+    p = run("train.py", *args, f"--init_from={hf_folder}", "--max_iters=6")
+    assert "continuing it" in p.stdout and "at iteration 4" in p.stdout and "changed on resume: max_iters 4 -> 6" in p.stdout
+    assert "iter 4:" in p.stdout and "iter 3:" not in p.stdout
+    assert open(os.path.join(out, checkpoint.PERIODIC.format(2)), "rb").read() == first
+    p = run("train.py", *args, "--init_from=scratch", check=False)  # another run's command into this out_dir
+    assert p.returncode == 1 and f"began from {hf_folder!r}" in p.stderr and "--init_from=resume" in p.stderr
     ckpt = checkpoint.load(os.path.join(out, checkpoint.PERIODIC.format(6)))
     assert ckpt["iter_num"] == 6 and ckpt["metadata"]["init_from"] == hf_folder  # still says where it began
 
