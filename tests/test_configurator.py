@@ -34,6 +34,14 @@ def test_config_file_then_flag(tmp_path):
     assert touched == {"batch_size": "--batch_size", "n_layer": str(cfg)}  # the flag wins; where each came from
 
 
+def test_a_file_that_assigns_the_default_value_sets_it(tmp_path):
+    """On resume a config file's value wins over the stored run's, so "set" means assigned, even to
+    the default (12 is a cached small int: an identity check would miss it)."""
+    cfg = tmp_path / "c.py"
+    cfg.write_text("batch_size = 12\nif True:\n    out_dir = 'out'\n")
+    assert configure(defaults(), [str(cfg)]) == {"batch_size": str(cfg), "out_dir": str(cfg)}
+
+
 def expect_error(capsys, ns, argv, *words):
     with pytest.raises(SystemExit) as e:
         configure(ns, argv)
