@@ -373,5 +373,5 @@ if stop_signal is not None:
     if iter_num > start_iter:
         log(f"checkpoint saved at iteration {iter_num}; the same command (or --init_from=resume) continues the run")
     else:
-        log(f"stopped before the first update: nothing new to save")
+        log("stopped before the first update: nothing new to save")
     sys.exit(130 if stop_signal == signal.SIGINT else 0)
