@@ -25,6 +25,8 @@ import zipfile
 import numpy as np
 import torch
 
+from metrics import say
+
 FORMAT_VERSION = 1
 BEST = "ckpt.pt"                  # nanoGPT's file: best val loss so far (or every eval), read by sample.py
 PERIODIC = "ckpt-{:08d}.pt"       # every checkpoint_interval iterations, on signals, at the end (branch 0)
@@ -34,8 +36,8 @@ TMP_TAG = ".tmp-"                 # temporary files are '.<name>.tmp-<pid>'; nev
 NAMES = re.compile(r"ckpt(-\d{8}(-b\d+)?|-best-b\d+-\d{8})?\.pt$")
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # config keys that fix the model's shape
-# never taken from a stored config: where and how this process starts
-NOT_RESTORED = ("out_dir", "init_from", "resume_from", "eval_only")
+# never taken from a stored config: where and how this process starts, and its own time budget
+NOT_RESTORED = ("out_dir", "init_from", "resume_from", "eval_only", "time_limit")
 # nanoGPT stores what its machine had here (its dtype default depends on the GPU), not a user's choice
 MACHINE = ("device", "dtype", "backend", "compile")
 
@@ -81,6 +83,16 @@ def atomic_save(obj, path):
     fsync_dir(folder)
 
 
+def check_writable(out_dir):
+    """Write, fsync and remove a small temp file; raises OSError if out_dir cannot take one."""
+    probe = os.path.join(out_dir, f".write-check{TMP_TAG}{os.getpid()}")
+    with open(probe, "wb") as f:
+        f.write(b"0" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+    os.remove(probe)
+
+
 def remove_stray_temps(out_dir):
     """Temp files left by a process killed mid-write: they were never a checkpoint."""
     for path in glob.glob(os.path.join(out_dir, f".*{TMP_TAG}*")):
@@ -98,9 +110,25 @@ def to_cpu(obj):
     return obj
 
 
+def os_error(e):
+    """The OS error behind a failed write (torch wraps it in a RuntimeError or two), as one line."""
+    c = e
+    while c is not None and not isinstance(c, OSError):
+        c = c.__cause__ or c.__context__
+    return f"[Errno {c.errno}] {c.strerror}" if c is not None and c.errno else f"{type(e).__name__}: {e}"
+
+
+KEPT_INTACT = "older checkpoints are intact; training goes on and the next checkpoint tries again"
+
+
 def save(ckpt, path):
-    """Atomically write a checkpoint dict whose tensors are on the CPU."""
-    atomic_save(ckpt, path)
+    """Atomically write a checkpoint dict whose tensors are on the CPU. A failed write (disk full,
+    quota, EFBIG, a vanished folder) raises CheckpointError naming the file and the OS error; it
+    leaves no temp file, and the file it was to replace intact."""
+    try:
+        atomic_save(ckpt, path)
+    except Exception as e:
+        raise CheckpointError(f"could not write {path}: {os_error(e)}") from None
 
 
 class AsyncSaver:
@@ -119,26 +147,28 @@ class AsyncSaver:
         if pid == 0:  # the child: write, then leave without running any of the parent's exit code
             code = 1
             try:
-                # Ctrl-C or SIGTERM reach the whole process group; the parent waits for this write
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                # signals reach the whole process group; the parent stops, and waits for this write
+                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+                    signal.signal(s, signal.SIG_IGN)
                 save(ckpt, path)
                 if then:
                     then()
                 code = 0
+            except CheckpointError as e:
+                say(f"warning: {e}; {KEPT_INTACT}", err=True)
             except BaseException as e:
-                print(f"error: background checkpoint write to {path} failed: {e}", file=sys.stderr, flush=True)
+                say(f"warning: background checkpoint write to {path} failed: {type(e).__name__}: {e}; {KEPT_INTACT}", err=True)
             finally:
                 os._exit(code)
         self.pid, self.path = pid, path
 
     def wait(self):
+        """Wait for the write in flight, if any; False if it failed (the child has said why)."""
         if self.pid is None:
-            return
+            return True
         _, status = os.waitpid(self.pid, 0)
         self.pid = None
-        if status != 0:
-            raise CheckpointError(f"background write of {self.path} failed (wait status {status})")
+        return status == 0
 
 
 def verified(path):
@@ -164,12 +194,15 @@ def apply_retention(out_dir, keep_last, keep_every, run_id, branch, written=()):
     good = 0
     for h in mine:  # newest first
         if good >= keep_last:
-            os.remove(h["path"])
+            try:
+                os.remove(h["path"])
+            except OSError as e:
+                say(f"warning: could not delete old checkpoint {h['path']}: {os_error(e)}", err=True)
         elif h["path"] in written or verified(h["path"]):
             good += 1
 
 
-def keep_others_best(out_dir, run_id, branch, resumed_from=None, log=print):
+def keep_others_best(out_dir, run_id, branch, resumed_from=None, log=say):
     """Before this run first writes ckpt.pt: if the ckpt.pt there belongs to another branch (or run),
     keep it under KEPT_BEST rather than replace it, and say so. Called once per process."""
     best = os.path.join(out_dir, BEST)
@@ -283,7 +316,7 @@ def candidates(out_dir):
     return [h["path"] for h in heads] + [path for path, _ in bad]
 
 
-def load_latest(out_dir, map_location="cpu", log=print):
+def load_latest(out_dir, map_location="cpu", log=say):
     """The newest checkpoint in out_dir that loads; each bad one is reported in one line."""
     heads, bad = scan(out_dir)
     for path, why in bad:
@@ -306,7 +339,7 @@ def same_origin(a, b):
     return a == b or (os.path.isdir(a) and os.path.isdir(b) and os.path.realpath(a) == os.path.realpath(b))
 
 
-def find_start(out_dir, init_from, resume_from="", log=print):
+def find_start(out_dir, init_from, resume_from="", log=say):
     """(path, ckpt) that this start continues, or (None, None) to start fresh. resume_from: that
     file. Otherwise the newest good checkpoint in out_dir, whatever init_from says, so the same
     command run twice continues the run; init_from='resume' with none there is an error."""
@@ -345,7 +378,7 @@ def branch_for(out_dir, ckpt, picked):
     return b
 
 
-def restore_config(namespace, ckpt, sources, log=print):
+def restore_config(namespace, ckpt, sources, log=say):
     """The config of a resumed run: train.py defaults < the checkpoint's stored config < config
     files < --flags (`sources` says which keys a file or flag set). The model's shape is always
     the checkpoint's: another value from a config file gets a note, from a --flag an error. Returns
@@ -415,8 +448,8 @@ def restore_rng(rng):
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         if len(rng["cuda"]) != torch.cuda.device_count():
-            print(f"warning: checkpoint has CUDA RNG for {len(rng['cuda'])} devices, this machine has "
-                  f"{torch.cuda.device_count()}; CUDA RNG restored where it can be")
+            say(f"warning: checkpoint has CUDA RNG for {len(rng['cuda'])} devices, this machine has "
+                f"{torch.cuda.device_count()}; CUDA RNG restored where it can be")
         for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(state, i)
 

@@ -12,7 +12,6 @@ run again carries on exactly where the run was (see README, "Checkpoints").
 """
 import math
 import os
-import signal
 import sys
 import time
 
@@ -21,8 +20,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
-from configurator import config_keys, configure
+import preemption
+from configurator import config_keys, configure, fail
 from dataset import TokenData
+from metrics import say
 from model import GPT, GPTConfig, autocast_context, load_gpt2, peak_flops_for, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------------------------
@@ -41,6 +42,8 @@ keep_last = 3  # periodic checkpoints kept; older ones are deleted once a newer 
 keep_every = 0  # also keep every checkpoint whose iteration is a multiple of this, forever (0: none)
 resume_from = ""  # resume from this file rather than the newest good one in out_dir (implies init_from='resume')
 async_save = False  # a forked process writes checkpoints; training stalls only for the fork (POSIX)
+checkpoint_minutes = 0.0  # also checkpoint when this many minutes passed since the last one (0: off)
+time_limit = ""  # this process's wall-clock budget ('3:50:00', '90m', seconds): checkpoint and exit 0 in time
 # wandb logging
 wandb_log = False
 wandb_project = "owt"
@@ -82,7 +85,7 @@ sources = configure(globals())  # {key: the config file or --flag that set it}; 
 
 rank = int(os.environ.get("RANK", 0))  # torchrun sets RANK; a plain `python train.py` is a world of one
 master = rank == 0
-log = print if master else (lambda *a, **k: None)
+log = say if master else (lambda *a, **k: None)  # a dead pipe or closed terminal never stops a run
 
 # start or continue. An out_dir that holds a good checkpoint is always continued, whatever init_from
 # says, so the same command run twice (a re-queued job, `make demo` again) carries on instead of
@@ -109,6 +112,10 @@ if ckpt and ckpt["iter_num"] >= max_iters and not eval_only:
         f"raise --max_iters to train longer")
     sys.exit(0)
 config = {k: globals()[k] for k in keys}  # plain values, stored in every checkpoint
+try:  # signals, time_limit, checkpoint_minutes: from here on a signal means "save, then exit"
+    stopper = preemption.Stopper(preemption.parse_duration(time_limit), checkpoint_minutes)
+except ValueError as e:
+    fail(str(e))  # a config error: one line, exit 2
 
 # distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = "RANK" in os.environ
@@ -135,9 +142,14 @@ torch.manual_seed(seed + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
-os.makedirs(out_dir, exist_ok=True)
-if master:
-    checkpoint.remove_stray_temps(out_dir)
+try:  # an unwritable out_dir is found now, not at the first save after hours of training
+    os.makedirs(out_dir, exist_ok=True)
+    if master:
+        checkpoint.remove_stray_temps(out_dir)
+        checkpoint.check_writable(out_dir)
+except OSError as e:
+    raise SystemExit(f"error: out_dir {out_dir!r} is not writable ({checkpoint.os_error(e)}); fix its permissions "
+                     f"or pick another --out_dir")
 
 # -----------------------------------------------------------------------------------------------
 # model: from the checkpoint being continued, from scratch, or from GPT-2 weights
@@ -179,6 +191,8 @@ tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 log(f"device {device}, dtype {dtype}, world size {world_size}, {model.get_num_params() / 1e6:.2f}M parameters, "
     f"tokens per iteration {tokens_per_iter:,}")
 model.to(device)
+# until a save has been timed: weights and AdamW's two moments, in fp32, at a slow 100 MB/s
+stopper.save_seconds = 3 * 4 * model.get_num_params() / 100e6
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
@@ -214,18 +228,33 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
+def agreed(*flags):
+    """The flags OR-ed over all ranks, so that every rank takes the same branch."""
+    if not ddp:
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over eval_iters fixed batches per split, shared out between ranks."""
+    """Mean loss over eval_iters fixed batches per split, shared out between ranks. None if a stop
+    (signal or time_limit) comes meanwhile: the eval is abandoned so the checkpoint comes quickly."""
     out = {}
     model.eval()
     for split in ("train", "val"):
         losses = torch.zeros(eval_iters, device=device)
-        for k in range(rank, eval_iters, world_size):
-            X, Y = data.eval_batch(split, seed, k, batch_size, block_size)
-            with ctx:
-                _, loss = model(X.to(device), Y.to(device))
-            losses[k] = loss.float()
+        for j in range(math.ceil(eval_iters / world_size)):  # as many rounds on every rank
+            if agreed(stopper.signum is not None or stopper.out_of_time(0.0))[0]:
+                model.train()
+                return None
+            k = j * world_size + rank
+            if k < eval_iters:
+                X, Y = data.eval_batch(split, seed, k, batch_size, block_size)
+                with ctx:
+                    _, loss = model(X.to(device), Y.to(device))
+                losses[k] = loss.float()
         if ddp:
             dist.all_reduce(losses)
         out[split] = losses.mean().item()
@@ -233,9 +262,11 @@ def estimate_loss():
     return out
 
 
-def save_checkpoint(path, val_loss=None, retain=False):
+def save_checkpoint(path, val_loss=None, retain=False, final=False):
     """Every rank calls this (RNG states are gathered); rank 0 writes. val_loss: measured at this
-    very iteration, else None (metadata never carries an older eval's loss as this one's)."""
+    very iteration, else None (metadata never carries an older eval's loss as this one's). A failed
+    write is one line and False: training goes on, and the next checkpoint tries again. The final
+    save (end, signal, time_limit) is written in the foreground: the process waits for it anyway."""
     rng = checkpoint.capture_rng()
     rngs = [None] * world_size
     if ddp:
@@ -243,7 +274,7 @@ def save_checkpoint(path, val_loss=None, retain=False):
     else:
         rngs = [rng]
     if not master:
-        return
+        return True
     state = dict(
         model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
         iter_num=iter_num, best_val_loss=best_val_loss, config=config, scaler=scaler.state_dict(), rng=rngs,
@@ -257,30 +288,24 @@ def save_checkpoint(path, val_loss=None, retain=False):
     written.add(path)
     then = (lambda: checkpoint.apply_retention(out_dir, keep_last, keep_every, run_id, branch, written)) if retain else None
     saver.wait()  # one write at a time
-    if async_save:  # a forked child writes this snapshot while training goes on
+    if async_save and not final:  # a forked child writes this snapshot while training goes on
         saver.save(state, path, then)
-    else:
+        stopper.saved()
+        return True
+    t0 = time.time()
+    try:
         checkpoint.save(state, path)
-        if then:
-            then()
+    except checkpoint.CheckpointError as e:
+        if final:
+            say(f"error: {e}; older checkpoints are intact, and the same command resumes from the newest", err=True)
+        else:
+            say(f"warning: {e}; {checkpoint.KEPT_INTACT}", err=True)
+        return False
+    stopper.saved(time.time() - t0)
+    if then:
+        then()
+    return True
 
-
-# SIGTERM (preemption) and SIGINT (Ctrl-C): finish the iteration, save, exit. A second Ctrl-C
-# leaves at once; that is safe because no checkpoint file is ever half-written.
-stop_signal = None
-
-
-def on_signal(signum, frame):
-    global stop_signal
-    if stop_signal is not None:
-        print(f"second {signal.Signals(signum).name}: exiting now without saving", file=sys.stderr, flush=True)
-        os._exit(130)
-    stop_signal = signum
-    print(f"{signal.Signals(signum).name} received: finishing this iteration, then saving a checkpoint", flush=True)
-
-
-signal.signal(signal.SIGTERM, on_signal)
-signal.signal(signal.SIGINT, on_signal)
 
 if wandb_log and master:
     import wandb
@@ -298,36 +323,45 @@ best_claimed = False  # whether ckpt.pt is this branch's yet (checkpoint.keep_ot
 start_iter = iter_num
 t_start = time.time()
 step_times = []
+dt, final_failed = 0.0, False
 while True:
-    stop = stop_signal is not None
-    if ddp:  # every rank must stop at the same iteration
-        flag = torch.tensor(float(stop), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag.item())
+    # one all-reduce per iteration: a signal or time_limit on any rank stops every rank here
+    signalled, out_of_time, due = agreed(stopper.signum is not None, stopper.out_of_time(dt), stopper.checkpoint_due())
+    stop = signalled or out_of_time
     val_loss = None
     evaluated = last_eval is not None and last_eval[0] == iter_num  # the checkpoint resumed from has it
     if not stop and not evaluated and (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only):
         losses = estimate_loss()
-        val_loss, last_eval = losses["val"], [iter_num, losses["val"]]
-        log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}")
-        if wandb_log and master:
-            wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": val_loss, "lr": get_lr(iter_num)})
-        if not eval_only and iter_num > 0 and (val_loss < best_val_loss or always_save_checkpoint):
-            best_val_loss = min(best_val_loss, val_loss)
-            if master and not best_claimed:
-                checkpoint.keep_others_best(out_dir, run_id, branch, ckpt_path, log=log)
-                best_claimed = True
-            save_checkpoint(os.path.join(out_dir, checkpoint.BEST), val_loss)
-            log(f"saved {checkpoint.BEST} (val loss {val_loss:.4f})")
+        if losses is None:  # abandoned: a signal or time_limit came during it
+            stop = True
+        else:
+            val_loss, last_eval = losses["val"], [iter_num, losses["val"]]
+            log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}")
+            if wandb_log and master:
+                wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": val_loss, "lr": get_lr(iter_num)})
+            if not eval_only and iter_num > 0 and (val_loss < best_val_loss or always_save_checkpoint):
+                best_val_loss = min(best_val_loss, val_loss)
+                if master and not best_claimed:
+                    checkpoint.keep_others_best(out_dir, run_id, branch, ckpt_path, log=log)
+                    best_claimed = True
+                if save_checkpoint(os.path.join(out_dir, checkpoint.BEST), val_loss):
+                    log(f"saved {checkpoint.BEST} (val loss {val_loss:.4f})")
     if eval_only:
         break
+    if stop:
+        why = f"{stopper.name} received" if stopper.name else \
+            "time_limit nearly reached" if stopper.out_of_time(dt) else "another rank is stopping"
+        log(f"{why} at iteration {iter_num}: saving a checkpoint, then exiting")
     periodic = (checkpoint_interval > 0 and iter_num % checkpoint_interval == 0) or \
-               (keep_every > 0 and iter_num % keep_every == 0)
-    if iter_num > start_iter and (periodic or stop or iter_num == max_iters):
+               (keep_every > 0 and iter_num % keep_every == 0) or due
+    final = stop or iter_num >= max_iters
+    if iter_num > start_iter and (periodic or final):
         path = os.path.join(out_dir, checkpoint.periodic_name(iter_num, branch))
-        save_checkpoint(path, val_loss, retain=True)
-        log(f"{'writing' if async_save else 'saved'} {path}")
-    if stop or iter_num >= max_iters:
+        if save_checkpoint(path, val_loss, retain=True, final=final):
+            log(f"{'writing' if async_save and not final else 'saved'} {path}")
+        elif final:
+            final_failed = True
+    if final:
         break
 
     t0 = time.perf_counter()
@@ -364,14 +398,14 @@ if step_times:
     steady = sorted(step_times[min(10, len(step_times) // 2):])  # past the warm-up steps
     log(f"done at iteration {iter_num}: median {steady[len(steady) // 2] * 1000:.2f} ms/iter, "
         f"{time.time() - t_start:.1f}s wall")
-elif not eval_only:
-    log(f"nothing to train: already at iteration {iter_num} (max_iters={max_iters})")
 if ddp:
     dist.barrier()  # rank 0 may still be writing; tearing down gloo under it aborts the other ranks
     dist.destroy_process_group()
-if stop_signal is not None:
+if final_failed:
+    sys.exit(1)
+if stop:
     if iter_num > start_iter:
         log(f"checkpoint saved at iteration {iter_num}; the same command (or --init_from=resume) continues the run")
     else:
         log("stopped before the first update: nothing new to save")
-    sys.exit(130 if stop_signal == signal.SIGINT else 0)
+    sys.exit(stopper.exit_code)

@@ -1,0 +1,96 @@
+"""
+When a run must stop and save, or save early: signals, a wall-clock budget (time_limit) and a
+wall-clock bound on the work a crash can lose (checkpoint_minutes). train.py asks between
+iterations and during evaluation; handlers only set a flag (README, "Preemptible and scheduled jobs").
+
+SIGTERM (preemption, Kubernetes, torchrun), SIGHUP (a closed terminal, a dropped ssh session),
+SIGUSR1 (Slurm's --signal=USR1@secs warning) and SIGINT (Ctrl-C) all mean: stop at the next safe
+point, checkpoint, exit 0 (130 for SIGINT). A second Ctrl-C leaves at once, which is safe because
+no checkpoint file is ever half-written; other repeated signals are ignored, so a save under way
+finishes.
+"""
+import os
+import re
+import signal
+import time
+
+
+
+def _process_start():
+    """When this process started (Linux: /proc), so time_limit counts the seconds spent importing
+    torch too; elsewhere, now."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+STARTED = _process_start()
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+def parse_duration(text):
+    """Seconds from '3600', '90m', '4h', '45s', 'MM:SS' or 'H:MM:SS'; '' or '0' mean no limit (0)."""
+    text = str(text).strip()
+    if text in ("", "0"):
+        return 0.0
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smh]?)", text)
+    if m:
+        return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+    parts = text.split(":")
+    if 2 <= len(parts) <= 3 and all(p.isdigit() for p in parts):
+        seconds = 0
+        for p in parts:
+            seconds = seconds * 60 + int(p)
+        return float(seconds)
+    raise ValueError(f"time_limit={text!r} is not a duration: give seconds (3600), 90m, 4h, or H:MM:SS (3:50:00)")
+
+
+class Stopper:
+    def __init__(self, time_limit=0.0, checkpoint_minutes=0.0, save_estimate=1.0):
+        """save_estimate: seconds a checkpoint takes to write, until one has been timed."""
+        self.signum = None
+        self.time_limit, self.checkpoint_seconds = time_limit, checkpoint_minutes * 60
+        self.save_seconds = save_estimate  # replaced by the measured duration of each save
+        self.last_save = time.time()
+        for s in SIGNALS:
+            signal.signal(s, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.signum is not None:
+            if signum == signal.SIGINT:  # the second Ctrl-C: leave now, even from inside a save
+                try:
+                    os.write(2, b"second SIGINT: exiting now without saving\n")
+                except OSError:
+                    pass
+                os._exit(130)
+            return
+        self.signum = signum
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum else None
+
+    @property
+    def exit_code(self):
+        return 130 if self.signum == signal.SIGINT else 0
+
+    def out_of_time(self, step_seconds):
+        """True when one more step and a save (with room to spare) would overrun time_limit."""
+        if not self.time_limit:
+            return False
+        needed = step_seconds + 1.5 * self.save_seconds + 2.0  # 2 s: exit and teardown
+        return time.time() - STARTED + needed >= self.time_limit
+
+    def checkpoint_due(self):
+        return bool(self.checkpoint_seconds) and time.time() - self.last_save >= self.checkpoint_seconds
+
+    def saved(self, seconds=None):
+        """A checkpoint reached the disk (taking `seconds`, when it was written in the foreground)."""
+        self.last_save = time.time()
+        if seconds is not None:
+            self.save_seconds = seconds

@@ -1,0 +1,252 @@
+"""Faults recover by themselves (README, "Preemptible and scheduled jobs"): a dead stdout never stops
+a run, every stop signal saves, an eval in progress is abandoned for a quick save, time_limit stops
+in time, torchrun restarts crashed workers, and failed writes (real EFBIG, real ENOSPC, a real
+unwritable folder) leave older files intact without taking the run down. Real processes only."""
+import os
+import random
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import checkpoint
+from conftest import ENV, ROOT, TINY, run
+from test_resume import assert_same_state
+
+ARGS = [*TINY, "--eval_interval=1000", "--checkpoint_interval=1000", "--keep_last=50"]
+
+
+STARTED = []
+
+
+@pytest.fixture(autouse=True)
+def no_orphans():
+    """A failed test must not leave an endless training process behind (it would hold the suite)."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def start(out, *extra, **popen):
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *ARGS, f"--out_dir={out}", *extra],
+                            cwd=ROOT, env=ENV, text=True, **popen)
+    STARTED.append(proc)
+    return proc
+
+
+def wait_for(stream, pattern, seen=None):
+    """Read lines until one matches; returns the match."""
+    for line in stream:
+        if seen is not None:
+            seen.append(line)
+        m = re.search(pattern, line)
+        if m:
+            return m
+    raise AssertionError(f"stream ended before {pattern!r}:\n" + "".join(seen or []))
+
+
+def files(out):
+    return {n: (out / n).read_bytes() for n in os.listdir(out)}
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_signal_with_a_dead_pipe_still_saves(shakespeare_char, tmp_path, sig, code):
+    """`train.py | tee log` and Ctrl-C: tee dies first. Printing must not take the run down."""
+    proc = start(tmp_path, "--max_iters=100000", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(proc.stdout, r"^iter 3:")
+    proc.stdout.close()  # the reader is gone: every later write to stdout is EPIPE
+    time.sleep(0.5)  # some log lines hit the dead pipe before the signal
+    proc.send_signal(sig)
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) == code, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    newest = checkpoint.candidates(tmp_path)[0]
+    assert checkpoint.load(newest)["iter_num"] > 4
+
+
+def test_sigterm_during_a_long_eval_saves_within_seconds(shakespeare_char, tmp_path):
+    """eval_iters=3000 takes tens of seconds here; a SIGTERM as it begins gives a checkpoint in a few."""
+    proc = start(tmp_path, "--max_iters=100", "--eval_interval=5", "--eval_iters=3000",
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen = []
+    wait_for(proc.stdout, r"^iter 4:", seen)  # iteration 5's eval starts now
+    time.sleep(0.3)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 0, rest
+    elapsed = time.time() - t0
+    assert elapsed < 10, f"{elapsed:.1f}s from SIGTERM to exit"  # the bound this test holds
+    assert "SIGTERM received at iteration 5: saving a checkpoint" in rest and "step 5:" not in rest
+    ckpt = checkpoint.load(tmp_path / checkpoint.PERIODIC.format(5))
+    assert ckpt["metadata"]["val_loss"] is None  # the abandoned eval's partial result is not used
+
+
+def test_time_limit_stops_in_time_and_resumes_exactly(shakespeare_char, tmp_path):
+    limit = 8.0
+    t0 = time.time()
+    p = run("train.py", *ARGS, f"--out_dir={tmp_path}", "--max_iters=1000000", f"--time_limit={limit:g}")
+    elapsed = time.time() - t0
+    assert elapsed < limit, f"exited after {elapsed:.1f}s, past time_limit={limit}"
+    k = int(re.search(r"^time_limit nearly reached at iteration (\d+)", p.stdout, re.M).group(1))
+    assert f"checkpoint saved at iteration {k}" in p.stdout and k > 10
+    # the same command again (time_limit is this process's budget, not restored) carries on exactly
+    run("train.py", *ARGS, f"--out_dir={tmp_path}", f"--max_iters={k + 3}")
+    ref = tmp_path / "ref"
+    run("train.py", *ARGS, f"--out_dir={ref}", f"--max_iters={k + 3}")
+    assert_same_state(checkpoint.load(tmp_path / checkpoint.PERIODIC.format(k + 3)),
+                      checkpoint.load(ref / checkpoint.PERIODIC.format(k + 3)))
+
+
+def test_checkpoint_minutes_bounds_the_work_a_crash_loses(shakespeare_char, tmp_path):
+    p = run("train.py", *ARGS, f"--out_dir={tmp_path}", "--max_iters=1000000", "--checkpoint_interval=0",
+            "--checkpoint_minutes=0.02", "--time_limit=9")  # 1.2 s
+    saves = re.findall(r"^saved .*ckpt-(\d+)\.pt", p.stdout, re.M)
+    assert len(saves) >= 3, p.stdout[-2000:]  # about 4 s of training: a save every 1.2 s, and the last
+
+
+def test_bad_time_limit_is_one_line(tmp_path):
+    p = run("train.py", *ARGS, f"--out_dir={tmp_path}", "--time_limit=soon", check=False)
+    assert p.returncode == 2 and p.stderr.strip().startswith("error: time_limit='soon' is not a duration")
+    assert "\n" not in p.stderr.strip()
+
+
+def test_unwritable_out_dir_is_found_before_training(shakespeare_char, tmp_path):
+    """A folder of another user's, and root without its override of file permissions (setpriv
+    drops CAP_DAC_OVERRIDE), as a user without root meets it."""
+    out = tmp_path / "theirs"
+    out.mkdir(mode=0o755)
+    try:
+        os.chown(out, 65534, 65534)
+    except PermissionError:
+        pytest.skip("cannot give a folder to another user here (not root)")
+    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    if drop and subprocess.run([*drop, "true"]).returncode != 0:
+        pytest.skip("setpriv cannot drop capabilities here")
+    p = subprocess.run([*drop, sys.executable, os.path.join(ROOT, "train.py"), *ARGS, f"--out_dir={out}", "--max_iters=5"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == (f"error: out_dir {str(out)!r} is not writable ([Errno 13] Permission denied); fix its "
+                                f"permissions or pick another --out_dir")
+    assert "iter 0" not in p.stdout and os.listdir(out) == []
+
+
+def test_failed_writes_efbig(shakespeare_char, tmp_path):
+    """RLIMIT_FSIZE below a checkpoint's size: every write fails with EFBIG (Python ignores SIGXFSZ)."""
+    run("train.py", *ARGS, f"--out_dir={tmp_path}", "--max_iters=4")  # a good checkpoint first
+    before = files(tmp_path)
+    limit = 100_000  # a checkpoint is ~400 kB
+
+    def small_files():  # the soft limit only, so that the test can raise it again (prlimit)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    # the same command continues the run: its saves fail, it trains on, and saves once room is back
+    proc = start(tmp_path, "--max_iters=100000", "--checkpoint_interval=20", stdout=subprocess.PIPE,
+                 stderr=subprocess.STDOUT, preexec_fn=small_files)
+    seen = []
+    m = wait_for(proc.stdout, r"^warning: could not write (\S+): \[Errno 27\] File too large; older checkpoints "
+                              r"are intact; training goes on and the next checkpoint tries again$", seen)
+    assert m.group(1) == str(tmp_path / checkpoint.PERIODIC.format(20))
+    wait_for(proc.stdout, r"^iter 25:", seen)  # still training
+    assert files(tmp_path) == before  # older files intact, no temp file left
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    m = wait_for(proc.stdout, r"^saved (\S+ckpt-\d+\.pt)$", seen)  # the next save succeeds
+    checkpoint.load(m.group(1))
+    proc.send_signal(signal.SIGTERM)
+    proc.stdout.read()
+    assert proc.wait(timeout=60) == 0 and not any("Traceback" in ln for ln in seen)
+
+    # the final save fails: one error line, exit 1, the older files still there
+    before = files(tmp_path)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *ARGS, f"--out_dir={tmp_path}", "--max_iters=100",
+                        "--checkpoint_interval=0"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
+                       preexec_fn=small_files)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    *earlier, last = p.stderr.strip().splitlines()  # earlier: ckpt.pt at the last eval, if it improved
+    assert last == (f"error: could not write {tmp_path / checkpoint.PERIODIC.format(100)}: [Errno 27] File "
+                    f"too large; older checkpoints are intact, and the same command resumes from the newest")
+    assert all(ln.startswith("warning: could not write") for ln in earlier)
+    assert files(tmp_path) == before
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)])
+
+
+def test_disk_full_with_async_save(shakespeare_char, small_tmpfs):
+    """A 1.2 MB tmpfs holds two checkpoints: then ENOSPC, in the background writer too."""
+    out = small_tmpfs / "run"
+    p = run("train.py", *ARGS, f"--out_dir={out}", "--max_iters=30", "--checkpoint_interval=5", "--async_save=True",
+            check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr + p.stdout
+    warnings = [ln for ln in p.stderr.splitlines() if ln.startswith("warning: could not write")]
+    assert warnings and all("[Errno 28] No space left on device; older checkpoints are intact" in ln for ln in warnings)
+    assert p.stderr.strip().splitlines()[-1].startswith(
+        f"error: could not write {out / checkpoint.PERIODIC.format(30)}: [Errno 28] No space left on device")
+    assert "iter 29:" in p.stdout  # it trained to the end
+    names = os.listdir(out)
+    assert not any(checkpoint.TMP_TAG in n for n in names)  # no temp file left
+    for name in names:
+        checkpoint.load(out / name)  # whatever is there is whole
+
+
+def worker_pids(agent):
+    """torchrun's workers: the agent's child processes."""
+    kids = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == agent:
+                        kids.append(int(pid))
+            except (OSError, ValueError):
+                pass
+    return kids
+
+
+def test_torchrun_restarts_killed_workers_and_stays_exact(shakespeare_char, tmp_path):
+    """2 gloo ranks under torchrun --max-restarts: kill -9 one worker at random moments, several
+    rounds; each time the group restarts, resumes the newest good checkpoint, and the end equals an
+    uninterrupted 2-rank run bitwise."""
+    M = 300
+    ddp = [*ARGS, "--gradient_accumulation_steps=2", "--checkpoint_interval=5"]
+
+    def torchrun(out, *extra, **popen):
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 *extra, os.path.join(ROOT, "train.py"), *ddp, f"--out_dir={out}", f"--max_iters={M}"],
+                                cwd=ROOT, env=ENV, text=True, **popen)
+        STARTED.append(proc)
+        return proc
+
+    ref = tmp_path / "ref"
+    assert torchrun(ref).wait(timeout=300) == 0
+    out = tmp_path / "run"
+    # a restart's first gloo rendezvous may hit the dead group's address and fail; the next one
+    # trains (README), so a kill can cost two restarts
+    proc = torchrun(out, "--max-restarts=10", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    rng = random.Random(7)
+    seen = []
+    for round_ in range(3):
+        wait_for(proc.stdout, rf"^iter (\d+):", seen)  # this round's group is training
+        time.sleep(rng.uniform(0.2, 0.8))
+        victim = rng.choice(sorted(worker_pids(proc.pid)))
+        os.kill(victim, signal.SIGKILL)
+        wait_for(proc.stdout, r"resuming from|holds this run", seen)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=300) == 0, "".join(seen) + rest
+    assert 3 <= "".join(seen).count("continuing it") <= 6
+    assert_same_state(checkpoint.load(out / checkpoint.PERIODIC.format(M)), checkpoint.load(ref / checkpoint.PERIODIC.format(M)))
