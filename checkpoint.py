@@ -10,6 +10,7 @@ weights_only=True reads it and a file can never run code when loaded. It keeps n
 (model, optimizer, model_args, iter_num, best_val_loss, config) so files move both ways, and adds
 scaler, rng (one entry per rank), format_version and metadata.
 """
+import fcntl
 import glob
 import os
 import pickle
@@ -91,6 +92,25 @@ def check_writable(out_dir):
         f.flush()
         os.fsync(f.fileno())
     os.remove(probe)
+
+
+def lock(out_dir):
+    """Hold an exclusive lock on out_dir/.lock for the life of this process, so a second training
+    process in the same folder (another run, the same job started twice) is refused before it
+    writes anything. The OS drops the lock when the process ends, however it ends."""
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise CheckpointError(f"out_dir {out_dir!r} is in use by another training process ({holder}); wait for it "
+                              f"to end, or pick another --out_dir") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def remove_stray_temps(out_dir):
@@ -241,7 +261,9 @@ def strip_prefixes(state_dict):
 def _torch_load(path, map_location="cpu", mmap=False):
     """torch.load(weights_only=True), every failure turned into a one-line CheckpointError."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(f"{path}: {'a folder, not a checkpoint file' if os.path.isdir(path) else 'no such file'}")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        raise CheckpointError(f"{path}: unreadable (not a torch.save archive: truncated, or not a checkpoint)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -344,7 +366,13 @@ def find_start(out_dir, init_from, resume_from="", log=say):
     file. Otherwise the newest good checkpoint in out_dir, whatever init_from says, so the same
     command run twice continues the run; init_from='resume' with none there is an error."""
     if resume_from:
-        return resume_from, load(resume_from)
+        ckpt = load(resume_from)
+        theirs = (ckpt.get("metadata") or {}).get("run_id")
+        others = {h["run_id"] for h in scan(out_dir)[0]} - {None, theirs}
+        if others:  # two runs in one folder could no longer be told apart by "newest"
+            raise CheckpointError(f"out_dir {out_dir!r} holds another run (run id {sorted(others)[0]}) than "
+                                  f"{resume_from} (run id {theirs}); resume it into a new --out_dir")
+        return resume_from, ckpt
     if init_from == "resume":
         return load_latest(out_dir, log=log)
     if not candidates(out_dir):
@@ -378,11 +406,12 @@ def branch_for(out_dir, ckpt, picked):
     return b
 
 
-def restore_config(namespace, ckpt, sources, log=say):
+def restore_config(namespace, ckpt, sources, explicit=True, log=say):
     """The config of a resumed run: train.py defaults < the checkpoint's stored config < config
     files < --flags (`sources` says which keys a file or flag set). The model's shape is always
-    the checkpoint's: another value from a config file gets a note, from a --flag an error. Returns
-    {key: (stored, now)} for each knob that differs from the stored run."""
+    the checkpoint's: another value from a config file gets a note when the resume was asked for
+    (explicit: init_from='resume'), from a --flag, or on an implicit continuation, an error (then
+    it is another run's command). Returns {key: (stored, now)} for each knob that differs."""
     stored, args = ckpt.get("config") or {}, ckpt["model_args"]
     skip = NOT_RESTORED + (() if "format_version" in ckpt else MACHINE)
     for k, v in stored.items():
@@ -396,7 +425,7 @@ def restore_config(namespace, ckpt, sources, log=say):
         log(f"note: the run used device={device!r}, which this machine lacks; using device='auto'")
         namespace["device"] = "auto"
     flagged = [f"{k}={namespace[k]!r} but the checkpoint has {args[k]!r}" for k in SHAPE
-               if k in args and sources.get(k, "").startswith("--") and namespace[k] != args[k]]
+               if k in args and k in sources and (sources[k].startswith("--") or not explicit) and namespace[k] != args[k]]
     if flagged:
         raise CheckpointError("the model's shape comes from the checkpoint and cannot change on resume: "
                               + "; ".join(flagged) + " (drop those flags, or pick another --out_dir for a new run)")

@@ -40,9 +40,14 @@ meta_path = None
 if init_from == "resume":
     best = os.path.join(out_dir, checkpoint.BEST)
     try:  # ckpt.pt (best val) as in nanoGPT, else the newest checkpoint that loads
-        path, ckpt = (best, checkpoint.load(best)) if os.path.exists(best) else checkpoint.load_latest(out_dir)
+        path, ckpt = best, checkpoint.load(best)
     except checkpoint.CheckpointError as e:
-        raise SystemExit(f"error: {e}; train first, e.g. python train.py config/train_shakespeare_char.py")
+        if os.path.exists(best):
+            print(f"warning: skipping {e}; using the newest checkpoint that loads", file=sys.stderr)
+        try:
+            path, ckpt = checkpoint.load_latest(out_dir, log=lambda m: print(m, file=sys.stderr))
+        except checkpoint.CheckpointError as e:
+            raise SystemExit(f"error: {e}")
     model = GPT(GPTConfig(**{k: ckpt["model_args"][k] for k in checkpoint.MODEL_ARGS if k in ckpt["model_args"]}))
     model.load_state_dict(ckpt["model"])
     dataset = ckpt.get("config", {}).get("dataset")

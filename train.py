@@ -97,7 +97,7 @@ if resume_from and init_from != "resume":
     init_from = "resume"  # resume_from implies it
 try:
     ckpt_path, ckpt = checkpoint.find_start(out_dir, init_from, resume_from, log=log)
-    changed = checkpoint.restore_config(globals(), ckpt, sources, log=log) if ckpt else {}
+    changed = checkpoint.restore_config(globals(), ckpt, sources, explicit=init_from == "resume", log=log) if ckpt else {}
 except checkpoint.CheckpointError as e:
     raise SystemExit(f"error: {e}")
 data = TokenData(dataset)
@@ -145,8 +145,11 @@ torch.backends.cudnn.allow_tf32 = True
 try:  # an unwritable out_dir is found now, not at the first save after hours of training
     os.makedirs(out_dir, exist_ok=True)
     if master:
+        out_lock = checkpoint.lock(out_dir)  # one training process per out_dir, held until exit
         checkpoint.remove_stray_temps(out_dir)
         checkpoint.check_writable(out_dir)
+except checkpoint.CheckpointError as e:
+    raise SystemExit(f"error: {e}")
 except OSError as e:
     raise SystemExit(f"error: out_dir {out_dir!r} is not writable ({checkpoint.os_error(e)}); fix its permissions "
                      f"or pick another --out_dir")
@@ -155,7 +158,7 @@ except OSError as e:
 # model: from the checkpoint being continued, from scratch, or from GPT-2 weights
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=vocab_size or 50304, dropout=dropout)
-iter_num, best_val_loss, train_seconds, last_eval = 0, float("inf"), 0.0, None
+iter_num, best_val_loss, train_seconds, last_eval, tokens_before = 0, float("inf"), 0.0, None, 0
 # the run's identity: its id, its branch (a resume by hand from an older file starts a new one, see
 # checkpoint.branch_for) and each resume, recorded in every checkpoint's metadata
 run_id, branch, resumes, origin = checkpoint.new_run_id(), 0, [], init_from
@@ -167,9 +170,12 @@ if ckpt is not None:
     iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     meta = ckpt.get("metadata") or {}
     train_seconds, last_eval, origin = meta.get("train_seconds", 0.0), meta.get("last_eval"), meta.get("init_from", "resume")
+    tokens_before = meta.get("tokens_seen")  # counted, not iter_num * batch: the batch may have changed
     run_id, branch = meta.get("run_id") or run_id, checkpoint.branch_for(out_dir, ckpt, picked=bool(resume_from))
     resumes = list(meta.get("resumes", [])) + [dict(
-        iter=iter_num, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **{"from": os.path.basename(ckpt_path)},
+        iter=iter_num, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **{"from": os.path.basename(ckpt_path) if os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), out_dir)
+           else os.path.abspath(ckpt_path)},
         branch=branch, changed={k: list(v) for k, v in changed.items()})]
     log(f"resuming from {ckpt_path} at iteration {iter_num}"
         + (f", as branch {branch}: later checkpoints of branch {meta.get('branch', 0)} stay as they are"
@@ -188,6 +194,8 @@ if block_size < model.config.block_size:
 n_layer, n_head, n_embd, block_size, bias = (model_args[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias"))
 config.update(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+if tokens_before is None:  # a file without the count (nanoGPT's): as if the batch never changed
+    tokens_before = iter_num * tokens_per_iter
 log(f"device {device}, dtype {dtype}, world size {world_size}, {model.get_num_params() / 1e6:.2f}M parameters, "
     f"tokens per iteration {tokens_per_iter:,}")
 model.to(device)
@@ -280,7 +288,7 @@ def save_checkpoint(path, val_loss=None, retain=False, final=False):
         iter_num=iter_num, best_val_loss=best_val_loss, config=config, scaler=scaler.state_dict(), rng=rngs,
         format_version=checkpoint.FORMAT_VERSION,
         metadata=dict(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), torch_version=str(torch.__version__),
-                      world_size=world_size, tokens_seen=iter_num * tokens_per_iter,
+                      world_size=world_size, tokens_seen=tokens_before + (iter_num - start_iter) * tokens_per_iter,
                       train_seconds=train_seconds + time.time() - t_start, val_loss=val_loss, last_eval=last_eval,
                       git_commit=git_commit, init_from=origin, dataset=dataset,
                       run_id=run_id, branch=branch, resumes=resumes))

@@ -27,6 +27,11 @@ def run(script, *args, env=None, timeout=300, check=True):
     return proc
 
 
+def listing(out):
+    """A run folder's files, less the .lock that train.py holds while it runs (it names its pid)."""
+    return [n for n in os.listdir(out) if n != ".lock"]
+
+
 @pytest.fixture(scope="session")
 def shakespeare_char():
     """The char-level bins, prepared once (the text ships with the project)."""

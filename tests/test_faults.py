@@ -14,7 +14,7 @@ import time
 import pytest
 
 import checkpoint
-from conftest import ENV, ROOT, TINY, run
+from conftest import ENV, ROOT, TINY, listing, run
 from test_resume import assert_same_state
 
 ARGS = [*TINY, "--eval_interval=1000", "--checkpoint_interval=1000", "--keep_last=50"]
@@ -53,7 +53,7 @@ def wait_for(stream, pattern, seen=None):
 
 
 def files(out):
-    return {n: (out / n).read_bytes() for n in os.listdir(out)}
+    return {n: (out / n).read_bytes() for n in listing(out)}
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])

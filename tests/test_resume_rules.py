@@ -4,12 +4,15 @@ for a bad one, branches keep each other's files, and each file's val loss is its
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import time
 
 import torch
 
 import checkpoint
-from conftest import ROOT, TINY, run
+from conftest import ENV, ROOT, TINY, listing, run
 from test_checkpoint import nanogpt_file
 from test_resume import assert_same_state
 
@@ -17,13 +20,13 @@ ARGS = [*TINY, "--eval_interval=4", "--checkpoint_interval=4", "--keep_last=50"]
 
 
 def contents(out):
-    return {n: (out / n).read_bytes() for n in sorted(os.listdir(out))}
+    return {n: (out / n).read_bytes() for n in sorted(listing(out))}
 
 
 def copy_without_times(src, dst):
     """As cp -r, scp or a download do: every file gets a new mtime, in no particular order."""
     shutil.copytree(src, dst, copy_function=shutil.copyfile)
-    for i, name in enumerate(sorted(os.listdir(dst), reverse=True)):  # oldest iteration looks newest
+    for i, name in enumerate(sorted(listing(dst), reverse=True)):  # oldest iteration looks newest
         os.utime(dst / name, (time.time() + 100 - i,) * 2)
     return dst
 
@@ -45,10 +48,14 @@ def test_readme_sequence_with_the_config_file(shakespeare_char, tmp_path):
                  "lr_decay_iters 2000 -> 5000"):
         assert knob in changed
     ckpt = checkpoint.load(tmp_path / checkpoint.PERIODIC.format(6))
+    assert ckpt["metadata"]["tokens_seen"] == 4 * 12 * 64 + 2 * 64 * 64  # counted across the batch change
     assert ckpt["model_args"]["n_layer"] == 4 and ckpt["model_args"]["dropout"] == 0.2 == ckpt["config"]["dropout"]
     assert ckpt["config"]["batch_size"] == 64  # the checkpoint records what ran
     entry = ckpt["metadata"]["resumes"][-1]
     assert entry["iter"] == 4 and entry["from"] == checkpoint.PERIODIC.format(4) and entry["changed"]["batch_size"] == [12, 64]
+    # without --init_from=resume the same config file is not this run's command: its shape differs
+    p = run("train.py", "config/train_shakespeare_char.py", out, "--max_iters=8", check=False)
+    assert p.returncode == 1 and "n_layer=6 but the checkpoint has 4" in p.stderr and "another --out_dir" in p.stderr
     p = run("checkpoint.py", str(tmp_path / checkpoint.PERIODIC.format(6)))
     assert "resumed 1 time(s)" in p.stdout and re.search(r"iteration 4 from ckpt-00000004.pt \(branch 0\): .*batch_size 12 -> 64", p.stdout)
 
@@ -97,10 +104,10 @@ def test_same_command_twice_continues_and_a_finished_run_exits_0(shakespeare_cha
 def test_copied_folder_resumes_from_the_highest_iteration(shakespeare_char, tmp_path):
     run("train.py", *ARGS, f"--out_dir={tmp_path / 'run'}", "--max_iters=12", "--keep_last=2")
     copy = copy_without_times(tmp_path / "run", tmp_path / "copy")
-    assert sorted(os.listdir(copy)) == ["ckpt-00000008.pt", "ckpt-00000012.pt", "ckpt.pt"]
+    assert sorted(listing(copy)) == ["ckpt-00000008.pt", "ckpt-00000012.pt", "ckpt.pt"]
     p = run("train.py", f"--out_dir={copy}", "--init_from=resume", "--max_iters=16")
     assert f"resuming from {copy / 'ckpt-00000012.pt'} at iteration 12" in p.stdout
-    assert sorted(os.listdir(copy)) == ["ckpt-00000012.pt", "ckpt-00000016.pt", "ckpt.pt"]
+    assert sorted(listing(copy)) == ["ckpt-00000012.pt", "ckpt-00000016.pt", "ckpt.pt"]
 
 
 def test_junk_and_damaged_files_never_push_good_ones_out(shakespeare_char, tmp_path):
@@ -191,3 +198,42 @@ def test_each_checkpoint_has_its_own_val_loss(shakespeare_char, tmp_path):
     # a resumed run does not evaluate its first iteration again when the file holds that eval
     p = run("train.py", f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=13")
     assert "step 12:" not in p.stdout and "step 13:" in p.stdout
+
+
+def test_one_training_process_per_out_dir(shakespeare_char, tmp_path):
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *ARGS, f"--out_dir={tmp_path}",
+                              "--max_iters=100000", "--checkpoint_interval=50"], cwd=ROOT, env=ENV, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for line in first.stdout:
+            if line.startswith("saved"):
+                break
+        p = run("train.py", *ARGS, f"--out_dir={tmp_path}", "--max_iters=200000", "--learning_rate=3e-4", check=False)
+        assert p.returncode == 1 and p.stderr.strip() == (
+            f"error: out_dir {str(tmp_path)!r} is in use by another training process (pid {first.pid}); wait for "
+            f"it to end, or pick another --out_dir")
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    assert first.returncode == 0
+    run("train.py", *ARGS, f"--out_dir={tmp_path}", "--max_iters=5")  # the lock went with the process
+
+
+def test_resume_from_another_runs_file(shakespeare_char, tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for out in (a, b):
+        run("train.py", *ARGS, f"--out_dir={out}", "--max_iters=4")
+    before = contents(b)
+    p = run("train.py", f"--out_dir={b}", f"--resume_from={a / 'ckpt-00000004.pt'}", "--max_iters=6", check=False)
+    assert p.returncode == 1 and "holds another run" in p.stderr and "new --out_dir" in p.stderr
+    assert contents(b) == before
+    run("train.py", f"--out_dir={c}", f"--resume_from={a / 'ckpt-00000004.pt'}", "--max_iters=6")
+    entry = checkpoint.load(c / checkpoint.PERIODIC.format(6))["metadata"]["resumes"][-1]
+    assert entry["from"] == str(a / "ckpt-00000004.pt")  # the lineage says which folder it came from
+
+
+def test_sample_skips_a_damaged_best_file(shakespeare_char, tmp_path):
+    run("train.py", *ARGS, f"--out_dir={tmp_path}", "--max_iters=8")
+    (tmp_path / checkpoint.BEST).write_bytes(b"damaged")
+    p = run("sample.py", f"--out_dir={tmp_path}", "--max_new_tokens=5", "--num_samples=1", "--device=cpu")
+    assert "warning: skipping" in p.stderr and "sampling from" in p.stderr and "ckpt-00000008.pt" in p.stderr
