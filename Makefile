@@ -21,9 +21,10 @@ demo: .venv/ok data/shakespeare_char/train.bin
 	$(PY) sample.py --out_dir=out-shakespeare-char --num_samples=3 --max_new_tokens=300
 
 # two workers, one test file each (a file's fixtures are shared by its tests); the data is
-# prepared first so that workers never race to write it
+# prepared first so that workers never race to write it; a test that hangs fails after 10 minutes
+# instead of holding the suite
 test: .venv/ok data/shakespeare_char/train.bin
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --timeout=600 tests
 
 clean:
 	rm -rf out-shakespeare-char data/*/train.bin data/*/val.bin data/*/meta.pkl

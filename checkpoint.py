@@ -159,7 +159,7 @@ class AsyncSaver:
     previous one, and the training script calls wait() before it exits. POSIX only (fork)."""
 
     def __init__(self):
-        self.pid, self.path = None, None
+        self.pid = None
 
     def save(self, ckpt, path, then=None):
         self.wait()
@@ -180,7 +180,7 @@ class AsyncSaver:
                 say(f"warning: background checkpoint write to {path} failed: {type(e).__name__}: {e}; {KEPT_INTACT}", err=True)
             finally:
                 os._exit(code)
-        self.pid, self.path = pid, path
+        self.pid = pid
 
     def wait(self):
         """Wait for the write in flight, if any; False if it failed (the child has said why)."""

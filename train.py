@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
+import distributed
 import preemption
 from configurator import config_keys, configure, fail
 from dataset import TokenData
@@ -118,16 +119,8 @@ except ValueError as e:
     fail(str(e))  # a config error: one line, exit 2
 
 # distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
-ddp = "RANK" in os.environ
-device = pick_device(device)
-if ddp:
-    local_rank, world_size = int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend=("nccl" if device.startswith("cuda") else "gloo") if backend == "auto" else backend)
-else:
-    local_rank, world_size = 0, 1
+ddp = distributed.under_torchrun()
+local_rank, world_size, device = distributed.init(pick_device(device), backend)
 if gradient_accumulation_steps % world_size:
     raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple "
                      f"of the world size {world_size}")
@@ -406,9 +399,7 @@ if step_times:
     steady = sorted(step_times[min(10, len(step_times) // 2):])  # past the warm-up steps
     log(f"done at iteration {iter_num}: median {steady[len(steady) // 2] * 1000:.2f} ms/iter, "
         f"{time.time() - t_start:.1f}s wall")
-if ddp:
-    dist.barrier()  # rank 0 may still be writing; tearing down gloo under it aborts the other ranks
-    dist.destroy_process_group()
+distributed.teardown()
 if final_failed:
     sys.exit(1)
 if stop:

@@ -1,6 +1,10 @@
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -27,9 +31,62 @@ def run(script, *args, env=None, timeout=300, check=True):
     return proc
 
 
+STARTED = []
+
+
+def start(*args, **popen):
+    """train.py as a background job, stdout piped (stderr with it unless told otherwise), in a
+    session of its own so that no_orphans can end it with all its children."""
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "start_new_session": True, **popen}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=ENV, text=True,
+                            **popen)
+    STARTED.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def no_orphans():
+    """A failed test must not leave an endless training job behind (it would hold the suite), nor
+    its children (torchrun's workers, an async save)."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def wait_for(proc, pattern, seen=None):
+    """Read a job's stdout until a line matches (re.search); returns the match. seen collects the lines."""
+    seen = [] if seen is None else seen
+    for line in proc.stdout:
+        seen.append(line)
+        m = re.search(pattern, line)
+        if m:
+            return m
+    rest = proc.stderr.read() if proc.stderr else ""
+    raise AssertionError(f"the job ended before {pattern!r}:\n" + "".join(seen) + rest)
+
+
 def listing(out):
     """A run folder's files, less the .lock that train.py holds while it runs (it names its pid)."""
     return [n for n in os.listdir(out) if n != ".lock"]
+
+
+def contents(out):
+    """{name: bytes} of a run folder: to show that nothing was touched."""
+    return {n: (out / n).read_bytes() for n in sorted(listing(out))}
+
+
+def copy_run(src, dst):
+    """A run folder copied as cp -r, scp or a download do: every file gets a new mtime, in no
+    particular order (the oldest iteration looks newest), so nothing may rely on file times."""
+    shutil.copytree(src, dst, copy_function=shutil.copyfile)
+    for i, name in enumerate(sorted(listing(dst), reverse=True)):
+        os.utime(dst / name, (time.time() + 100 - i,) * 2)
+    return dst
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import TINY, listing, run
+from conftest import TINY, contents, copy_run, listing, run
 from model import GPT, GPTConfig
 
 
@@ -18,14 +18,6 @@ def trained(shakespeare_char, tmp_path_factory):
     run("train.py", *TINY, f"--out_dir={out}", "--max_iters=12", "--eval_interval=4", "--checkpoint_interval=4",
         "--keep_last=5")
     return out
-
-
-def copy_run(src, dst):
-    os.makedirs(dst)
-    for name in sorted(listing(src), key=lambda n: os.path.getmtime(os.path.join(src, n))):
-        with open(os.path.join(src, name), "rb") as f, open(os.path.join(dst, name), "wb") as g:
-            g.write(f.read())  # in mtime order, so "newest" stays the same
-    return dst
 
 
 def resume(out, *extra, check=True):
@@ -149,12 +141,12 @@ def test_guards(trained, tmp_path):
     assert p.returncode != 0 and "n_layer=3 but the checkpoint has 2" in p.stderr and "Traceback" not in p.stderr
     p = run("train.py", f"--out_dir={out}", "--init_from=resume", "--dataset=openwebtext", "--device=cpu", check=False)
     assert p.returncode != 0 and "Traceback" not in p.stderr  # no openwebtext bins here, or a dataset mismatch
-    before = {n: (out / n).read_bytes() for n in listing(out)}
+    before = contents(out)
     p = run("train.py", *TINY, f"--out_dir={out}")  # the run's own command again: it is complete
     assert "continuing it" in p.stdout and "the run is complete: iteration 12 of max_iters=12" in p.stdout
     p = run("train.py", *TINY, f"--out_dir={out}", "--n_embd=64", check=False)  # another run's command
     assert p.returncode != 0 and "n_embd=64 but the checkpoint has 32" in p.stderr and "another --out_dir" in p.stderr
-    assert {n: (out / n).read_bytes() for n in listing(out)} == before  # nothing was touched
+    assert contents(out) == before  # nothing was touched
 
 
 def test_dataset_mismatch(shakespeare_char, tmp_path):

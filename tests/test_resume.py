@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import ENV, ROOT, TINY, run
+from conftest import ENV, ROOT, TINY, run, start, wait_for
 
 # dropout on, so the restored torch RNG matters; evals and checkpoints at odd places
 ARGS = [*TINY, "--dropout=0.1", "--eval_interval=5", "--checkpoint_interval=4", "--keep_last=50"]
@@ -70,42 +70,36 @@ def test_async_save_gives_the_same_files(reference, tmp_path):
         assert_same_state(final_state(tmp_path, it), final_state(ref_out, it))
 
 
-def start(out, *extra):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *ARGS, f"--out_dir={out}", *extra],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV)
+# long enough that the signal always lands before the end; periodic files only at stops and the end
+LONG = [*ARGS, "--max_iters=300", "--checkpoint_interval=0", "--eval_interval=50"]
 
 
-def wait_for_line(proc, pattern):
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if re.match(pattern, line):
-            return seen
-    raise AssertionError("process ended before " + pattern + "\n" + "".join(seen) + proc.stderr.read())
+@pytest.fixture(scope="module")
+def long_reference(shakespeare_char, tmp_path_factory):
+    out = tmp_path_factory.mktemp("long_reference")
+    run("train.py", *LONG, f"--out_dir={out}")
+    return final_state(out, 300)
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
-def test_signal_saves_and_resume_is_exact(shakespeare_char, tmp_path, sig, code):
-    out, M = tmp_path / "run", 300
-    proc = start(out, f"--max_iters={M}")
-    wait_for_line(proc, r"iter 6:")
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130), (signal.SIGHUP, 0), (signal.SIGUSR1, 0)])
+def test_signal_saves_and_resume_is_exact(long_reference, tmp_path, sig, code):
+    out = tmp_path / "run"
+    proc = start(*LONG, f"--out_dir={out}", stderr=subprocess.PIPE)
+    wait_for(proc, r"^iter 6:")
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr
     assert f"{sig.name} received" in stdout and "Traceback" not in stderr
     k = int(re.search(r"checkpoint saved at iteration (\d+)", stdout).group(1))
-    assert 7 <= k < M and os.path.exists(out / checkpoint.PERIODIC.format(k))
-    p = run("train.py", *ARGS, f"--out_dir={out}", f"--max_iters={M}")  # the very same command again
-    assert f"continuing it" in p.stdout and f"resuming from {out / checkpoint.PERIODIC.format(k)}" in p.stdout
-    ref = tmp_path / "ref"
-    run("train.py", *ARGS, f"--out_dir={ref}", f"--max_iters={M}")
-    assert_same_state(final_state(out, M), final_state(ref, M))
+    assert 7 <= k < 300 and os.path.exists(out / checkpoint.PERIODIC.format(k))
+    p = run("train.py", *LONG, f"--out_dir={out}")  # the very same command again
+    assert "continuing it" in p.stdout and f"resuming from {out / checkpoint.PERIODIC.format(k)}" in p.stdout
+    assert_same_state(final_state(out, 300), long_reference)
 
 
 def test_second_ctrl_c_exits_at_once(shakespeare_char, tmp_path):
-    proc = start(tmp_path, "--max_iters=100000", "--checkpoint_interval=1")
-    wait_for_line(proc, r"iter 3:")
+    proc = start(*ARGS, f"--out_dir={tmp_path}", "--max_iters=100000", "--checkpoint_interval=1")
+    wait_for(proc, r"^iter 3:")
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
@@ -125,9 +119,9 @@ def test_kill_9_fuzz(shakespeare_char, tmp_path):
     rng = random.Random(1234)
     kills = 0
     for attempt in range(40):
-        proc = start(out, f"--max_iters={M}", "--checkpoint_interval=1", "--keep_last=2")
+        proc = start(*ARGS, f"--out_dir={out}", f"--max_iters={M}", "--checkpoint_interval=1", "--keep_last=2", stderr=subprocess.PIPE)
         if kills < 8:
-            wait_for_line(proc, r"(iter \d+:|step \d+:)")
+            wait_for(proc, r"^(iter \d+:|step \d+:)")
             time.sleep(rng.uniform(0.0, 0.1))
             proc.kill()
         stdout, stderr = proc.communicate(timeout=120)

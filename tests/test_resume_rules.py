@@ -3,32 +3,16 @@ command continues a run, the newest file is read from contents, retention never 
 for a bad one, branches keep each other's files, and each file's val loss is its own."""
 import os
 import re
-import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import torch
 
 import checkpoint
-from conftest import ENV, ROOT, TINY, listing, run
+from conftest import TINY, contents, copy_run, listing, run, start, wait_for
 from test_checkpoint import nanogpt_file
 from test_resume import assert_same_state
 
 ARGS = [*TINY, "--eval_interval=4", "--checkpoint_interval=4", "--keep_last=50"]
-
-
-def contents(out):
-    return {n: (out / n).read_bytes() for n in sorted(listing(out))}
-
-
-def copy_without_times(src, dst):
-    """As cp -r, scp or a download do: every file gets a new mtime, in no particular order."""
-    shutil.copytree(src, dst, copy_function=shutil.copyfile)
-    for i, name in enumerate(sorted(listing(dst), reverse=True)):  # oldest iteration looks newest
-        os.utime(dst / name, (time.time() + 100 - i,) * 2)
-    return dst
 
 
 def test_readme_sequence_with_the_config_file(shakespeare_char, tmp_path):
@@ -103,7 +87,7 @@ def test_same_command_twice_continues_and_a_finished_run_exits_0(shakespeare_cha
 
 def test_copied_folder_resumes_from_the_highest_iteration(shakespeare_char, tmp_path):
     run("train.py", *ARGS, f"--out_dir={tmp_path / 'run'}", "--max_iters=12", "--keep_last=2")
-    copy = copy_without_times(tmp_path / "run", tmp_path / "copy")
+    copy = copy_run(tmp_path / "run", tmp_path / "copy")
     assert sorted(listing(copy)) == ["ckpt-00000008.pt", "ckpt-00000012.pt", "ckpt.pt"]
     p = run("train.py", f"--out_dir={copy}", "--init_from=resume", "--max_iters=16")
     assert f"resuming from {copy / 'ckpt-00000012.pt'} at iteration 12" in p.stdout
@@ -160,7 +144,7 @@ def test_branches(shakespeare_char, tmp_path):
     assert b12["metadata"]["branch"] == 1 and b12["metadata"]["run_id"] == best_a["metadata"]["run_id"]
     assert checkpoint.load(out / checkpoint.BEST)["metadata"]["branch"] == 1
 
-    for folder in (out, copy_without_times(out, tmp_path / "copy")):
+    for folder in (out, copy_run(out, tmp_path / "copy")):
         p = run("train.py", f"--out_dir={folder}", "--init_from=resume", "--max_iters=14")
         assert f"resuming from {folder / 'ckpt-00000012-b1.pt'} at iteration 12" in p.stdout
         assert os.path.exists(folder / "ckpt-00000014-b1.pt") and not os.path.exists(folder / "ckpt-00000014.pt")
@@ -201,13 +185,9 @@ def test_each_checkpoint_has_its_own_val_loss(shakespeare_char, tmp_path):
 
 
 def test_one_training_process_per_out_dir(shakespeare_char, tmp_path):
-    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *ARGS, f"--out_dir={tmp_path}",
-                              "--max_iters=100000", "--checkpoint_interval=50"], cwd=ROOT, env=ENV, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = start(*ARGS, f"--out_dir={tmp_path}", "--max_iters=100000", "--checkpoint_interval=50")
     try:
-        for line in first.stdout:
-            if line.startswith("saved"):
-                break
+        wait_for(first, r"^saved")
         p = run("train.py", *ARGS, f"--out_dir={tmp_path}", "--max_iters=200000", "--learning_rate=3e-4", check=False)
         assert p.returncode == 1 and p.stderr.strip() == (
             f"error: out_dir {str(tmp_path)!r} is in use by another training process (pid {first.pid}); wait for "
