@@ -3,9 +3,13 @@ How fast a run stops and comes back (README, "Preemptible and scheduled jobs"). 
 passed to train.py, which runs in a fresh temp out_dir each round:
 
     python bench_stop.py config/train_shakespeare_char_cpu.py            # the CPU recipe
-    python bench_stop.py --dataset=shakespeare --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 \
-        --batch_size=1 --gradient_accumulation_steps=1 --device=cpu --compile=False     # GPT-2 124M's shape
-    BENCH_RESTART=1 python bench_stop.py config/train_shakespeare_char_cpu.py   # torchrun, 2 ranks
+    BENCH_ROUNDS=2 BENCH_EVAL_AT=3 python bench_stop.py --dataset=shakespeare --n_layer=12 --n_head=12 \
+        --n_embd=768 --block_size=1024 --batch_size=1 --gradient_accumulation_steps=1 --device=cpu \
+        --compile=False --eval_iters=10                                  # GPT-2 124M's shape on a CPU
+    BENCH_RESTART=1 python bench_stop.py config/train_shakespeare_char_cpu.py --gradient_accumulation_steps=2
+
+BENCH_ROUNDS (3): rounds of each measurement; BENCH_EVAL_AT (20): the iteration whose eval the
+second measurement interrupts.
 
 Signal to exit: SIGTERM at a random moment of training, and SIGTERM just as an eval begins (the
 eval is abandoned); seconds from the signal until the process has exited, its checkpoint on disk.
@@ -25,7 +29,7 @@ import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
-EVAL_AT = 20  # the eval that the second measurement interrupts
+EVAL_AT = int(os.environ.get("BENCH_EVAL_AT", "20"))  # the eval that the second measurement interrupts
 
 
 def start(cmd, out, *extra):
