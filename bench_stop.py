@@ -37,6 +37,10 @@ def start(cmd, out, *extra):
     return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def children(pid):
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+
+
 def wait_for(proc, pattern):
     for line in proc.stdout:
         if re.search(pattern, line):
@@ -75,15 +79,14 @@ def restart_seconds():
         for _ in range(ROUNDS):
             wait_for(proc, r"^iter \d+:")
             time.sleep(random.uniform(1, 3))
-            workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                                      text=True).stdout.split()]
             t0 = time.perf_counter()
-            os.kill(random.choice(workers), signal.SIGKILL)
+            os.kill(random.choice(children(proc.pid)), signal.SIGKILL)
             wait_for(proc, r"^resuming from")
             wait_for(proc, r"^iter \d+:")
             times.append(time.perf_counter() - t0)
     finally:
-        proc.kill()
+        for pid in [*children(proc.pid), proc.pid]:  # torchrun's workers lead sessions of their own
+            os.kill(pid, signal.SIGKILL)
         proc.wait()
         shutil.rmtree(out)
     return times

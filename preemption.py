@@ -53,6 +53,8 @@ def parse_duration(text):
 class Stopper:
     def __init__(self, time_limit=0.0, checkpoint_minutes=0.0, save_estimate=1.0):
         """save_estimate: seconds a checkpoint takes to write, until one has been timed."""
+        if checkpoint_minutes < 0:
+            raise ValueError(f"checkpoint_minutes={checkpoint_minutes} must be 0 (off) or more")
         self.signum = None
         self.time_limit, self.checkpoint_seconds = time_limit, checkpoint_minutes * 60
         self.save_seconds = save_estimate  # replaced by the measured duration of each save

@@ -35,26 +35,40 @@ STARTED = []
 
 
 def start(*args, **popen):
-    """train.py as a background job, stdout piped (stderr with it unless told otherwise), in a
-    session of its own so that no_orphans can end it with all its children."""
-    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "start_new_session": True, **popen}
+    """train.py as a background job, stdout piped (stderr with it unless told otherwise)."""
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, **popen}
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=ENV, text=True,
                             **popen)
     STARTED.append(proc)
     return proc
 
 
+def children(pid):
+    """A process's children (torchrun's workers, an async save), from /proc."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (OSError, ValueError):
+                pass
+    return kids
+
+
 @pytest.fixture(autouse=True)
 def no_orphans():
-    """A failed test must not leave an endless training job behind (it would hold the suite), nor
-    its children (torchrun's workers, an async save)."""
+    """A failed test must not leave an endless training job behind (it would hold the suite), nor its
+    children: torchrun's workers lead sessions of their own and outlive a killed agent."""
     yield
     while STARTED:
         proc = STARTED.pop()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        for pid in [*children(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait()
 
 
