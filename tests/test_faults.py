@@ -77,8 +77,8 @@ def test_checkpoint_minutes_bounds_the_work_a_crash_loses(shakespeare_char, tmp_
 
 
 @pytest.mark.parametrize("flag, says", [("--time_limit=soon", "error: time_limit='soon' is not a duration"),
-                                        ("--checkpoint_minutes=-5", "error: checkpoint_minutes=-5 must be 0 (off) or more")])
-def test_bad_time_knobs_are_one_line(tmp_path, flag, says):
+                                        ("--checkpoint_minutes=-5", "error: checkpoint_minutes=-5.0 must be 0 (off) or more")])
+def test_bad_time_knobs_are_one_line(shakespeare_char, tmp_path, flag, says):
     p = run("train.py", *ARGS, f"--out_dir={tmp_path}", flag, check=False)
     assert p.returncode == 2 and p.stderr.strip().startswith(says) and "\n" not in p.stderr.strip()
     assert not os.path.exists(tmp_path / ".lock")  # refused before anything was made
