@@ -46,7 +46,7 @@ def restart_store(rank, world_size):
     if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
         if rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
             say("warning: with --max-restarts on several nodes, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
-                  "on every node, or a restart may reuse the dead group's addresses and fail")
+                "on every node, or a restart may reuse the dead group's addresses and fail")
         return None
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=False, timeout=timedelta(minutes=10))

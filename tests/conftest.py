@@ -21,11 +21,12 @@ TINY = ["--device=cpu", "--compile=False", "--dataset=shakespeare_char", "--n_la
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 
-def run(script, *args, env=None, timeout=300, check=True):
-    """Run one of the project's scripts as a user would, in a fresh process."""
+def run(script, *args, env=None, timeout=300, check=True, prefix=(), **popen):
+    """Run one of the project's scripts as a user would, in a fresh process (prefix: a command that
+    runs it, such as setpriv; popen: e.g. a preexec_fn that sets a resource limit)."""
     full_env = dict(ENV, **(env or {}))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([*prefix, sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout, **popen)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -34,11 +35,16 @@ def run(script, *args, env=None, timeout=300, check=True):
 STARTED = []
 
 
-def start(*args, **popen):
-    """train.py as a background job, stdout piped (stderr with it unless told otherwise)."""
+def start(*args, torchrun=None, env=None, **popen):
+    """train.py as a background job, stdout piped (stderr with it unless told otherwise). torchrun:
+    a list of torchrun flags, to launch it under torchrun (--standalone unless the flags say --nnodes)."""
+    launcher = [sys.executable]
+    if torchrun is not None:
+        launcher += ["-m", "torch.distributed.run", *([] if any(f.startswith("--nnodes") for f in torchrun)
+                                                      else ["--standalone"]), *torchrun]
     popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, **popen}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=ENV, text=True,
-                            **popen)
+    proc = subprocess.Popen([*launcher, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=dict(ENV, **(env or {})),
+                            text=True, **popen)
     STARTED.append(proc)
     return proc
 

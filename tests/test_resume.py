@@ -137,13 +137,10 @@ def test_kill_9_fuzz(shakespeare_char, tmp_path):
 
 
 def torchrun(nproc, out, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(ROOT, "train.py"), *ARGS, "--dropout=0.0", "--gradient_accumulation_steps=2",
-           f"--out_dir={out}", *extra]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=ENV)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return p
+    proc = start(*ARGS, "--dropout=0.0", "--gradient_accumulation_steps=2", f"--out_dir={out}", *extra,
+                 torchrun=[f"--nproc_per_node={nproc}"])
+    stdout = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, stdout
 
 
 def test_ddp_resume_exact_and_across_world_sizes(shakespeare_char, tmp_path):
