@@ -15,9 +15,9 @@ import time
 import torch
 
 import checkpoint
-from configurator import configure
+from configurator import check_data, configure
 from dataset import TokenData
-from model import GPT, GPTConfig, autocast_context, peak_flops_for, pick_device, pick_dtype
+from model import GPT, GPTConfig, autocast_context, one_line_out_of_memory, peak_flops_for, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------------------------
 mode = "train"  # 'train': step time; 'checkpoint': save/load times
@@ -42,6 +42,7 @@ peak_flops = 0.0  # see train.py
 bench_dir = ""  # checkpoint mode: folder to write into (default: a temp folder beside this file)
 configure(globals())
 # -----------------------------------------------------------------------------------------------
+one_line_out_of_memory()
 
 torch.manual_seed(seed)
 device = pick_device(device)
@@ -52,6 +53,7 @@ sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
 
 if real_data:
     data = TokenData(dataset)
+    check_data(block_size, data.tokens(), dataset)
     vocab_size = data.vocab_size() or vocab_size
 
     def get_batch(it):

@@ -206,8 +206,6 @@ def apply_retention(out_dir, keep_last, keep_every, run_id, branch, written=()):
     files, files kept by keep_every, files that do not load. A file counts toward keep_last only
     if this process wrote it (`written`) or its CRCs check out, so a damaged or junk file never
     pushes a good one out."""
-    if keep_last <= 0:
-        return
     heads, _ = scan(out_dir)
     mine = [h for h in heads if h["kind"] == "periodic" and h["branch"] == branch and h["run_id"] in (run_id, None)
             and not (keep_every > 0 and h["iter_num"] % keep_every == 0)]
@@ -267,10 +265,11 @@ def _torch_load(path, map_location="cpu", mmap=False):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        # torch's message is a page long; its one useful line names the global that was refused
-        why = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), "not plain data")
+        # torch's message is a page long; what matters in it is the global it refused to import
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it names {found.group(1)}" if found else f"{str(e).strip().splitlines()[-1][:120]}"
         raise CheckpointError(f"{path}: refused, loading it would need arbitrary pickle, which can run code "
-                              f"({why.split('. ')[0][:160]})") from None
+                              f"({what}, not plain data)") from None
     except Exception as e:  # truncated zip, bad magic, unreadable: all mean "not a usable file"
         raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:

@@ -5,10 +5,19 @@ Config for train.py, sample.py and bench.py: their plain-valued globals are the 
 
 Each positional argument is a Python file executed into the script's globals; each --key=value
 then overrides one global, the value read as a Python literal (or taken as a string if it is not
-one). Mistakes end with one line on stderr and exit code 2, never a traceback.
+one). Then every value is checked against RULES (ranges, choices, values that must fit
+together), once, here, for whichever of these keys a script has. Mistakes end with one line on
+stderr and exit code 2, never a traceback.
+
+Exit codes, the same in every script: 2 when the command is wrong (an unknown key, a value of the
+wrong type, out of range or not fitting the data or the model, a config or prompt file that cannot
+be read, an out_dir that is a file), 1 when the command is fine but the files or the run stop it
+(no prepared dataset, no usable checkpoint, a folder holding another run, a failed write, a
+diverged loss, out of memory).
 """
 import ast
 import difflib
+import math
 import os
 import sys
 import types
@@ -34,11 +43,69 @@ def _unknown(key, keys, where):
 
 def _coerce(key, value, default, where):
     """value as the type of default: int -> float is fine, anything else that differs is an error."""
-    if default is None or value is None or type(value) is type(default):
+    if default is None or type(value) is type(default):
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     fail(f"{key} {where} must be {type(default).__name__} (like {default!r}), got {type(value).__name__} {value!r}")
+
+
+# (lowest, highest) allowed for numeric knobs, None for no bound; a float must also be finite
+AT_LEAST_1 = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_size", "gradient_accumulation_steps",
+              "eval_interval", "log_interval", "eval_iters", "keep_last", "num_samples", "max_new_tokens",
+              "timed_steps")
+AT_LEAST_0 = ("max_iters", "warmup_iters", "lr_decay_iters", "checkpoint_interval", "keep_every",
+              "checkpoint_minutes", "warmup_steps", "learning_rate", "min_lr", "weight_decay", "grad_clip",
+              "peak_flops", "temperature", "top_k")
+RANGES = {**{k: (1, None) for k in AT_LEAST_1}, **{k: (0, None) for k in AT_LEAST_0},
+          "dropout": (0, 0.999), "beta1": (0, 0.999999), "beta2": (0, 0.999999), "seed": (0, 2**32 - 1)}
+CHOICES = {"backend": ("auto", "nccl", "gloo"), "dtype": ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+           "format": ("hf", "safetensors"), "which": ("best", "latest"), "mode": ("train", "checkpoint")}
+NOT_EMPTY = ("out_dir", "dataset", "device", "to")
+
+
+def check(namespace):
+    """Every RULE that applies to the keys namespace has, plus the pairs that must fit together."""
+    for key, (low, high) in RANGES.items():
+        v = namespace.get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            fail(f"{key}={v!r} must be a finite number")
+        if v < low or (high is not None and v > high):
+            fail(f"{key}={v!r} must be " + (f"at least {low}" if high is None else f"between {low} and {high}"))
+    for key, allowed in CHOICES.items():
+        if key in namespace and namespace[key] not in allowed:
+            fail(f"{key}={namespace[key]!r} is not one of {', '.join(map(repr, allowed))}")
+    for key in NOT_EMPTY:
+        if namespace.get(key) == "":
+            fail(f"{key} is empty; give it a value (--{key}=...)")
+    if "n_embd" in namespace and "n_head" in namespace and namespace["n_embd"] % namespace["n_head"]:
+        fail(f"n_embd={namespace['n_embd']} must be a multiple of n_head={namespace['n_head']} "
+             f"(each head gets n_embd/n_head dimensions)")
+    for key in ("out_dir", "to"):  # a file where a folder should be can never work
+        if namespace.get(key):
+            _check_folders(key, namespace[key], may_be_file=key == "to")
+
+
+def _check_folders(key, path, may_be_file):
+    """path's nearest existing ancestor (path itself included unless it may be a file) is a folder."""
+    full = os.path.abspath(path)
+    at = full if not may_be_file else os.path.dirname(full)
+    while not os.path.exists(at):
+        at = os.path.dirname(at)
+    if not os.path.isdir(at):
+        where = "is a file" if at == full else f"is under {at}, which is a file"
+        fail(f"{key} {path!r} {where}, not a folder; pick another --{key}")
+
+
+def check_data(block_size, split_tokens, dataset):
+    """block_size against the data: every split needs at least one block of block_size+1 tokens.
+    split_tokens: {split: number of tokens}."""
+    for split, n in split_tokens.items():
+        if n <= block_size:
+            fail(f"block_size={block_size} is too long for dataset {dataset!r}: its {split}.bin has {n} tokens, "
+                 f"and a batch row needs block_size+1; use a smaller --block_size")
 
 
 def configure(namespace, argv=None):
@@ -85,4 +152,5 @@ def configure(namespace, argv=None):
                 value = text  # --out_dir=123 means the string '123'
             namespace[key] = _coerce(key, value, defaults[key], f"in {arg}")
             touched[key] = "--" + key
+    check(namespace)
     return touched

@@ -33,6 +33,10 @@ class TokenData:
         meta = os.path.join(self.dir, "meta.pkl")
         self.meta_path = meta if os.path.exists(meta) else None
 
+    def tokens(self):
+        """{split: number of tokens}, for checking block_size against the data up front."""
+        return {split: len(b) for split, b in self.bins.items()}
+
     def vocab_size(self):
         """The char vocab's size from meta.pkl, or None for GPT-2 BPE data."""
         if self.meta_path is None:
@@ -41,9 +45,7 @@ class TokenData:
         return load_meta(self.meta_path)["vocab_size"]
 
     def _rows(self, split, offsets, block_size):
-        data = self.bins[split]
-        if len(data) <= block_size:
-            raise SystemExit(f"error: {split}.bin of {self.name!r} has {len(data)} tokens, fewer than block_size+1")
+        data = self.bins[split]  # configurator.check_data made sure it is longer than block_size
         chunk = data[offsets[:, None] + np.arange(block_size + 1)].astype(np.int64)
         chunk = torch.from_numpy(chunk)
         return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()

@@ -5,14 +5,19 @@ Export a checkpoint for use outside this project.
     python export.py --out_dir=out-shakespeare --which=latest --format=safetensors --to=model.safetensors
 
 --format=hf writes a folder that transformers reads with GPT2LMHeadModel.from_pretrained(folder):
-config.json, model.safetensors and, for GPT-2 BPE runs, the tokenizer files vocab.json and
-merges.txt (the same files as data/gpt2_bpe/encoder.json and vocab.bpe). A character-level run gets
-no tokenizer: HF has none for its vocab, which stays in data/<dataset>/meta.pkl. The vocab is
-exported as trained: a padded vocab_size of 50304 stays 50304 (the 47 extra rows are never a token).
-The folder also loads back here: --init_from=hf-out in train.py and sample.py.
+config.json, model.safetensors, export.json (what was exported, from where) and, for GPT-2 BPE
+runs, the tokenizer files vocab.json and merges.txt (the same files as data/gpt2_bpe/encoder.json
+and vocab.bpe). A character-level run gets char_vocab.json instead: HF has no tokenizer for its
+vocab, and sample.py reads that file. The vocab is exported as trained: a padded vocab_size of
+50304 stays 50304 (the 47 extra rows are never a token). The folder also loads back here:
+--init_from=hf-out in train.py and sample.py.
+
+--to must be new, empty, or a previous export (it has export.json): that is replaced as a whole (the
+new one is written beside it, then renamed into place), so no file of the old export survives into
+the new one. A folder holding anything else is refused.
 
 --format=safetensors writes our own state dict (nanoGPT's names and layout) as one file, without
-pickle. transformer.wte.weight is stored once, lm_head.weight is tied to it; model_args are in the
+pickle, atomically; an existing file is replaced only if it is such an export itself. transformer.wte.weight is stored once, lm_head.weight is tied to it; model_args are in the
 file's metadata:  model = GPT(GPTConfig(**json.loads(safe_open(path, "pt").metadata()["model_args"])))
                   safetensors.torch.load_model(model, path)
 """
@@ -20,12 +25,13 @@ import json
 import os
 import shutil
 
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import checkpoint
 import dataset
 import tokenizer
-from configurator import configure
+from configurator import configure, fail
 from model import GPTConfig, from_state_dict, to_hf
 
 # -----------------------------------------------------------------------------------------------
@@ -37,10 +43,26 @@ to = "hf-out"  # the output folder (hf), or file (safetensors; a folder gets mod
 configure(globals())
 # -----------------------------------------------------------------------------------------------
 
-if format not in ("hf", "safetensors"):
-    raise SystemExit(f"error: format={format!r} is not one of 'hf', 'safetensors'")
-if which not in ("best", "latest"):
-    raise SystemExit(f"error: which={which!r} is not one of 'best', 'latest'")
+MANIFEST = "export.json"  # marks a folder as this script's export: only such a folder is replaced
+if format == "safetensors" and not to.endswith(".safetensors"):
+    if os.path.isfile(to):
+        fail(f"--to={to!r} is a file; give a path ending in .safetensors, or a folder")
+    to = os.path.join(to, "model.safetensors")
+if format == "hf" and os.path.exists(to):
+    if not os.path.isdir(to):
+        fail(f"--to={to!r} is a file; --format=hf writes a folder")
+    if os.listdir(to) and not os.path.isfile(os.path.join(to, MANIFEST)):
+        names = sorted(os.listdir(to))
+        raise SystemExit(f"error: {to} holds other files ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}), "
+                         f"not a previous export; export into a new or empty folder")
+if format == "safetensors" and os.path.exists(to):
+    try:
+        with safe_open(to, "pt") as f:
+            ours = "model_args" in (f.metadata() or {})
+    except (SafetensorError, OSError):
+        ours = False
+    if not ours:
+        raise SystemExit(f"error: {to} exists and is not a previous export; pick another --to")
 try:
     if ckpt:
         path, state = ckpt, checkpoint.load(ckpt)
@@ -61,29 +83,51 @@ iter_num = state.get("iter_num")
 del state  # the optimizer state is twice the model's size: free it before writing
 print(f"exporting {path} (iteration {iter_num}, {model.get_num_params() / 1e6:.2f}M parameters)")
 
-if format == "safetensors":
-    if not to.endswith(".safetensors"):
-        to = os.path.join(to, "model.safetensors")
-    os.makedirs(os.path.dirname(to) or ".", exist_ok=True)
-    # safetensors refuses two names for one tensor: lm_head.weight is tied to wte, keep wte
-    weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(weights, to, metadata={"format": "pt", "model_args": json.dumps(model_args),
-                                     "iter_num": str(iter_num), "dataset": dataset_name})
-    print(f"wrote {to}")
-else:
-    hf_config, weights = to_hf(model)
-    os.makedirs(to, exist_ok=True)
-    hf_config.save_pretrained(to)
-    # "format": "pt" marks PyTorch tensors, as transformers' own save_pretrained writes it
-    save_file(weights, os.path.join(to, "model.safetensors"), metadata={"format": "pt"})
-    written = ["config.json", "model.safetensors"]
-    char_meta = os.path.join(dataset.DATA_DIR, dataset_name, "meta.pkl") if dataset_name else ""
-    if os.path.exists(char_meta):
-        print(f"no tokenizer written: a character-level run, its vocab is {char_meta} (HF has no tokenizer for it)")
-    elif model_args["vocab_size"] < 50257:
-        print(f"no tokenizer written: vocab_size {model_args['vocab_size']} is not GPT-2 BPE's 50257")
-    else:  # GPT-2 BPE: HF's GPT2Tokenizer reads the same two files under its own names
-        shutil.copyfile(os.path.join(tokenizer.BPE_DIR, "encoder.json"), os.path.join(to, "vocab.json"))
-        shutil.copyfile(os.path.join(tokenizer.BPE_DIR, "vocab.bpe"), os.path.join(to, "merges.txt"))
-        written += ["vocab.json", "merges.txt"]
-    print(f"wrote {', '.join(written)} to {to}")
+# everything is written under a temporary name beside its target, then renamed into place
+tmp = os.path.join(os.path.dirname(os.path.abspath(to)), f".{os.path.basename(os.path.abspath(to))}.tmp-{os.getpid()}")
+old = f"{tmp}-old"  # a previous export (or an empty folder) at `to`, while the new one takes its place
+os.makedirs(os.path.dirname(tmp), exist_ok=True)
+try:
+    if format == "safetensors":
+        # safetensors refuses two names for one tensor: lm_head.weight is tied to wte, keep wte
+        weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        save_file(weights, tmp, metadata={"format": "pt", "model_args": json.dumps(model_args),
+                                          "iter_num": str(iter_num), "dataset": dataset_name})
+        os.replace(tmp, to)
+        print(f"wrote {to}")
+    else:
+        hf_config, weights = to_hf(model)
+        os.makedirs(tmp)
+        hf_config.save_pretrained(tmp)
+        # "format": "pt" marks PyTorch tensors, as transformers' own save_pretrained writes it
+        save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        written = ["config.json", "model.safetensors"]
+        char_meta = os.path.join(dataset.DATA_DIR, dataset_name, "meta.pkl") if dataset_name else ""
+        if os.path.exists(char_meta):
+            tokenizer.save_chars(char_meta, tmp)
+            written.append(tokenizer.CHAR_VOCAB)
+            print(f"a character-level run: its vocab goes into {tokenizer.CHAR_VOCAB} (HF has no tokenizer for it)")
+        elif model_args["vocab_size"] < 50257:
+            print(f"no tokenizer written: vocab_size {model_args['vocab_size']} is not GPT-2 BPE's 50257")
+        else:  # GPT-2 BPE: HF's GPT2Tokenizer reads the same two files under its own names
+            shutil.copyfile(os.path.join(tokenizer.BPE_DIR, "encoder.json"), os.path.join(tmp, "vocab.json"))
+            shutil.copyfile(os.path.join(tokenizer.BPE_DIR, "vocab.bpe"), os.path.join(tmp, "merges.txt"))
+            written += ["vocab.json", "merges.txt"]
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(dict(source=os.path.abspath(path), iter_num=iter_num, dataset=dataset_name, files=written), f)
+        if os.path.exists(to):
+            os.rename(to, old)
+        os.rename(tmp, to)
+        shutil.rmtree(old, ignore_errors=True)
+except BaseException as e:  # a failed or interrupted export leaves no half-written files, and the old export
+    if os.path.isdir(old) and not os.path.exists(to):
+        os.rename(old, to)
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif os.path.exists(tmp):
+        os.remove(tmp)
+    if isinstance(e, OSError):
+        raise SystemExit(f"error: could not write {to}: {checkpoint.os_error(e)}") from None
+    raise
+if format == "hf":
+    print(f"wrote {', '.join(written + [MANIFEST])} to {to}")

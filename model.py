@@ -6,6 +6,7 @@ weights in (load_gpt2) and out (to_hf) through Hugging Face transformers.
 import inspect
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -13,6 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from configurator import fail
+from metrics import say
 
 
 @dataclass
@@ -157,12 +161,16 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Append max_new_tokens sampled tokens to idx (B, T); call under model.eval()."""
+        """Append max_new_tokens sampled tokens to idx (B, T); call under model.eval(). temperature 0
+        is greedy (the most likely token each time); top_k None or 0 samples from the whole vocab."""
         for _ in range(max_new_tokens):
             idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
             logits, _ = self(idx_cond)
+            if temperature == 0:
+                idx = torch.cat((idx, logits[:, -1, :].argmax(dim=-1, keepdim=True)), dim=1)
+                continue
             logits = logits[:, -1, :] / temperature
-            if top_k is not None:
+            if top_k:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
             probs = F.softmax(logits, dim=-1)
@@ -174,10 +182,21 @@ class GPT(nn.Module):
 # device, dtype and peak FLOP/s: shared by train.py, sample.py and bench.py
 
 def pick_device(device):
-    """'auto' -> cuda > mps > cpu; anything else is taken as given (cuda:1, cpu, ...)."""
+    """'auto' -> cuda > mps > cpu; anything else is taken as given (cuda:1, cpu, ...) once it is
+    known to exist here."""
     if device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            d = torch.device(device)
+        except RuntimeError:
+            fail(f"device={device!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
+        if d.type == "cuda" and not torch.cuda.is_available():
             raise SystemExit(f"error: device={device!r} but no CUDA GPU is visible; use --device=cpu or --device=auto")
+        if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+            raise SystemExit(f"error: device={device!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        if d.type == "mps" and not torch.backends.mps.is_available():
+            raise SystemExit(f"error: device={device!r} but MPS is not available here; use --device=auto")
+        if d.type not in ("cpu", "cuda", "mps"):
+            fail(f"device={device!r}: this project runs on cpu, cuda or mps")
         return device
     if torch.cuda.is_available():
         return "cuda"
@@ -198,6 +217,37 @@ def pick_dtype(dtype, device):
     if dtype not in ("float32", "bfloat16", "float16"):
         raise SystemExit(f"error: dtype={dtype!r} is not one of auto, float32, bfloat16, float16")
     return dtype
+
+
+def check_fits(model_args, device):
+    """A model whose training state (fp32 weights, gradients and AdamW's two moments: 16 bytes per
+    parameter) is larger than the device's whole memory can never train: say so before building it."""
+    d, L, V, T = model_args["n_embd"], model_args["n_layer"], model_args["vocab_size"], model_args["block_size"]
+    params = 12 * L * d * d + (V + T) * d
+    if device.startswith("cuda"):
+        total = torch.cuda.mem_get_info(device)[1]
+    elif device == "cpu":
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        return
+    if 16 * params > total:
+        fail(f"n_layer={L}, n_embd={d}, block_size={T}, vocab {V}: {params / 1e9:.1f}B parameters need "
+             f"{16 * params / 2**30:.0f} GiB to train (weights, gradients, AdamW), more than this {device}'s "
+             f"{total / 2**30:.0f} GiB; make the model smaller")
+
+
+def one_line_out_of_memory():
+    """Running out of memory anywhere (a batch or model too big for the device) ends the process
+    with one error line and exit 1 instead of a traceback; checkpoints already written are intact."""
+    previous = sys.excepthook
+
+    def hook(kind, e, tb):
+        if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e):
+            say(f"error: out of memory ({_first_line(e)[:160]}); lower batch_size (raising gradient_accumulation_"
+                f"steps keeps the global batch), block_size or the model's size", err=True)
+        else:
+            previous(kind, e, tb)
+    sys.excepthook = hook
 
 
 def autocast_context(device, dtype):
@@ -307,8 +357,8 @@ def load_gpt2(name_or_folder, dropout=None):
     local folder with an HF GPT-2 checkpoint of any size, vocab and context. The shape comes from
     the weights' config.json; dropout is the only setting of ours (None: 0.0, as in nanoGPT)."""
     if not os.path.isdir(name_or_folder) and name_or_folder not in GPT2_NAMES:
-        raise SystemExit(f"error: {name_or_folder!r} is neither GPT-2 weights by name ({', '.join(GPT2_NAMES)}) "
-                         f"nor an existing folder")
+        fail(f"init_from={name_or_folder!r} is neither GPT-2 weights by name ({', '.join(GPT2_NAMES)}) "
+             f"nor an existing folder")
     from transformers import AutoConfig
     hf_config = _hf_load(AutoConfig.from_pretrained, name_or_folder)
     if hf_config.model_type != "gpt2":

@@ -42,19 +42,17 @@ def parse_duration(text):
     if m:
         return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
     parts = text.split(":")
-    if 2 <= len(parts) <= 3 and all(p.isdigit() for p in parts):
+    if 2 <= len(parts) <= 3 and all(p.isdigit() for p in parts) and all(int(p) < 60 for p in parts[1:]):
         seconds = 0
         for p in parts:
             seconds = seconds * 60 + int(p)
         return float(seconds)
-    raise ValueError(f"time_limit={text!r} is not a duration: give seconds (3600), 90m, 4h, or H:MM:SS (3:50:00)")
+    raise ValueError(f"time_limit={text!r} is not a duration: give seconds (3600), 90m, 4h, or H:MM:SS (3:50:00, minutes and seconds below 60)")
 
 
 class Stopper:
     def __init__(self, time_limit=0.0, checkpoint_minutes=0.0, save_estimate=1.0):
         """save_estimate: seconds a checkpoint takes to write, until one has been timed."""
-        if checkpoint_minutes < 0:
-            raise ValueError(f"checkpoint_minutes={checkpoint_minutes} must be 0 (off) or more")
         self.signum = None
         self.time_limit, self.checkpoint_seconds = time_limit, checkpoint_minutes * 60
         self.save_seconds = save_estimate  # replaced by the measured duration of each save

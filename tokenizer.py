@@ -1,7 +1,9 @@
 """
 Tokenizers: GPT-2 BPE (tiktoken) built offline from the files shipped in data/gpt2_bpe/, and the
-character vocab that data/shakespeare_char/prepare.py writes to meta.pkl.
+character vocab that data/shakespeare_char/prepare.py writes to meta.pkl (and export.py, as
+char_vocab.json, into an HF folder, so that the folder samples with its own vocab).
 """
+import json
 import os
 import pickle
 
@@ -10,6 +12,7 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 
 BPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gpt2_bpe")
+CHAR_VOCAB = "char_vocab.json"  # {"itos": [one string per token id]}, beside an exported model
 # the hashes tiktoken itself checks for these two files
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -46,11 +49,23 @@ def load_meta(path):
         return _PlainUnpickler(f).load()
 
 
-def get_codec(meta_path=None):
-    """(encode, decode) for a char vocab's meta.pkl when it exists, else GPT-2 BPE."""
-    if meta_path and os.path.exists(meta_path):
-        meta = load_meta(meta_path)
-        stoi, itos = meta["stoi"], meta["itos"]
+def save_chars(meta_path, folder):
+    """Write meta.pkl's character vocab as plain JSON into folder (an HF export)."""
+    itos = load_meta(meta_path)["itos"]
+    with open(os.path.join(folder, CHAR_VOCAB), "w", encoding="utf-8") as f:
+        json.dump({"itos": [itos[i] for i in range(len(itos))]}, f, ensure_ascii=False)
+
+
+def get_codec(vocab_path=None):
+    """(encode, decode) for a char vocab (a meta.pkl, or an export's char_vocab.json) when it
+    exists, else GPT-2 BPE."""
+    if vocab_path and os.path.exists(vocab_path):
+        if vocab_path.endswith(".json"):
+            with open(vocab_path, encoding="utf-8") as f:
+                itos = dict(enumerate(json.load(f)["itos"]))
+        else:
+            itos = load_meta(vocab_path)["itos"]
+        stoi = {c: i for i, c in itos.items()}
         return (lambda s: [stoi[c] for c in s]), (lambda ids: "".join(itos[i] for i in ids))
     enc = gpt2_encoding()
     return (lambda s: enc.encode(s, allowed_special={ENDOFTEXT})), enc.decode

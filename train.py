@@ -22,10 +22,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import distributed
 import preemption
-from configurator import config_keys, configure, fail
+from configurator import check, check_data, config_keys, configure, fail
 from dataset import TokenData
 from metrics import say
-from model import GPT, GPTConfig, autocast_context, load_gpt2, peak_flops_for, pick_device, pick_dtype
+from model import (GPT, GPTConfig, autocast_context, check_fits, load_gpt2, one_line_out_of_memory, peak_flops_for,
+                   pick_device, pick_dtype)
 
 # -----------------------------------------------------------------------------------------------
 # default config: GPT-2 124M on OpenWebText
@@ -81,8 +82,18 @@ seed = 1337
 peak_flops = 0.0  # FLOP/s that MFU is measured against; 0: data-sheet peak for known GPUs, else measured
 # -----------------------------------------------------------------------------------------------
 keys = config_keys(globals())
-sources = configure(globals())  # {key: the config file or --flag that set it}; defaults are absent
+sources = configure(globals())  # {key: the config file or --flag that set it}; defaults are absent; values checked
 # -----------------------------------------------------------------------------------------------
+one_line_out_of_memory()  # a batch or model too big for the device: one error line, not a traceback
+try:
+    time_budget = preemption.parse_duration(time_limit)
+except ValueError as e:
+    fail(str(e))
+if wandb_log:
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb") from None
 
 rank = int(os.environ.get("RANK", 0))  # torchrun sets RANK; a plain `python train.py` is a world of one
 master = rank == 0
@@ -93,15 +104,17 @@ log = say if master else (lambda *a, **k: None)  # a dead pipe or closed termina
 # starting over; the run's stored config comes back, with config files and flags on top.
 if resume_from and init_from != "resume":
     if sources.get("init_from", "").startswith("--"):
-        raise SystemExit(f"error: --resume_from continues a checkpoint, but --init_from={init_from!r} asks for a "
-                         f"fresh start; drop one of them")
+        fail(f"--resume_from continues a checkpoint, but --init_from={init_from!r} asks for a fresh start; "
+             f"drop one of them")
     init_from = "resume"  # resume_from implies it
 try:
     ckpt_path, ckpt = checkpoint.find_start(out_dir, init_from, resume_from, log=log)
     changed = checkpoint.restore_config(globals(), ckpt, sources, explicit=init_from == "resume", log=log) if ckpt else {}
 except checkpoint.CheckpointError as e:
     raise SystemExit(f"error: {e}")
+check(globals())  # again: a stored config comes from a file, maybe an old or foreign one
 data = TokenData(dataset)
+check_data(block_size, data.tokens(), dataset)
 vocab_size = data.vocab_size()
 if ckpt is not None:
     try:
@@ -113,17 +126,13 @@ if ckpt and ckpt["iter_num"] >= max_iters and not eval_only:
         f"raise --max_iters to train longer")
     sys.exit(0)
 config = {k: globals()[k] for k in keys}  # plain values, stored in every checkpoint
-try:  # signals, time_limit, checkpoint_minutes: from here on a signal means "save, then exit"
-    stopper = preemption.Stopper(preemption.parse_duration(time_limit), checkpoint_minutes)
-except ValueError as e:
-    fail(str(e))  # a config error: one line, exit 2
+stopper = preemption.Stopper(time_budget, checkpoint_minutes)  # from here on a signal means "save, then exit"
 
 # distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = distributed.under_torchrun()
 local_rank, world_size, device = distributed.init(pick_device(device), backend)
 if gradient_accumulation_steps % world_size:
-    raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple "
-                     f"of the world size {world_size}")
+    fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the world size {world_size}")
 accum = gradient_accumulation_steps // world_size  # micro-steps per rank
 device_type = "cuda" if device.startswith("cuda") else device
 dtype = pick_dtype(dtype, device)
@@ -134,18 +143,6 @@ ctx = autocast_context(device, dtype)
 torch.manual_seed(seed + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-
-try:  # an unwritable out_dir is found now, not at the first save after hours of training
-    os.makedirs(out_dir, exist_ok=True)
-    if master:
-        out_lock = checkpoint.lock(out_dir)  # one training process per out_dir, held until exit
-        checkpoint.remove_stray_temps(out_dir)
-        checkpoint.check_writable(out_dir)
-except checkpoint.CheckpointError as e:
-    raise SystemExit(f"error: {e}")
-except OSError as e:
-    raise SystemExit(f"error: out_dir {out_dir!r} is not writable ({checkpoint.os_error(e)}); fix its permissions "
-                     f"or pick another --out_dir")
 
 # -----------------------------------------------------------------------------------------------
 # model: from the checkpoint being continued, from scratch, or from GPT-2 weights
@@ -158,6 +155,7 @@ run_id, branch, resumes, origin = checkpoint.new_run_id(), 0, [], init_from
 if ckpt is not None:
     model_args.update({k: ckpt["model_args"][k] for k in checkpoint.MODEL_ARGS if k in ckpt["model_args"]})
     model_args["dropout"] = dropout  # the run's own, or a new one set on resume (e.g. to fine-tune)
+    check_fits(model_args, device)
     model = GPT(GPTConfig(**model_args))
     model.load_state_dict(ckpt["model"])
     iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
@@ -167,7 +165,7 @@ if ckpt is not None:
     run_id, branch = meta.get("run_id") or run_id, checkpoint.branch_for(out_dir, ckpt, picked=bool(resume_from))
     resumes = list(meta.get("resumes", [])) + [dict(
         iter=iter_num, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **{"from": os.path.basename(ckpt_path) if os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), out_dir)
+        **{"from": os.path.basename(ckpt_path) if os.path.dirname(os.path.realpath(ckpt_path)) == os.path.realpath(out_dir)
            else os.path.abspath(ckpt_path)},
         branch=branch, changed={k: list(v) for k, v in changed.items()})]
     log(f"resuming from {ckpt_path} at iteration {iter_num}"
@@ -176,6 +174,7 @@ if ckpt is not None:
     if changed:
         log("changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 elif init_from == "scratch":
+    check_fits(model_args, device)
     model = GPT(GPTConfig(**model_args))
 else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder; the shape is theirs
     model = load_gpt2(init_from, dropout=dropout)
@@ -191,6 +190,20 @@ if tokens_before is None:  # a file without the count (nanoGPT's): as if the bat
     tokens_before = iter_num * tokens_per_iter
 log(f"device {device}, dtype {dtype}, world size {world_size}, {model.get_num_params() / 1e6:.2f}M parameters, "
     f"tokens per iteration {tokens_per_iter:,}")
+# out_dir is made only now, so that a start that fails on its config, data or model leaves nothing
+# behind; and an unwritable one is found before training, not at the first save hours later
+try:
+    os.makedirs(out_dir, exist_ok=True)
+    if master:
+        out_lock = checkpoint.lock(out_dir)  # one training process per out_dir, held until exit
+        checkpoint.remove_stray_temps(out_dir)
+        checkpoint.check_writable(out_dir)
+except checkpoint.CheckpointError as e:
+    raise SystemExit(f"error: {e}")
+except OSError as e:
+    raise SystemExit(f"error: out_dir {out_dir!r} is not writable ({checkpoint.os_error(e)}); fix its permissions "
+                     f"or pick another --out_dir")
+
 model.to(device)
 # until a save has been timed: weights and AdamW's two moments, in fp32, at a slow 100 MB/s
 stopper.save_seconds = 3 * 4 * model.get_num_params() / 100e6
@@ -223,7 +236,7 @@ flops_per_iter = raw_model.flops_per_token() * batch_size * accum * block_size  
 def get_lr(it):
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it > lr_decay_iters:
+    if it >= lr_decay_iters:  # (cosine's end; also lr_decay_iters <= warmup_iters)
         return min_lr
     ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
@@ -268,6 +281,8 @@ def save_checkpoint(path, val_loss=None, retain=False, final=False):
     very iteration, else None (metadata never carries an older eval's loss as this one's). A failed
     write is one line and False: training goes on, and the next checkpoint tries again. The final
     save (end, signal, time_limit) is written in the foreground: the process waits for it anyway."""
+    if not all(torch.stack([p.isfinite().all() for p in raw_model.parameters()]).tolist()):
+        diverged("the model's weights are not finite (nan or inf)", iter_num)  # never written over good files
     rng = checkpoint.capture_rng()
     rngs = [None] * world_size
     if ddp:
@@ -308,8 +323,19 @@ def save_checkpoint(path, val_loss=None, retain=False, final=False):
     return True
 
 
+def diverged(what, it):
+    """Stop every rank (each sees the same losses and weights) with one line: a diverged model
+    is never checkpointed, so every file on disk is from before the divergence."""
+    saver.wait()
+    if master:
+        say(f"error: {what} at iteration {it}: training diverged. No checkpoint of it was written, so the newest "
+            f"one on disk is from before; lower --learning_rate (or raise --warmup_iters) and run again to "
+            f"continue from it", err=True)
+    distributed.teardown()
+    sys.exit(1)
+
+
 if wandb_log and master:
-    import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 # -----------------------------------------------------------------------------------------------
@@ -324,10 +350,13 @@ best_claimed = False  # whether ckpt.pt is this branch's yet (checkpoint.keep_ot
 start_iter = iter_num
 t_start = time.time()
 step_times = []
-dt, final_failed = 0.0, False
+dt, final_failed, lossf = 0.0, False, 0.0
 while True:
     # one all-reduce per iteration: a signal or time_limit on any rank stops every rank here
-    signalled, out_of_time, due = agreed(stopper.signum is not None, stopper.out_of_time(dt), stopper.checkpoint_due())
+    signalled, out_of_time, due, bad_loss = agreed(stopper.signum is not None, stopper.out_of_time(dt),
+                                                   stopper.checkpoint_due(), not math.isfinite(lossf))
+    if bad_loss:
+        diverged(f"the training loss is {lossf}", iter_num - 1)  # the update that gave it
     stop = signalled or out_of_time
     val_loss = None
     evaluated = last_eval is not None and last_eval[0] == iter_num  # the checkpoint resumed from has it
@@ -335,6 +364,8 @@ while True:
         losses = estimate_loss()
         if losses is None:  # abandoned: a signal or time_limit came during it
             stop = True
+        elif not all(map(math.isfinite, losses.values())):
+            diverged(f"the eval loss is {losses['val'] if not math.isfinite(losses['val']) else losses['train']}", iter_num)
         else:
             val_loss, last_eval = losses["val"], [iter_num, losses["val"]]
             log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}")
@@ -346,7 +377,7 @@ while True:
                     checkpoint.keep_others_best(out_dir, run_id, branch, ckpt_path, log=log)
                     best_claimed = True
                 if save_checkpoint(os.path.join(out_dir, checkpoint.BEST), val_loss):
-                    log(f"saved {checkpoint.BEST} (val loss {val_loss:.4f})")
+                    log(f"saved {os.path.join(out_dir, checkpoint.BEST)} (val loss {val_loss:.4f})")
     if eval_only:
         break
     if stop:

@@ -116,7 +116,7 @@ def test_finetune_local_folder_resume_and_export(hf_folder, tiny_dataset, tmp_pa
     hf_out = str(tmp_path / "hf-out")
     p = run("export.py", f"--out_dir={out}", "--which=latest", "--format=hf", f"--to={hf_out}")
     assert "no tokenizer written" in p.stdout
-    assert sorted(os.listdir(hf_out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(hf_out)) == ["config.json", "export.json", "model.safetensors"]
     assert_hf_equal(hf_out, ours, 100)
     back = load_gpt2(hf_out).eval()  # an export is itself a local folder to start from
     idx = torch.randint(0, 100, (2, 32))
@@ -143,7 +143,8 @@ def test_export_bias_free_bpe_model(tiny_dataset, tmp_path):
     p = run("export.py", f"--out_dir={out}", f"--to={tmp_path / 'hf'}")  # --which=best: ckpt.pt
     ours, ckpt = load_ours(os.path.join(out, checkpoint.BEST))
     assert ckpt["model_args"]["bias"] is False and ckpt["model_args"]["vocab_size"] == 50304
-    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "export.json", "merges.txt", "model.safetensors",
+                                                   "vocab.json"]
     assert "vocab.json" in p.stdout
     hf_config = json.load(open(tmp_path / "hf" / "config.json"))
     assert hf_config["vocab_size"] == 50304 and hf_config["n_positions"] == 16
@@ -168,15 +169,18 @@ def test_missing_gpt2_weights_offline(tmp_path):
     one_error_line(p.stderr, "gpt2-xl", "download gpt2-xl", str(tmp_path / "hub"), "local folder")
 
 
-def test_not_gpt2_weights(tmp_path):
+def test_not_gpt2_weights(tmp_path, capsys):
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     (tmp_path / "empty").mkdir()
-    for what, words in ((tmp_path / "bert", ["bert", "not GPT-2"]), (tmp_path / "empty", ["not a Hugging Face GPT-2"]),
-                        ("gpt3", ["gpt3", "gpt2-xl", "folder"])):
+    for what, words in ((tmp_path / "bert", ["bert", "not GPT-2"]), (tmp_path / "empty", ["not a Hugging Face GPT-2"])):
         with pytest.raises(SystemExit) as e:
             load_gpt2(str(what))
-        one_error_line(str(e.value), *words)
+        one_error_line(str(e.value), *words)  # exit 1: the folder is there, its contents are not GPT-2
+    with pytest.raises(SystemExit) as e:
+        load_gpt2("gpt3")
+    assert e.value.code == 2  # a mistyped name: the command is wrong
+    one_error_line(capsys.readouterr().err, "gpt3", "gpt2-xl", "folder")
 
 
 def test_shakespeare_bpe_prepare():

@@ -129,7 +129,7 @@ def test_branches(shakespeare_char, tmp_path):
     a = contents(out)
     best_a = checkpoint.load(out / checkpoint.BEST)
     p = run("train.py", f"--out_dir={out}", "--init_from=scratch", f"--resume_from={out / 'ckpt-00000004.pt'}", check=False)
-    assert p.returncode == 1 and "drop one of them" in p.stderr  # resume_from with an explicit fresh start
+    assert p.returncode == 2 and "drop one of them" in p.stderr  # resume_from with an explicit fresh start
     # resume_from implies resume; a new dropout makes this branch differ from the first
     p = run("train.py", f"--out_dir={out}", f"--resume_from={out / 'ckpt-00000004.pt'}", "--max_iters=12",
             "--dropout=0.2")

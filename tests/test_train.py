@@ -11,7 +11,7 @@ from conftest import TINY, run
 def test_train_resume_sample(shakespeare_char, tmp_path):
     out = str(tmp_path / "out")
     p = run("train.py", *TINY, f"--out_dir={out}", "--max_iters=20", "--eval_interval=10", "--checkpoint_interval=0")
-    assert "step 20: train loss" in p.stdout and "saved ckpt.pt" in p.stdout
+    assert "step 20: train loss" in p.stdout and "ckpt.pt (val loss" in p.stdout
     losses = [float(x) for x in re.findall(r"^iter \d+: loss ([\d.]+)", p.stdout, re.M)]
     assert len(losses) == 20 and losses[-1] < losses[0]  # it learns
 
