@@ -1,4 +1,4 @@
-# make demo: fresh machine -> .venv with pinned deps, data, a short training run, samples.
+# make demo: fresh machine -> .venv with pinned deps, data, a short training run, samples, a loss plot.
 # make test: the whole test suite (CPU only, no network).
 PY := .venv/bin/python
 # a GPU machine runs nanoGPT's recipe; a CPU machine a CPU-sized one (~2 minutes on 2 cores)
@@ -19,6 +19,7 @@ data/shakespeare_char/train.bin: .venv/ok data/shakespeare_char/prepare.py
 demo: .venv/ok data/shakespeare_char/train.bin
 	$(PY) train.py $(DEMO_CONFIG)
 	$(PY) sample.py --out_dir=out-shakespeare-char --num_samples=3 --max_new_tokens=300
+	$(PY) plot.py out-shakespeare-char
 
 # two workers, one test file each (a file's fixtures are shared by its tests); the data is
 # prepared first so that workers never race to write it; a test that hangs fails after 10 minutes

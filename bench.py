@@ -67,7 +67,8 @@ model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_la
                       n_embd=n_embd, dropout=dropout, bias=bias)).to(device)
 optimizer = model.configure_optimizers(1e-1, 1e-4, (0.9, 0.95), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-print(f"{model.get_num_params() / 1e6:.2f}M parameters, device {device}, dtype {dtype}, compile {compile}")
+print(f"{model.get_num_params() / 1e6:.2f}M parameters, vocab {vocab_size}{' (from the dataset)' if real_data and data.meta_path else ''}, "
+      f"device {device}, dtype {dtype}, compile {compile}")
 
 
 def step(it):

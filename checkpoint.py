@@ -511,7 +511,8 @@ def describe(path):
 
 def main(argv):
     if len(argv) != 1:
-        sys.exit("usage: python checkpoint.py OUT_DIR | FILE.pt")
+        print("error: usage: python checkpoint.py OUT_DIR | FILE.pt", file=sys.stderr)
+        sys.exit(2)
     target = argv[0]
     if os.path.isdir(target):
         files = candidates(target)

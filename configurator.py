@@ -86,6 +86,11 @@ def check(namespace):
     for key in ("out_dir", "to"):  # a file where a folder should be can never work
         if namespace.get(key):
             _check_folders(key, namespace[key], may_be_file=key == "to")
+    for key in ("resume_from", "ckpt"):  # a checkpoint file named by the command
+        if isinstance(namespace.get(key), str) and namespace[key] and not os.path.isfile(namespace[key]):
+            fail(f"{key} {namespace[key]!r}: no such file")
+    if namespace.get("bench_dir") and not os.path.isdir(namespace["bench_dir"]):
+        fail(f"bench_dir {namespace['bench_dir']!r} is not a folder")
 
 
 def _check_folders(key, path, may_be_file):
@@ -148,6 +153,8 @@ def configure(namespace, argv=None):
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text  # not a literal: a plain string such as --device=cpu
+            if isinstance(defaults[key], float) and text.strip().lower() in ("nan", "inf", "+inf", "-inf"):
+                value = float(text)  # not a literal, but a float all the same: the range check rejects it
             if isinstance(defaults[key], str) and not isinstance(value, str):
                 value = text  # --out_dir=123 means the string '123'
             namespace[key] = _coerce(key, value, defaults[key], f"in {arg}")

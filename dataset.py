@@ -26,7 +26,9 @@ class TokenData:
             path = os.path.join(self.dir, f"{split}.bin")
             if not os.path.exists(path):
                 what = "does not exist" if not os.path.isdir(self.dir) else f"has no {split}.bin"
-                hint = f"run: python {prepare}" if os.path.exists(prepare) else "prepare it first (see README)"
+                ready = sorted(d for d in os.listdir(data_dir) if os.path.exists(os.path.join(data_dir, d, "val.bin")))
+                hint = f"run: python {prepare}" if os.path.exists(prepare) else \
+                    f"prepare it first (see README); prepared here: {', '.join(ready) or 'none'}"
                 raise SystemExit(f"error: dataset {dataset!r} ({self.dir}) {what}; {hint}")
             # memmap keeps a 9 GB openwebtext bin on disk; opened once, not per batch
             self.bins[split] = np.memmap(path, dtype=np.uint16, mode="r")

@@ -83,7 +83,11 @@ iter_num = state.get("iter_num")
 del state  # the optimizer state is twice the model's size: free it before writing
 print(f"exporting {path} (iteration {iter_num}, {model.get_num_params() / 1e6:.2f}M parameters)")
 
-# everything is written under a temporary name beside its target, then renamed into place
+# everything is written under a temporary name beside its target, then renamed into place.
+# safetensors writes files readable by their owner only; an export is for sharing: the umask decides
+umask = os.umask(0)
+os.umask(umask)
+readable = 0o666 & ~umask
 tmp = os.path.join(os.path.dirname(os.path.abspath(to)), f".{os.path.basename(os.path.abspath(to))}.tmp-{os.getpid()}")
 old = f"{tmp}-old"  # a previous export (or an empty folder) at `to`, while the new one takes its place
 os.makedirs(os.path.dirname(tmp), exist_ok=True)
@@ -93,6 +97,7 @@ try:
         weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
         save_file(weights, tmp, metadata={"format": "pt", "model_args": json.dumps(model_args),
                                           "iter_num": str(iter_num), "dataset": dataset_name})
+        os.chmod(tmp, readable)
         os.replace(tmp, to)
         print(f"wrote {to}")
     else:
@@ -101,6 +106,7 @@ try:
         hf_config.save_pretrained(tmp)
         # "format": "pt" marks PyTorch tensors, as transformers' own save_pretrained writes it
         save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(os.path.join(tmp, "model.safetensors"), readable)
         written = ["config.json", "model.safetensors"]
         char_meta = os.path.join(dataset.DATA_DIR, dataset_name, "meta.pkl") if dataset_name else ""
         if os.path.exists(char_meta):

@@ -377,6 +377,8 @@ def load_gpt2(name_or_folder, dropout=None):
     config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
                        n_embd=c.n_embd, dropout=0.0 if dropout is None else dropout, bias=True)
     from transformers import GPT2LMHeadModel  # imported only now: the slower half of transformers
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # its per-tensor bar is noise in a log; the callers say what is loading
     hf = _hf_load(GPT2LMHeadModel.from_pretrained, name_or_folder, config=hf_config, dtype=torch.float32)
     hf_state = hf.state_dict()
     del hf

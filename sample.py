@@ -64,6 +64,7 @@ if init_from == "resume":
     del ckpt
 else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder
     model = load_gpt2(init_from)
+    print(f"sampling from {init_from}", file=sys.stderr)
     if os.path.isdir(init_from) and os.path.exists(os.path.join(init_from, CHAR_VOCAB)):
         meta_path = os.path.join(init_from, CHAR_VOCAB)  # a character-level run's export
     elif model.config.vocab_size < 50257:
@@ -79,9 +80,9 @@ encode, decode = get_codec(meta_path)
 try:
     start_ids = encode(start)
 except KeyError as e:
-    raise SystemExit(f"error: the prompt has a character {e} that is not in the model's vocabulary ({meta_path})")
+    fail(f"the prompt has a character {e} that is not in the model's vocabulary ({meta_path})")
 if not start_ids:
-    raise SystemExit("error: the prompt is empty; give --start=some text")
+    fail("the prompt is empty; give --start=some text")
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
 
 with torch.no_grad(), ctx:

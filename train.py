@@ -24,7 +24,7 @@ import distributed
 import preemption
 from configurator import check, check_data, config_keys, configure, fail
 from dataset import TokenData
-from metrics import say
+from metrics import MetricsLog, humanize, say
 from model import (GPT, GPTConfig, autocast_context, check_fits, load_gpt2, one_line_out_of_memory, peak_flops_for,
                    pick_device, pick_dtype)
 
@@ -46,7 +46,7 @@ resume_from = ""  # resume from this file rather than the newest good one in out
 async_save = False  # a forked process writes checkpoints; training stalls only for the fork (POSIX)
 checkpoint_minutes = 0.0  # also checkpoint when this many minutes passed since the last one (0: off)
 time_limit = ""  # this process's wall-clock budget ('3:50:00', '90m', seconds): checkpoint and exit 0 in time
-# wandb logging
+# wandb logging (out_dir/metrics.jsonl is always written; plot.py draws it)
 wandb_log = False
 wandb_project = "owt"
 wandb_run_name = "gpt2"
@@ -112,7 +112,7 @@ try:
     changed = checkpoint.restore_config(globals(), ckpt, sources, explicit=init_from == "resume", log=log) if ckpt else {}
 except checkpoint.CheckpointError as e:
     raise SystemExit(f"error: {e}")
-check(globals())  # again: a stored config comes from a file, maybe an old or foreign one
+check({k: globals()[k] for k in keys})  # again: a stored config comes from a file, maybe an old or foreign one
 data = TokenData(dataset)
 check_data(block_size, data.tokens(), dataset)
 vocab_size = data.vocab_size()
@@ -177,6 +177,7 @@ elif init_from == "scratch":
     check_fits(model_args, device)
     model = GPT(GPTConfig(**model_args))
 else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder; the shape is theirs
+    log(f"loading GPT-2 weights {init_from}...")
     model = load_gpt2(init_from, dropout=dropout)
     model_args.update({k: getattr(model.config, k) for k in checkpoint.MODEL_ARGS})
 if block_size < model.config.block_size:
@@ -242,6 +243,11 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
+def tokens_at(it):
+    """Tokens trained on before update `it` (counted across batch-size changes, see tokens_before)."""
+    return tokens_before + (it - start_iter) * tokens_per_iter
+
+
 def agreed(*flags):
     """The flags OR-ed over all ranks, so that every rank takes the same branch."""
     if not ddp:
@@ -296,7 +302,7 @@ def save_checkpoint(path, val_loss=None, retain=False, final=False):
         iter_num=iter_num, best_val_loss=best_val_loss, config=config, scaler=scaler.state_dict(), rng=rngs,
         format_version=checkpoint.FORMAT_VERSION,
         metadata=dict(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), torch_version=str(torch.__version__),
-                      world_size=world_size, tokens_seen=tokens_before + (iter_num - start_iter) * tokens_per_iter,
+                      world_size=world_size, tokens_seen=tokens_at(iter_num),
                       train_seconds=train_seconds + time.time() - t_start, val_loss=val_loss, last_eval=last_eval,
                       git_commit=git_commit, init_from=origin, dataset=dataset,
                       run_id=run_id, branch=branch, resumes=resumes))
@@ -335,9 +341,6 @@ def diverged(what, it):
     sys.exit(1)
 
 
-if wandb_log and master:
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-
 # -----------------------------------------------------------------------------------------------
 # the training loop. iter_num counts finished updates: a checkpoint taken after update k-1 holds
 # iter_num=k, and a resumed run starts with update k, so none is run twice or skipped. At each
@@ -350,6 +353,18 @@ best_claimed = False  # whether ckpt.pt is this branch's yet (checkpoint.keep_ot
 start_iter = iter_num
 t_start = time.time()
 step_times = []
+# metrics.jsonl and wandb, written by rank 0 only. A resumed run marks the rows of the work it redoes as
+# superseded, so that the file reads as one run; the wandb run's id is the run's own id (kept in
+# every checkpoint), so a resumed run continues the same wandb run
+wandb_run = None
+if wandb_log and master:
+    wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=config, id=run_id, resume="allow")
+metrics = MetricsLog(out_dir if master else None, resumed_at=start_iter if ckpt_path else None, wandb_run=wandb_run,
+                     tokens_at=tokens_at)
+metrics.event(start_iter, "start", params=raw_model.get_num_params(), model_args=model_args, init_from=origin,
+              dataset=dataset, world_size=world_size, tokens_per_iter=tokens_per_iter, max_iters=max_iters)
+if ckpt_path:
+    metrics.event(start_iter, "resume", path=os.path.abspath(ckpt_path), branch=branch)
 dt, final_failed, lossf = 0.0, False, 0.0
 while True:
     # one all-reduce per iteration: a signal or time_limit on any rank stops every rank here
@@ -368,9 +383,9 @@ while True:
             diverged(f"the eval loss is {losses['val'] if not math.isfinite(losses['val']) else losses['train']}", iter_num)
         else:
             val_loss, last_eval = losses["val"], [iter_num, losses["val"]]
+            metrics.row("eval", iter_num, tokens=tokens_at(iter_num), train_loss=losses["train"], val_loss=val_loss,
+                        lr=get_lr(iter_num) if decay_lr else learning_rate)
             log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}")
-            if wandb_log and master:
-                wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": val_loss, "lr": get_lr(iter_num)})
             if not eval_only and iter_num > 0 and (val_loss < best_val_loss or always_save_checkpoint):
                 best_val_loss = min(best_val_loss, val_loss)
                 if master and not best_claimed:
@@ -378,12 +393,14 @@ while True:
                     best_claimed = True
                 if save_checkpoint(os.path.join(out_dir, checkpoint.BEST), val_loss):
                     log(f"saved {os.path.join(out_dir, checkpoint.BEST)} (val loss {val_loss:.4f})")
+                    metrics.event(iter_num, "checkpoint", path=os.path.join(out_dir, checkpoint.BEST), val_loss=val_loss)
     if eval_only:
         break
     if stop:
         why = f"{stopper.name} received" if stopper.name else \
             "time_limit nearly reached" if stopper.out_of_time(dt) else "another rank is stopping"
         log(f"{why} at iteration {iter_num}: saving a checkpoint, then exiting")
+        metrics.event(iter_num, "stop", reason=why)
     periodic = (checkpoint_interval > 0 and iter_num % checkpoint_interval == 0) or \
                (keep_every > 0 and iter_num % keep_every == 0) or due
     final = stop or iter_num >= max_iters
@@ -391,6 +408,7 @@ while True:
         path = os.path.join(out_dir, checkpoint.periodic_name(iter_num, branch))
         if save_checkpoint(path, val_loss, retain=True, final=final):
             log(f"{'writing' if async_save and not final else 'saved'} {path}")
+            metrics.event(iter_num, "checkpoint", path=path, val_loss=val_loss)
         elif final:
             final_failed = True
     if final:
@@ -422,14 +440,21 @@ while True:
 
     if iter_num % log_interval == 0:
         mfu = flops_per_iter / dt / peak
-        log(f"iter {iter_num - 1}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
-            f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.2f}%, lr {lr:.2e}")
+        recent = sorted(step_times[-20:])[len(step_times[-20:]) // 2]  # the median resists a slow step
+        # the row first: a line on the console means its row is in metrics.jsonl
+        metrics.row("train", iter_num - 1, tokens=tokens_at(iter_num), loss=lossf, lr=lr, ms=dt * 1000,
+                    tok_s=tokens_per_iter / dt, mfu=mfu)
+        log(f"iter {iter_num - 1}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_iter / dt:,.0f} tok/s, "
+            f"mfu {mfu * 100:.2f}%, lr {lr:.2e}, eta {humanize(recent * (max_iters - iter_num))}")
 
+if saver.pid is not None:
+    log("waiting for the background checkpoint write to finish")
 saver.wait()  # a background write must reach the disk before the process ends
 if step_times:
     steady = sorted(step_times[min(10, len(step_times) // 2):])  # past the warm-up steps
     log(f"done at iteration {iter_num}: median {steady[len(steady) // 2] * 1000:.2f} ms/iter, "
         f"{time.time() - t_start:.1f}s wall")
+metrics.event(iter_num, "end", seconds=round(time.time() - t_start, 3))
 distributed.teardown()
 if final_failed:
     sys.exit(1)
@@ -438,4 +463,7 @@ if stop:
         log(f"checkpoint saved at iteration {iter_num}; the same command (or --init_from=resume) continues the run")
     else:
         log("stopped before the first update: nothing new to save")
+        if stopper.name is None:  # time_limit: a job that requeues itself would loop without progress
+            say(f"error: time_limit={time_limit!r} leaves no time for one iteration and a checkpoint; raise it", err=True)
+            sys.exit(1)
     sys.exit(stopper.exit_code)

@@ -91,8 +91,9 @@ def wait_for(proc, pattern, seen=None):
 
 
 def listing(out):
-    """A run folder's files, less the .lock that train.py holds while it runs (it names its pid)."""
-    return [n for n in os.listdir(out) if n != ".lock"]
+    """A run folder's checkpoint files: less the .lock that train.py holds while it runs (it names its
+    pid) and the metrics it appends to (metrics.py)."""
+    return [n for n in os.listdir(out) if n not in (".lock", "metrics.jsonl")]
 
 
 def contents(out):

@@ -4,6 +4,7 @@ on disk that was not there before. Then the fixes that are behaviour: a diverged
 touching its checkpoints, temperature 0 is greedy, exports replace only their own folders and a
 character-level export samples with its own vocab."""
 import hashlib
+import stat
 import importlib.util
 import json
 import os
@@ -50,9 +51,12 @@ TRAIN = [  # flags, exit code, words the error line holds
     ([f"--out_dir={FILE}"], 2, "is a file, not a folder"),
     ([f"--out_dir={FILE}/run"], 2, "which is a file"),
     (["--init_from=gpt2-foo"], 2, "init_from='gpt2-foo' is neither GPT-2 weights by name"),
-    ([f"--resume_from={MISSING}.pt", "--init_from=scratch"], 2, "drop one of them"),
+    ([f"--resume_from={FILE}", "--init_from=scratch"], 2, "drop one of them"),
+    ([f"--resume_from={MISSING}.pt"], 2, "resume_from '{tmp}/missing.pt': no such file"),
+    (["--learning_rate=nan"], 2, "learning_rate=nan must be a finite number"),
     (["--init_from=resume", f"--out_dir={MISSING}"], 1, "no checkpoint in"),
     (["--dataset=_no_such_data"], 1, "dataset '_no_such_data'"),
+    (["--dataset=_no_such_data"], 1, "prepared here: "),
 ]
 if not torch.cuda.is_available():
     TRAIN.append((["--device=cuda"], 1, "no CUDA GPU is visible"))
@@ -68,6 +72,8 @@ SAMPLE = [
     (["--max_new_tokens=None"], 2, "max_new_tokens in --max_new_tokens=None must be int"),
     (["--init_from=gpt2-foo"], 2, "neither GPT-2 weights"),
     ([f"--out_dir={MISSING}"], 1, "no checkpoint in"),
+    (["--start="], 2, "the prompt is empty"),
+    (["--start=\u00e9t\u00e9"], 2, "not in the model's vocabulary"),
 ]
 
 EXPORT = [
@@ -76,6 +82,7 @@ EXPORT = [
     ([f"--to={FILE}/x"], 2, "which is a file"),
     (["--format=bin"], 2, "format='bin' is not one of 'hf', 'safetensors'"),
     (["--which=newest"], 2, "which='newest'"),
+    ([f"--ckpt={MISSING}.pt"], 2, "ckpt '{tmp}/missing.pt': no such file"),
     (["--to={tmp}/other"], 1, "holds other files (config.json, foreign.safetensors), not a previous export"),
     (["--to={tmp}/other/foreign.safetensors", "--format=safetensors"], 1, "is not a previous export"),
 ]
@@ -118,8 +125,9 @@ def one_error_line(script, args, code, words, tmp_path, *base):
     lines = p.stderr.strip().splitlines()
     assert p.returncode == code, f"{args}: exit {p.returncode}\n{p.stdout}\n{p.stderr}"
     assert "Traceback" not in p.stdout + p.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    assert words in lines[0], lines[0]
+    # one error line, the last; before it at most what is being read ("sampling from ...")
+    assert [ln for ln in lines if ln.startswith("error")] == lines[-1:] and len(lines) <= 2, p.stderr
+    assert lines[-1].startswith("error: ") and words.replace("{tmp}", str(tmp_path)) in lines[-1], lines[-1]
     assert tree(tmp_path) == before  # nothing created, nothing changed
 
 
@@ -139,9 +147,23 @@ def test_export_bad_input(trained, scene, args, code, words):
     one_error_line("export.py", args, code, words, scene, f"--out_dir={trained}", "--to={tmp}/hf")
 
 
-def test_bench_bad_input(shakespeare_char, scene):
-    one_error_line("bench.py", ["--block_size=2000000", "--dataset=shakespeare_char"], 2, "block_size=2000000 is too long",
-                   scene, "--device=cpu", "--compile=False")
+@pytest.mark.parametrize("args, words", [(["--block_size=2000000"], "block_size=2000000 is too long"),
+                                         (["--mode=checkpoint", f"--bench_dir={FILE}"], "is not a folder"),
+                                         (["--timed_steps=0"], "timed_steps=0")])
+def test_bench_bad_input(shakespeare_char, scene, args, words):
+    one_error_line("bench.py", args, 2, words, scene, "--device=cpu", "--compile=False", "--dataset=shakespeare_char")
+
+
+def test_checkpoint_cli_usage():
+    p = run("checkpoint.py", check=False)
+    assert p.returncode == 2 and p.stderr.strip() == "error: usage: python checkpoint.py OUT_DIR | FILE.pt"
+
+
+def test_time_limit_too_short_for_one_iteration(shakespeare_char, tmp_path):
+    """A job that requeues itself must not loop without progress: exit 1, and say so."""
+    p = run("train.py", *TINY, f"--out_dir={tmp_path}", "--time_limit=1", check=False)
+    assert p.returncode == 1 and "nothing new to save" in p.stdout
+    assert p.stderr.strip() == "error: time_limit='1' leaves no time for one iteration and a checkpoint; raise it"
 
 
 def test_out_of_memory_is_one_line(shakespeare_char, tmp_path):
@@ -171,8 +193,8 @@ def test_diverged_run_stops_and_keeps_its_checkpoints(trained, tmp_path, flags, 
                                 f"one on disk is from before; lower --learning_rate (or raise --warmup_iters) and run "
                                 f"again to continue from it")
     assert "iter 10: loss" in p.stdout
-    assert {k: v for k, v in tree(out).items() if not k.endswith(".lock")} == \
-           {k: v for k, v in before.items() if not k.endswith(".lock")}
+    checkpoints = lambda t: {k: v for k, v in t.items() if k.endswith(".pt")}  # noqa: E731
+    assert checkpoints(tree(out)) == checkpoints(before) and len(checkpoints(before)) == 3
 
 
 def samples(*args):
@@ -217,6 +239,9 @@ def test_safetensors_export_replaces_its_own_file(trained, tmp_path):
     first = load_file(to)
     run("export.py", f"--out_dir={trained}", "--format=safetensors", f"--to={to}")  # ours: replaced
     assert os.listdir(tmp_path) == ["m.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(to).st_mode) == 0o666 & ~umask  # for sharing, as the umask says
     assert all(torch.equal(t, first[k]) for k, t in load_file(to).items())
 
 
