@@ -1,11 +1,11 @@
 """
-Config for train.py, sample.py and bench.py: their plain-valued globals are the config.
+Config for train.py, sample.py, bench.py and export.py: their plain-valued globals are the config.
 
     python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
 
 Each positional argument is a Python file executed into the script's globals; each --key=value
 then overrides one global, the value read as a Python literal (or taken as a string if it is not
-one). Then every value is checked against RULES (ranges, choices, values that must fit
+one). Then every value is checked (RANGES, CHOICES, NOT_EMPTY, and values that must fit
 together), once, here, for whichever of these keys a script has. Mistakes end with one line on
 stderr and exit code 2, never a traceback.
 
@@ -65,7 +65,7 @@ NOT_EMPTY = ("out_dir", "dataset", "device", "to")
 
 
 def check(namespace):
-    """Every RULE that applies to the keys namespace has, plus the pairs that must fit together."""
+    """Every rule below that applies to the keys namespace has, and the values that must fit together."""
     for key, (low, high) in RANGES.items():
         v = namespace.get(key)
         if not isinstance(v, (int, float)) or isinstance(v, bool):
