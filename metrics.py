@@ -13,6 +13,7 @@ on, eval and event rows after k) are marked "superseded": true; the rows not so 
 one run, with no iteration twice and none missing. A line torn by a crash is dropped.
 """
 import json
+import math
 import os
 import sys
 import time
@@ -114,6 +115,8 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def row(self, kind, it, **fields):
+        # strict JSON has no NaN or Infinity: a diverged loss is written as null
+        fields = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()}
         row = dict(kind=kind, iter=it, time=round(time.time(), 3), **fields)
         if self.file is not None:
             try:
@@ -122,7 +125,8 @@ class MetricsLog:
             except OSError as e:
                 say(f"warning: {self.path} cannot be written ({e.strerror or e}); training goes on without it", err=True)
                 self.file = None
-        if self.wandb is not None and kind != "event":
+        # a resumed run redoes steps that wandb has seen (and would drop, warning each time)
+        if self.wandb is not None and kind != "event" and it >= getattr(self.wandb, "step", 0):
             self.wandb.log({f"{kind}/{k}": v for k, v in fields.items() if isinstance(v, (int, float))}, step=it)
 
     def event(self, it, event, **fields):

@@ -3,7 +3,7 @@ Draw a run's loss curve from its metrics.jsonl (see metrics.py), or several runs
 
     python plot.py out-shakespeare-char                  # -> out-shakespeare-char/loss.png
     python plot.py out-a out-b --to=compare.png          # runs side by side, labelled by folder
-    python plot.py out-shakespeare-char --x=tokens       # tokens seen on the x axis
+    python plot.py out-shakespeare-char --x=tokens       # tokens seen on the x axis -> loss-tokens.png
 
 Top panel: train loss (a thin line per logged iteration) and val loss (dots at each eval), on a
 log scale when the loss falls by more than 2x; checkpoints are ticks along the bottom, resumes
@@ -17,36 +17,43 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed, none opened
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import ScalarFormatter  # noqa: E402
+from matplotlib.ticker import EngFormatter, ScalarFormatter  # noqa: E402
 
 from metrics import METRICS, read_rows  # noqa: E402
 
 
-def fail(message):
+def fail(message, code=2):
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
+
+
+NEEDS = {"train": ("loss", "lr"), "eval": ("val_loss",), "event": ("event",)}  # what a row must have to be drawn
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="loss curves from out_dir/metrics.jsonl")
-    ap.add_argument("out_dirs", nargs="+", help="run folders (each holds a metrics.jsonl)")
+    ap.add_argument("out_dirs", nargs="+", help="run folders (each holds a metrics.jsonl), or metrics.jsonl files")
     ap.add_argument("--x", choices=("iter", "tokens"), default="iter", help="x axis: iterations or tokens seen")
     ap.add_argument("--to", default="", help="the PNG to write (default: OUT_DIR/loss.png for one run, "
-                                             "loss-compare.png here for several)")
+                                             "loss-compare.png here for several; loss-tokens.png with --x=tokens)")
     args = ap.parse_args(argv)
+    key = "iter" if args.x == "iter" else "tokens"
     runs = []
     for out_dir in args.out_dirs:
+        if os.path.basename(out_dir) == METRICS and os.path.isfile(out_dir):
+            out_dir = os.path.dirname(out_dir) or "."
         path = os.path.join(out_dir, METRICS)
         if not os.path.isfile(path):
             fail(f"{out_dir!r} has no {METRICS}: train into it first (every run writes one), or check the folder")
-        rows = [r for r in read_rows(path) if not r.get("superseded")]
+        rows = [r for r in read_rows(path) if not r.get("superseded") and all(
+            r.get(k) is not None for k in (key, *NEEDS.get(r["kind"], ())))]  # (a null loss: the step that diverged)
         if not any(r["kind"] in ("train", "eval") for r in rows):
-            fail(f"{path} has no train or eval rows yet")
+            fail(f"{path} has no train or eval rows yet", code=1)
         runs.append((out_dir.rstrip("/"), rows))
-    to = args.to or (os.path.join(args.out_dirs[0], "loss.png") if len(runs) == 1 else "loss-compare.png")
+    name = "loss.png" if args.x == "iter" else "loss-tokens.png"
+    to = args.to or (os.path.join(runs[0][0], name) if len(runs) == 1 else name.replace("loss", "loss-compare"))
 
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    key = "iter" if args.x == "iter" else "tokens"
     titles, losses = [], []
     for i, (name, rows) in enumerate(runs):
         color = f"C{i}"
@@ -54,21 +61,22 @@ def main(argv=None):
         evals = [r for r in rows if r["kind"] == "eval"]
         events = [r for r in rows if r["kind"] == "event"]
         losses += [r["loss"] for r in train] + [r["val_loss"] for r in evals]
+        start = next((r for r in events if r["event"] == "start"), {})
+        size = f", {start['params'] / 1e6:.2f}M params" if start.get("params") else ""
+        resumes = sum(r["event"] == "resume" for r in events)
+        label = name if len(runs) <= 3 else f"{name}{size}"  # many runs: details in the legend, not the title
         ax.plot([r[key] for r in train], [r["loss"] for r in train], color=color, alpha=0.35, lw=0.8,
-                label=f"{name} train")
+                label=f"{label} train" if len(runs) <= 3 else None)
         ax.plot([r[key] for r in evals], [r["val_loss"] for r in evals], "o-", color=color, ms=4, lw=1.5,
-                label=f"{name} val")
+                label=f"{label} val" if len(runs) <= 3 else label)
         ax_lr.plot([r[key] for r in train], [r["lr"] for r in train], color=color, lw=1)
         ckpts = [r[key] for r in events if r["event"] == "checkpoint"]
-        ax.plot(ckpts, [0.0] * len(ckpts), "|", color=color, ms=10, transform=ax.get_xaxis_transform(),
-                label=f"{name} checkpoints" if ckpts else None)
+        ax.plot(ckpts, [0.0] * len(ckpts), "|", color=color, ms=14, mew=2, transform=ax.get_xaxis_transform(),
+                label=f"{label} checkpoints" if ckpts and len(runs) <= 3 else None)
         for r in events:
             if r["event"] == "resume":
                 ax.axvline(r[key], color=color, ls="--", lw=0.8)
                 ax_lr.axvline(r[key], color=color, ls="--", lw=0.8)
-        start = next((r for r in events if r["event"] == "start"), {})
-        size = f", {start['params'] / 1e6:.2f}M params" if start.get("params") else ""
-        resumes = sum(r["event"] == "resume" for r in events)
         titles.append(f"{name}{size}" + (f", resumed {resumes}x" if resumes else ""))
     log_scale = min(losses) > 0 and max(losses) / min(losses) > 2  # a curve that falls far: log scale shows it all
     if log_scale:
@@ -77,11 +85,13 @@ def main(argv=None):
             axis(ScalarFormatter())
     ax.set_ylabel("loss (cross-entropy" + (", log scale)" if log_scale else ")"))
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("; ".join(titles) + ("\n(dashed: resumed here)" if any("resumed" in t for t in titles) else ""),
-                 fontsize=10)
+    ax.legend(fontsize=8 if len(runs) <= 3 else 7, ncol=1 if len(runs) <= 3 else 2)
+    title = "; ".join(titles) if len(runs) <= 3 else f"{len(runs)} runs (val loss; train loss faint)"
+    ax.set_title(title + ("\n(dashed: resumed here)" if any("resumed" in t for t in titles) else ""), fontsize=10)
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("iteration" if key == "iter" else "tokens seen")
+    if key == "tokens":
+        ax_lr.xaxis.set_major_formatter(EngFormatter())  # 400k, 1.2M
     ax_lr.grid(True, alpha=0.3)
     fig.tight_layout()
     try:

@@ -333,10 +333,12 @@ def diverged(what, it):
     """Stop every rank (each sees the same losses and weights) with one line: a diverged model
     is never checkpointed, so every file on disk is from before the divergence."""
     saver.wait()
+    metrics.event(it, "diverged", reason=what)
     if master:
-        say(f"error: {what} at iteration {it}: training diverged. No checkpoint of it was written, so the newest "
-            f"one on disk is from before; lower --learning_rate (or raise --warmup_iters) and run again to "
-            f"continue from it", err=True)
+        fix = "lower --learning_rate (or raise --warmup_iters)"
+        say(f"error: {what} at iteration {it}: training diverged. " +
+            (f"No checkpoint of it was written, so the newest one on disk is from before; {fix} and run again to "
+             f"continue from it" if written or ckpt_path else f"Nothing was saved; {fix} and start again"), err=True)
     distributed.teardown()
     sys.exit(1)
 
@@ -358,13 +360,14 @@ step_times = []
 # every checkpoint), so a resumed run continues the same wandb run
 wandb_run = None
 if wandb_log and master:
-    wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=config, id=run_id, resume="allow")
+    wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=config, id=run_id, resume="allow",
+                           dir=out_dir)
 metrics = MetricsLog(out_dir if master else None, resumed_at=start_iter if ckpt_path else None, wandb_run=wandb_run,
                      tokens_at=tokens_at)
 metrics.event(start_iter, "start", params=raw_model.get_num_params(), model_args=model_args, init_from=origin,
               dataset=dataset, world_size=world_size, tokens_per_iter=tokens_per_iter, max_iters=max_iters)
 if ckpt_path:
-    metrics.event(start_iter, "resume", path=os.path.abspath(ckpt_path), branch=branch)
+    metrics.event(start_iter, "resume", path=ckpt_path, branch=branch)
 dt, final_failed, lossf = 0.0, False, 0.0
 while True:
     # one all-reduce per iteration: a signal or time_limit on any rank stops every rank here

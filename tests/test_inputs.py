@@ -193,6 +193,8 @@ def test_diverged_run_stops_and_keeps_its_checkpoints(trained, tmp_path, flags, 
                                 f"one on disk is from before; lower --learning_rate (or raise --warmup_iters) and run "
                                 f"again to continue from it")
     assert "iter 10: loss" in p.stdout
+    text = open(os.path.join(out, "metrics.jsonl")).read()
+    assert "NaN" not in text and '"event": "diverged"' in text  # strict JSON: a diverged loss is null
     checkpoints = lambda t: {k: v for k, v in t.items() if k.endswith(".pt")}  # noqa: E731
     assert checkpoints(tree(out)) == checkpoints(before) and len(checkpoints(before)) == 3
 

@@ -77,19 +77,24 @@ def test_plot_one_and_two_runs(straight, tmp_path):
     png(os.path.join(straight, "loss.png"))
     run("plot.py", straight, straight, "--x=tokens", f"--to={tmp_path / 'both.png'}")
     png(tmp_path / "both.png")
+    p = run("plot.py", os.path.join(straight, METRICS), "--x=tokens")  # the file itself names its run too
+    png(os.path.join(straight, "loss-tokens.png"))
 
 
 def test_plot_without_metrics_is_one_line(tmp_path):
     p = run("plot.py", str(tmp_path), check=False)
     assert p.returncode == 2 and p.stderr.strip().startswith("error:") and "no metrics.jsonl" in p.stderr
     assert "\n" not in p.stderr.strip() and not os.listdir(tmp_path)
+    (tmp_path / METRICS).write_text('{"kind": "eval", "iter": 5}\n')  # a row without its fields: not drawn
+    p = run("plot.py", str(tmp_path), check=False)
+    assert p.returncode == 1 and p.stderr.strip().endswith("has no train or eval rows yet")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (it is optional)")
 def test_wandb_offline_resume_keeps_the_run(shakespeare_char, tmp_path):
     out = tmp_path / "run"
-    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     run("train.py", *ARGS, f"--out_dir={out}", "--max_iters=20", "--wandb_log=True", env=env)
     run("train.py", *ARGS, f"--out_dir={out}", "--wandb_log=True", env=env)
-    runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+    runs = [d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]  # wandb's files: in out_dir
     assert len(runs) == 2 and len({d.rsplit("-", 1)[1] for d in runs}) == 1  # one wandb run id, continued
