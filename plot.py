@@ -50,14 +50,14 @@ def main(argv=None):
         if not any(r["kind"] in ("train", "eval") for r in rows):
             fail(f"{path} has no train or eval rows yet", code=1)
         runs.append((out_dir.rstrip("/"), rows))
-    name = "loss.png" if args.x == "iter" else "loss-tokens.png"
-    to = args.to or (os.path.join(runs[0][0], name) if len(runs) == 1 else name.replace("loss", "loss-compare"))
+    png = "loss.png" if args.x == "iter" else "loss-tokens.png"
+    to = args.to or (os.path.join(runs[0][0], png) if len(runs) == 1 else png.replace("loss", "loss-compare"))
 
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     titles, losses = [], []
     for i, (name, rows) in enumerate(runs):
         color = f"C{i}"
-        train = [r for r in rows if r["kind"] == "train" and r.get("loss") is not None]
+        train = [r for r in rows if r["kind"] == "train"]
         evals = [r for r in rows if r["kind"] == "eval"]
         events = [r for r in rows if r["kind"] == "event"]
         losses += [r["loss"] for r in train] + [r["val_loss"] for r in evals]
