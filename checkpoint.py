@@ -66,15 +66,16 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def atomic_save(obj, path):
-    """Write obj to path so that path is either the old file or the whole new one, even if the
-    process is killed or the machine loses power mid-write: temp file in the same folder,
-    flush + fsync, os.replace (atomic on POSIX), then fsync the folder so the rename is durable."""
+def atomic_write(path, write):
+    """Call write(f) on a new binary file that then becomes path, so that path is either the old
+    file or the whole new one, even if the process is killed or the machine loses power mid-write:
+    temp file in the same folder, flush + fsync, os.replace (atomic on POSIX), then fsync the folder
+    so the rename is durable. Checkpoints, metrics.jsonl rewrites and exports all go through here."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}{TMP_TAG}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -82,6 +83,10 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
     fsync_dir(folder)
+
+
+def atomic_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def check_writable(out_dir):

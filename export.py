@@ -24,9 +24,10 @@ file's metadata:  model = GPT(GPTConfig(**json.loads(safe_open(path, "pt").metad
 import json
 import os
 import shutil
+import sys
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 import checkpoint
 import dataset
@@ -83,57 +84,55 @@ iter_num = state.get("iter_num")
 del state  # the optimizer state is twice the model's size: free it before writing
 print(f"exporting {path} (iteration {iter_num}, {model.get_num_params() / 1e6:.2f}M parameters)")
 
-# everything is written under a temporary name beside its target, then renamed into place.
-# safetensors writes files readable by their owner only; an export is for sharing: the umask decides
-umask = os.umask(0)
-os.umask(umask)
-readable = 0o666 & ~umask
+if format == "safetensors":  # one file: written whole, then renamed into place
+    # safetensors refuses two names for one tensor: lm_head.weight is tied to wte, keep wte
+    weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    blob = save(weights, metadata={"format": "pt", "model_args": json.dumps(model_args),
+                                   "iter_num": str(iter_num), "dataset": dataset_name})
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(to)), exist_ok=True)
+        checkpoint.atomic_write(to, lambda f: f.write(blob))
+    except OSError as e:
+        raise SystemExit(f"error: could not write {to}: {checkpoint.os_error(e)}") from None
+    print(f"wrote {to}")
+    sys.exit(0)
+
+# hf: the folder is written under a temporary name beside `to`, then renamed into place; a previous
+# export there is swapped out first and removed after. Files are written with plain open() (through
+# checkpoint.atomic_write for the weights), so the umask decides who may read them: safetensors'
+# own save_file makes owner-only files, and an export is for sharing.
 tmp = os.path.join(os.path.dirname(os.path.abspath(to)), f".{os.path.basename(os.path.abspath(to))}.tmp-{os.getpid()}")
-old = f"{tmp}-old"  # a previous export (or an empty folder) at `to`, while the new one takes its place
-os.makedirs(os.path.dirname(tmp), exist_ok=True)
+old = f"{tmp}-old"
 try:
-    if format == "safetensors":
-        # safetensors refuses two names for one tensor: lm_head.weight is tied to wte, keep wte
-        weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-        save_file(weights, tmp, metadata={"format": "pt", "model_args": json.dumps(model_args),
-                                          "iter_num": str(iter_num), "dataset": dataset_name})
-        os.chmod(tmp, readable)
-        os.replace(tmp, to)
-        print(f"wrote {to}")
-    else:
-        hf_config, weights = to_hf(model)
-        os.makedirs(tmp)
-        hf_config.save_pretrained(tmp)
-        # "format": "pt" marks PyTorch tensors, as transformers' own save_pretrained writes it
-        save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        os.chmod(os.path.join(tmp, "model.safetensors"), readable)
-        written = ["config.json", "model.safetensors"]
-        char_meta = os.path.join(dataset.DATA_DIR, dataset_name, "meta.pkl") if dataset_name else ""
-        if os.path.exists(char_meta):
-            tokenizer.save_chars(char_meta, tmp)
-            written.append(tokenizer.CHAR_VOCAB)
-            print(f"a character-level run: its vocab goes into {tokenizer.CHAR_VOCAB} (HF has no tokenizer for it)")
-        elif model_args["vocab_size"] < 50257:
-            print(f"no tokenizer written: vocab_size {model_args['vocab_size']} is not GPT-2 BPE's 50257")
-        else:  # GPT-2 BPE: HF's GPT2Tokenizer reads the same two files under its own names
-            shutil.copyfile(os.path.join(tokenizer.BPE_DIR, "encoder.json"), os.path.join(tmp, "vocab.json"))
-            shutil.copyfile(os.path.join(tokenizer.BPE_DIR, "vocab.bpe"), os.path.join(tmp, "merges.txt"))
-            written += ["vocab.json", "merges.txt"]
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(dict(source=os.path.abspath(path), iter_num=iter_num, dataset=dataset_name, files=written), f)
-        if os.path.exists(to):
-            os.rename(to, old)
-        os.rename(tmp, to)
-        shutil.rmtree(old, ignore_errors=True)
-except BaseException as e:  # a failed or interrupted export leaves no half-written files, and the old export
+    os.makedirs(tmp)
+    hf_config, weights = to_hf(model)
+    hf_config.save_pretrained(tmp)
+    # "format": "pt" marks PyTorch tensors, as transformers' own save_pretrained writes it
+    blob = save(weights, metadata={"format": "pt"})
+    checkpoint.atomic_write(os.path.join(tmp, "model.safetensors"), lambda f: f.write(blob))
+    written = ["config.json", "model.safetensors"]
+    char_meta = os.path.join(dataset.DATA_DIR, dataset_name, "meta.pkl") if dataset_name else ""
+    if os.path.exists(char_meta):
+        tokenizer.save_chars(char_meta, tmp)
+        written.append(tokenizer.CHAR_VOCAB)
+        print(f"a character-level run: its vocab goes into {tokenizer.CHAR_VOCAB} (HF has no tokenizer for it)")
+    elif model_args["vocab_size"] < 50257:
+        print(f"no tokenizer written: vocab_size {model_args['vocab_size']} is not GPT-2 BPE's 50257")
+    else:  # GPT-2 BPE: HF's GPT2Tokenizer reads the same two files under its own names
+        shutil.copyfile(os.path.join(tokenizer.BPE_DIR, "encoder.json"), os.path.join(tmp, "vocab.json"))
+        shutil.copyfile(os.path.join(tokenizer.BPE_DIR, "vocab.bpe"), os.path.join(tmp, "merges.txt"))
+        written += ["vocab.json", "merges.txt"]
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(dict(source=os.path.abspath(path), iter_num=iter_num, dataset=dataset_name, files=written), f)
+    if os.path.exists(to):
+        os.rename(to, old)
+    os.rename(tmp, to)
+    shutil.rmtree(old, ignore_errors=True)
+except BaseException as e:  # a failed or interrupted export leaves no half-written folder, and the old export
     if os.path.isdir(old) and not os.path.exists(to):
         os.rename(old, to)
-    if os.path.isdir(tmp):
-        shutil.rmtree(tmp, ignore_errors=True)
-    elif os.path.exists(tmp):
-        os.remove(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     if isinstance(e, OSError):
         raise SystemExit(f"error: could not write {to}: {checkpoint.os_error(e)}") from None
     raise
-if format == "hf":
-    print(f"wrote {', '.join(written + [MANIFEST])} to {to}")
+print(f"wrote {', '.join(written + [MANIFEST])} to {to}")

@@ -44,17 +44,21 @@ def say(*parts, err=False):
 def read_rows(path):
     """The rows of a metrics file, in order; a torn line (a crash mid-write) or any line that is not
     a row is skipped."""
-    rows = []
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and "kind" in row and "iter" in row:
-                rows.append(row)
+        return _rows(f.read())
+
+
+def _rows(text):
+    rows = []
+    for line in text.splitlines(keepends=True):
+        if not line.endswith("\n"):
+            continue  # torn
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "kind" in row and "iter" in row:
+            rows.append(row)
     return rows
 
 
@@ -78,9 +82,9 @@ class MetricsLog:
     """Appends rows to out_dir/metrics.jsonl and, if given a wandb run, logs them there too. A
     failed write (disk full) is one warning, then the file is left alone: metrics never stop a run."""
 
-    def __init__(self, out_dir, resumed_at=None, wandb_run=None, tokens_at=None):
-        """resumed_at: the iteration a resumed run starts from (None: a fresh start). tokens_at(it):
-        tokens trained on before update `it`, recorded with each event. out_dir None: write nothing
+    def __init__(self, out_dir, tokens_at, resumed_at=None, wandb_run=None):
+        """tokens_at(it): tokens trained on before update `it`, recorded with each event. resumed_at:
+        the iteration a resumed run starts from (None: a fresh start). out_dir None: write nothing
         (the other ranks), so callers need not ask which rank they are."""
         self.path = os.path.join(out_dir, METRICS) if out_dir else None
         self.tokens_at = tokens_at
@@ -99,20 +103,16 @@ class MetricsLog:
         last line, rewriting the file atomically (temp file, fsync, rename) when anything changes."""
         if not os.path.exists(self.path):
             return
+        from checkpoint import atomic_write  # (checkpoint.py imports this module for say)
         with open(self.path, encoding="utf-8", errors="replace") as f:
             text = f.read()
-        rows = read_rows(self.path)
+        rows = _rows(text)
         stale = [r for r in rows if not r.get("superseded") and redone(r, k)]
         if not stale and (not text or text.endswith("\n")):
             return
         for r in stale:
             r["superseded"] = True
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
 
     def row(self, kind, it, **fields):
         # strict JSON has no NaN or Infinity: a diverged loss is written as null
@@ -130,4 +130,4 @@ class MetricsLog:
             self.wandb.log({f"{kind}/{k}": v for k, v in fields.items() if isinstance(v, (int, float))}, step=it)
 
     def event(self, it, event, **fields):
-        self.row("event", it, event=event, tokens=self.tokens_at(it) if self.tokens_at else None, **fields)
+        self.row("event", it, event=event, tokens=self.tokens_at(it), **fields)

@@ -11,7 +11,6 @@ dashed vertical lines. Bottom panel: the learning rate. Rows marked superseded (
 """
 import argparse
 import os
-import sys
 
 import matplotlib
 
@@ -19,12 +18,8 @@ matplotlib.use("Agg")  # files only: no display needed, none opened
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter, ScalarFormatter  # noqa: E402
 
+from configurator import fail  # noqa: E402
 from metrics import METRICS, read_rows  # noqa: E402
-
-
-def fail(message, code=2):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 NEEDS = {"train": ("loss", "lr"), "eval": ("val_loss",), "event": ("event",)}  # what a row must have to be drawn
@@ -48,7 +43,7 @@ def main(argv=None):
         rows = [r for r in read_rows(path) if not r.get("superseded") and all(
             r.get(k) is not None for k in (key, *NEEDS.get(r["kind"], ())))]  # (a null loss: the step that diverged)
         if not any(r["kind"] in ("train", "eval") for r in rows):
-            fail(f"{path} has no train or eval rows yet", code=1)
+            raise SystemExit(f"error: {path} has no train or eval rows yet")
         runs.append((out_dir.rstrip("/"), rows))
     png = "loss.png" if args.x == "iter" else "loss-tokens.png"
     to = args.to or (os.path.join(runs[0][0], png) if len(runs) == 1 else png.replace("loss", "loss-compare"))
@@ -97,8 +92,7 @@ def main(argv=None):
     try:
         fig.savefig(to, dpi=100)
     except OSError as e:
-        print(f"error: could not write {to}: {e.strerror or e}", file=sys.stderr)
-        sys.exit(1)
+        raise SystemExit(f"error: could not write {to}: {e.strerror or e}") from None
     print(f"wrote {to}")
 
 

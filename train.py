@@ -287,7 +287,7 @@ def save_checkpoint(path, val_loss=None, retain=False, final=False):
     very iteration, else None (metadata never carries an older eval's loss as this one's). A failed
     write is one line and False: training goes on, and the next checkpoint tries again. The final
     save (end, signal, time_limit) is written in the foreground: the process waits for it anyway."""
-    if not all(torch.stack([p.isfinite().all() for p in raw_model.parameters()]).tolist()):
+    if not torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all():
         diverged("the model's weights are not finite (nan or inf)", iter_num)  # never written over good files
     rng = checkpoint.capture_rng()
     rngs = [None] * world_size
@@ -362,8 +362,8 @@ wandb_run = None
 if wandb_log and master:
     wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=config, id=run_id, resume="allow",
                            dir=out_dir)
-metrics = MetricsLog(out_dir if master else None, resumed_at=start_iter if ckpt_path else None, wandb_run=wandb_run,
-                     tokens_at=tokens_at)
+metrics = MetricsLog(out_dir if master else None, tokens_at, resumed_at=start_iter if ckpt_path else None,
+                     wandb_run=wandb_run)
 metrics.event(start_iter, "start", params=raw_model.get_num_params(), model_args=model_args, init_from=origin,
               dataset=dataset, world_size=world_size, tokens_per_iter=tokens_per_iter, max_iters=max_iters)
 if ckpt_path:
