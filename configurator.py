@@ -53,12 +53,13 @@ def _coerce(key, value, default, where):
 # (lowest, highest) allowed for numeric knobs, None for no bound; a float must also be finite
 AT_LEAST_1 = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_size", "gradient_accumulation_steps",
               "eval_interval", "log_interval", "eval_iters", "keep_last", "num_samples", "max_new_tokens",
-              "timed_steps")
+              "timed_steps", "max_batch")
 AT_LEAST_0 = ("max_iters", "warmup_iters", "lr_decay_iters", "checkpoint_interval", "keep_every",
               "checkpoint_minutes", "warmup_steps", "learning_rate", "min_lr", "weight_decay", "grad_clip",
               "peak_flops", "temperature", "top_k")
 RANGES = {**{k: (1, None) for k in AT_LEAST_1}, **{k: (0, None) for k in AT_LEAST_0},
-          "dropout": (0, 0.999), "beta1": (0, 0.999999), "beta2": (0, 0.999999), "seed": (0, 2**32 - 1)}
+          "dropout": (0, 0.999), "beta1": (0, 0.999999), "beta2": (0, 0.999999), "seed": (0, 2**32 - 1),
+          "window_keep": (0, 1)}
 CHOICES = {"backend": ("auto", "nccl", "gloo"), "dtype": ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
            "format": ("hf", "safetensors"), "which": ("best", "latest"), "mode": ("train", "checkpoint")}
 NOT_EMPTY = ("out_dir", "dataset", "device", "to")

@@ -41,13 +41,18 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, cache=None, layer=0):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # the fused kernel (flash attention on GPU) is faster than a manual softmax on CPU too
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        if cache is not None:  # generation: attend to every position stored so far, this one included
+            k, v = cache.extend(layer, k, v)
+        # the fused kernel (flash attention on GPU) is faster than a manual softmax on CPU too.
+        # One new query after cached positions sees them all: no mask (a causal mask would be
+        # aligned to the top-left corner and hide them)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -72,8 +77,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -111,14 +116,21 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
+        """Logits (and the loss with targets). With a KVCache (generation), idx continues the
+        positions the cache holds: the whole window into an empty cache, then one token at a time."""
         b, t = idx.size()
-        if t > self.config.block_size:
-            raise ValueError(f"sequence of length {t} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        start = 0 if cache is None else cache.length
+        if start + t > self.config.block_size:
+            raise ValueError(f"sequence of length {start + t} is longer than block_size {self.config.block_size}")
+        if start and t > 1:
+            raise ValueError("after the first window, a KVCache takes one token at a time")
+        pos = torch.arange(start, start + t, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length += t
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
@@ -160,22 +172,83 @@ class GPT(nn.Module):
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Append max_new_tokens sampled tokens to idx (B, T); call under model.eval(). temperature 0
-        is greedy (the most likely token each time); top_k None or 0 samples from the whole vocab."""
-        for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
-            if temperature == 0:
-                idx = torch.cat((idx, logits[:, -1, :].argmax(dim=-1, keepdim=True)), dim=1)
-                continue
-            logits = logits[:, -1, :] / temperature
-            if top_k:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            probs = F.softmax(logits, dim=-1)
-            idx = torch.cat((idx, torch.multinomial(probs, num_samples=1)), dim=1)
-        return idx
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, **kw):
+        """idx (B, T) followed by max_new_tokens new tokens; call under model.eval(). See tokens()."""
+        return torch.cat([idx, *self.tokens(idx, max_new_tokens, temperature, top_k, **kw)], dim=1)
+
+    @torch.no_grad()
+    def tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, keep=None, generators=None, n_vocab=None,
+               use_cache=True):
+        """Yield the next token of each row of idx (B, T), a (B, 1) tensor per step.
+
+        temperature 0 is greedy (the most likely token); top_k None or 0 samples from the whole
+        vocab; n_vocab leaves ids at or above it out (a padded vocab's unused rows). With a
+        torch.Generator per row, row i draws only from generators[i], so a sample is the same
+        whatever else is in its batch.
+
+        The model sees at most block_size positions. The window of the newest tokens grows until
+        it is full; the next token then cuts it to its newest `keep` tokens (None: block_size,
+        i.e. it slides by one token, as nanoGPT does). With absolute position embeddings a cut
+        re-bases every position, so the cut window is run through the model afresh: keep=block_size
+        costs that full pass for every token past block_size, a smaller keep once per
+        block_size - keep tokens. Between cuts, the KV cache makes a token cost one position's
+        forward pass. use_cache=False computes the same tokens the slow way (the reference)."""
+        T = self.config.block_size
+        keep = T if keep is None else keep
+        if not 1 <= keep <= T:
+            raise ValueError(f"keep={keep} must be between 1 and block_size {T}")
+        window = idx[:, -T:]
+        cache = KVCache(self.config.n_layer, min(T, window.size(1) + max_new_tokens)) if use_cache else None
+        logits, _ = self(window, cache=cache)
+        for step in range(max_new_tokens):
+            nxt = pick(logits[:, -1, :n_vocab], temperature, top_k, generators)
+            yield nxt
+            if step == max_new_tokens - 1:
+                return
+            if window.size(1) == T:  # full: cut, re-base the positions, run the window afresh
+                window = torch.cat((window[:, T - keep + 1:], nxt), dim=1)
+                if cache is not None:
+                    cache.length = 0
+                logits, _ = self(window, cache=cache)
+            else:
+                window = torch.cat((window, nxt), dim=1)
+                logits, _ = self(nxt, cache=cache) if cache is not None else self(window)
+
+
+class KVCache:
+    """Each layer's keys and values of the positions seen so far, so that generating a token costs
+    one position's forward pass instead of the whole window's. Buffers are allocated on first use,
+    in the dtype attention computes in (bf16 under autocast), for `size` positions."""
+
+    def __init__(self, n_layer, size):
+        self.kv = [None] * n_layer
+        self.size = size
+        self.length = 0  # positions filled, the same in every layer; GPT.forward advances it
+
+    def extend(self, layer, k, v):
+        """Store k and v (B, n_head, T, head_size) at the next T positions; all positions so far."""
+        if self.kv[layer] is None:
+            B, H, _, D = k.shape
+            self.kv[layer] = torch.empty((2, B, H, self.size, D), dtype=k.dtype, device=k.device)
+        kv, end = self.kv[layer], self.length + k.size(2)
+        kv[0, :, :, self.length:end] = k
+        kv[1, :, :, self.length:end] = v
+        return kv[0, :, :, :end], kv[1, :, :, :end]
+
+
+def pick(logits, temperature, top_k, generators=None):
+    """One token per row of logits (B, vocab): the argmax at temperature 0, else a draw from the
+    softmax of logits / temperature over the top_k most likely (all when top_k is None or 0)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.size(-1):
+        v, _ = torch.topk(logits, top_k)
+        logits[logits < v[:, [-1]]] = -float("inf")
+    probs = F.softmax(logits, dim=-1)
+    if generators is None:
+        return torch.multinomial(probs, num_samples=1)
+    return torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
 
 
 # ----------------------------------------------------------------------------------------------

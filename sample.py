@@ -4,10 +4,16 @@ Sample from a trained model (out_dir's ckpt.pt) or from OpenAI's GPT-2 weights.
     python sample.py --out_dir=out-shakespeare-char
     python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt
+
+Samples are generated with a KV cache, num_samples at a time (up to max_batch), and a lone
+sample is printed as it is generated. Sample i draws from its own generator seeded by (seed, i),
+so it is the same whatever max_batch is.
 """
+import codecs
 import os
 import sys
 
+import numpy as np
 import torch
 
 import checkpoint
@@ -25,9 +31,14 @@ max_new_tokens = 500
 temperature = 0.8  # 1.0 samples the model's distribution as is, lower is more conservative, 0 is greedy
 top_k = 200  # sample only among the top_k most likely tokens (0: among all)
 seed = 1337
+max_batch = 16  # samples generated together, at most (the KV cache grows with it)
+stream = True  # print a sample as it is generated when it is generated alone (num_samples=1 or max_batch=1)
+stop_at_eot = False  # GPT-2 BPE: end a sample at <|endoftext|> (not printed)
+# Past block_size tokens the context is cut to its newest window_keep of block_size and re-read
+# once (see GPT.tokens); 1.0 slides by one token as nanoGPT does, a full forward pass per token
+window_keep = 0.75
 device = "auto"
 dtype = "auto"
-compile = False
 configure(globals())
 # -----------------------------------------------------------------------------------------------
 one_line_out_of_memory()
@@ -38,7 +49,6 @@ if start.startswith("FILE:"):
     except (OSError, UnicodeDecodeError) as e:
         fail(f"cannot read the prompt file {start[5:]!r} ({getattr(e, 'strerror', None) or e})")
 
-torch.manual_seed(seed)
 device = pick_device(device)
 dtype = pick_dtype(dtype, device)
 ctx = autocast_context(device, dtype)
@@ -73,20 +83,52 @@ else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder
 
 model.eval()
 model.to(device)
-if compile:
-    model = torch.compile(model)
 
-encode, decode = get_codec(meta_path)
+codec = get_codec(meta_path)
+if stop_at_eot and codec.eot is None:
+    fail("stop_at_eot=True needs a GPT-2 BPE model; a character vocab has no <|endoftext|>")
 try:
-    start_ids = encode(start)
+    start_ids = codec.encode(start)
 except KeyError as e:
     fail(f"the prompt has a character {e} that is not in the model's vocabulary ({meta_path})")
 if not start_ids:
     fail("the prompt is empty; give --start=some text")
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
+keep = max(1, round(window_keep * model.config.block_size))
+n_vocab = min(codec.size, model.config.vocab_size)  # a padded vocab's extra rows are no token: never drawn
+
+
+def generate(first, n):
+    """Samples first .. first+n-1 as one batch: lists of new token ids, each cut at <|endoftext|>
+    when stop_at_eot. A lone sample is printed as it goes when stream is on."""
+    # torch's CPU generator keeps 32 bits of a seed: SeedSequence mixes (seed, i) into them
+    generators = [torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+                  for i in range(first, first + n)]
+    steps = model.tokens(x.expand(n, -1), max_new_tokens, temperature, top_k, keep, generators, n_vocab)
+    if not (stop_at_eot or (stream and n == 1)):  # nothing to do per token: no host sync per token either
+        return torch.cat(list(steps), dim=1).tolist()
+    rows, ended = [[] for _ in range(n)], [False] * n
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token may end mid-character
+    if stream and n == 1:
+        sys.stdout.write(text.decode(b"".join(codec.token_bytes(i) for i in start_ids)))
+    for step in steps:
+        for row, token in enumerate(step[:, 0].tolist()):
+            ended[row] = ended[row] or (stop_at_eot and token == codec.eot)
+            if not ended[row]:
+                rows[row].append(token)
+                if stream and n == 1:
+                    sys.stdout.write(text.decode(codec.token_bytes(token)))
+                    sys.stdout.flush()
+        if all(ended):
+            break
+    if stream and n == 1:
+        sys.stdout.write(text.decode(b"", final=True) + "\n---------------\n")
+        rows = []  # printed already
+    return rows
+
 
 with torch.no_grad(), ctx:
-    for _ in range(num_samples):
-        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k)
-        print(decode(y[0].tolist()))
-        print("---------------")
+    for first in range(0, num_samples, max_batch):
+        for row in generate(first, min(max_batch, num_samples - first)):
+            print(codec.decode(start_ids + row))
+            print("---------------", flush=True)

@@ -6,6 +6,7 @@ char_vocab.json, into an HF folder, so that the folder samples with its own voca
 import json
 import os
 import pickle
+from typing import Callable, NamedTuple, Optional
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -56,9 +57,17 @@ def save_chars(meta_path, folder):
         json.dump({"itos": [itos[i] for i in range(len(itos))]}, f, ensure_ascii=False)
 
 
+class Codec(NamedTuple):
+    encode: Callable[[str], list]  # text -> ids
+    decode: Callable[[list], str]  # ids -> text
+    token_bytes: Callable[[int], bytes]  # one id -> its bytes (a BPE token may hold part of a character)
+    size: int  # ids below this decode to text
+    eot: Optional[int]  # <|endoftext|>: GPT-2 BPE only
+
+
 def get_codec(vocab_path=None):
-    """(encode, decode) for a char vocab (a meta.pkl, or an export's char_vocab.json) when it
-    exists, else GPT-2 BPE."""
+    """The Codec of a char vocab (a meta.pkl, or an export's char_vocab.json) when it exists,
+    else GPT-2 BPE."""
     if vocab_path and os.path.exists(vocab_path):
         if vocab_path.endswith(".json"):
             with open(vocab_path, encoding="utf-8") as f:
@@ -66,6 +75,8 @@ def get_codec(vocab_path=None):
         else:
             itos = load_meta(vocab_path)["itos"]
         stoi = {c: i for i, c in itos.items()}
-        return (lambda s: [stoi[c] for c in s]), (lambda ids: "".join(itos[i] for i in ids))
+        return Codec(lambda s: [stoi[c] for c in s], lambda ids: "".join(itos[i] for i in ids),
+                     lambda i: itos[i].encode("utf-8"), len(itos), None)
     enc = gpt2_encoding()
-    return (lambda s: enc.encode(s, allowed_special={ENDOFTEXT})), enc.decode
+    return Codec(lambda s: enc.encode(s, allowed_special={ENDOFTEXT}), enc.decode, enc.decode_single_token_bytes,
+                 enc.n_vocab, enc.eot_token)

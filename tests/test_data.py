@@ -36,16 +36,19 @@ def test_shipped_shakespeare(shakespeare_char):
     assert "vocab size: 65" in out.stdout and "1,003,854" in out.stdout and "111,540" in out.stdout
     assert os.path.getsize(os.path.join(shakespeare_char, "train.bin")) == 2 * 1_003_854
     assert os.path.getsize(os.path.join(shakespeare_char, "val.bin")) == 2 * 111_540
-    encode, decode = get_codec(os.path.join(shakespeare_char, "meta.pkl"))
-    assert decode(encode("First Citizen:")) == "First Citizen:"
+    codec = get_codec(os.path.join(shakespeare_char, "meta.pkl"))
+    assert codec.decode(codec.encode("First Citizen:")) == "First Citizen:"
+    assert (codec.size, codec.eot) == (65, None)
 
 
 def test_gpt2_tokenizer_offline():
     enc = gpt2_encoding()
     assert enc.encode("Hello world") == [15496, 995]
     assert enc.n_vocab == 50257 and enc.eot_token == 50256
-    encode, decode = get_codec(None)
-    assert decode(encode("To be, or not to be<|endoftext|>")) == "To be, or not to be<|endoftext|>"
+    codec = get_codec(None)
+    ids = codec.encode("To be, or not to be<|endoftext|> ünï 😀")
+    assert codec.decode(ids) == "To be, or not to be<|endoftext|> ünï 😀" and ids[7] == codec.eot == 50256
+    assert b"".join(codec.token_bytes(i) for i in ids).decode() == codec.decode(ids)  # what streaming prints
 
 
 def test_meta_pkl_with_code_is_refused(tmp_path):

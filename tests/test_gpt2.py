@@ -84,11 +84,12 @@ def test_import_matches_transformers(hf_folder):
             last = ours(idx)[0]  # without targets: the last position only
         assert last.shape == (2, 1, 100) and (last[:, 0] - ref[:, -1]).abs().max() <= 1e-4
 
-    prompt = torch.randint(0, 100, (1, 5))
-    ours_tokens = ours.generate(prompt, 40, top_k=1)  # top_k=1: sampling is argmax
-    hf_tokens = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
+    prompt = torch.randint(0, 100, (2, 5))
+    ours_tokens = ours.generate(prompt, 59, top_k=1)  # top_k=1: sampling is argmax; the KV cache, up to 64
+    hf_tokens = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=59, do_sample=False,
                             pad_token_id=0)
     assert torch.equal(ours_tokens, hf_tokens)
+    assert torch.equal(ours.generate(prompt, 59, temperature=0, use_cache=False), hf_tokens)
     assert load_gpt2(hf_folder, dropout=0.1).config.dropout == 0.1
 
 

@@ -73,6 +73,10 @@ SAMPLE = [
     ([f"--out_dir={MISSING}"], 1, "no checkpoint in"),
     (["--start="], 2, "the prompt is empty"),
     (["--start=\u00e9t\u00e9"], 2, "not in the model's vocabulary"),
+    (["--stop_at_eot=True"], 2, "needs a GPT-2 BPE model"),
+    (["--window_keep=1.5"], 2, "window_keep=1.5 must be between 0 and 1"),
+    (["--max_batch=0"], 2, "max_batch=0 must be at least 1"),
+    (["--compile=True"], 2, "unknown config key 'compile'"),
 ]
 
 EXPORT = [
