@@ -100,35 +100,39 @@ n_vocab = min(codec.size, model.config.vocab_size)  # a padded vocab's extra row
 
 def generate(first, n):
     """Samples first .. first+n-1 as one batch: lists of new token ids, each cut at <|endoftext|>
-    when stop_at_eot. A lone sample is printed as it goes when stream is on."""
+    when stop_at_eot. A lone sample is printed as it goes when stream is on (and [] returned)."""
     # torch's CPU generator keeps 32 bits of a seed: SeedSequence mixes (seed, i) into them
     generators = [torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
                   for i in range(first, first + n)]
     steps = model.tokens(x.expand(n, -1), max_new_tokens, temperature, top_k, keep, generators, n_vocab)
-    if not (stop_at_eot or (stream and n == 1)):  # nothing to do per token: no host sync per token either
+    live = stream and n == 1
+    if not (stop_at_eot or live):  # nothing to do per token, so no wait for the device per token either
         return torch.cat(list(steps), dim=1).tolist()
     rows, ended = [[] for _ in range(n)], [False] * n
-    text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token may end mid-character
-    if stream and n == 1:
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a BPE token may end mid-character
+    if live:
         sys.stdout.write(text.decode(b"".join(codec.token_bytes(i) for i in start_ids)))
     for step in steps:
         for row, token in enumerate(step[:, 0].tolist()):
             ended[row] = ended[row] or (stop_at_eot and token == codec.eot)
             if not ended[row]:
                 rows[row].append(token)
-                if stream and n == 1:
+                if live:
                     sys.stdout.write(text.decode(codec.token_bytes(token)))
                     sys.stdout.flush()
         if all(ended):
             break
-    if stream and n == 1:
-        sys.stdout.write(text.decode(b"", final=True) + "\n---------------\n")
-        rows = []  # printed already
-    return rows
+    if not live:
+        return rows
+    sys.stdout.write(text.decode(b"", final=True) + "\n---------------\n")
+    return []
 
 
-with torch.no_grad(), ctx:
-    for first in range(0, num_samples, max_batch):
-        for row in generate(first, min(max_batch, num_samples - first)):
-            print(codec.decode(start_ids + row))
-            print("---------------", flush=True)
+try:
+    with torch.no_grad(), ctx:
+        for first in range(0, num_samples, max_batch):
+            for row in generate(first, min(max_batch, num_samples - first)):
+                print(codec.decode(start_ids + row))
+                print("---------------", flush=True)
+except BrokenPipeError:  # the reader went away (| head): nothing left to print to, not an error
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

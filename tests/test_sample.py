@@ -99,6 +99,18 @@ def test_a_lone_sample_is_printed_as_it_is_generated(trained):
     assert streamed.decode() == sample(*args[2:], "--stream=False")
 
 
+@pytest.mark.parametrize("n", [1, 3])  # streamed, and printed per batch
+def test_a_reader_that_goes_away_is_no_error(trained, n):
+    """`python sample.py | head -c 10`: sample.py ends quietly, exit 0, as other command-line tools do."""
+    args = [sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={trained}", "--device=cpu",
+            f"--num_samples={2 * n}", f"--max_batch={n}", "--max_new_tokens=2000"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(os.read(proc.stdout.fileno(), 10)) > 0
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read().decode().strip().splitlines() == [f"sampling from {trained}/ckpt.pt (iteration 10)"]
+
+
 @pytest.fixture(scope="module")
 def eot_model(tmp_path_factory):
     """A GPT-2 BPE-vocab model whose next token is <|endoftext|> with probability ~0.05 at every

@@ -1,0 +1,130 @@
+"""
+Sampling speed, side by side (README, "Performance"). Run from the project root:
+
+    python bench_sample.py char          # ours vs nanoGPT's sample.py: 6 layers, 384 wide, block 256, vocab 65
+    python bench_sample.py gpt2          # ours vs nanoGPT's sample.py: GPT-2 124M's shape, random weights
+    python bench_sample.py char --batch  # ours: 10 samples in one batch vs the same 10 one after another
+    python bench_sample.py gpt2 --batch
+    python bench_sample.py char --ours=--window_keep=1.0   # ours sliding the window by one token, as nanoGPT
+
+nanoGPT is the unmodified copy in ../shared/reference/nanogpt (a benchmark reference only). Both
+scripts sample the same checkpoint with the same prompt, one sample of --new tokens, fp32 on the
+CPU; ours reads the GPT-2 model from a local HF folder (as users do), nanoGPT from a ckpt.pt of the
+same weights. The runs alternate A B A B. A run's generation time is its wall time minus the wall
+time of the same command with --max_new_tokens=1 (start-up and loading), so tokens/s count
+generation only. The ratio is the median over the pairs.
+"""
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+NANOGPT = os.path.join(ROOT, "..", "shared", "reference", "nanogpt")
+PROMPT = "\n"  # both scripts' default
+
+
+def wall(cmd, cwd, env=None):
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if p.returncode:
+        sys.exit(f"error: {' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
+    return time.perf_counter() - t0
+
+
+def char_checkpoint(tmp):
+    """ckpt.pt of the char shape, from two iterations of our train.py (weights barely trained:
+    the speed does not depend on them), readable by both sample.py scripts."""
+    if not os.path.exists(os.path.join(ROOT, "data", "shakespeare_char", "train.bin")):
+        subprocess.run([sys.executable, "data/shakespeare_char/prepare.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    out = os.path.join(tmp, "char")
+    subprocess.run([sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+                    f"--out_dir={out}", "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--batch_size=1",
+                    "--always_save_checkpoint=True"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return ["--out_dir=" + out], ["--out_dir=" + out]
+
+
+def gpt2_checkpoint(tmp):
+    """GPT-2 124M's shape with random weights: an HF folder for ours, the same weights as a
+    nanoGPT ckpt.pt (no dataset in its config: nanoGPT then decodes with tiktoken's gpt2)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from model import load_gpt2
+    torch.manual_seed(0)
+    folder = os.path.join(tmp, "hf-gpt2")
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
+    model = load_gpt2(folder)
+    c = model.config
+    os.makedirs(os.path.join(tmp, "ng-gpt2"))
+    torch.save({"model": model.state_dict(), "config": {},
+                "model_args": dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
+                                   bias=c.bias, vocab_size=c.vocab_size, dropout=0.0)},
+               os.path.join(tmp, "ng-gpt2", "ckpt.pt"))
+    return ["--init_from=" + folder], ["--out_dir=" + os.path.join(tmp, "ng-gpt2")]
+
+
+def tiktoken_cache(tmp):
+    """nanoGPT calls tiktoken.get_encoding('gpt2'), which downloads two files. Offline, put the
+    project's copies (byte-identical, hashes checked by tiktoken) where its cache looks for them."""
+    import tiktoken.load
+    from tiktoken_ext.openai_public import gpt2
+    from tokenizer import BPE_DIR
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=os.path.join(tmp, "tiktoken-cache"))
+    fetch, saved = tiktoken.load.read_file, os.environ.copy()
+    # tiktoken fills its cache from what read_file returns: the shipped file of the same name
+    tiktoken.load.read_file = lambda blobpath: open(os.path.join(BPE_DIR, os.path.basename(blobpath)), "rb").read()
+    os.environ.update(env)
+    try:
+        gpt2()
+    finally:
+        tiktoken.load.read_file = fetch
+        os.environ.clear()
+        os.environ.update(saved)
+    return env
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap.add_argument("shape", choices=("char", "gpt2"))
+    ap.add_argument("--batch", action="store_true", help="ours: 10 samples batched vs one after another")
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--new", type=int, default=500, help="new tokens per sample")
+    ap.add_argument("--ours", default="", help="more flags for our sample.py, e.g. --ours=--window_keep=1.0")
+    a = ap.parse_args()
+    common = ["--device=cpu", f"--start={PROMPT}", "--seed=1337"]
+    with tempfile.TemporaryDirectory(dir=ROOT, prefix="bench-sample-") as tmp:
+        ours_args, ng_args = (char_checkpoint if a.shape == "char" else gpt2_checkpoint)(tmp)
+        ours = [sys.executable, os.path.join(ROOT, "sample.py"), *ours_args, *common, "--dtype=float32", *a.ours.split()]
+        if a.batch:
+            runs = {"batched": ([*ours, "--num_samples=10", "--max_batch=10"], ROOT, None, 10),
+                    "one by one": ([*ours, "--num_samples=10", "--max_batch=1"], ROOT, None, 10)}
+        else:
+            ng = os.path.join(tmp, "nanogpt")
+            shutil.copytree(NANOGPT, ng)
+            if a.shape == "char":  # nanoGPT finds the vocab at data/<dataset>/meta.pkl under its cwd
+                os.makedirs(os.path.join(ng, "data", "shakespeare_char"))
+                shutil.copy(os.path.join(ROOT, "data", "shakespeare_char", "meta.pkl"), os.path.join(ng, "data", "shakespeare_char"))
+            runs = {"project": ([*ours, "--num_samples=1"], ROOT, None, 1),
+                    "nanoGPT": ([sys.executable, "sample.py", *ng_args, *common, "--num_samples=1", "--dtype=float32"],
+                                ng, tiktoken_cache(tmp), 1)}
+        rates = {name: [] for name in runs}
+        for pair in range(1, a.pairs + 1):
+            line = []
+            for name, (cmd, cwd, env, samples) in runs.items():
+                seconds = wall([*cmd, f"--max_new_tokens={a.new}"], cwd, env) - wall([*cmd, "--max_new_tokens=1"], cwd, env)
+                rates[name].append(samples * (a.new - 1) / seconds)
+                line.append(f"{name} {rates[name][-1]:.1f} tokens/s ({seconds:.2f} s)")
+            print(f"pair {pair}: " + ", ".join(line), flush=True)
+        (first, r1), (second, r2) = rates.items()
+        ratios = [x / y for x, y in zip(r1, r2)]
+        print(f"median tokens/s: {first} {statistics.median(r1):.1f}, {second} {statistics.median(r2):.1f}; "
+              f"median ratio {first}/{second}: {statistics.median(ratios):.2f}x (per pair: "
+              + ", ".join(f"{r:.2f}" for r in ratios) + ")")
+
+
+if __name__ == "__main__":
+    main()
