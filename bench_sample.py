@@ -95,6 +95,9 @@ def main():
     ap.add_argument("--new", type=int, default=500, help="new tokens per sample")
     ap.add_argument("--ours", default="", help="more flags for our sample.py, e.g. --ours=--window_keep=1.0")
     a = ap.parse_args()
+    if not os.path.isdir(NANOGPT):
+        sys.exit(f"error: nanoGPT's reference copy is not at {os.path.normpath(NANOGPT)}; this benchmark runs "
+                 f"from a checkout beside the team's shared/ folder")
     common = ["--device=cpu", f"--start={PROMPT}", "--seed=1337"]
     with tempfile.TemporaryDirectory(dir=ROOT, prefix="bench-sample-") as tmp:
         ours_args, ng_args = (char_checkpoint if a.shape == "char" else gpt2_checkpoint)(tmp)

@@ -309,15 +309,15 @@ def check_fits(model_args, device):
              f"{total / 2**30:.0f} GiB; make the model smaller")
 
 
-def one_line_out_of_memory():
+def one_line_out_of_memory(advice="lower batch_size (raising gradient_accumulation_steps keeps the global "
+                                   "batch), block_size or the model's size"):
     """Running out of memory anywhere (a batch or model too big for the device) ends the process
     with one error line and exit 1 instead of a traceback; checkpoints already written are intact."""
     previous = sys.excepthook
 
     def hook(kind, e, tb):
         if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e):
-            say(f"error: out of memory ({_first_line(e)[:160]}); lower batch_size (raising gradient_accumulation_"
-                f"steps keeps the global batch), block_size or the model's size", err=True)
+            say(f"error: out of memory ({_first_line(e)[:160]}); {advice}", err=True)
         else:
             previous(kind, e, tb)
     sys.excepthook = hook

@@ -41,7 +41,8 @@ device = "auto"
 dtype = "auto"
 configure(globals())
 # -----------------------------------------------------------------------------------------------
-one_line_out_of_memory()
+one_line_out_of_memory("lower max_batch (the KV cache grows with it) or max_new_tokens")
+sys.stdout.reconfigure(errors="replace")  # a console that cannot show a character gets a '?', not a traceback
 if start.startswith("FILE:"):
     try:
         with open(start[5:], encoding="utf-8") as f:
