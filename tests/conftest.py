@@ -117,3 +117,11 @@ def shakespeare_char():
     if not all(os.path.exists(os.path.join(folder, f)) for f in ("train.bin", "val.bin", "meta.pkl")):
         run("data/shakespeare_char/prepare.py")
     return folder
+
+
+@pytest.fixture(scope="module")
+def trained(shakespeare_char, tmp_path_factory):
+    """A finished tiny char-level run: checkpoints at 5 and 10, and ckpt.pt (one per test module)."""
+    out = tmp_path_factory.mktemp("trained")
+    run("train.py", *TINY, f"--out_dir={out}", "--max_iters=10", "--eval_interval=5", "--checkpoint_interval=5")
+    return str(out)

@@ -91,14 +91,6 @@ EXPORT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def trained(shakespeare_char, tmp_path_factory):
-    """A finished tiny char-level run: checkpoints at 5 and 10, and ckpt.pt."""
-    out = tmp_path_factory.mktemp("trained")
-    run("train.py", *TINY, f"--out_dir={out}", "--max_iters=10", "--eval_interval=5", "--checkpoint_interval=5")
-    return str(out)
-
-
 def tree(path):
     """Every file and folder under path with its bytes' hash: what 'nothing changed' compares."""
     out = {}

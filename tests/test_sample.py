@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import ENV, ROOT, TINY, run
+from conftest import ENV, ROOT, run
 from model import GPT, GPTConfig
 
 T = 16  # block_size of the tiny model
@@ -62,13 +62,6 @@ def test_n_vocab_leaves_the_padding_rows_out():
     model = tiny()
     out = model.generate(torch.zeros((8, 1), dtype=torch.long), 40, temperature=5.0, top_k=0, n_vocab=10)
     assert out.max() < 10 and len(set(out.flatten().tolist())) == 10
-
-
-@pytest.fixture(scope="module")
-def trained(shakespeare_char, tmp_path_factory):
-    out = tmp_path_factory.mktemp("trained")
-    run("train.py", *TINY, f"--out_dir={out}", "--max_iters=10", "--eval_interval=10")
-    return str(out)
 
 
 def sample(*args):
