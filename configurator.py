@@ -5,7 +5,7 @@ Config for train.py, sample.py, bench.py and export.py: their plain-valued globa
 
 Each positional argument is a Python file executed into the script's globals; each --key=value
 then overrides one global, the value read as a Python literal (or taken as a string if it is not
-one). Then every value is checked (RANGES, CHOICES, NOT_EMPTY, and values that must fit
+one); a bare --key sets a True/False knob to True. Then every value is checked (RANGES, CHOICES, NOT_EMPTY, and values that must fit
 together), once, here, for whichever of these keys a script has. Mistakes end with one line on
 stderr and exit code 2, never a traceback.
 
@@ -53,16 +53,17 @@ def _coerce(key, value, default, where):
 # (lowest, highest) allowed for numeric knobs, None for no bound; a float must also be finite
 AT_LEAST_1 = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_size", "gradient_accumulation_steps",
               "eval_interval", "log_interval", "eval_iters", "keep_last", "num_samples", "max_new_tokens",
-              "timed_steps", "max_batch")
+              "timed_steps", "max_batch", "num_proc", "windows")
 AT_LEAST_0 = ("max_iters", "warmup_iters", "lr_decay_iters", "checkpoint_interval", "keep_every",
               "checkpoint_minutes", "warmup_steps", "learning_rate", "min_lr", "weight_decay", "grad_clip",
               "peak_flops", "temperature", "top_k")
 RANGES = {**{k: (1, None) for k in AT_LEAST_1}, **{k: (0, None) for k in AT_LEAST_0},
           "dropout": (0, 0.999), "beta1": (0, 0.999999), "beta2": (0, 0.999999), "seed": (0, 2**32 - 1),
-          "window_keep": (0, 1)}
+          "window_keep": (0, 1), "shard_mb": (0.001, None)}
 CHOICES = {"backend": ("auto", "nccl", "gloo"), "dtype": ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
-           "format": ("hf", "safetensors"), "which": ("best", "latest"), "mode": ("train", "checkpoint")}
-NOT_EMPTY = ("out_dir", "dataset", "device", "to")
+           "format": ("hf", "safetensors"), "which": ("best", "latest"), "mode": ("train", "checkpoint"),
+           "tokenizer": ("gpt2", "char")}
+NOT_EMPTY = ("out_dir", "dataset", "device", "to", "text_field")
 
 
 def check(namespace):
@@ -146,6 +147,8 @@ def configure(namespace, argv=None):
                 touched[k] = arg
         else:
             key, eq, text = arg[2:].partition("=")
+            if not eq and isinstance(defaults.get(key), bool):
+                eq, text = "=", "True"  # --check means --check=True
             if not eq:
                 fail(f"{arg!r} should be --key=value")
             if key not in defaults:

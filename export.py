@@ -111,9 +111,9 @@ try:
     blob = save(weights, metadata={"format": "pt"})
     checkpoint.atomic_write(os.path.join(tmp, "model.safetensors"), lambda f: f.write(blob))
     written = ["config.json", "model.safetensors"]
-    char_meta = os.path.join(dataset.DATA_DIR, dataset_name, "meta.pkl") if dataset_name else ""
-    if os.path.exists(char_meta):
-        tokenizer.save_chars(char_meta, tmp)
+    itos = tokenizer.char_vocab(os.path.join(dataset.DATA_DIR, dataset_name, dataset.META)) if dataset_name else None
+    if itos is not None:
+        tokenizer.save_chars(itos, tmp)
         written.append(tokenizer.CHAR_VOCAB)
         print(f"a character-level run: its vocab goes into {tokenizer.CHAR_VOCAB} (HF has no tokenizer for it)")
     elif model_args["vocab_size"] < 50257:

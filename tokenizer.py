@@ -1,16 +1,17 @@
 """
 Tokenizers: GPT-2 BPE (tiktoken) built offline from the files shipped in data/gpt2_bpe/, and the
-character vocab that data/shakespeare_char/prepare.py writes to meta.pkl (and export.py, as
+character vocab that a char dataset's prepare writes to meta.pkl (and export.py, as
 char_vocab.json, into an HF folder, so that the folder samples with its own vocab).
 """
 import json
 import os
-import pickle
 from typing import Callable, NamedTuple, Optional
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+from dataset import load_meta
 
 BPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gpt2_bpe")
 CHAR_VOCAB = "char_vocab.json"  # {"itos": [one string per token id]}, beside an exported model
@@ -38,21 +39,13 @@ def gpt2_encoding():
     return _gpt2
 
 
-class _PlainUnpickler(pickle.Unpickler):
-    # meta.pkl holds only dicts, lists, str and int, which unpickle without find_class;
-    # anything that names a class or function is refused, so a planted file runs nothing.
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: meta.pkl may hold plain data only")
+def char_vocab(meta_path):
+    """{id: char} from a dataset's meta.pkl, or None when the dataset is not character-level."""
+    return load_meta(meta_path).get("itos") if meta_path and os.path.exists(meta_path) else None
 
 
-def load_meta(path):
-    with open(path, "rb") as f:
-        return _PlainUnpickler(f).load()
-
-
-def save_chars(meta_path, folder):
-    """Write meta.pkl's character vocab as plain JSON into folder (an HF export)."""
-    itos = load_meta(meta_path)["itos"]
+def save_chars(itos, folder):
+    """Write a character vocab as plain JSON into folder (an HF export)."""
     with open(os.path.join(folder, CHAR_VOCAB), "w", encoding="utf-8") as f:
         json.dump({"itos": [itos[i] for i in range(len(itos))]}, f, ensure_ascii=False)
 
@@ -66,14 +59,15 @@ class Codec(NamedTuple):
 
 
 def get_codec(vocab_path=None):
-    """The Codec of a char vocab (a meta.pkl, or an export's char_vocab.json) when it exists,
-    else GPT-2 BPE."""
-    if vocab_path and os.path.exists(vocab_path):
-        if vocab_path.endswith(".json"):
-            with open(vocab_path, encoding="utf-8") as f:
-                itos = dict(enumerate(json.load(f)["itos"]))
-        else:
-            itos = load_meta(vocab_path)["itos"]
+    """The Codec of a char vocab (a meta.pkl that has one, or an export's char_vocab.json) when
+    it exists, else GPT-2 BPE."""
+    itos = None
+    if vocab_path and vocab_path.endswith(".json") and os.path.exists(vocab_path):
+        with open(vocab_path, encoding="utf-8") as f:
+            itos = dict(enumerate(json.load(f)["itos"]))
+    elif vocab_path:
+        itos = char_vocab(vocab_path)
+    if itos is not None:
         stoi = {c: i for i, c in itos.items()}
         return Codec(lambda s: [stoi[c] for c in s], lambda ids: "".join(itos[i] for i in ids),
                      lambda i: itos[i].encode("utf-8"), len(itos), None)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from dataset import TokenData
-from tokenizer import get_codec, gpt2_encoding, load_meta
+from dataset import TokenData, load_meta
+from tokenizer import get_codec, gpt2_encoding
 
 _spec = importlib.util.spec_from_file_location("char_prepare", os.path.join(ROOT, "data", "shakespeare_char", "prepare.py"))
 char_prepare = importlib.util.module_from_spec(_spec)

@@ -1,55 +1,69 @@
 """
-OpenWebText in GPT-2 BPE tokens, for training GPT-2 124M from scratch (config/train_gpt2.py): writes
-train.bin (~9B tokens, ~17 GB) and val.bin (~4M tokens, ~8.5 MB) as uint16 token ids, each document
-followed by <|endoftext|>. The split is nanoGPT's (test_size 0.0005, seed 2357), so losses compare.
+OpenWebText in GPT-2 BPE tokens, for training GPT-2 124M from scratch (config/train_gpt2.py):
+data/openwebtext/{train,val}.bin, each document followed by <|endoftext|>, 0.05% of the documents
+(seed 2357, as nanoGPT's split) in val. The full corpus is about 9B train tokens (~17 GB).
 
-    pip install datasets        # not in requirements.txt: only this script needs it
-    python data/openwebtext/prepare.py
+    python data/openwebtext/prepare.py                          # through Hugging Face datasets
+    python data/openwebtext/prepare.py --input=PATH             # local .parquet / .jsonl / .txt files
 
-The download is ~54 GB in the Hugging Face cache (HF_HOME); expect an hour or more on 8 cores.
+Through `datasets` (pip install datasets) the corpus is loaded by name, --hf_dataset (default
+Skylion007/openwebtext), from Parquet: current datasets versions run no loading scripts, so the name
+must be a Parquet dataset on the Hub (or a local folder of Parquet files). The download (~54 GB)
+goes to the Hugging Face cache (HF_HOME); with HF_DATASETS_OFFLINE=1 only what is cached is used.
+With --input the files are read as data/prepare.py reads them, and `datasets` is not needed.
+
+Like data/prepare.py (whose machinery this is): shards, progress, a re-run goes on where an
+interrupted one stopped, and the bins get their final names only when complete.
 """
 import os
 import sys
+from types import SimpleNamespace
 
-import numpy as np
-from tqdm import tqdm
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for tokenizer.py
-from tokenizer import gpt2_encoding  # noqa: E402
-
-EOT = 50256  # <|endoftext|>
-num_proc = max(1, os.cpu_count() or 1)  # download processes and tokenizer threads
-batch_docs = 4096  # documents per shard: tokenized together on all cores, then written at once
+DATA = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [DATA, os.path.dirname(DATA)]  # data/prepare.py, and the repo root
+import prepare as corpus  # noqa: E402  (data/prepare.py)
+from configurator import configure  # noqa: E402
 
 
-def write_bin(batches, path, total=None):
-    """Tokenize shards of documents (each a list of str), every document followed by <|endoftext|>,
-    and write all their ids to path as one uint16 array, shard after shard with a progress bar.
-    Appending needs no first pass to count the tokens (nanoGPT's memmap does), the ids of a 17 GB
-    split are never all in memory, and tiktoken's threads encode a shard on every core. A crash
-    leaves no half-written path behind: the file gets its name only when it is complete."""
-    enc = gpt2_encoding()
-    n = 0
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        for texts in tqdm(batches, total=total, desc=f"writing {os.path.basename(path)}"):
-            ids = enc.encode_ordinary_batch(list(texts), num_threads=num_proc)
-            chunk = np.concatenate([np.array(doc + [EOT], dtype=np.uint16) for doc in ids])
-            chunk.tofile(f)
-            n += len(chunk)
-    os.replace(tmp, path)
-    return n
+def from_hub(name, revision, num_proc):
+    """The 'train' split of a Hugging Face dataset as a corpus.Rows source, or a PrepareError."""
+    try:
+        import datasets
+    except ImportError:
+        raise corpus.UsageError("loading OpenWebText by name needs Hugging Face datasets: pip install datasets "
+                                "(or pass --input=PATH with local .parquet, .jsonl or .txt files)")
+    offline = os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    try:
+        table = datasets.load_dataset(name, split="train", revision=revision or None, num_proc=num_proc)
+    except ConnectionError as e:  # offline, or no network: nothing in the cache for this name
+        why = "HF_DATASETS_OFFLINE is set" if offline else "the Hub cannot be reached"
+        raise corpus.PrepareError(f"{name} is not in the Hugging Face cache ({datasets.config.HF_DATASETS_CACHE}) "
+                                  f"and {why} ({e}); download it on a machine with network access into that cache, "
+                                  f"or pass --input=PATH with local .parquet, .jsonl or .txt files")
+    except RuntimeError as e:
+        if "scripts are no longer supported" not in str(e):
+            raise
+        raise corpus.PrepareError(f"{name} is a script dataset, which datasets {datasets.__version__} cannot load; "
+                                  f"pass --hf_dataset= a Parquet copy, or --input= local files")
+    except (FileNotFoundError, ValueError) as e:  # no such dataset, no 'train' split
+        raise corpus.PrepareError(f"{name}: {e}")
+    return corpus.Rows(name, "text", table=table)
 
 
 if __name__ == "__main__":
-    try:
-        from datasets import load_dataset
-    except ImportError:
-        sys.exit("error: this script needs Hugging Face datasets: pip install datasets")
-    dataset = load_dataset("openwebtext", num_proc=num_proc)  # 8,013,769 documents, one 'train' split
-    split = dataset["train"].train_test_split(test_size=0.0005, seed=2357, shuffle=True)
-    for name, docs in (("train", split["train"]), ("val", split["test"])):
-        shards = (b["text"] for b in docs.iter(batch_size=batch_docs))
-        n = write_bin(shards, os.path.join(HERE, f"{name}.bin"), total=-(-len(docs) // batch_docs))
-        print(f"{name} has {n:,} tokens")
+    knobs = dict(
+        input="",  # local files instead of the Hub: a file, a folder or a glob (as data/prepare.py)
+        hf_dataset="Skylion007/openwebtext",  # a Hub name (Parquet) or a local folder
+        hf_revision="",  # a branch, tag or commit of hf_dataset (empty: the default branch)
+        text_field="text",
+        num_proc=os.cpu_count() or 1,  # download processes and encoding threads
+        shard_mb=64.0,
+    )
+    configure(knobs)
+    k = SimpleNamespace(**knobs)
+    def work():
+        sources = corpus.find_sources(k.input, k.text_field) if k.input else \
+            [from_hub(k.hf_dataset, k.hf_revision, k.num_proc)]
+        corpus.prepare(sources, "openwebtext", "gpt2", val_fraction=0.0005, seed=2357, num_proc=k.num_proc,
+                       shard_mb=k.shard_mb, origin=k.input or k.hf_dataset)
+    corpus.run(work)

@@ -12,6 +12,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for tokenizer.py
+from dataset import write_bin  # noqa: E402
 from tokenizer import gpt2_encoding  # noqa: E402
 
 INPUT = os.path.join(HERE, "..", "shakespeare_char", "input.txt")
@@ -26,5 +27,5 @@ if __name__ == "__main__":
     enc = gpt2_encoding()
     for split, part in (("train", text[:int(n * 0.9)]), ("val", text[int(n * 0.9):])):
         ids = np.array(enc.encode_ordinary(part), dtype=np.uint16)  # GPT-2's 50257 ids fit in 16 bits
-        ids.tofile(os.path.join(HERE, f"{split}.bin"))
+        write_bin(os.path.join(HERE, f"{split}.bin"), ids)
         print(f"{split} has {len(ids):,} tokens")

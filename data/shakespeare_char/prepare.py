@@ -7,10 +7,12 @@ With the shipped file: vocab 65, train 1,003,854 tokens, val 111,540 tokens.
 """
 import hashlib
 import os
-import pickle
 import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
+from dataset import save_meta, write_bin  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -41,9 +43,8 @@ def prepare(text, out_dir):
     n = len(text)
     splits = {"train": text[:int(n * 0.9)], "val": text[int(n * 0.9):]}
     for split, part in splits.items():
-        np.array([stoi[c] for c in part], dtype=np.uint16).tofile(os.path.join(out_dir, f"{split}.bin"))
-    with open(os.path.join(out_dir, "meta.pkl"), "wb") as f:
-        pickle.dump({"vocab_size": len(chars), "itos": itos, "stoi": stoi}, f)
+        write_bin(os.path.join(out_dir, f"{split}.bin"), np.array([stoi[c] for c in part], dtype=np.uint16))
+    save_meta(os.path.join(out_dir, "meta.pkl"), {"vocab_size": len(chars), "itos": itos, "stoi": stoi})
     return len(chars), len(splits["train"]), len(splits["val"])
 
 

@@ -1,0 +1,353 @@
+"""data/prepare.py and data/openwebtext/prepare.py: a user's own files -> bins train.py reads.
+
+Behaviour is checked by decoding the bins back: every document comes back whole, in order, with
+<|endoftext|> after it (BPE), in train or in val, never both. Interruptions are real: a SIGKILL
+mid-prepare and a write that fails at a file size limit."""
+import importlib.util
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ENV, ROOT, TINY, run
+from dataset import DATA_DIR, TokenData, load_meta
+from tokenizer import gpt2_encoding
+
+_spec = importlib.util.spec_from_file_location("corpus", os.path.join(ROOT, "data", "prepare.py"))
+corpus = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(corpus)
+EOT = "<|endoftext|>"
+SHAKESPEARE = os.path.join(ROOT, "data", "shakespeare_char", "input.txt")
+
+
+@pytest.fixture(scope="module")
+def docs():
+    """40 ASCII documents of 50-3000 characters cut from tiny Shakespeare, one with a line longer
+    than a piece, one empty."""
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        text = f.read()
+    rng = random.Random(0)
+    out = []
+    for _ in range(38):
+        a = rng.randrange(len(text) - 3000)
+        out.append(text[a:a + rng.randrange(50, 3000)])
+    return out + ["x" * 5000 + "\n\n  tail", ""]
+
+
+@pytest.fixture
+def names():
+    """Dataset names under the repo's data/ (train.py reads only there), removed afterwards."""
+    made = []
+
+    def name(tag):
+        made.append(f"test-prep-{tag}-{os.getpid()}")
+        return made[-1]
+    yield name
+    for n in made:
+        shutil.rmtree(os.path.join(DATA_DIR, n), ignore_errors=True)
+
+
+def write_txt(folder, docs):
+    os.makedirs(folder, exist_ok=True)
+    for i, d in enumerate(docs):
+        with open(os.path.join(folder, f"doc{i:03d}.txt"), "w", encoding="utf-8") as f:
+            f.write(d)
+    return folder
+
+
+def split_docs(name, data_dir=DATA_DIR):
+    """{split: [document text]} decoded from a BPE dataset's bins, cut at <|endoftext|>."""
+    enc = gpt2_encoding()
+    out = {}
+    for split in ("train", "val"):
+        ids = np.fromfile(os.path.join(data_dir, name, f"{split}.bin"), dtype=np.uint16)
+        assert ids[-1] == enc.eot_token  # every document ends with one
+        out[split] = enc.decode(ids.tolist(), errors="strict").split(EOT)[:-1]
+    return out
+
+
+def assert_whole_documents(parts, docs, n_val):
+    """Each document exactly once, whole, in train or in val."""
+    assert len(parts["val"]) == n_val
+    assert sorted(parts["train"] + parts["val"]) == sorted(docs)
+
+
+def test_folder_glob_file_jsonl_parquet_give_the_documents_back(docs, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    folder = write_txt(tmp_path / "txt", docs)
+    (tmp_path / "other.md").write_text("not read from a folder")
+    with open(tmp_path / "c.jsonl", "w") as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({"id": i, "body": d}) + ("\n\n" if i == 3 else "\n"))  # a blank line is no document
+    pq.write_table(pa.table({"body": docs}), tmp_path / "c.parquet", row_group_size=7)
+    results = {}
+    for tag, spec, field in [("folder", folder, "text"), ("glob", str(tmp_path / "txt" / "doc*.txt"), "text"),
+                             ("jsonl", str(tmp_path / "c.jsonl"), "body"), ("parquet", str(tmp_path / "c.parquet"), "body")]:
+        corpus.prepare(corpus.find_sources(spec, field), tag, val_fraction=0.1, seed=7, num_proc=2, shard_mb=0.01,
+                       data_dir=tmp_path / "data")
+        parts = split_docs(tag, tmp_path / "data")
+        assert_whole_documents(parts, docs, n_val=4)
+        val_set = set(parts["val"])
+        assert parts["train"] == [d for d in docs if d not in val_set]  # input order, whole documents
+        assert parts["val"] == [d for d in docs if d in val_set]
+        results[tag] = [open(tmp_path / "data" / tag / f"{s}.bin", "rb").read() for s in ("train", "val")]
+        meta = load_meta(tmp_path / "data" / tag / "meta.pkl")
+        assert meta["documents"] == 40 and meta["val_documents"] == 4 and meta["dtype"] == "uint16"
+        assert meta["tokenizer"] == "gpt2" and "itos" not in meta
+    # the same documents in the same order give the same bins, whatever holds them
+    assert results["folder"] == results["glob"] == results["jsonl"] == results["parquet"]
+    # one file: one document
+    one = corpus.find_sources(os.path.join(folder, "doc000.txt"), "text")
+    assert len(one) == 1 and one[0].count() == 1
+
+
+def test_val_split_is_deterministic_and_by_document(docs, tmp_path):
+    folder = write_txt(tmp_path / "txt", docs)
+    bins = {}
+    for tag, seed, proc, shard in [("a", 1, 1, 0.002), ("b", 1, 2, 5.0), ("c", 2, 2, 5.0)]:
+        corpus.prepare(corpus.find_sources(str(folder), "text"), tag, seed=seed, val_fraction=0.25, num_proc=proc,
+                       shard_mb=shard, data_dir=tmp_path)
+        bins[tag] = split_docs(tag, tmp_path)
+        assert len(bins[tag]["val"]) == 10
+    assert bins["a"] == bins["b"]  # threads and shard size change nothing
+    assert bins["a"]["val"] != bins["c"]["val"]  # the seed picks the documents
+    assert sorted(bins["c"]["train"] + bins["c"]["val"]) == sorted(docs)
+
+
+def test_a_long_text_is_encoded_in_pieces_with_the_ids_of_the_whole(tmp_path, monkeypatch):
+    """A file bigger than a piece is cut only where GPT-2's pre-tokenizer cuts anyway."""
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        text = f.read()[:200_000]
+    rng = random.Random(1)
+    tricky = "".join(rng.choice(["\n", "\n\n", " \n", "\n ", "a", "Z", ".", "'s", "é", "\t", "1", "  "]) for _ in range(50_000))
+    for i, t in enumerate([text, tricky + text + tricky]):
+        (tmp_path / f"{i}.txt").write_text(t, encoding="utf-8")
+    (tmp_path / "z.txt").write_text("another document")
+    monkeypatch.setattr(corpus, "PIECE", 4096)
+    pieces = list(corpus.TextFile(str(tmp_path / "0.txt")).read(0))
+    assert len(pieces) > 40 and "".join(p[1] for p in pieces) == text
+    corpus.prepare(corpus.find_sources(str(tmp_path / "*.txt"), "text"), "long", val_fraction=0.34, seed=0,
+                   data_dir=tmp_path / "data")
+    enc = gpt2_encoding()
+    ids = np.concatenate([np.fromfile(tmp_path / "data" / "long" / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
+    expected = {tuple(enc.encode_ordinary(t) + [enc.eot_token]) for t in (text, tricky + text + tricky, "another document")}
+    # each document's ids, as encoding it whole gives them, is a run of the bins
+    cuts = np.flatnonzero(ids == enc.eot_token)
+    found = {tuple(ids[a + 1 if i else 0:b + 1].tolist()) for i, (a, b) in enumerate(zip(np.r_[-1, cuts[:-1]], cuts))}
+    assert found == expected
+
+
+def test_char_tokenizer_and_a_uint32_vocab(tmp_path):
+    # small vocab: uint16, documents back to back, meta.pkl as shakespeare_char's
+    small = ["hello world\n", "abc", "the end\n", "zz top\n", "quiet"]
+    write_txt(tmp_path / "small", small)
+    corpus.prepare(corpus.find_sources(str(tmp_path / "small"), "text"), "small", tokenizer="char", val_fraction=0.2,
+                   seed=3, data_dir=tmp_path / "data")
+    meta = load_meta(tmp_path / "data" / "small" / "meta.pkl")
+    chars = sorted(set("".join(small)))
+    assert meta["vocab_size"] == len(chars) and meta["itos"] == dict(enumerate(chars)) and meta["dtype"] == "uint16"
+    data = TokenData("small", data_dir=tmp_path / "data")
+    text = {s: "".join(meta["itos"][int(i)] for i in b) for s, b in data.bins.items()}
+    val_doc = [d for d in small if d == text["val"]]
+    assert len(val_doc) == 1 and text["train"] == "".join(d for d in small if d != val_doc[0])
+    assert data.vocab_size() == len(chars)
+    # 70,000 distinct characters: ids past 65,535, so uint32, recorded in meta and read by dataset.py
+    points = [c for c in range(0x100, 0x100 + 75_000) if not 0xD800 <= c < 0xE000][:70_000]
+    big = ["".join(map(chr, points[i::4])) for i in range(4)]
+    write_txt(tmp_path / "big", big)
+    corpus.prepare(corpus.find_sources(str(tmp_path / "big"), "text"), "big", tokenizer="char", val_fraction=0.25,
+                   seed=0, data_dir=tmp_path / "data")
+    meta = load_meta(tmp_path / "data" / "big" / "meta.pkl")
+    assert meta["vocab_size"] == 70_000 and meta["dtype"] == "uint32"
+    data = TokenData("big", data_dir=tmp_path / "data")
+    assert data.bins["train"].dtype == np.uint32 and data.vocab_size() == 70_000
+    assert int(data.bins["train"].max()) >= 2**16
+    x, y = data.train_batch(seed=0, it=0, micro_step=0, batch_size=64, block_size=8, accum_per_rank=1)
+    assert x.dtype == torch.long and x.max() < 70_000 and (x[:, 1:] == y[:, :-1]).all()
+    decoded = {s: "".join(meta["itos"][int(i)] for i in b) for s, b in data.bins.items()}
+    assert sorted([decoded["val"], *[d for d in big if d != decoded["val"]]]) == sorted(big)
+    assert decoded["train"] + decoded["val"] != "" and decoded["val"] in big
+
+
+def test_kill_mid_prepare_then_the_same_command_finishes_without_redoing_shards(tmp_path, names):
+    docs = []
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        text = f.read()
+    rng = random.Random(2)
+    for _ in range(400):
+        a = rng.randrange(len(text) - 40_000)
+        docs.append(text[a:a + 40_000])
+    folder = write_txt(tmp_path / "txt", docs)  # 16 MB, 64 shards of 0.25 MB
+    ref, killed = names("ref"), names("killed")
+    args = [f"--input={folder}", "--num_proc=1", "--shard_mb=0.25"]
+    run("data/prepare.py", *args, f"--dataset={ref}")
+    proc = subprocess.Popen([sys.executable, "data/prepare.py", *args, f"--dataset={killed}"], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = os.path.join(DATA_DIR, killed, corpus.MANIFEST)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            with open(manifest) as f:
+                if len(json.load(f)["shards"]) >= 5:
+                    break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = os.path.join(DATA_DIR, killed)
+    with open(manifest) as f:
+        state = json.load(f)
+    assert 5 <= len(state["shards"]) < 64 and not state["complete"], "the prepare ended before it was killed"
+    assert not os.path.exists(os.path.join(out, "train.bin")) and not os.path.exists(os.path.join(out, "val.bin"))
+    assert os.path.exists(os.path.join(out, "train.bin.partial"))
+    # The first document is in a finished shard. Change its text but not its size or time: a
+    # re-run that redid that shard would write the new text; one that goes on after it cannot.
+    first = os.path.join(folder, "doc000.txt")
+    st = os.stat(first)
+    with open(first, "r+", encoding="utf-8") as f:
+        f.write("#" * 100)
+    os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns))
+    p = run("data/prepare.py", *args, f"--dataset={killed}")
+    assert f"resuming: {len(state['shards'])}" in p.stdout, p.stdout
+    for split in ("train", "val"):
+        with open(os.path.join(DATA_DIR, ref, f"{split}.bin"), "rb") as a, open(os.path.join(out, f"{split}.bin"), "rb") as b:
+            assert a.read() == b.read(), split
+    assert sorted(os.listdir(out)) == ["meta.pkl", "prepare.json", "train.bin", "val.bin"]
+    # the same command again: nothing to do; a changed input (its time moved): done again, with it
+    assert "nothing to do" in run("data/prepare.py", *args, f"--dataset={killed}").stdout
+    os.utime(first)
+    p = run("data/prepare.py", *args, f"--dataset={killed}")
+    assert "again from the start" in p.stdout
+    assert "#" * 100 in "".join(split_docs(killed)["train"] + split_docs(killed)["val"])
+
+
+def test_a_write_that_fails_midway_leaves_no_bins_and_resumes(docs, tmp_path, names):
+    folder = write_txt(tmp_path / "txt", docs * 5)
+    name = names("fsize")
+    args = [f"--input={folder}", f"--dataset={name}", "--shard_mb=0.01", "--val_fraction=0.2"]
+    limit = 60_000  # bytes: train.bin.partial reaches it after a few shards
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    p = run("data/prepare.py", *args, check=False, preexec_fn=cap)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert err[-1].startswith("error:") and "File too large" in err[-1] and "run the same command again" in err[-1]
+    out = os.path.join(DATA_DIR, name)
+    assert not os.path.exists(os.path.join(out, "train.bin"))
+    assert os.path.getsize(os.path.join(out, "train.bin.partial")) == limit  # a torn shard past the last finished one
+    run("data/prepare.py", *args)
+    parts = split_docs(name)
+    assert sorted(parts["train"] + parts["val"]) == sorted(docs * 5) and len(parts["val"]) == 40
+
+
+def test_check_prints_counts_and_windows_and_training_reads_it(docs, tmp_path, names):
+    folder = write_txt(tmp_path / "txt", docs)
+    name = names("walk")
+    p = run("data/prepare.py", f"--input={folder}", f"--dataset={name}", "--check", "--windows=2")
+    meta = load_meta(os.path.join(DATA_DIR, name, "meta.pkl"))
+    n = meta["tokens"]
+    assert f"train: {n['train']:,} tokens ({n['train'] / (n['train'] + n['val']):.2%}), 36 <|endoftext|>" in p.stdout
+    assert f"val: {n['val']:,} tokens" in p.stdout and "40 documents (4 in val)" in p.stdout
+    parts = split_docs(name)
+    joined = {s: "".join(d + EOT for d in parts[s]) for s in parts}
+    windows = re.findall(r"^--- (train|val) tokens [\d,]+-[\d,]+ ---\n(.*?)\n(?=^---)", p.stdout, re.S | re.M)
+    assert [w[0] for w in windows] == ["train", "train", "val", "val"], p.stdout
+    for split, body in windows:  # text from the right split, decoded back
+        assert len(body) > 20 and body in joined[split], (split, body)
+    # train and sample on it, as the README's walk-through
+    out = str(tmp_path / "out")
+    run("train.py", *TINY, f"--dataset={name}", f"--out_dir={out}", "--max_iters=3", "--eval_interval=3",
+        "--block_size=16")
+    s = run("sample.py", f"--out_dir={out}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5", "--start=ROMEO")
+    assert s.stdout.startswith("ROMEO")
+
+
+def one_error_line(p, code, *words):
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == code and "Traceback" not in p.stderr + p.stdout, (p.returncode, p.stderr)
+    assert lines and lines[-1].startswith("error:") and not [ln for ln in lines[:-1] if "error" in ln], p.stderr
+    for w in words:
+        assert w in lines[-1], lines[-1]
+
+
+def test_bad_inputs_get_one_line(tmp_path, names):
+    (tmp_path / "one.txt").write_text("just one document")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": "fine"}\n{not json\n')
+    (tmp_path / "nofield.jsonl").write_text('{"body": "a"}\n{"body": "b"}\n')
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    name = names("bad")
+    cases = [
+        ([f"--dataset={name}"], 2, "--input"),
+        ([f"--input={tmp_path}/nope.txt", f"--dataset={name}"], 2, "does not exist"),
+        ([f"--input={tmp_path}/*.nope", f"--dataset={name}"], 2, "matches no file"),
+        ([f"--input={tmp_path}/empty", f"--dataset={name}"], 2, "no .txt, .jsonl or .parquet"),
+        ([f"--input={tmp_path}/one.txt", f"--dataset={name}"], 1, "1 document", "at least 2"),
+        ([f"--input={tmp_path}/bad.jsonl", f"--dataset={name}"], 1, "bad.jsonl, line 3", "not a JSON line"),
+        ([f"--input={tmp_path}/nofield.jsonl", f"--dataset={name}"], 1, "no text field 'text'", "'body'", "--text_field"),
+        ([f"--input={tmp_path}/fake.parquet", f"--dataset={name}"], 1, "cannot be read as Parquet"),
+        ([f"--input={tmp_path}/one.txt", "--dataset=shakespeare_char"], 2, "did not make"),
+        ([f"--input={tmp_path}/one.txt", "--dataset=../x"], 2, "plain folder name"),
+        ([f"--input={tmp_path}/one.txt", f"--dataset={name}", "--val_fraction=1.0"], 2, "val_fraction"),
+        ([f"--input={tmp_path}/one.txt", f"--dataset={name}", "--tokenizer=bpe"], 2, "tokenizer"),
+        ([f"--input={tmp_path}/one.txt", f"--dataset={name}", "--shard=1"], 2, "shard_mb"),
+        (["--check", "--dataset=nothing-here"], 1, "does not exist"),
+    ]
+    for args, code, *words in cases:
+        one_error_line(run("data/prepare.py", *args, check=False), code, *words)
+    assert not os.path.exists(os.path.join(DATA_DIR, name, "train.bin"))
+
+
+def test_odd_text_is_read_not_refused(tmp_path, names):
+    (tmp_path / "a.txt").write_bytes(b"caf\xe9 latin-1, not UTF-8\n")
+    (tmp_path / "b.txt").write_bytes("\ufeffa byte-order mark first\n".encode("utf-8"))
+    (tmp_path / "c.jsonl").write_text('{"text": "a lone surrogate \\ud800 here"}\n{"text": null}\n')
+    name = names("odd")
+    p = run("data/prepare.py", f"--input={tmp_path}", f"--dataset={name}", "--val_fraction=0.25", "--seed=1")
+    assert "a.txt is not UTF-8 (byte 3)" in p.stderr
+    assert sorted(d for part in split_docs(name).values() for d in part) == \
+        ["", "a byte-order mark first\n", "a lone surrogate \ufffd here", "caf\ufffd latin-1, not UTF-8\n"]
+
+
+def test_openwebtext_offline_local_and_without_datasets(docs, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    out = os.path.join(DATA_DIR, "openwebtext")
+    if any(os.path.exists(os.path.join(out, f)) for f in ("train.bin", "val.bin", "prepare.json")):
+        pytest.skip("data/openwebtext holds a prepared dataset: not touching it")
+    hub = {"HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    try:
+        # offline, nothing cached: one line that says what to pass
+        p = run("data/openwebtext/prepare.py", env=hub, check=False)
+        one_error_line(p, 1, "Skylion007/openwebtext is not in the Hugging Face cache", "HF_DATASETS_OFFLINE", "--input")
+        # no datasets installed: one line (datasets blocked the way Python marks a module as absent)
+        p = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.modules['datasets'] = None; "
+                            "sys.argv = ['data/openwebtext/prepare.py']; "
+                            "runpy.run_path('data/openwebtext/prepare.py', run_name='__main__')"],
+                           cwd=ROOT, env=dict(ENV, **hub), capture_output=True, text=True)
+        one_error_line(p, 2, "pip install datasets", "--input")
+        # a local folder of Parquet files through datasets, offline; and the same file as --input
+        (tmp_path / "pq").mkdir()
+        pq.write_table(pa.table({"text": docs}), tmp_path / "pq" / "train-00000-of-00001.parquet")
+        run("data/openwebtext/prepare.py", f"--hf_dataset={tmp_path / 'pq'}", env=hub)
+        via_hub = split_docs("openwebtext")
+        assert sorted(via_hub["train"] + via_hub["val"]) == sorted(docs) and len(via_hub["val"]) == 1  # 0.05%, at least 1
+        p = run("data/openwebtext/prepare.py", f"--input={tmp_path / 'pq'}", env=hub)
+        assert "again from the start" in p.stdout and split_docs("openwebtext") == via_hub
+    finally:
+        for f in ("train.bin", "val.bin", "meta.pkl", "prepare.json", "train.bin.partial", "val.bin.partial"):
+            if os.path.exists(os.path.join(out, f)):
+                os.remove(os.path.join(out, f))
