@@ -77,7 +77,7 @@ def check(namespace):
         if v < low or (high is not None and v > high):
             fail(f"{key}={v!r} must be " + (f"at least {low}" if high is None else f"between {low} and {high}"))
     for key, allowed in CHOICES.items():
-        if key in namespace and namespace[key] not in allowed:
+        if isinstance(namespace.get(key), str) and namespace[key] not in allowed:  # (export.py's tokenizer is a module)
             fail(f"{key}={namespace[key]!r} is not one of {', '.join(map(repr, allowed))}")
     for key in NOT_EMPTY:
         if namespace.get(key) == "":

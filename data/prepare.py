@@ -303,10 +303,10 @@ def _encode_group(pieces, encode, eot, dtype):
 
 
 def _split(pieces, k):
-    """pieces in k runs of about equal text, in order."""
+    """pieces in up to k runs of about equal text, in order."""
     sizes = np.cumsum([len(p[0]) for p in pieces])
-    bounds = np.searchsorted(sizes, sizes[-1] * np.arange(1, k) / k, side="right") if len(pieces) else []
-    return [g for g in np.split(np.array(pieces, dtype=object), bounds) if len(g)]
+    bounds = [0, *np.searchsorted(sizes, sizes[-1] * np.arange(1, k) / k, side="right").tolist(), len(pieces)]
+    return [pieces[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def _save_manifest(path, state):

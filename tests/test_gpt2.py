@@ -2,7 +2,6 @@
 fine-tunes and resumes, exports load back into transformers unchanged, missing weights give one
 clear line, and the GPT-2 BPE data scripts count right. CPU only, no network: the GPT-2 weights
 here are tiny random ones written with transformers itself."""
-import importlib.util
 import json
 import os
 import shutil
@@ -192,18 +191,3 @@ def test_shakespeare_bpe_prepare():
     assert len(train) == 301_966 and len(np.fromfile(os.path.join(folder, "val.bin"), dtype=np.uint16)) == 36_059
     from tokenizer import gpt2_encoding
     assert gpt2_encoding().decode(train[:3].tolist()) == "First Citizen:"
-
-
-def test_openwebtext_write_bin(tmp_path):
-    spec = importlib.util.spec_from_file_location("owt_prepare", os.path.join(ROOT, "data", "openwebtext", "prepare.py"))
-    owt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(owt)  # the datasets package is imported only when run as a script
-    texts = ["Hello world", "", "<|endoftext|> in a text is just text", "the end"]
-    n = owt.write_bin([texts[:2], texts[2:]], str(tmp_path / "train.bin"))
-    ids = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)
-    assert n == len(ids) and (tmp_path / "train.bin").stat().st_size == 2 * n
-    assert np.flatnonzero(ids == 50256).size == len(texts) and ids[-1] == 50256  # one <|endoftext|> after each
-    from tokenizer import gpt2_encoding
-    enc = gpt2_encoding()
-    assert ids.tolist() == [t for text in texts for t in enc.encode_ordinary(text) + [50256]]
-    assert not os.path.exists(tmp_path / "train.bin.tmp")

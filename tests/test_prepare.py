@@ -112,6 +112,20 @@ def test_folder_glob_file_jsonl_parquet_give_the_documents_back(docs, tmp_path):
     assert len(one) == 1 and one[0].count() == 1
 
 
+def test_ids_are_tiktokens_with_one_eot_after_each_document(tmp_path):
+    texts = ["Hello world", "", "<|endoftext|> in a text is just text", "the end", "caf\u00e9 \U0001f600"]
+    with open(tmp_path / "c.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    corpus.prepare(corpus.find_sources(str(tmp_path / "c.jsonl"), "text"), "ids", val_fraction=0.2, seed=0,
+                   data_dir=tmp_path)
+    enc = gpt2_encoding()
+    per_doc = [enc.encode_ordinary(t) + [enc.eot_token] for t in texts]
+    ids = {s: np.fromfile(tmp_path / "ids" / f"{s}.bin", dtype=np.uint16).tolist() for s in ("train", "val")}
+    (val,) = [i for i, d in enumerate(per_doc) if d == ids["val"]]
+    assert ids["train"] == [t for i, d in enumerate(per_doc) if i != val for t in d]
+    assert sum(t == enc.eot_token for s in ids.values() for t in s) == len(texts)  # the text's <|endoftext|> is text
+
+
 def test_val_split_is_deterministic_and_by_document(docs, tmp_path):
     folder = write_txt(tmp_path / "txt", docs)
     bins = {}
