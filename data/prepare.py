@@ -198,6 +198,7 @@ class Rows:
 
 def find_sources(spec, field):
     """The sources an --input names, in sorted path order."""
+    spec = os.path.expanduser(spec)  # '--input=~/corpus': the shell leaves that ~ alone
     if os.path.isdir(spec):
         paths, skipped = [], 0
         for folder, dirs, files in os.walk(spec):
