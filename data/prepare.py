@@ -108,13 +108,13 @@ class TextFile:
 
 
 def _field(record, field, where):
-    text = record.get(field) if isinstance(record, dict) else None
-    if text is None and isinstance(record, dict) and field in record:
-        return ""  # a null text is an empty document
-    if not isinstance(text, str):
+    if not isinstance(record, dict) or field not in record:
         fields = ", ".join(map(repr, record)) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
         raise PrepareError(f"{where} has no text field {field!r} (it has {fields}); pass --text_field=NAME")
-    return text
+    text = record[field]
+    if text is not None and not isinstance(text, str):
+        raise PrepareError(f"{where}: {field!r} is a JSON {type(text).__name__}, not text")
+    return text or ""  # a null text is an empty document
 
 
 class JsonLines:
