@@ -26,6 +26,7 @@ import zipfile
 import numpy as np
 import torch
 
+from atomicfile import TMP_TAG, atomic_write, fsync_dir
 from metrics import say
 
 FORMAT_VERSION = 1
@@ -33,7 +34,6 @@ BEST = "ckpt.pt"                  # nanoGPT's file: best val loss so far (or eve
 PERIODIC = "ckpt-{:08d}.pt"       # every checkpoint_interval iterations, on signals, at the end (branch 0)
 BRANCHED = "ckpt-{:08d}-b{}.pt"   # the same for branch b > 0 (a run resumed by hand from an older file)
 KEPT_BEST = "ckpt-best-b{}-{:08d}.pt"  # another branch's ckpt.pt, kept when a branch writes its own
-TMP_TAG = ".tmp-"                 # temporary files are '.<name>.tmp-<pid>'; never read, removed on start
 NAMES = re.compile(r"ckpt(-\d{8}(-b\d+)?|-best-b\d+-\d{8})?\.pt$")
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # config keys that fix the model's shape
@@ -57,33 +57,6 @@ class CheckpointError(Exception):
 
 # ---------------------------------------------------------------------------------------------
 # writing
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write):
-    """Call write(f) on a new binary file that then becomes path, so that path is either the old
-    file or the whole new one, even if the process is killed or the machine loses power mid-write:
-    temp file in the same folder, flush + fsync, os.replace (atomic on POSIX), then fsync the folder
-    so the rename is durable. Checkpoints, metrics.jsonl rewrites and exports all go through here."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}{TMP_TAG}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fsync_dir(folder)
-
 
 def atomic_save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))

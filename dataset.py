@@ -23,6 +23,8 @@ import pickle
 
 import numpy as np
 
+from atomicfile import atomic_write
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # keep training and evaluation generators apart
 META = "meta.pkl"
@@ -41,23 +43,14 @@ def load_meta(path):
 
 
 def save_meta(path, meta):
-    """Write meta.pkl whole or not at all (a temporary file renamed into place)."""
-    with open(path + ".tmp", "wb") as f:
-        pickle.dump(meta, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: pickle.dump(meta, f))
 
 
 def write_bin(path, ids):
-    """A whole split's ids to path, whole or not at all (a temporary file, fsynced, renamed into
-    place). Written through Python's file object: ndarray.tofile's stdio buffer can lose the error
-    of a write that failed (a full disk) and leave a short file with no word said."""
-    with open(path + ".tmp", "wb") as f:
-        f.write(np.ascontiguousarray(ids).data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    """A whole split's ids to path, whole or not at all. Written through Python's file object:
+    ndarray.tofile's stdio buffer can lose the error of a write that failed (a full disk) and leave
+    a short file with no word said."""
+    atomic_write(path, lambda f: f.write(np.ascontiguousarray(ids).data))
 
 
 def bin_dtype(vocab_size):

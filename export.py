@@ -32,6 +32,7 @@ from safetensors.torch import save
 import checkpoint
 import dataset
 import tokenizer
+from atomicfile import atomic_write
 from configurator import configure, fail
 from model import GPTConfig, from_state_dict, to_hf
 
@@ -91,7 +92,7 @@ if format == "safetensors":  # one file: written whole, then renamed into place
                                    "iter_num": str(iter_num), "dataset": dataset_name})
     try:
         os.makedirs(os.path.dirname(os.path.abspath(to)), exist_ok=True)
-        checkpoint.atomic_write(to, lambda f: f.write(blob))
+        atomic_write(to, lambda f: f.write(blob))
     except OSError as e:
         raise SystemExit(f"error: could not write {to}: {checkpoint.os_error(e)}") from None
     print(f"wrote {to}")
@@ -99,7 +100,7 @@ if format == "safetensors":  # one file: written whole, then renamed into place
 
 # hf: the folder is written under a temporary name beside `to`, then renamed into place; a previous
 # export there is swapped out first and removed after. Files are written with plain open() (through
-# checkpoint.atomic_write for the weights), so the umask decides who may read them: safetensors'
+# atomic_write for the weights), so the umask decides who may read them: safetensors'
 # own save_file makes owner-only files, and an export is for sharing.
 tmp = os.path.join(os.path.dirname(os.path.abspath(to)), f".{os.path.basename(os.path.abspath(to))}.tmp-{os.getpid()}")
 old = f"{tmp}-old"
@@ -109,7 +110,7 @@ try:
     hf_config.save_pretrained(tmp)
     # "format": "pt" marks PyTorch tensors, as transformers' own save_pretrained writes it
     blob = save(weights, metadata={"format": "pt"})
-    checkpoint.atomic_write(os.path.join(tmp, "model.safetensors"), lambda f: f.write(blob))
+    atomic_write(os.path.join(tmp, "model.safetensors"), lambda f: f.write(blob))
     written = ["config.json", "model.safetensors"]
     itos = tokenizer.char_vocab(os.path.join(dataset.DATA_DIR, dataset_name, dataset.META)) if dataset_name else None
     if itos is not None:

@@ -18,6 +18,8 @@ import os
 import sys
 import time
 
+from atomicfile import atomic_write
+
 METRICS = "metrics.jsonl"
 
 
@@ -103,7 +105,6 @@ class MetricsLog:
         last line, rewriting the file atomically (temp file, fsync, rename) when anything changes."""
         if not os.path.exists(self.path):
             return
-        from checkpoint import atomic_write  # (checkpoint.py imports this module for say)
         with open(self.path, encoding="utf-8", errors="replace") as f:
             text = f.read()
         rows = _rows(text)

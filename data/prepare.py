@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a script: the repo root holds dataset.py, tokenizer.py
+from atomicfile import atomic_write  # noqa: E402
 from dataset import DATA_DIR, META, TokenData, bin_dtype, save_meta  # noqa: E402
 
 MANIFEST = "prepare.json"
@@ -311,11 +312,7 @@ def _split(pieces, k):
 
 
 def _save_manifest(path, state):
-    with open(path + ".tmp", "w") as f:
-        json.dump(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: f.write(json.dumps(state).encode()))
 
 
 def prepare(sources, name, tokenizer="gpt2", val_fraction=0.1, seed=1337, num_proc=1, shard_mb=32.0,
