@@ -89,7 +89,8 @@ class TokenData:
                 raise SystemExit(f"error: dataset {dataset!r} ({self.dir}) {what}; {hint}")
             # memmap keeps a 9 GB openwebtext bin on disk; opened once, not per batch
             if os.path.getsize(path) % dtype.itemsize:
-                raise SystemExit(f"error: {path} is not a whole number of {dtype} ids; prepare dataset {dataset!r} again")
+                raise SystemExit(f"error: {path} is not a whole number of {dtype} ids; "
+                                 f"prepare dataset {dataset!r} again")
             # (an empty file cannot be mapped; check_data then says it is too short)
             self.bins[split] = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
 

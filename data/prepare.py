@@ -42,6 +42,7 @@ MANIFEST = "prepare.json"
 FORMAT = 1  # of prepare.json: a different one means start over
 PIECE = 1 << 20  # a big text file is encoded in pieces of about this many bytes
 KINDS = (".txt", ".jsonl", ".parquet")  # what a folder contributes
+GPT2_VOCAB = 50257
 
 
 class PrepareError(Exception):
@@ -57,16 +58,17 @@ class UsageError(PrepareError):
 # re-run can start where the last finished shard ended. A position is a byte offset (text, JSON
 # lines) or a row number (Parquet, a Hugging Face dataset).
 
-def _safe_cut(buf):
-    """The end of buf's last '\\n' that sits between two printable, non-space ASCII bytes, or None.
-    GPT-2's pre-tokenizer always splits after such a newline (whitespace never joins a letter,
-    digit or symbol that follows it, and a lone '\\n' is its own piece at the end of a text too),
-    so pieces cut there encode to exactly the ids of the whole text."""
-    i = buf.rfind(b"\n", 1, len(buf) - 1)
-    while i > 0:
-        if 0x21 <= buf[i - 1] <= 0x7E and 0x21 <= buf[i + 1] <= 0x7E:
-            return i + 1
-        i = buf.rfind(b"\n", 1, i)
+def _safe_cut(buf, start):
+    """The last i >= start at which buf may be cut (buf[:i], buf[i:]) without changing its GPT-2
+    ids, or None. That is before a '\n' followed by printable, non-space ASCII: the pre-tokenizer
+    makes that '\n' a piece of its own (whitespace never joins the letter, digit or symbol after
+    it), and what comes before it (text, or whitespace that ends the text) is split the same either
+    way. A '\r\n' is cut between the two, so CRLF files get pieces too."""
+    i = buf.rfind(b"\n", max(start, 1), len(buf) - 1)
+    while i >= max(start, 1):
+        if 0x21 <= buf[i + 1] <= 0x7E:
+            return i
+        i = buf.rfind(b"\n", max(start, 1), i)
     return None
 
 
@@ -85,37 +87,41 @@ class TextFile:
             return buf.decode("utf-8")
         except UnicodeDecodeError as e:
             if not self.warned:
-                tqdm.write(f"warning: {self.path} is not UTF-8 (byte {e.start}); such bytes become U+FFFD", file=sys.stderr)
+                tqdm.write(f"warning: {self.path} is not UTF-8 (byte {e.start}); such bytes become U+FFFD",
+                           file=sys.stderr)
                 self.warned = True
             return buf.decode("utf-8", errors="replace")
 
     def read(self, pos):
         with open(self.path, "rb") as f:
             f.seek(pos)
-            buf = b""
+            buf = bytearray()
             while True:
                 more = f.read(PIECE)
+                seen = max(0, len(buf) - 1)  # where this read's new bytes begin to matter for a cut
                 buf += more
                 if pos == 0 and buf.startswith(b"\xef\xbb\xbf"):  # a byte-order mark is not text
-                    buf, pos = buf[3:], 3
+                    del buf[:3]
+                    pos = 3
                 if len(more) < PIECE:
-                    yield pos + len(buf), self._decode(buf), True
+                    yield pos + len(buf), self._decode(bytes(buf)), True
                     return
-                cut = _safe_cut(buf)
-                if cut:  # (no safe place yet: a very long line; read on)
+                cut = _safe_cut(buf, seen)
+                if cut:  # (none yet: a line longer than a piece; read on)
                     pos += cut
-                    yield pos, self._decode(buf[:cut]), False
-                    buf = buf[cut:]
+                    yield pos, self._decode(bytes(buf[:cut])), False
+                    del buf[:cut]
 
 
-def _field(record, field, where):
+def _field(record, field):
+    """record's text (a null text is an empty document), or ValueError saying what is wrong."""
     if not isinstance(record, dict) or field not in record:
         fields = ", ".join(map(repr, record)) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
-        raise PrepareError(f"{where} has no text field {field!r} (it has {fields}); pass --text_field=NAME")
+        raise ValueError(f"has no text field {field!r} (it has {fields}); pass --text_field=NAME")
     text = record[field]
     if text is not None and not isinstance(text, str):
-        raise PrepareError(f"{where}: {field!r} is a JSON {type(text).__name__}, not text")
-    return text or ""  # a null text is an empty document
+        raise ValueError(f"has {field!r} as a JSON {type(text).__name__}, not text")
+    return text or ""
 
 
 class JsonLines:
@@ -131,7 +137,7 @@ class JsonLines:
                 n += not line.isspace() and bool(line)
         return n
 
-    def _line_number(self, pos):
+    def _line_number(self, pos):  # for an error message only: it reads the file up to pos
         with open(self.path, "rb") as f:
             return f.read(pos).count(b"\n") + 1
 
@@ -146,7 +152,11 @@ class JsonLines:
                     record = json.loads(line)
                 except ValueError as e:
                     raise PrepareError(f"{self.path}, line {self._line_number(at)}: not a JSON line ({e})")
-                yield pos, _field(record, self.field, f"{self.path}, line {self._line_number(at)}"), True
+                try:
+                    text = _field(record, self.field)
+                except ValueError as e:
+                    raise PrepareError(f"{self.path}, line {self._line_number(at)} {e}")
+                yield pos, text, True
 
 
 class Rows:
@@ -214,7 +224,8 @@ def find_sources(spec, field):
         if not paths:
             raise UsageError(f"--input={spec!r}: no .txt, .jsonl or .parquet files in that folder")
         if skipped:
-            print(f"{len(paths)} files in {spec} ({skipped} others skipped: only .txt, .jsonl and .parquet are read)")
+            print(f"{len(paths)} file{'s' * (len(paths) != 1)} in {spec} ({skipped} other{'s' * (skipped != 1)} "
+                  f"skipped: only .txt, .jsonl and .parquet are read)")
     elif os.path.isfile(spec):
         paths = [spec]
     else:
@@ -224,8 +235,8 @@ def find_sources(spec, field):
             raise UsageError(f"--input={spec!r} {what}")
     sources = []
     for p in sorted(set(paths)):
-        kind = JsonLines(p, field) if p.endswith(".jsonl") else Rows(p, field) if p.endswith(".parquet") else TextFile(p)
-        sources.append(kind)
+        sources.append(JsonLines(p, field) if p.endswith(".jsonl") else
+                       Rows(p, field) if p.endswith(".parquet") else TextFile(p))
     return sources
 
 
@@ -235,7 +246,7 @@ def fingerprint(sources):
     out = []
     for s in sources:
         if getattr(s, "table", None) is not None:
-            out.append([s.path, getattr(s.table, "_fingerprint", None), len(s.table)])
+            out.append([getattr(s.table, "_fingerprint", None), len(s.table)])  # not its name: a path may be relative
         else:
             st = os.stat(s.path)
             out.append([os.path.abspath(s.path), st.st_size, st.st_mtime_ns])
@@ -262,11 +273,15 @@ def _code_points(text):
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
+SURROGATES = slice(0xD800, 0xE000)  # lone halves of UTF-16 pairs (JSON can hold them): U+FFFD, as tiktoken does
+
+
 def char_encoder(chars):
     """ids are the ranks of the corpus's characters in code point order (as shakespeare_char)."""
     points = np.array([ord(c) for c in chars], dtype=np.int64)
     table = np.full(0x110000, -1, dtype=np.int64)
     table[points] = np.arange(len(points))
+    table[SURROGATES] = table[0xFFFD]
 
     def encode(text):
         return table[_code_points(text)].astype(np.uint32)
@@ -281,6 +296,8 @@ def corpus_chars(sources, total):
             for _, text, end in s.read(0):
                 seen[_code_points(text)] = True
                 bar.update(end)
+    if seen[SURROGATES].any():
+        seen[SURROGATES], seen[0xFFFD] = False, True
     return "".join(map(chr, np.flatnonzero(seen)))
 
 
@@ -315,41 +332,66 @@ def _save_manifest(path, state):
     atomic_write(path, lambda f: f.write(json.dumps(state).encode()))
 
 
+def _dtype(state):
+    return bin_dtype(len(state["chars"]) if state["chars"] is not None else GPT2_VOCAB)
+
+
+def _usable_state(out, key, keep):
+    """The manifest's state when this prepare may go on from it (or is done), else None, saying why."""
+    ours = ("train.bin", "val.bin", META, MANIFEST, "train.bin.partial", "val.bin.partial", *keep)
+    foreign = sorted(f for f in (os.listdir(out) if os.path.isdir(out) else []) if f not in ours and f[0] != ".")
+    manifest = os.path.join(out, MANIFEST)
+    if foreign or (not os.path.exists(manifest) and os.path.exists(os.path.join(out, "train.bin"))):
+        names = ", ".join(foreign[:3]) + ", ..." * (len(foreign) > 3) or "train.bin"
+        raise PrepareError(f"{out} holds files that data/prepare.py did not make ({names}); "
+                           f"choose another --dataset, or remove them")
+    try:
+        with open(manifest) as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # written atomically, so not a torn file: someone else's
+        print(f"{manifest} cannot be read: preparing again from the start")
+        return None
+    changed = [k for k in key if (state.get("key") or {}).get(k) != key[k]]
+    if changed:
+        print(f"{' and '.join(changed)} differ from the last prepare's: "
+              f"preparing {os.path.basename(out)} again from the start")
+        return None
+    size = _dtype(state).itemsize
+    if state["complete"]:
+        bins = {split: os.path.join(out, f"{split}.bin") for split in ("train", "val")}
+        if all(os.path.exists(p) and os.path.getsize(p) == state[split] * size for split, p in bins.items()):
+            return state
+        print(f"{out}'s bins are missing or not the size {MANIFEST} records: preparing again from the start")
+        return None
+    done = state["shards"][-1] if state["shards"] else dict(train=0, val=0)
+    for split in ("train", "val"):
+        path = os.path.join(out, f"{split}.bin.partial")
+        if (os.path.getsize(path) if os.path.exists(path) else 0) < done[split] * size:
+            print(f"{path} is missing or shorter than the {len(state['shards'])} finished shards: "
+                  f"preparing again from the start")
+            return None
+    return state
+
+
 def prepare(sources, name, tokenizer="gpt2", val_fraction=0.1, seed=1337, num_proc=1, shard_mb=32.0,
-            origin="", data_dir=DATA_DIR):
-    """sources -> data_dir/name/{train,val}.bin and meta.pkl. Returns the finished manifest."""
+            origin="", data_dir=DATA_DIR, keep=()):
+    """sources -> data_dir/name/{train,val}.bin and meta.pkl. Returns the finished manifest.
+    keep: files of data_dir/name/ other than its own that it leaves alone (a dataset's prepare.py)."""
     out = os.path.join(data_dir, name)
     manifest = os.path.join(out, MANIFEST)
     finals = [os.path.join(out, f) for f in ("train.bin", "val.bin", META)]
     partial = {split: os.path.join(out, f"{split}.bin.partial") for split in ("train", "val")}
+    # what the bins depend on (threads and shard size change nothing in them)
     key = dict(format=FORMAT, inputs=fingerprint(sources), tokenizer=tokenizer, val_fraction=val_fraction,
-               seed=seed, shard_mb=shard_mb, text_field=getattr(sources[0], "field", None))
-    state = None
-    if os.path.exists(manifest):
-        try:
-            with open(manifest) as f:
-                state = json.load(f)
-        except (OSError, ValueError):
-            state = None  # written atomically, so only a foreign file gets here: start over
-    if state is not None and state.get("key") == key:
-        if state["complete"] and all(os.path.exists(p) for p in finals):
-            print(f"{out} is already prepared from these inputs ({state['documents']:,} documents, "
-                  f"train {state['train']:,} tokens, val {state['val']:,}); nothing to do")
-            return state
-        if state["complete"]:
-            state = None  # its files were removed since: start over
-    elif state is not None:
-        print(f"the inputs or settings differ from {manifest}'s: preparing {name} again from the start")
-        state = None
-    elif any(os.path.exists(p) for p in finals):
-        raise UsageError(f"{out} holds a dataset that data/prepare.py did not make; choose another --dataset "
-                         f"or remove that folder")
-    os.makedirs(out, exist_ok=True)
-
+               seed=seed, text_field=getattr(sources[0], "field", None))
+    state = _usable_state(out, key, keep)
+    if state is not None and state["complete"]:
+        print(f"{out} is already prepared from these inputs ({state['documents']:,} documents, "
+              f"train {state['train']:,} tokens, val {state['val']:,}); nothing to do")
+        return state
     if state is None:  # plan: count the documents (and, for char, collect the vocab) once
-        for p in finals + list(partial.values()):
-            if os.path.exists(p):
-                os.remove(p)
         n_docs = sum(s.count() for s in sources)
         if n_docs < 2:
             raise PrepareError(f"the input has {n_docs} document{'s' * (n_docs != 1)}; val takes whole documents, so "
@@ -357,6 +399,10 @@ def prepare(sources, name, tokenizer="gpt2", val_fraction=0.1, seed=1337, num_pr
         chars = corpus_chars(sources, n_docs) if tokenizer == "char" else None
         if chars == "":
             raise PrepareError("the input has no text")
+        os.makedirs(out, exist_ok=True)
+        for p in finals + list(partial.values()):
+            if os.path.exists(p):
+                os.remove(p)
         state = dict(key=key, documents=n_docs, chars=chars, shards=[], train=0, val=0, complete=False)
         _save_manifest(manifest, state)
     else:
@@ -364,7 +410,7 @@ def prepare(sources, name, tokenizer="gpt2", val_fraction=0.1, seed=1337, num_pr
               f"{state['documents']:,} documents)" if state["shards"] else "resuming from the first shard")
 
     encode, eot, vocab_size = gpt2_encoder() if tokenizer == "gpt2" else char_encoder(state["chars"])
-    dtype = bin_dtype(vocab_size)
+    dtype = _dtype(state)
     val_docs = val_documents(state["documents"], val_fraction, seed)
     done = state["shards"][-1] if state["shards"] else dict(source=0, pos=0, documents=0, train=0, val=0)
     files = {}
@@ -415,7 +461,8 @@ def prepare(sources, name, tokenizer="gpt2", val_fraction=0.1, seed=1337, num_pr
                     next_val += is_val
                 if size >= shard_chars or doc == state["documents"]:
                     # more runs than threads: one that ends early takes the next, none sits idle
-                    futures = [pool.submit(_encode_group, run, encode, eot, dtype) for run in _split(pieces, 4 * num_proc)]
+                    runs = _split(pieces, 4 * num_proc)
+                    futures = [pool.submit(_encode_group, run, encode, eot, dtype) for run in runs]
                     if pending:
                         finish(pending)
                     pending = futures, dict(source=src, pos=pos, documents=doc)
@@ -426,6 +473,8 @@ def prepare(sources, name, tokenizer="gpt2", val_fraction=0.1, seed=1337, num_pr
         bar.close()
         for f in files.values():
             f.close()
+    if eot is not None and counts["train"] + counts["val"] == state["documents"]:
+        raise PrepareError("the input has no text: every document is empty")
     if doc != state["documents"]:
         raise PrepareError(f"the inputs changed while being read: {doc:,} documents, not {state['documents']:,}; "
                            f"run the command again")
@@ -477,6 +526,10 @@ def check_dataset(name, windows=3, window_tokens=64, seed=0):
             chunk = np.asarray(ids[at:at + (1 << 24)])
             top = max(top, int(chunk.max(initial=0)))
             eots += int(np.count_nonzero(chunk == codec.eot)) if bpe else 0
+        recorded = meta.get("tokens", {}).get(split)
+        if recorded is not None and recorded != len(ids):
+            raise PrepareError(f"{split}.bin of {name!r} holds {len(ids):,} tokens, but meta.pkl records {recorded:,}; "
+                               f"prepare it again")
         print(f"{split}: {len(ids):,} tokens ({len(ids) / max(total, 1):.2%})"
               + (f", {eots:,} <|endoftext|>" if bpe else "") + f", largest id {top:,}")
         if top >= codec.size:
@@ -493,6 +546,11 @@ def check_dataset(name, windows=3, window_tokens=64, seed=0):
 # -----------------------------------------------------------------------------------------------
 # the command line (configurator.py: --key=value, checked once)
 
+def origin_of(spec):
+    """--input as meta.pkl records it: a full path (a glob stays a pattern)."""
+    return os.path.abspath(os.path.expanduser(spec))
+
+
 def run(work):
     """work(), with every way it can fail as one line: exit 2 for a wrong command, 1 otherwise."""
     from configurator import fail
@@ -506,7 +564,8 @@ def run(work):
         sys.exit(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}; "
                  f"finished shards are kept: run the same command again to go on")
     except KeyboardInterrupt:
-        sys.exit("interrupted; finished shards are kept: run the same command again to go on")
+        print("interrupted; finished shards are kept: run the same command again to go on", file=sys.stderr)
+        sys.exit(130)
 
 if __name__ == "__main__":
     from configurator import configure, fail
@@ -533,7 +592,7 @@ if __name__ == "__main__":
     def work():
         if k.input:
             prepare(find_sources(k.input, k.text_field), k.dataset, k.tokenizer, k.val_fraction, k.seed, k.num_proc,
-                    k.shard_mb, origin=os.path.abspath(k.input) if os.path.exists(k.input) else k.input)
+                    k.shard_mb, origin=origin_of(k.input))
             print(f"train on it: python train.py --dataset={k.dataset}")
         if k.check:
             check_dataset(k.dataset, k.windows)

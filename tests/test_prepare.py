@@ -144,18 +144,24 @@ def test_a_long_text_is_encoded_in_pieces_with_the_ids_of_the_whole(tmp_path, mo
     with open(SHAKESPEARE, encoding="utf-8") as f:
         text = f.read()[:200_000]
     rng = random.Random(1)
-    tricky = "".join(rng.choice(["\n", "\n\n", " \n", "\n ", "a", "Z", ".", "'s", "é", "\t", "1", "  "]) for _ in range(50_000))
+    tricky = "".join(rng.choice(["\n", "\n\n", " \n", "\n ", "\r\n", "\r", "a", "Z", ".", "'s", "é", "\t", "1", "  ", "\u3000"])
+                     for _ in range(50_000))
     for i, t in enumerate([text, tricky + text + tricky]):
         (tmp_path / f"{i}.txt").write_text(t, encoding="utf-8")
     (tmp_path / "z.txt").write_text("another document")
     monkeypatch.setattr(corpus, "PIECE", 4096)
     pieces = list(corpus.TextFile(str(tmp_path / "0.txt")).read(0))
     assert len(pieces) > 40 and "".join(p[1] for p in pieces) == text
-    corpus.prepare(corpus.find_sources(str(tmp_path / "*.txt"), "text"), "long", val_fraction=0.34, seed=0,
+    crlf = text.replace("\n", "\r\n")
+    (tmp_path / "crlf.txt").write_bytes(crlf.encode())
+    pieces = list(corpus.TextFile(str(tmp_path / "crlf.txt")).read(0))
+    assert len(pieces) > 40 and "".join(p[1] for p in pieces) == crlf  # CRLF files are cut too
+    corpus.prepare(corpus.find_sources(str(tmp_path / "*.txt"), "text"), "long", val_fraction=0.25, seed=0,
                    data_dir=tmp_path / "data")
     enc = gpt2_encoding()
     ids = np.concatenate([np.fromfile(tmp_path / "data" / "long" / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
-    expected = {tuple(enc.encode_ordinary(t) + [enc.eot_token]) for t in (text, tricky + text + tricky, "another document")}
+    expected = {tuple(enc.encode_ordinary(t) + [enc.eot_token])
+                for t in (text, tricky + text + tricky, "another document", crlf)}
     # each document's ids, as encoding it whole gives them, is a run of the bins
     cuts = np.flatnonzero(ids == enc.eot_token)
     found = {tuple(ids[a + 1 if i else 0:b + 1].tolist()) for i, (a, b) in enumerate(zip(np.r_[-1, cuts[:-1]], cuts))}
@@ -262,9 +268,18 @@ def test_a_write_that_fails_midway_leaves_no_bins_and_resumes(docs, tmp_path, na
     out = os.path.join(DATA_DIR, name)
     assert not os.path.exists(os.path.join(out, "train.bin"))
     assert os.path.getsize(os.path.join(out, "train.bin.partial")) == limit  # a torn shard past the last finished one
-    run("data/prepare.py", *args)
+    # a partial file gone (removed by hand, say): the finished shards cannot be trusted, start over
+    os.remove(os.path.join(out, "val.bin.partial"))
+    p = run("data/prepare.py", *args)
+    assert "val.bin.partial is missing or shorter than the" in p.stdout and "resuming" not in p.stdout
     parts = split_docs(name)
     assert sorted(parts["train"] + parts["val"]) == sorted(docs * 5) and len(parts["val"]) == 40
+    good = open(os.path.join(out, "train.bin"), "rb").read()
+    # a finished bin cut short is not "nothing to do"; --check sees it too
+    os.truncate(os.path.join(out, "train.bin"), len(good) - 2)
+    one_error_line(run("data/prepare.py", f"--dataset={name}", "--check", check=False), 1, "meta.pkl records")
+    p = run("data/prepare.py", *args)
+    assert "bins are missing or not the size" in p.stdout and open(os.path.join(out, "train.bin"), "rb").read() == good
 
 
 def test_check_prints_counts_and_windows_and_training_reads_it(docs, tmp_path, names):
@@ -313,7 +328,8 @@ def test_bad_inputs_get_one_line(tmp_path, names):
         ([f"--input={tmp_path}/bad.jsonl", f"--dataset={name}"], 1, "bad.jsonl, line 3", "not a JSON line"),
         ([f"--input={tmp_path}/nofield.jsonl", f"--dataset={name}"], 1, "no text field 'text'", "'body'", "--text_field"),
         ([f"--input={tmp_path}/fake.parquet", f"--dataset={name}"], 1, "cannot be read as Parquet"),
-        ([f"--input={tmp_path}/one.txt", "--dataset=shakespeare_char"], 2, "did not make"),
+        ([f"--input={tmp_path}/bad.jsonl", "--dataset=shakespeare_char"], 1, "did not make", "input.txt, prepare.py"),
+        ([f"--input={tmp_path}/bad.jsonl", "--dataset=gpt2_bpe"], 1, "did not make", "encoder.json"),
         ([f"--input={tmp_path}/one.txt", "--dataset=../x"], 2, "plain folder name"),
         ([f"--input={tmp_path}/one.txt", f"--dataset={name}", "--val_fraction=1.0"], 2, "val_fraction"),
         ([f"--input={tmp_path}/one.txt", f"--dataset={name}", "--tokenizer=bpe"], 2, "tokenizer"),
@@ -334,6 +350,12 @@ def test_odd_text_is_read_not_refused(tmp_path, names):
     assert "a.txt is not UTF-8 (byte 3)" in p.stderr
     assert sorted(d for part in split_docs(name).values() for d in part) == \
         ["", "a byte-order mark first\n", "a lone surrogate \ufffd here", "caf\ufffd latin-1, not UTF-8\n"]
+    # the char vocab takes U+FFFD for the lone surrogate, as BPE does, and --check decodes it
+    chars = names("oddchar")
+    p = run("data/prepare.py", f"--input={tmp_path}", f"--dataset={chars}", "--tokenizer=char", "--val_fraction=0.25",
+            "--check")
+    meta = load_meta(os.path.join(DATA_DIR, chars, "meta.pkl"))
+    assert "\ufffd" in meta["stoi"] and not any(0xD800 <= ord(c) < 0xE000 for c in meta["stoi"])
 
 
 def test_openwebtext_offline_local_and_without_datasets(docs, tmp_path):

@@ -25,7 +25,7 @@ import prepare as corpus  # noqa: E402  (data/prepare.py)
 from configurator import configure  # noqa: E402
 
 
-def from_hub(name, revision, num_proc):
+def from_hub(name, revision, field, num_proc):
     """The 'train' split of a Hugging Face dataset as a corpus.Rows source, or a PrepareError."""
     try:
         import datasets
@@ -47,23 +47,24 @@ def from_hub(name, revision, num_proc):
                                   f"pass --hf_dataset= a Parquet copy, or --input= local files")
     except (FileNotFoundError, ValueError) as e:  # no such dataset, no 'train' split
         raise corpus.PrepareError(f"{name}: {e}")
-    return corpus.Rows(name, "text", table=table)
+    return corpus.Rows(name, field, table=table)
 
 
 if __name__ == "__main__":
     knobs = dict(
         input="",  # local files instead of the Hub: a file, a folder or a glob (as data/prepare.py)
         hf_dataset="Skylion007/openwebtext",  # a Hub name (Parquet) or a local folder
-        hf_revision="",  # a branch, tag or commit of hf_dataset (empty: the default branch)
-        text_field="text",
+        hf_revision="",  # a branch, tag or commit of a Hub hf_dataset (empty: the default branch)
+        text_field="text",  # the column (or .jsonl field) holding the text
         num_proc=os.cpu_count() or 1,  # download processes and encoding threads
-        shard_mb=64.0,
+        shard_mb=32.0,
     )
     configure(knobs)
     k = SimpleNamespace(**knobs)
     def work():
         sources = corpus.find_sources(k.input, k.text_field) if k.input else \
-            [from_hub(k.hf_dataset, k.hf_revision, k.num_proc)]
+            [from_hub(k.hf_dataset, k.hf_revision, k.text_field, k.num_proc)]
         corpus.prepare(sources, "openwebtext", "gpt2", val_fraction=0.0005, seed=2357, num_proc=k.num_proc,
-                       shard_mb=k.shard_mb, origin=k.input or k.hf_dataset)
+                       shard_mb=k.shard_mb, origin=corpus.origin_of(k.input) if k.input else k.hf_dataset,
+                       keep=("prepare.py",))
     corpus.run(work)
