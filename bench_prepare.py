@@ -4,10 +4,12 @@ project root:
 
     python bench_prepare.py                      # a 200 MB corpus, 1 and 2 threads, 3 pairs each
     python bench_prepare.py --mb=400 --pairs=1   # the corpus doubled: peak memory should not move
+    python bench_prepare.py --jsonl              # the same documents as one .jsonl file
 
 The corpus is made once, outside the repo (--corpus, default /tmp/prepare-bench-<mb>mb): a folder
 of .txt documents of 1-20 KB, each a random draw of lines of the shipped tiny Shakespeare with
-numbers put in, so that no two documents are the same text.
+numbers put in, so that no two documents are the same text. --jsonl writes the same documents,
+in the same order, as one .jsonl file beside it and prepares that.
 
 A: `python data/prepare.py --input=<corpus> --dataset=bench-prepare --num_proc=P` from scratch:
    its tokens/s over its whole wall time (start-up, counting, reading, encoding, writing, renaming)
@@ -17,6 +19,7 @@ B: tiktoken's own `encode_ordinary_batch(docs, num_threads=P)` on the same docum
 The runs alternate A B A B; the ratio is the median of A/B over the pairs.
 """
 import argparse
+import json
 import os
 import random
 import re
@@ -34,11 +37,17 @@ REFERENCE = r"""
 import os, sys, time
 sys.path.insert(0, {root!r})
 from tokenizer import gpt2_encoding
+import json
 docs = []
-for folder, _, files in os.walk({corpus!r}):
-    for name in sorted(files):
-        with open(os.path.join(folder, name), encoding="utf-8") as f:
-            docs.append(f.read())
+if {corpus!r}.endswith(".jsonl"):
+    with open({corpus!r}, encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]
+else:
+    for folder, _, files in os.walk({corpus!r}):
+        for name in sorted(files):
+            if name.endswith(".txt"):
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    docs.append(f.read())
 enc = gpt2_encoding()
 t0 = time.perf_counter()
 ids = enc.encode_ordinary_batch(docs, num_threads={procs})
@@ -69,6 +78,20 @@ def make_corpus(path, mb, seed=0):
         n += 1
     open(os.path.join(path, "done"), "w").close()
     print(f"made {path}: {n:,} documents, {total / 1e6:.0f} MB")
+
+
+def as_jsonl(folder):
+    """The corpus's documents, in prepare's order, as one .jsonl file beside it."""
+    path = folder.rstrip("/") + ".jsonl"
+    if not os.path.exists(path):
+        with open(path + ".tmp", "w", encoding="utf-8") as out:
+            for sub in sorted(os.listdir(folder)):
+                if os.path.isdir(os.path.join(folder, sub)):
+                    for name in sorted(os.listdir(os.path.join(folder, sub))):
+                        with open(os.path.join(folder, sub, name), encoding="utf-8") as f:
+                            out.write(json.dumps({"text": f.read()}) + "\n")
+        os.replace(path + ".tmp", path)
+    return path
 
 
 def child(cmd):
@@ -107,9 +130,12 @@ if __name__ == "__main__":
     ap.add_argument("--corpus", default=None)
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--procs", default="1,2")
+    ap.add_argument("--jsonl", action="store_true")
     a = ap.parse_args()
     corpus = a.corpus or f"/tmp/prepare-bench-{a.mb}mb"
     make_corpus(corpus, a.mb)
+    if a.jsonl:
+        corpus = as_jsonl(corpus)
     print(f"{os.cpu_count()} cores; corpus {corpus}")
     for procs in map(int, a.procs.split(",")):
         ratios = []
