@@ -23,7 +23,6 @@ import json
 import os
 import random
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -95,14 +94,14 @@ def as_jsonl(folder):
 
 
 def child(cmd):
-    """(wall seconds, stdout, peak RSS in MB) of a child process."""
+    """(wall seconds, stdout) of a child process."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = p.communicate()
     seconds = time.perf_counter() - t0
     if p.returncode:
         sys.exit(f"error: {' '.join(cmd)} failed:\n{err[-2000:]}")
-    return seconds, out, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return seconds, out
 
 
 def ours(corpus, procs):
@@ -111,7 +110,7 @@ def ours(corpus, procs):
     # peak RSS: a fresh grandchild per run, so RUSAGE_CHILDREN of a wrapper is this run's alone
     wrapper = [sys.executable, "-c", "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
                "print('rss', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)", *cmd]
-    seconds, out, _ = child(wrapper)
+    seconds, out = child(wrapper)
     train, val = (int(x.replace(",", "")) for x in re.search(r"train ([\d,]+) tokens, val ([\d,]+)", out).groups())
     rss = int(re.search(r"^rss (\d+)", out, re.M).group(1)) / 1024
     shutil.rmtree(os.path.join(ROOT, "data", NAME), ignore_errors=True)
@@ -119,7 +118,7 @@ def ours(corpus, procs):
 
 
 def reference(corpus, procs):
-    _, out, _ = child([sys.executable, "-c", REFERENCE.format(root=ROOT, corpus=corpus, procs=procs)])
+    _, out = child([sys.executable, "-c", REFERENCE.format(root=ROOT, corpus=corpus, procs=procs)])
     tokens, seconds = out.split()
     return int(tokens) / float(seconds)
 

@@ -332,6 +332,11 @@ def _save_manifest(path, state):
     atomic_write(path, lambda f: f.write(json.dumps(state).encode()))
 
 
+def _done(state):
+    """The last finished shard: where the next one starts, and the ids so far."""
+    return state["shards"][-1] if state["shards"] else dict(source=0, pos=0, documents=0, train=0, val=0)
+
+
 def _dtype(state):
     return bin_dtype(len(state["chars"]) if state["chars"] is not None else GPT2_VOCAB)
 
@@ -361,11 +366,11 @@ def _usable_state(out, key, keep):
     size = _dtype(state).itemsize
     if state["complete"]:
         bins = {split: os.path.join(out, f"{split}.bin") for split in ("train", "val")}
-        if all(os.path.exists(p) and os.path.getsize(p) == state[split] * size for split, p in bins.items()):
+        if all(os.path.exists(p) and os.path.getsize(p) == _done(state)[split] * size for split, p in bins.items()):
             return state
         print(f"{out}'s bins are missing or not the size {MANIFEST} records: preparing again from the start")
         return None
-    done = state["shards"][-1] if state["shards"] else dict(train=0, val=0)
+    done = _done(state)
     for split in ("train", "val"):
         path = os.path.join(out, f"{split}.bin.partial")
         if (os.path.getsize(path) if os.path.exists(path) else 0) < done[split] * size:
@@ -389,7 +394,7 @@ def prepare(sources, name, tokenizer="gpt2", val_fraction=0.1, seed=1337, num_pr
     state = _usable_state(out, key, keep)
     if state is not None and state["complete"]:
         print(f"{out} is already prepared from these inputs ({state['documents']:,} documents, "
-              f"train {state['train']:,} tokens, val {state['val']:,}); nothing to do")
+              f"train {_done(state)['train']:,} tokens, val {_done(state)['val']:,}); nothing to do")
         return state
     if state is None:  # plan: count the documents (and, for char, collect the vocab) once
         n_docs = sum(s.count() for s in sources)
@@ -403,7 +408,7 @@ def prepare(sources, name, tokenizer="gpt2", val_fraction=0.1, seed=1337, num_pr
         for p in finals + list(partial.values()):
             if os.path.exists(p):
                 os.remove(p)
-        state = dict(key=key, documents=n_docs, chars=chars, shards=[], train=0, val=0, complete=False)
+        state = dict(key=key, documents=n_docs, chars=chars, shards=[], complete=False)
         _save_manifest(manifest, state)
     else:
         print(f"resuming: {len(state['shards'])} shards done ({state['shards'][-1]['documents']:,} of "
@@ -412,7 +417,7 @@ def prepare(sources, name, tokenizer="gpt2", val_fraction=0.1, seed=1337, num_pr
     encode, eot, vocab_size = gpt2_encoder() if tokenizer == "gpt2" else char_encoder(state["chars"])
     dtype = _dtype(state)
     val_docs = val_documents(state["documents"], val_fraction, seed)
-    done = state["shards"][-1] if state["shards"] else dict(source=0, pos=0, documents=0, train=0, val=0)
+    done = _done(state)
     files = {}
     for split, path in partial.items():  # drop whatever an interrupted shard left after the last finished one
         files[split] = open(path, "r+b" if os.path.exists(path) else "wb")
@@ -422,7 +427,7 @@ def prepare(sources, name, tokenizer="gpt2", val_fraction=0.1, seed=1337, num_pr
     next_val = int(np.searchsorted(val_docs, doc))
     shard_chars = int(shard_mb * 2**20)
     started, new_tokens = time.time(), 0
-    bar = tqdm(total=state["documents"], initial=doc, unit="doc", desc=f"{name}", file=sys.stderr, smoothing=0.1)
+    bar = tqdm(total=state["documents"], initial=doc, unit="doc", desc=name, file=sys.stderr, smoothing=0.1)
     try:
         with ThreadPoolExecutor(num_proc) as pool:
             def finish(shard):
@@ -444,7 +449,6 @@ def prepare(sources, name, tokenizer="gpt2", val_fraction=0.1, seed=1337, num_pr
                     if os.fstat(f.fileno()).st_size != counts[split] * dtype.itemsize:  # trust, but check
                         raise PrepareError(f"{f.name} is shorter than what was written to it; is the disk full?")
                 state["shards"].append(dict(where, **counts))
-                state["train"], state["val"] = counts["train"], counts["val"]
                 _save_manifest(manifest, state)
                 bar.update(where["documents"] - bar.n)
                 bar.set_postfix_str(f"{new_tokens / max(time.time() - started, 1e-9):,.0f} tokens/s")
@@ -514,7 +518,7 @@ def check_dataset(name, windows=3, window_tokens=64, seed=0):
     data = TokenData(name)
     meta = data.meta
     from tokenizer import get_codec
-    codec = get_codec(data.meta_path if "itos" in meta else None)
+    codec = get_codec(data.meta_path)  # BPE when meta.pkl holds no char vocab
     bpe = codec.eot is not None
     print(f"{data.dir}: {data.bins['train'].dtype}, {'GPT-2 BPE' if bpe else f'characters, vocab {codec.size:,}'}"
           + (f", {meta['documents']:,} documents ({meta['val_documents']:,} in val)" if "documents" in meta else ""))
