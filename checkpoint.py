@@ -9,6 +9,16 @@ A checkpoint is one torch.save'd dict of tensors and plain Python values, so tor
 weights_only=True reads it and a file can never run code when loaded. It keeps nanoGPT's keys
 (model, optimizer, model_args, iter_num, best_val_loss, config) so files move both ways, and adds
 scaler, rng (one entry per rank), format_version and metadata.
+
+Under FSDP the periodic checkpoints are folders (ckpt-00001000/) written by every rank at once with
+torch.distributed.checkpoint (DCP): each rank's shard of the weights and AdamW state in its own
+__R_0.distcp file, DCP's .metadata, and state.pt, the same dict as a file less model and optimizer,
+plus the size and CRC-32 of every other file in the folder (DCP keeps no checksum of its own). A
+folder is written under a temporary name and renamed when every rank has finished (distributed.py);
+load() verifies it and, when the tensors are wanted whole, reads them with DCP into the same dict a
+file gives, so sample.py, export.py and a resume without FSDP take either. Consolidate one:
+
+    python checkpoint.py consolidate out/ckpt-00001000 ckpt.pt
 """
 import fcntl
 import glob
@@ -17,11 +27,14 @@ import pickle
 import random
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -34,7 +47,8 @@ BEST = "ckpt.pt"                  # nanoGPT's file: best val loss so far (or eve
 PERIODIC = "ckpt-{:08d}.pt"       # every checkpoint_interval iterations, on signals, at the end (branch 0)
 BRANCHED = "ckpt-{:08d}-b{}.pt"   # the same for branch b > 0 (a run resumed by hand from an older file)
 KEPT_BEST = "ckpt-best-b{}-{:08d}.pt"  # another branch's ckpt.pt, kept when a branch writes its own
-NAMES = re.compile(r"ckpt(-\d{8}(-b\d+)?|-best-b\d+-\d{8})?\.pt$")
+NAMES = re.compile(r"ckpt(\.pt|-best-b\d+-\d{8}\.pt|-\d{8}(-b\d+)?(\.pt)?)$")  # periodic ones: files or folders
+STATE = "state.pt"  # a checkpoint folder's plain part; the rest of the folder is DCP's
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # config keys that fix the model's shape
 # never taken from a stored config: where and how this process starts, and its own time budget
@@ -43,8 +57,9 @@ NOT_RESTORED = ("out_dir", "init_from", "resume_from", "eval_only", "time_limit"
 MACHINE = ("device", "dtype", "backend", "compile")
 
 
-def periodic_name(it, branch=0):
-    return PERIODIC.format(it) if branch == 0 else BRANCHED.format(it, branch)
+def periodic_name(it, branch=0, folder=False):
+    name = PERIODIC.format(it) if branch == 0 else BRANCHED.format(it, branch)
+    return name[:-len(".pt")] if folder else name
 
 
 def new_run_id():
@@ -92,9 +107,14 @@ def lock(out_dir):
 
 
 def remove_stray_temps(out_dir):
-    """Temp files left by a process killed mid-write: they were never a checkpoint."""
+    """Temp files and folders left by a process killed mid-write: they were never a checkpoint."""
     for path in glob.glob(os.path.join(out_dir, f".*{TMP_TAG}*")):
-        os.remove(path)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+
+
+def remove(path):
+    """Delete a checkpoint file or folder."""
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def to_cpu(obj):
@@ -170,12 +190,160 @@ class AsyncSaver:
 
 
 def verified(path):
-    """True if every record of the file matches its CRC-32: one full read (see load)."""
+    """True if every record of the file, or every file of the folder, matches its CRC-32: one full read."""
     try:
+        if os.path.isdir(path):
+            verify_folder(path)
+            return True
         with zipfile.ZipFile(path) as zf:
             return zf.testzip() is None
-    except (OSError, zipfile.BadZipFile):
+    except (OSError, zipfile.BadZipFile, CheckpointError):
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint folders (FSDP): the plain part in state.pt, the tensors in DCP's files
+
+def crc32(path):
+    """(size, CRC-32) of a file, read in 16 MB pieces (zlib: several GB/s)."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+    return [size, crc]
+
+
+def commit_folder(tmp, path, state, files):
+    """Make the finished temp folder `tmp` the checkpoint folder `path`: state.pt (the plain part, with
+    every file's size and CRC) written in it, fsynced, then the folder renamed. Until the rename the
+    folder has a temp name, which nothing reads and the next start removes: a folder under a
+    checkpoint's name is always whole. Raises CheckpointError, leaving no folder under `path`'s name
+    that was not there before."""
+    try:
+        atomic_save(dict(state, files=files), os.path.join(tmp, STATE))
+        fsync_dir(tmp)
+        old = None
+        if os.path.exists(path):  # the same iteration again (after a fall-back): replace it whole
+            old = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}{TMP_TAG}old-{os.getpid()}"
+            os.rename(path, old)
+        os.rename(tmp, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+        if old:
+            remove(old)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write {path}: {os_error(e)}") from None
+
+
+# DCP pickles its .metadata and unpickles it with pickle.load: anything else a planted file names
+# would run, so the file is first read here with only these classes admitted (all plain records).
+_DCP_CLASSES = {("torch.distributed.checkpoint.metadata", n) for n in (
+    "Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+    "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) not in _DCP_CLASSES and not dtype:
+            raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _dcp_metadata(folder):
+    """DCP's metadata of a folder, read safely; every entry must be a tensor (DCP would unpickle any
+    other entry with torch.load(weights_only=False))."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    try:
+        with open(os.path.join(folder, ".metadata"), "rb") as f:
+            md = _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{folder}: refused, its .metadata needs arbitrary pickle, which can run code "
+                              f"({str(e)[:120]})") from None
+    except Exception as e:
+        raise CheckpointError(f"{folder}: unreadable .metadata ({type(e).__name__}: {str(e)[:120]})") from None
+    entries = getattr(md, "state_dict_metadata", None)
+    if not isinstance(entries, dict) or not all(isinstance(m, TensorStorageMetadata) for m in entries.values()):
+        raise CheckpointError(f"{folder}: refused, its .metadata holds entries that are not tensors")
+    return md
+
+
+def _folder_state(folder):
+    """state.pt of a checkpoint folder: plain data, loaded with weights_only=True."""
+    state_path = os.path.join(folder, STATE)
+    if not os.path.isfile(state_path):
+        raise CheckpointError(f"{folder}: not a checkpoint folder (no {STATE}: not written by train.py, or "
+                              f"copied in part)")
+    if not zipfile.is_zipfile(state_path):
+        raise CheckpointError(f"{state_path}: unreadable (truncated, or not a checkpoint)")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{state_path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or "model_args" not in state:
+        raise CheckpointError(f"{folder}: not a GPT checkpoint folder ({STATE} lacks 'files' and 'model_args')")
+    return state
+
+
+def verify_folder(folder):
+    """The folder's plain state, after checking state.pt's CRCs and every listed file's size and
+    CRC-32, and that DCP's .metadata is safe to read. Raises CheckpointError naming the bad file."""
+    state = _folder_state(folder)
+    with zipfile.ZipFile(os.path.join(folder, STATE)) as zf:
+        bad = zf.testzip()
+    if bad is not None:
+        raise CheckpointError(f"{folder}: corrupt ({STATE}: CRC mismatch in {bad})")
+    for name, (size, crc) in sorted(state["files"].items()):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{folder}: incomplete ({name} is missing)")
+        got = crc32(path)
+        if got[0] != size:
+            raise CheckpointError(f"{folder}: corrupt ({name} has {got[0]:,} bytes, {size:,} were written)")
+        if got[1] != crc:
+            raise CheckpointError(f"{folder}: corrupt (CRC mismatch in {name})")
+    _dcp_metadata(folder)
+    return state
+
+
+def optimizer_by_id(state, groups):
+    """AdamW's state keyed by parameter name (DCP, FSDP) -> torch's own optimizer.state_dict() format,
+    keyed by the parameter's position in the param groups, as a single-file checkpoint has it."""
+    ids = {name: i for i, name in enumerate(n for g in groups for n in g["params"])}
+    return {"state": {ids[name]: s for name, s in state.items()},
+            "param_groups": [dict(g, params=[ids[n] for n in g["params"]]) for g in groups]}
+
+
+def optimizer_by_name(optimizer_state, names):
+    """The inverse: torch's format -> {"state": {name: ...}, "param_groups": [... names]}, with `names`
+    the parameter names in the order of the param groups."""
+    return {"state": {names[i]: s for i, s in optimizer_state["state"].items()},
+            "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in optimizer_state["param_groups"]]}
+
+
+def read_shards(folder, state):
+    """The tensors of a verified checkpoint folder, whole, in this process alone (no process group):
+    (model state dict, optimizer state dict in torch's format)."""
+    import torch.distributed.checkpoint as dcp
+    md = _dcp_metadata(folder)
+    flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()}
+    try:
+        with warnings.catch_warnings():  # DCP warns that no_dist means one process: it is meant so
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(flat, checkpoint_id=folder, no_dist=True)
+    except Exception as e:
+        raise CheckpointError(f"{folder}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    model = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
+    for alias, name in state.get("aliases", {}).items():  # a tied weight is stored once
+        model[alias] = model[name]
+    optim = {}
+    for k, v in flat.items():
+        if k.startswith("optim."):
+            name, stat = k[len("optim."):].rsplit(".", 1)
+            optim.setdefault(name, {})[stat] = v
+    return model, optimizer_by_id(optim, state["optimizer_groups"])
 
 
 def apply_retention(out_dir, keep_last, keep_every, run_id, branch, written=()):
@@ -191,7 +359,7 @@ def apply_retention(out_dir, keep_last, keep_every, run_id, branch, written=()):
     for h in mine:  # newest first
         if good >= keep_last:
             try:
-                os.remove(h["path"])
+                remove(h["path"])
             except OSError as e:
                 say(f"warning: could not delete old checkpoint {h['path']}: {os_error(e)}", err=True)
         elif h["path"] in written or verified(h["path"]):
@@ -255,9 +423,16 @@ def _torch_load(path, map_location="cpu", mmap=False):
     return ckpt
 
 
-def load(path, map_location="cpu"):
+def load(path, map_location="cpu", tensors=True):
     """Load and verify one checkpoint. Raises CheckpointError with a one-line reason for a missing,
-    truncated, corrupt, foreign or unsafe file; an unsafe pickle is refused before any of it runs."""
+    truncated, corrupt, foreign or unsafe file; an unsafe pickle is refused before any of it runs.
+    A folder is verified in full (every file's CRC); with tensors=False only its plain part is
+    returned (FSDP then reads each rank's share of the shards itself, distributed.load_sharded)."""
+    if os.path.isdir(path):
+        ckpt = verify_folder(path)
+        if tensors:
+            ckpt["model"], ckpt["optimizer"] = read_shards(path, ckpt)
+        return ckpt
     # torch.save writes a zip with a CRC-32 per record but torch.load never checks them, so a
     # flipped byte inside a tensor would load silently; zipfile checks every record.
     if os.path.isfile(path):
@@ -278,7 +453,7 @@ def load(path, map_location="cpu"):
 def read_header(path):
     """What ranks a file, read without its tensors (mmap: ~10 ms for a 400 MB file): iteration,
     run id, branch, kind, val loss. Only load() checks the CRCs."""
-    ckpt = _torch_load(path, mmap=True)
+    ckpt = _folder_state(path) if os.path.isdir(path) else _torch_load(path, mmap=True)
     meta = ckpt.get("metadata") or {}
     name = os.path.basename(path)
     kind = "best" if name == BEST else "kept" if name.startswith("ckpt-best-") else "periodic"
@@ -315,7 +490,7 @@ def candidates(out_dir):
     return [h["path"] for h in heads] + [path for path, _ in bad]
 
 
-def load_latest(out_dir, map_location="cpu", log=say):
+def load_latest(out_dir, map_location="cpu", log=say, tensors=True):
     """The newest checkpoint in out_dir that loads; each bad one is reported in one line."""
     heads, bad = scan(out_dir)
     for path, why in bad:
@@ -324,7 +499,7 @@ def load_latest(out_dir, map_location="cpu", log=say):
         raise CheckpointError(f"no checkpoint in {out_dir!r} (looked for {BEST} and ckpt-*.pt)")
     for i, h in enumerate(heads):
         try:
-            return h["path"], load(h["path"], map_location)
+            return h["path"], load(h["path"], map_location, tensors)
         except CheckpointError as e:
             nxt = f"falling back to {os.path.basename(heads[i + 1]['path'])}" if i + 1 < len(heads) else "no older one left"
             log(f"warning: skipping {e}; {nxt}")
@@ -338,12 +513,12 @@ def same_origin(a, b):
     return a == b or (os.path.isdir(a) and os.path.isdir(b) and os.path.realpath(a) == os.path.realpath(b))
 
 
-def find_start(out_dir, init_from, resume_from="", log=say):
+def find_start(out_dir, init_from, resume_from="", log=say, tensors=True):
     """(path, ckpt) that this start continues, or (None, None) to start fresh. resume_from: that
     file. Otherwise the newest good checkpoint in out_dir, whatever init_from says, so the same
     command run twice continues the run; init_from='resume' with none there is an error."""
     if resume_from:
-        ckpt = load(resume_from)
+        ckpt = load(resume_from, tensors=tensors)
         theirs = (ckpt.get("metadata") or {}).get("run_id")
         others = {h["run_id"] for h in scan(out_dir)[0]} - {None, theirs}
         if others:  # two runs in one folder could no longer be told apart by "newest"
@@ -351,11 +526,11 @@ def find_start(out_dir, init_from, resume_from="", log=say):
                                   f"{resume_from} (run id {theirs}); resume it into a new --out_dir")
         return resume_from, ckpt
     if init_from == "resume":
-        return load_latest(out_dir, log=log)
+        return load_latest(out_dir, log=log, tensors=tensors)
     if not candidates(out_dir):
         return None, None
     try:
-        path, ckpt = load_latest(out_dir, log=log)
+        path, ckpt = load_latest(out_dir, log=log, tensors=tensors)
     except CheckpointError:
         raise CheckpointError(f"out_dir {out_dir!r} holds checkpoint files but none of them loads (see warnings "
                               f"above); move them away or pick another --out_dir") from None
@@ -474,11 +649,12 @@ def git_commit():
 
 def describe(path):
     """One line: branch, iteration, val loss measured at that iteration, size, time, whether it loads."""
-    size = os.path.getsize(path) / 2**20
+    size = (sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)) if os.path.isdir(path)
+            else os.path.getsize(path)) / 2**20
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(path)))
-    name = os.path.basename(path)
+    name = os.path.basename(path) + ("/" if os.path.isdir(path) else "")
     try:
-        ckpt = load(path)
+        ckpt = load(path, tensors=False)  # a folder's CRCs are all checked; its tensors need not be assembled
     except CheckpointError as e:
         return f"{name:<24} {'-':>6} {'-':>8} {'-':>9} {size:9.1f} MB  {when}  BAD: {e}"
     meta = ckpt.get("metadata") or {}
@@ -487,12 +663,45 @@ def describe(path):
     return f"{name:<24} {meta.get('branch', 0):>6} {ckpt.get('iter_num', '-'):>8} {val:>9} {size:9.1f} MB  {when}  ok"
 
 
+def is_folder_checkpoint(path):
+    """A folder that is (or was meant to be) one checkpoint, rather than a run's out_dir."""
+    return NAMES.match(os.path.basename(os.path.normpath(path))) is not None or \
+        any(os.path.exists(os.path.join(path, n)) for n in (STATE, ".metadata"))
+
+
+def consolidate(folder, out):
+    """A checkpoint folder -> one checkpoint file, as a single process would have written it."""
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: not a checkpoint folder (consolidate turns a folder into a file)")
+    if os.path.isdir(out):
+        raise CheckpointError(f"{out} is a folder; give the file to write, e.g. {os.path.join(out, 'ckpt.pt')}")
+    ckpt = load(folder)
+    for k in ("files", "aliases", "optimizer_groups"):
+        ckpt.pop(k, None)
+    save(ckpt, out)
+    return ckpt
+
+
+USAGE = "usage: python checkpoint.py OUT_DIR | CHECKPOINT | consolidate FOLDER OUT.pt"
+
+
 def main(argv):
+    if argv[:1] == ["consolidate"]:
+        if len(argv) != 3:
+            print(f"error: {USAGE}", file=sys.stderr)
+            sys.exit(2)
+        try:
+            ckpt = consolidate(argv[1], argv[2])
+        except CheckpointError as e:
+            sys.exit(f"error: {e}")
+        print(f"wrote {argv[2]} (iteration {ckpt['iter_num']}, {os.path.getsize(argv[2]) / 2**20:.1f} MB): "
+              f"sample.py, export.py --ckpt and train.py --resume_from read it")
+        return
     if len(argv) != 1:
-        print("error: usage: python checkpoint.py OUT_DIR | FILE.pt", file=sys.stderr)
+        print(f"error: {USAGE}", file=sys.stderr)
         sys.exit(2)
     target = argv[0]
-    if os.path.isdir(target):
+    if os.path.isdir(target) and not is_folder_checkpoint(target):
         files = candidates(target)
         if not files:
             sys.exit(f"error: no checkpoint in {target!r}")
@@ -501,7 +710,7 @@ def main(argv):
             print(describe(path))
         return
     try:
-        ckpt = load(target)
+        ckpt = load(target, tensors=False)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     meta = dict(ckpt.get("metadata") or {})
@@ -521,6 +730,8 @@ def main(argv):
     for k, v in meta.items():
         print(f"{k + ':':<15}{v}")
     print(f"exact resume:  {'yes' if 'rng' in ckpt else 'no (no RNG state: resume is approximate)'}")
+    if "files" in ckpt:
+        print(f"sharded:       {len(ckpt['files'])} files, each CRC-checked (DCP; consolidate makes one file)")
     print(f"lineage:       began from {meta.get('init_from', '?')}, resumed {len(resumes)} time(s)")
     for r in resumes:
         changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in r.get("changed", {}).items()) or "nothing changed"

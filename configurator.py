@@ -62,7 +62,7 @@ RANGES = {**{k: (1, None) for k in AT_LEAST_1}, **{k: (0, None) for k in AT_LEAS
           "window_keep": (0, 1), "shard_mb": (0.001, None)}
 CHOICES = {"backend": ("auto", "nccl", "gloo"), "dtype": ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
            "format": ("hf", "safetensors"), "which": ("best", "latest"), "mode": ("train", "checkpoint"),
-           "tokenizer": ("gpt2", "char")}
+           "tokenizer": ("gpt2", "char"), "parallelism": ("ddp", "fsdp")}
 NOT_EMPTY = ("out_dir", "dataset", "device", "to", "text_field")
 
 
@@ -88,9 +88,9 @@ def check(namespace):
     for key in ("out_dir", "to"):  # a file where a folder should be can never work
         if namespace.get(key):
             _check_folders(key, namespace[key], may_be_file=key == "to")
-    for key in ("resume_from", "ckpt"):  # a checkpoint file named by the command
-        if isinstance(namespace.get(key), str) and namespace[key] and not os.path.isfile(namespace[key]):
-            fail(f"{key} {namespace[key]!r}: no such file")
+    for key in ("resume_from", "ckpt"):  # a checkpoint file (or FSDP's checkpoint folder) named by the command
+        if isinstance(namespace.get(key), str) and namespace[key] and not os.path.exists(namespace[key]):
+            fail(f"{key} {namespace[key]!r}: no such file or folder")
     if namespace.get("bench_dir") and not os.path.isdir(namespace["bench_dir"]):
         fail(f"bench_dir {namespace['bench_dir']!r} is not a folder")
 

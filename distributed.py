@@ -1,4 +1,5 @@
-"""torchrun setup: the process group, and a store that survives torchrun's own restarts.
+"""torchrun setup (the process group, and a store that survives torchrun's own restarts), FSDP2
+wrapping, and sharded checkpoints with torch.distributed.checkpoint (DCP).
 
 torchrun --max-restarts restarts every worker when one dies. By default its agent shares one
 TCPStore with the workers for the whole job, so a restarted group finds the dead group's keys
@@ -9,11 +10,20 @@ TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node (README, "Preemptible and sch
 and a run without it is warned.
 """
 import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_optimizer_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
+import checkpoint
+from atomicfile import TMP_TAG
 from metrics import say
 
 
@@ -21,9 +31,13 @@ def under_torchrun():
     return "RANK" in os.environ
 
 
-def init(device, backend):
-    """Join the process group torchrun set up. Returns (local_rank, world_size, device)."""
+def init(device, backend, fsdp=False):
+    """Join the process group torchrun set up. Returns (local_rank, world_size, device). FSDP needs a
+    process group even alone (`python train.py --parallelism=fsdp`): a group of one, in memory."""
     if not under_torchrun():
+        if fsdp:
+            backend = ("nccl" if device.startswith("cuda") else "gloo") if backend == "auto" else backend
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
         return 0, 1, device
     local_rank, world_size, rank = int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     if device.startswith("cuda"):
@@ -57,3 +71,153 @@ def teardown():
     if dist.is_initialized():
         dist.barrier()  # rank 0 may still be writing; tearing down gloo under it aborts the other ranks
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2
+
+def shard(model, dtype):
+    """FSDP2 in place: each transformer block is one unit (its weights are gathered just before it
+    runs and freed after), the root holds the rest, so the tied wte/lm_head weight stays one
+    parameter. Parameters, gradients and AdamW state are sharded across ranks. Mixed precision is
+    FSDP's own: bf16 weights for compute, fp32 master weights and fp32 gradient reduction."""
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32) \
+        if dtype != "float32" else MixedPrecisionPolicy()
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def local(t):
+    """This rank's part of a parameter (all of it, unsharded)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def param_names(model, optimizer):
+    """Parameter names in the order of the optimizer's param groups (a tied weight: its first name)."""
+    names = {id(p): n for n, p in reversed(list(model.named_parameters(remove_duplicate=False)))}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_state(model, optimizer):
+    """The whole model and optimizer state dicts, gathered to rank 0's CPU in torch's single-file format
+    (every rank takes part; the others get ({}, None)): ckpt.pt stays one file that sample.py reads."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                     cpu_offload=True))
+    if dist.get_rank() != 0:
+        return {}, None
+    return model_sd, checkpoint.optimizer_by_id(optim_sd["state"], optim_sd["param_groups"])
+
+
+def load_full(model, optimizer, optimizer_state):
+    """A single file's optimizer state (every rank holds it whole) into a sharded optimizer. The file's
+    weights went into the model before it was sharded."""
+    named = checkpoint.optimizer_by_name(optimizer_state, param_names(model, optimizer))
+    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+
+
+def _flat(model, optimizer):
+    """The sharded tensors as DCP stores them: {'model.NAME': weight, 'optim.NAME.exp_avg': ...}, all
+    tensors (DCP would pickle anything else), with a tied weight once; plus the aliases and the
+    optimizer's param groups (names and hyperparameters), which go in state.pt."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    flat, seen, aliases = {}, {}, {}
+    for name, t in model_sd.items():
+        if id(t) in seen:
+            aliases[name] = seen[id(t)]
+        else:
+            seen[id(t)] = name
+            flat[f"model.{name}"] = t
+    for name, stats in optim_sd["state"].items():
+        for stat, t in stats.items():
+            flat[f"optim.{name}.{stat}"] = t
+    return flat, aliases, model_sd, optim_sd
+
+
+def load_sharded(folder, model, optimizer):
+    """Each rank reads its share of a checkpoint folder, whatever world size wrote it (DCP reshards).
+    The flat dict's tensors are the state dicts' own, so DCP's in-place load fills both."""
+    flat, _, model_sd, optim_sd = _flat(model, optimizer)
+    dcp.load(flat, checkpoint_id=folder)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+
+class ShardedSaver:
+    """Checkpoint folders under FSDP: every rank writes its own shard at once (DCP), then the folder is
+    committed (checkpoint.commit_folder) when all of them have finished. With background=True the
+    tensors are first copied to host memory (DCP's staging: the only stall) and a thread writes them
+    while training goes on; train.py asks busy() once per iteration, OR-ed over ranks, and calls
+    finish() when no rank is writing any more. At most one save is in flight.
+
+    DCP's process-based writer is not used: it starts its process with multiprocessing's 'spawn',
+    which runs the main script again, and train.py is a script, as nanoGPT's is."""
+
+    def __init__(self):
+        self.group = dist.new_group(backend="gloo")  # the writer's collectives stay off the training group
+        self.pool = ThreadPoolExecutor(1)
+        self.pending = None
+        self.tag = [os.getpid()]
+        dist.broadcast_object_list(self.tag, src=0, group=self.group)  # one temp name for all ranks
+
+    def save(self, plain, path, model, optimizer, background=False, then=None):
+        """Every rank calls this. A failed write raises CheckpointError on rank 0 (only it knows);
+        a background save returns at once, and its failure is a warning when it is committed."""
+        self.finish()
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_TAG}{self.tag[0]}")
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed save's leftovers
+        dist.barrier(group=self.group)
+        flat, aliases, _, optim_sd = _flat(model, optimizer)
+        plain = dict(plain, aliases=aliases, optimizer_groups=optim_sd["param_groups"])
+        if background:
+            future = dcp.async_save(flat, checkpoint_id=tmp, process_group=self.group)
+            self.pending = (self.pool.submit(self._written, future, tmp), tmp, path, plain, then)
+            return
+        try:
+            dcp.save(flat, checkpoint_id=tmp, process_group=self.group)
+            files = self._crcs(tmp)
+        except Exception as e:
+            files = checkpoint.os_error(e)
+        self._commit(files, tmp, path, plain, then)
+
+    def busy(self):
+        return self.pending is not None and not self.pending[0].done()
+
+    def finish(self):
+        """Commit the save in flight, waiting for its writes if need be. Every rank calls it at once."""
+        if self.pending is not None:
+            task, *rest = self.pending
+            self.pending = None
+            try:
+                self._commit(task.result(), *rest)
+            except checkpoint.CheckpointError as e:
+                say(f"warning: {e}; {checkpoint.KEPT_INTACT}", err=True)
+
+    def _written(self, future, tmp):
+        try:
+            future.result()
+            return self._crcs(tmp)
+        except Exception as e:
+            return checkpoint.os_error(e)
+
+    @staticmethod
+    def _crcs(tmp):
+        """Size and CRC-32 of the files this rank wrote (its shard; rank 0 also DCP's .metadata)."""
+        rank = dist.get_rank()
+        mine = [n for n in os.listdir(tmp) if n.startswith(f"__{rank}_") or (rank == 0 and n == ".metadata")]
+        return {n: checkpoint.crc32(os.path.join(tmp, n)) for n in mine}
+
+    def _commit(self, files, tmp, path, plain, then):
+        """files: this rank's {name: [size, crc]}, or why its write failed."""
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, files, group=self.group)
+        if dist.get_rank() != 0:
+            return
+        failed = [f"rank {r}: {e}" for r, e in enumerate(every) if not isinstance(e, dict)]
+        if failed:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise checkpoint.CheckpointError(f"could not write {path} ({failed[0].splitlines()[0][:200]})")
+        checkpoint.commit_folder(tmp, path, plain, {n: c for f in every for n, c in f.items()})
+        if then:
+            then()

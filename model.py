@@ -292,9 +292,10 @@ def pick_dtype(dtype, device):
     return dtype
 
 
-def check_fits(model_args, device):
+def check_fits(model_args, device, shards=1):
     """A model whose training state (fp32 weights, gradients and AdamW's two moments: 16 bytes per
-    parameter) is larger than the device's whole memory can never train: say so before building it."""
+    parameter, split `shards` ways under FSDP) is larger than the device's whole memory can never
+    train: say so before building it."""
     d, L, V, T = model_args["n_embd"], model_args["n_layer"], model_args["vocab_size"], model_args["block_size"]
     params = 12 * L * d * d + (V + T) * d
     if device.startswith("cuda"):
@@ -303,10 +304,12 @@ def check_fits(model_args, device):
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     else:
         return
-    if 16 * params > total:
+    if 16 * params / shards > total:
         fail(f"n_layer={L}, n_embd={d}, block_size={T}, vocab {V}: {params / 1e9:.1f}B parameters need "
-             f"{16 * params / 2**30:.0f} GiB to train (weights, gradients, AdamW), more than this {device}'s "
-             f"{total / 2**30:.0f} GiB; make the model smaller")
+             f"{16 * params / shards / 2**30:.0f} GiB to train (weights, gradients, AdamW"
+             f"{f', sharded {shards} ways' if shards > 1 else ''}), more than this {device}'s "
+             f"{total / 2**30:.0f} GiB; make the model smaller" + ("" if shards > 1 else " or use --parallelism=fsdp "
+                                                                    "on several GPUs"))
 
 
 def one_line_out_of_memory(advice="lower batch_size (raising gradient_accumulation_steps keeps the global "

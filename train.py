@@ -1,8 +1,9 @@
 """
-Train a GPT, on one CPU or GPU or on many GPUs and nodes with DDP.
+Train a GPT, on one CPU or GPU or on many GPUs and nodes with DDP or FSDP2.
 
     python train.py config/train_shakespeare_char.py               # one process
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+    torchrun --standalone --nproc_per_node=8 train.py config/finetune_shakespeare.py --parallelism=fsdp
     python train.py --init_from=resume --out_dir=out-shakespeare-char   # carry on where it stopped
 
 The globals below are the config: config files and --key=value flags override them (configurator.py).
@@ -78,6 +79,7 @@ backend = "auto"  # nccl on CUDA, gloo elsewhere
 device = "auto"  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bf16 on CUDA that has it, else fp16; fp32 on CPU), 'float32', 'bfloat16', 'float16'
 compile = True  # torch.compile the model
+parallelism = "ddp"  # 'ddp': a whole model per GPU; 'fsdp': weights, gradients and AdamW sharded across GPUs (FSDP2)
 seed = 1337
 peak_flops = 0.0  # FLOP/s that MFU is measured against; 0: data-sheet peak for known GPUs, else measured
 # -----------------------------------------------------------------------------------------------
@@ -108,7 +110,7 @@ if resume_from and init_from != "resume":
              f"drop one of them")
     init_from = "resume"  # resume_from implies it
 try:
-    ckpt_path, ckpt = checkpoint.find_start(out_dir, init_from, resume_from, log=log)
+    ckpt_path, ckpt = checkpoint.find_start(out_dir, init_from, resume_from, log=log, tensors=False)
     changed = checkpoint.restore_config(globals(), ckpt, sources, explicit=init_from == "resume", log=log) if ckpt else {}
 except checkpoint.CheckpointError as e:
     raise SystemExit(f"error: {e}")
@@ -128,9 +130,15 @@ if ckpt and ckpt["iter_num"] >= max_iters and not eval_only:
 config = {k: globals()[k] for k in keys}  # plain values, stored in every checkpoint
 stopper = preemption.Stopper(time_budget, checkpoint_minutes)  # from here on a signal means "save, then exit"
 
-# distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
-ddp = distributed.under_torchrun()
-local_rank, world_size, device = distributed.init(pick_device(device), backend)
+# distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE. Under FSDP the periodic checkpoints are
+# folders, every rank writing its shard (distributed.ShardedSaver); ckpt.pt stays one file
+fsdp = parallelism == "fsdp"
+if fsdp and dtype in ("float16", "fp16"):
+    fail("dtype=float16 needs a gradient scaler, which FSDP here does without: use --dtype=bfloat16 "
+         "(or float32) with --parallelism=fsdp")
+local_rank, world_size, device = distributed.init(pick_device(device), backend, fsdp)
+grouped = dist.is_initialized()  # ranks that must agree (torchrun, or FSDP alone)
+ddp = grouped and not fsdp
 if gradient_accumulation_steps % world_size:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the world size {world_size}")
 accum = gradient_accumulation_steps // world_size  # micro-steps per rank
@@ -139,8 +147,8 @@ dtype = pick_dtype(dtype, device)
 if device_type == "cpu" and dtype != "float32":
     log(f"warning: {dtype} autocast on this CPU is much slower than float32 (no bf16/fp16 matrix units); "
         f"use --dtype=float32 for speed")
-ctx = autocast_context(device, dtype)
-torch.manual_seed(seed + rank)
+ctx = autocast_context(device, "float32" if fsdp else dtype)  # FSDP casts by itself (distributed.shard)
+torch.manual_seed(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
@@ -155,9 +163,15 @@ run_id, branch, resumes, origin = checkpoint.new_run_id(), 0, [], init_from
 if ckpt is not None:
     model_args.update({k: ckpt["model_args"][k] for k in checkpoint.MODEL_ARGS if k in ckpt["model_args"]})
     model_args["dropout"] = dropout  # the run's own, or a new one set on resume (e.g. to fine-tune)
-    check_fits(model_args, device)
+    check_fits(model_args, device, world_size if fsdp else 1)
     model = GPT(GPTConfig(**model_args))
-    model.load_state_dict(ckpt["model"])
+    if "model" not in ckpt and not fsdp:  # a checkpoint folder, resumed without FSDP: read it whole
+        try:
+            ckpt["model"], ckpt["optimizer"] = checkpoint.read_shards(ckpt_path, ckpt)
+        except checkpoint.CheckpointError as e:
+            raise SystemExit(f"error: {e}")
+    if "model" in ckpt:  # a folder under FSDP: each rank reads its share once sharded, below
+        model.load_state_dict(ckpt["model"])
     iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     meta = ckpt.get("metadata") or {}
     train_seconds, last_eval, origin = meta.get("train_seconds", 0.0), meta.get("last_eval"), meta.get("init_from", "resume")
@@ -174,7 +188,7 @@ if ckpt is not None:
     if changed:
         log("changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 elif init_from == "scratch":
-    check_fits(model_args, device)
+    check_fits(model_args, device, world_size if fsdp else 1)
     model = GPT(GPTConfig(**model_args))
 else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder; the shape is theirs
     log(f"loading GPT-2 weights {init_from}...")
@@ -205,14 +219,23 @@ except OSError as e:
     raise SystemExit(f"error: out_dir {out_dir!r} is not writable ({checkpoint.os_error(e)}); fix its permissions "
                      f"or pick another --out_dir")
 
+if rank:
+    torch.manual_seed(seed + rank)  # dropout: each rank its own stream (rank 0 goes on with seed's)
 model.to(device)
+if fsdp:
+    distributed.shard(model, dtype)
 # until a save has been timed: weights and AdamW's two moments, in fp32, at a slow 100 MB/s
 stopper.save_seconds = 3 * 4 * model.get_num_params() / 100e6
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if ckpt is not None:
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if "model" not in ckpt:
+        distributed.load_sharded(ckpt_path, model, optimizer)  # DCP reshards: any world size wrote it
+    elif fsdp:
+        distributed.load_full(model, optimizer, ckpt["optimizer"])  # a file (or consolidated folder) into shards
+    else:
+        optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     rngs = ckpt.get("rng")
@@ -230,6 +253,7 @@ if compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+shards = distributed.ShardedSaver() if fsdp else None
 peak = peak_flops_for(device, dtype, peak_flops) if master else 1.0
 flops_per_iter = raw_model.flops_per_token() * batch_size * accum * block_size  # per rank, for MFU
 
@@ -250,7 +274,7 @@ def tokens_at(it):
 
 def agreed(*flags):
     """The flags OR-ed over all ranks, so that every rank takes the same branch."""
-    if not ddp:
+    if not grouped:
         return [bool(f) for f in flags]
     t = torch.tensor([float(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -270,12 +294,13 @@ def estimate_loss():
                 model.train()
                 return None
             k = j * world_size + rank
+            # past eval_iters a rank still runs a batch (and drops it): FSDP's ranks must all run forward
+            X, Y = data.eval_batch(split, seed, k % eval_iters, batch_size, block_size)
+            with ctx:
+                _, loss = model(X.to(device), Y.to(device))
             if k < eval_iters:
-                X, Y = data.eval_batch(split, seed, k, batch_size, block_size)
-                with ctx:
-                    _, loss = model(X.to(device), Y.to(device))
                 losses[k] = loss.float()
-        if ddp:
+        if grouped:
             dist.all_reduce(losses)
         out[split] = losses.mean().item()
     model.train()
@@ -283,22 +308,29 @@ def estimate_loss():
 
 
 def save_checkpoint(path, val_loss=None, retain=False, final=False):
-    """Every rank calls this (RNG states are gathered); rank 0 writes. val_loss: measured at this
-    very iteration, else None (metadata never carries an older eval's loss as this one's). A failed
-    write is one line and False: training goes on, and the next checkpoint tries again. The final
-    save (end, signal, time_limit) is written in the foreground: the process waits for it anyway."""
-    if not torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all():
+    """Every rank calls this (RNG states are gathered); rank 0 writes a file, or under FSDP every rank
+    its shard of a folder. val_loss: measured at this very iteration, else None (metadata never
+    carries an older eval's loss as this one's). A failed write is one line and False: training
+    goes on, and the next checkpoint tries again. The final save (end, signal, time_limit) is
+    written in the foreground: the process waits for it anyway."""
+    finite = torch.stack([distributed.local(p).isfinite().all() for p in raw_model.parameters()]).all()
+    if agreed(not finite)[0]:  # (each rank sees only its own shard under FSDP)
         diverged("the model's weights are not finite (nan or inf)", iter_num)  # never written over good files
     rng = checkpoint.capture_rng()
     rngs = [None] * world_size
-    if ddp:
+    if grouped:
         dist.all_gather_object(rngs, rng)
     else:
         rngs = [rng]
-    if not master:
+    folder = fsdp and path != os.path.join(out_dir, checkpoint.BEST)
+    if fsdp and not folder:  # ckpt.pt under FSDP: the whole state, gathered to rank 0
+        model_state, optimizer_state = distributed.full_state(raw_model, optimizer)
+    elif not folder:
+        model_state, optimizer_state = (raw_model.state_dict(), optimizer.state_dict()) if master else (None, None)
+    if not master and not folder:
         return True
     state = dict(
-        model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
+        model_args=model_args,
         iter_num=iter_num, best_val_loss=best_val_loss, config=config, scaler=scaler.state_dict(), rng=rngs,
         format_version=checkpoint.FORMAT_VERSION,
         metadata=dict(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), torch_version=str(torch.__version__),
@@ -306,22 +338,27 @@ def save_checkpoint(path, val_loss=None, retain=False, final=False):
                       train_seconds=train_seconds + time.time() - t_start, val_loss=val_loss, last_eval=last_eval,
                       git_commit=git_commit, init_from=origin, dataset=dataset,
                       run_id=run_id, branch=branch, resumes=resumes))
-    state = checkpoint.to_cpu(state)
     written.add(path)
     then = (lambda: checkpoint.apply_retention(out_dir, keep_last, keep_every, run_id, branch, written)) if retain else None
+    t0 = time.time()
+    if folder:
+        try:
+            shards.save(state, path, raw_model, optimizer, background=async_save and not final, then=then)
+        except checkpoint.CheckpointError as e:
+            failed_save(e, final)
+            return False
+        stopper.saved(None if async_save and not final else time.time() - t0)
+        return True
+    state = checkpoint.to_cpu(dict(state, model=model_state, optimizer=optimizer_state))
     saver.wait()  # one write at a time
     if async_save and not final:  # a forked child writes this snapshot while training goes on
         saver.save(state, path, then)
         stopper.saved()
         return True
-    t0 = time.time()
     try:
         checkpoint.save(state, path)
     except checkpoint.CheckpointError as e:
-        if final:
-            say(f"error: {e}; older checkpoints are intact, and the same command resumes from the newest", err=True)
-        else:
-            say(f"warning: {e}; {checkpoint.KEPT_INTACT}", err=True)
+        failed_save(e, final)
         return False
     stopper.saved(time.time() - t0)
     if then:
@@ -329,10 +366,19 @@ def save_checkpoint(path, val_loss=None, retain=False, final=False):
     return True
 
 
+def failed_save(e, final):
+    if final:
+        say(f"error: {e}; older checkpoints are intact, and the same command resumes from the newest", err=True)
+    else:
+        say(f"warning: {e}; {checkpoint.KEPT_INTACT}", err=True)
+
+
 def diverged(what, it):
     """Stop every rank (each sees the same losses and weights) with one line: a diverged model
     is never checkpointed, so every file on disk is from before the divergence."""
     saver.wait()
+    if shards is not None:
+        shards.finish()  # it was written before the divergence
     metrics.event(it, "diverged", reason=what)
     if master:
         fix = "lower --learning_rate (or raise --warmup_iters)"
@@ -371,8 +417,11 @@ if ckpt_path:
 dt, final_failed, lossf = 0.0, False, 0.0
 while True:
     # one all-reduce per iteration: a signal or time_limit on any rank stops every rank here
-    signalled, out_of_time, due, bad_loss = agreed(stopper.signum is not None, stopper.out_of_time(dt),
-                                                   stopper.checkpoint_due(), not math.isfinite(lossf))
+    signalled, out_of_time, due, bad_loss, writing = agreed(
+        stopper.signum is not None, stopper.out_of_time(dt), stopper.checkpoint_due(), not math.isfinite(lossf),
+        shards is not None and shards.busy())
+    if shards is not None and not writing:
+        shards.finish()  # a background save that every rank has written: commit it
     if bad_loss:
         diverged(f"the training loss is {lossf}", iter_num - 1)  # the update that gave it
     stop = signalled or out_of_time
@@ -408,7 +457,7 @@ while True:
                (keep_every > 0 and iter_num % keep_every == 0) or due
     final = stop or iter_num >= max_iters
     if iter_num > start_iter and (periodic or final):
-        path = os.path.join(out_dir, checkpoint.periodic_name(iter_num, branch))
+        path = os.path.join(out_dir, checkpoint.periodic_name(iter_num, branch, folder=fsdp))
         if save_checkpoint(path, val_loss, retain=True, final=final):
             log(f"{'writing' if async_save and not final else 'saved'} {path}")
             metrics.event(iter_num, "checkpoint", path=path, val_loss=val_loss)
@@ -421,8 +470,11 @@ while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for group in optimizer.param_groups:
         group["lr"] = lr
+    loss_sum = torch.zeros((), device=device)
+    # DDP averages gradients across ranks on the last micro-step only; FSDP reduce-scatters them at
+    # every micro-step, so that they stay sharded (memory is why one picks FSDP)
     for micro_step in range(accum):
-        if ddp:  # gradients are averaged across ranks on the last micro-step only
+        if ddp:
             model.require_backward_grad_sync = micro_step == accum - 1
         X, Y = data.train_batch(seed, iter_num, micro_step, batch_size, block_size, accum, rank, world_size)
         X, Y = X.to(device, non_blocking=True), Y.to(device, non_blocking=True)
@@ -430,14 +482,18 @@ while True:
             _, loss = model(X, Y)
             loss = loss / accum  # the mean over the whole global batch
         scaler.scale(loss).backward()
+        loss_sum += loss.detach()
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # the global norm, also over FSDP's shards
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
-    lossf = loss.item() * accum  # also waits for the GPU, so dt is the real step time
+    if grouped:  # the loss logged is the mean over the whole global batch: every rank's micro-steps
+        dist.all_reduce(loss_sum)
+        loss_sum /= world_size
+    lossf = loss_sum.item()  # also waits for the GPU, so dt is the real step time
     dt = time.perf_counter() - t0
     step_times.append(dt)
 
@@ -450,9 +506,11 @@ while True:
         log(f"iter {iter_num - 1}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_iter / dt:,.0f} tok/s, "
             f"mfu {mfu * 100:.2f}%, lr {lr:.2e}, eta {humanize(recent * (max_iters - iter_num))}")
 
-if saver.pid is not None:
+if saver.pid is not None or (shards is not None and shards.pending is not None):
     log("waiting for the background checkpoint write to finish")
 saver.wait()  # a background write must reach the disk before the process ends
+if shards is not None:
+    shards.finish()
 if step_times:
     steady = sorted(step_times[min(10, len(step_times) // 2):])  # past the warm-up steps
     log(f"done at iteration {iter_num}: median {steady[len(steady) // 2] * 1000:.2f} ms/iter, "

@@ -47,6 +47,8 @@ TRAIN = [  # flags, exit code, words the error line holds
     (["--device=foo"], 2, "device='foo' is not a device"),
     (["--dtype=fp8"], 2, "dtype='fp8' is not one of"),
     (["--backend=mpi"], 2, "backend='mpi'"),
+    (["--parallelism=zero3"], 2, "parallelism='zero3' is not one of 'ddp', 'fsdp'"),
+    (["--parallelism=fsdp", "--dtype=float16"], 2, "dtype=float16 needs a gradient scaler"),
     (["--out_dir="], 2, "out_dir is empty"),
     ([f"--out_dir={FILE}"], 2, "is a file, not a folder"),
     ([f"--out_dir={FILE}/run"], 2, "which is a file"),

@@ -1,0 +1,234 @@
+"""FSDP2 and checkpoint folders, with real torchrun (2 gloo ranks on the CPU): the same training as
+one process, folders written by every rank and committed whole, resume across world sizes and
+between DDP files and FSDP folders, damage found by CRC, consolidation for sample.py and export.py."""
+import os
+import pickle
+import re
+import signal
+import time
+
+import pytest
+import torch
+
+import checkpoint
+from conftest import TINY, children, copy_run, run, start
+from metrics import read_rows
+
+ARGS = [*TINY, "--dropout=0.0", "--gradient_accumulation_steps=2", "--eval_interval=5", "--checkpoint_interval=4",
+        "--keep_last=50", "--grad_clip=0.1"]  # a small clip, so that the global grad norm matters
+N = 20
+
+
+def torchrun(out, *extra, nproc=2):
+    proc = start(*ARGS, f"--out_dir={out}", *extra, torchrun=[f"--nproc_per_node={nproc}"])
+    stdout = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, stdout
+    return stdout
+
+
+def train_losses(out):
+    """{iteration: loss} from metrics.jsonl (full precision; rows a resume redid are superseded)."""
+    return {r["iter"]: r["loss"] for r in read_rows(os.path.join(out, "metrics.jsonl"))
+            if r["kind"] == "train" and not r.get("superseded")}
+
+
+def weights(path):
+    return checkpoint.load(str(path))
+
+
+def assert_close(a, b, atol=1e-5):
+    assert a["iter_num"] == b["iter_num"]
+    for k in b["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=atol, msg=k)
+    for i in b["optimizer"]["state"]:
+        torch.testing.assert_close(a["optimizer"]["state"][i]["exp_avg"], b["optimizer"]["state"][i]["exp_avg"],
+                                   rtol=0, atol=atol)
+
+
+def assert_bitwise(a, b):
+    assert a["iter_num"] == b["iter_num"]
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i, s in b["optimizer"]["state"].items():
+        assert all(torch.equal(a["optimizer"]["state"][i][n], s[n]) for n in s), i
+    assert all(torch.equal(x["torch"], y["torch"]) for x, y in zip(a["rng"], b["rng"]))
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(shakespeare_char, tmp_path_factory):
+    """An uninterrupted 2-rank FSDP run: folders at 4, 8, ..., 20, ckpt.pt at each eval."""
+    out = tmp_path_factory.mktemp("fsdp")
+    torchrun(out, "--parallelism=fsdp", f"--max_iters={N}")
+    return out
+
+
+def test_fsdp_trains_as_one_process_does(fsdp_run, tmp_path):
+    """Same global batch: every iteration's loss (the mean over the global batch), every eval and the
+    final weights and AdamW moments of 2 FSDP ranks equal one process's up to float summation order."""
+    single = tmp_path / "single"
+    run("train.py", *ARGS, f"--out_dir={single}", f"--max_iters={N}")
+    ours, one = train_losses(fsdp_run), train_losses(single)
+    assert sorted(ours) == list(range(N))
+    assert max(abs(ours[i] - one[i]) for i in range(N)) <= 1e-5
+    assert_close(weights(fsdp_run / "ckpt-00000020"), weights(single / "ckpt-00000020.pt"))
+    names = sorted(os.listdir(fsdp_run / "ckpt-00000020"))
+    assert names == [".metadata", "__0_0.distcp", "__1_0.distcp", "state.pt"]  # every rank wrote its shard
+    best = checkpoint.load(str(fsdp_run / "ckpt.pt"))  # ckpt.pt stays one file, gathered to rank 0
+    assert best["metadata"]["world_size"] == 2 and len(best["rng"]) == 2
+    assert_bitwise(best, weights(fsdp_run / "ckpt-00000020"))  # same iteration, same state
+
+
+def test_resume_across_world_sizes_and_modes(fsdp_run, tmp_path):
+    """DDP file -> FSDP on 2 ranks -> FSDP alone (2 -> 1) -> 2 ranks again (1 -> 2) -> one process without
+    FSDP: the data stream is exact, so every loss and the end state match the uninterrupted FSDP run."""
+    out = tmp_path / "moved"
+    torchrun(out, "--max_iters=4")  # DDP: ckpt-00000004.pt
+    p = torchrun(out, "--parallelism=fsdp", "--max_iters=8")
+    assert f"resuming from {out}/ckpt-00000004.pt at iteration 4" in p
+    assert "changed on resume: parallelism 'ddp' -> 'fsdp'" in p
+    one = run("train.py", f"--out_dir={out}", "--max_iters=12").stdout  # the same command: FSDP, stored
+    assert "resuming from" in one and "ckpt-00000008 at iteration 8" in one
+    assert "written by 2 rank(s), this run has 1" in one
+    p = torchrun(out, "--max_iters=16")
+    assert "ckpt-00000012 at iteration 12" in p
+    last = run("train.py", f"--out_dir={out}", "--parallelism=ddp", f"--max_iters={N}").stdout
+    assert "ckpt-00000016 at iteration 16" in last
+    assert [n for n in sorted(os.listdir(out)) if n.startswith("ckpt-")] == [
+        "ckpt-00000004.pt", "ckpt-00000008", "ckpt-00000012", "ckpt-00000016", "ckpt-00000020.pt"]
+    ours, ref = train_losses(out), train_losses(fsdp_run)
+    assert sorted(ours) == list(range(N))
+    assert max(abs(ours[i] - ref[i]) for i in range(N)) <= 1e-5
+    assert_close(weights(out / "ckpt-00000020.pt"), weights(fsdp_run / "ckpt-00000020"))
+
+
+def test_rank_killed_mid_save_leaves_no_folder_and_resume_is_exact(fsdp_run, tmp_path):
+    """kill -9 of one rank while the ranks write a folder: the half-written folder keeps its temp name,
+    is never picked, and is removed at the next start. The same command resumes from the newest whole
+    folder, now saving in the background (async_save), and ends bitwise equal to the uninterrupted run,
+    every folder written in the background holding the state of its own iteration."""
+    out = tmp_path / "killed"
+    proc = start(*ARGS, f"--out_dir={out}", "--parallelism=fsdp", f"--max_iters={N}", "--checkpoint_interval=1",
+                 torchrun=["--nproc_per_node=2"])
+    seen = None
+    while seen is None and proc.poll() is None:
+        temps = [n for n in os.listdir(out) if checkpoint.TMP_TAG in n and n.startswith(".ckpt-0000001")] \
+            if out.exists() else []
+        if temps:
+            workers = children(proc.pid)
+            os.kill(max(workers), signal.SIGKILL)  # one rank, in the middle of its write
+            seen = temps[0]
+        time.sleep(0.001)
+    proc.communicate(timeout=120)
+    assert seen is not None and proc.returncode != 0
+    assert os.path.isdir(out / seen)  # the folder being written: still under its temp name
+    final_name = seen[1:seen.index(checkpoint.TMP_TAG)]
+    assert not os.path.exists(out / final_name)
+    whole = [n for n in os.listdir(out) if re.fullmatch(r"ckpt-\d{8}", n)]
+    for name in whole:
+        checkpoint.verify_folder(str(out / name))  # every folder under a checkpoint's name is whole
+    head = checkpoint.scan(str(out))[0][0]  # the newest whole checkpoint (ckpt.pt after an eval)
+
+    p = torchrun(out, "--async_save=True")
+    assert f"resuming from {head['path']} at iteration {head['iter_num']}" in p
+    assert not os.path.exists(out / seen)
+    for it in range(head["iter_num"] + 1, N + 1):
+        if it % 4 == 0:
+            assert_bitwise(weights(out / f"ckpt-{it:08d}"), weights(fsdp_run / f"ckpt-{it:08d}"))
+    assert not [n for n in os.listdir(out) if checkpoint.TMP_TAG in n]
+
+
+DAMAGE = {
+    "flipped byte in a shard": (lambda f: _flip(f / "__1_0.distcp"), "corrupt (CRC mismatch in __1_0.distcp)"),
+    "truncated shard": (lambda f: _truncate(f / "__0_0.distcp"), "corrupt (__0_0.distcp has"),
+    "missing shard": (lambda f: os.remove(f / "__1_0.distcp"), "incomplete (__1_0.distcp is missing)"),
+    "damaged state.pt": (lambda f: _flip(f / "state.pt", at=0.5), "state.pt"),
+    "no state.pt": (lambda f: os.remove(f / "state.pt"), "not a checkpoint folder (no state.pt"),
+}
+
+
+def _flip(path, at=0.6):
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_folder_is_refused(fsdp_run, tmp_path, damage):
+    out = copy_run(fsdp_run, tmp_path / "copy")
+    do, why = DAMAGE[damage]
+    do(out / "ckpt-00000020")
+    listing = run("checkpoint.py", str(out)).stdout  # every file's CRC checked: the bad one named
+    assert re.search(r"ckpt-00000020/ .* BAD: .*" + re.escape(why), listing), listing
+    assert re.search(r"ckpt-00000016/ .* ok", listing)
+
+
+def test_damaged_folder_falls_back_to_the_previous_one(fsdp_run, tmp_path):
+    """A shard with a flipped byte: the resume says so, continues from the previous folder (one process,
+    FSDP as stored), and writes the iteration again in place of the damaged folder."""
+    out = copy_run(fsdp_run, tmp_path / "copy")
+    os.remove(out / "ckpt.pt")  # else the fall-back would be ckpt.pt, written at the same iteration
+    _flip(out / "ckpt-00000020" / "__1_0.distcp")
+    p = run("train.py", f"--out_dir={out}", f"--max_iters={N}")
+    assert "warning: skipping" in p.stdout and "corrupt (CRC mismatch in __1_0.distcp); falling back to ckpt-00000016" in p.stdout
+    assert "at iteration 16" in p.stdout
+    assert_close(weights(out / "ckpt-00000020"), weights(fsdp_run / "ckpt-00000020"))
+
+
+def test_planted_pickle_in_dcp_metadata_never_runs(fsdp_run, tmp_path):
+    """DCP unpickles .metadata with plain pickle: a planted payload is refused before DCP reads it."""
+    out = copy_run(fsdp_run, tmp_path / "copy")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    (out / "ckpt-00000020" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    # the files' CRCs are rewritten to match, as an attacker would
+    state = torch.load(out / "ckpt-00000020" / "state.pt", weights_only=True)
+    state["files"][".metadata"] = checkpoint.crc32(str(out / "ckpt-00000020" / ".metadata"))
+    torch.save(state, out / "ckpt-00000020" / "state.pt")
+    for cmd in (["checkpoint.py", str(out / "ckpt-00000020")],
+                ["checkpoint.py", "consolidate", str(out / "ckpt-00000020"), str(tmp_path / "x.pt")],
+                ["sample.py", f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=5", "--device=cpu"]):
+        p = run(*cmd, check=False)
+        if cmd[0] == "sample.py":  # sample.py reads ckpt.pt, which is fine
+            assert p.returncode == 0
+        else:
+            assert p.returncode == 1 and "refused, its .metadata needs arbitrary pickle" in p.stderr, p.stderr
+    assert not marker.exists()
+
+
+def test_consolidated_folder_samples_and_exports(fsdp_run, tmp_path):
+    """`checkpoint.py consolidate` gives the file a single process would have written: sample.py prints
+    what it prints from ckpt.pt of the same iteration, export.py makes an HF model with the same logits;
+    sample.py also reads a folder directly when out_dir holds nothing else."""
+    from transformers import GPT2LMHeadModel
+
+    from model import GPT, GPTConfig
+    (tmp_path / "one").mkdir()
+    p = run("checkpoint.py", "consolidate", str(fsdp_run / "ckpt-00000020"), str(tmp_path / "one" / "ckpt.pt"))
+    assert "wrote" in p.stdout
+    sample = ["--num_samples=2", "--max_new_tokens=40", "--temperature=0", "--device=cpu"]
+    text = run("sample.py", f"--out_dir={tmp_path / 'one'}", *sample).stdout
+    assert text == run("sample.py", f"--out_dir={fsdp_run}", *sample).stdout and len(text) > 80
+    only = tmp_path / "folder_only"
+    only.mkdir()
+    os.rename(copy_run(fsdp_run, tmp_path / "c") / "ckpt-00000020", only / "ckpt-00000020")
+    assert run("sample.py", f"--out_dir={only}", *sample).stdout == text
+
+    run("export.py", f"--ckpt={fsdp_run / 'ckpt-00000020'}", f"--to={tmp_path / 'hf'}")
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    state = checkpoint.load(str(tmp_path / "one" / "ckpt.pt"))
+    ours = GPT(GPTConfig(**state["model_args"]))
+    ours.load_state_dict(state["model"])
+    ours.eval()
+    idx = torch.randint(0, 65, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx, idx)[0], rtol=0, atol=1e-5)
+    bad = run("checkpoint.py", "consolidate", str(tmp_path / "one" / "ckpt.pt"), str(tmp_path / "y.pt"), check=False)
+    assert bad.returncode == 1 and "not a checkpoint folder" in bad.stderr
