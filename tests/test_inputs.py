@@ -151,9 +151,11 @@ def test_bench_bad_input(shakespeare_char, scene, args, words):
     one_error_line("bench.py", args, 2, words, scene, "--device=cpu", "--compile=False", "--dataset=shakespeare_char")
 
 
-def test_checkpoint_cli_usage():
-    p = run("checkpoint.py", check=False)
-    assert p.returncode == 2 and p.stderr.strip() == "error: usage: python checkpoint.py OUT_DIR | FILE.pt"
+@pytest.mark.parametrize("args", [[], ["a", "b"], ["consolidate", "only-one"]])
+def test_checkpoint_cli_usage(args):
+    p = run("checkpoint.py", *args, check=False)
+    assert p.returncode == 2 and p.stderr.strip() == \
+        "error: usage: python checkpoint.py OUT_DIR | CHECKPOINT | consolidate FOLDER OUT.pt"
 
 
 def test_time_limit_too_short_for_one_iteration(shakespeare_char, tmp_path):
