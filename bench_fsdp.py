@@ -54,6 +54,8 @@ def worker(a):
         loss.item()
         step_ms.append((time.perf_counter() - t0) * 1000)
     train_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB (Linux: KB)
+    with open("/proc/self/status") as f:  # what the process holds now, after the steps
+        now_rss = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")) / 1024
     plain = dict(model_args=args, iter_num=a.steps, best_val_loss=0.0, config={}, scaler={}, rng=[],
                  format_version=checkpoint.FORMAT_VERSION, metadata={})
     times = {}
@@ -65,7 +67,7 @@ def worker(a):
         dist.barrier()
         times.setdefault(name, []).append(time.perf_counter() - t0)
 
-    saver = distributed.ShardedSaver() if fsdp else None
+    saver = distributed.ShardedSaver(device) if fsdp else None
     for i in range(a.saves):
         path = os.path.join(a.dir, f"ckpt-{i:08d}")
         if fsdp:
@@ -91,7 +93,7 @@ def worker(a):
         if rank == 0:
             for n in os.listdir(a.dir):
                 checkpoint.remove(os.path.join(a.dir, n))
-    result = dict(rank=rank, train_rss_mb=train_rss, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    result = dict(rank=rank, train_rss_mb=train_rss, now_rss_mb=now_rss, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   step_ms=statistics.median(step_ms), size_mb=size / 2**20,
                   **{k: statistics.median(v) for k, v in times.items()})
     every = [None] * world
@@ -151,6 +153,9 @@ def main():
     print(f"  peak RSS per rank (max over ranks): DDP {med(lambda d, s: max(r['train_rss_mb'] for r in d)):,.0f} MB, "
           f"FSDP {med(lambda d, s: max(r['train_rss_mb'] for r in s)):,.0f} MB, "
           f"ratio FSDP/DDP {med(lambda d, s: max(r['train_rss_mb'] for r in s) / max(r['train_rss_mb'] for r in d)):.2f}")
+    print(f"  RSS per rank after the steps (max over ranks): DDP {med(lambda d, s: max(r['now_rss_mb'] for r in d)):,.0f} MB, "
+          f"FSDP {med(lambda d, s: max(r['now_rss_mb'] for r in s)):,.0f} MB, "
+          f"ratio FSDP/DDP {med(lambda d, s: max(r['now_rss_mb'] for r in s) / max(r['now_rss_mb'] for r in d)):.2f}")
     print(f"  save: one file by rank 0 {med(lambda d, s: d[0]['file_rank0']):.2f} s, DCP folder by every rank "
           f"{med(lambda d, s: s[0]['dcp_sync']):.2f} s, ratio DCP/file {med(lambda d, s: s[0]['dcp_sync'] / d[0]['file_rank0']):.2f}")
     print(f"  async: stall {med(lambda d, s: s[0]['dcp_async_stall']):.3f} s = "

@@ -9,6 +9,7 @@ agent keeps consistent); across nodes the agents' counts can differ, so there th
 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node (README, "Preemptible and scheduled jobs"),
 and a run without it is warned.
 """
+import ctypes
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_optimizer_state_dict,
                                                      set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -81,12 +83,25 @@ def shard(model, dtype):
     runs and freed after), the root holds the rest, so the tied wte/lm_head weight stays one
     parameter. Parameters, gradients and AdamW state are sharded across ranks. Mixed precision is
     FSDP's own: bf16 weights for compute, fp32 master weights and fp32 gradient reduction."""
+    if next(model.parameters()).device.type == "cpu":
+        steady_heap()
     mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32) \
         if dtype != "float32" else MixedPrecisionPolicy()
     for block in model.transformer.h:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
+
+
+def steady_heap():
+    """On a CPU, FSDP allocates and frees every block's gathered weights and gradients at every step.
+    glibc raises its mmap threshold each time such a buffer is freed, so the next ones come from
+    the heap, which does not shrink: a rank's RSS grew to about DDP's (README, Multi-GPU). A fixed
+    threshold (1 MB) keeps big buffers in mmap, returned to the OS when freed. glibc only."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def local(t):
@@ -124,10 +139,11 @@ def _flat(model, optimizer):
     model_sd, optim_sd = get_state_dict(model, optimizer)
     flat, seen, aliases = {}, {}, {}
     for name, t in model_sd.items():
-        if id(t) in seen:
-            aliases[name] = seen[id(t)]
+        where = (local(t).data_ptr(), tuple(t.shape))  # a tied weight: two names, one storage
+        if where in seen:
+            aliases[name] = seen[where]
         else:
-            seen[id(t)] = name
+            seen[where] = name
             flat[f"model.{name}"] = t
     for name, stats in optim_sd["state"].items():
         for stat, t in stats.items():
@@ -153,8 +169,12 @@ class ShardedSaver:
     DCP's process-based writer is not used: it starts its process with multiprocessing's 'spawn',
     which runs the main script again, and train.py is a script, as nanoGPT's is."""
 
-    def __init__(self):
+    def __init__(self, device):
         self.group = dist.new_group(backend="gloo")  # the writer's collectives stay off the training group
+        # background saves copy the shard into host buffers kept from one save to the next (pinned
+        # on a GPU, for fast copies): the memory of one more copy of this rank's share of the state
+        self.stager = DefaultStager(StagingOptions(use_pinned_memory=device.startswith("cuda"), use_shared_memory=False,
+                                                   use_async_staging=False, use_non_blocking_copy=False))
         self.pool = ThreadPoolExecutor(1)
         self.pending = None
         self.tag = [os.getpid()]
@@ -171,7 +191,7 @@ class ShardedSaver:
         flat, aliases, _, optim_sd = _flat(model, optimizer)
         plain = dict(plain, aliases=aliases, optimizer_groups=optim_sd["param_groups"])
         if background:
-            future = dcp.async_save(flat, checkpoint_id=tmp, process_group=self.group)
+            future = dcp.async_save(flat, checkpoint_id=tmp, process_group=self.group, async_stager=self.stager)
             self.pending = (self.pool.submit(self._written, future, tmp), tmp, path, plain, then)
             return
         try:

@@ -253,7 +253,7 @@ if compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-shards = distributed.ShardedSaver() if fsdp else None
+shards = distributed.ShardedSaver(device) if fsdp else None
 peak = peak_flops_for(device, dtype, peak_flops) if master else 1.0
 flops_per_iter = raw_model.flops_per_token() * batch_size * accum * block_size  # per rank, for MFU
 
@@ -322,14 +322,7 @@ def save_checkpoint(path, val_loss=None, retain=False, final=False):
         dist.all_gather_object(rngs, rng)
     else:
         rngs = [rng]
-    folder = fsdp and path != os.path.join(out_dir, checkpoint.BEST)
-    if fsdp and not folder:  # ckpt.pt under FSDP: the whole state, gathered to rank 0
-        model_state, optimizer_state = distributed.full_state(raw_model, optimizer)
-    elif not folder:
-        model_state, optimizer_state = (raw_model.state_dict(), optimizer.state_dict()) if master else (None, None)
-    if not master and not folder:
-        return True
-    state = dict(
+    state = dict(  # the plain part; the tensors come below
         model_args=model_args,
         iter_num=iter_num, best_val_loss=best_val_loss, config=config, scaler=scaler.state_dict(), rng=rngs,
         format_version=checkpoint.FORMAT_VERSION,
@@ -340,37 +333,32 @@ def save_checkpoint(path, val_loss=None, retain=False, final=False):
                       run_id=run_id, branch=branch, resumes=resumes))
     written.add(path)
     then = (lambda: checkpoint.apply_retention(out_dir, keep_last, keep_every, run_id, branch, written)) if retain else None
+    background = async_save and not final
     t0 = time.time()
-    if folder:
-        try:
-            shards.save(state, path, raw_model, optimizer, background=async_save and not final, then=then)
-        except checkpoint.CheckpointError as e:
-            failed_save(e, final)
-            return False
-        stopper.saved(None if async_save and not final else time.time() - t0)
-        return True
-    state = checkpoint.to_cpu(dict(state, model=model_state, optimizer=optimizer_state))
-    saver.wait()  # one write at a time
-    if async_save and not final:  # a forked child writes this snapshot while training goes on
-        saver.save(state, path, then)
-        stopper.saved()
-        return True
     try:
-        checkpoint.save(state, path)
+        if fsdp and path != os.path.join(out_dir, checkpoint.BEST):  # a folder: every rank writes its shard
+            shards.save(state, path, raw_model, optimizer, background, then)
+        else:  # a file, written by rank 0; under FSDP the whole state is gathered to it first
+            model_state, optimizer_state = distributed.full_state(raw_model, optimizer) if fsdp else \
+                (raw_model.state_dict(), optimizer.state_dict())
+            if not master:
+                return True
+            state = checkpoint.to_cpu(dict(state, model=model_state, optimizer=optimizer_state))
+            saver.wait()  # one write at a time
+            if background:  # a forked child writes this snapshot while training goes on
+                saver.save(state, path, then)
+            else:
+                checkpoint.save(state, path)
+                if then:
+                    then()
     except checkpoint.CheckpointError as e:
-        failed_save(e, final)
+        if final:
+            say(f"error: {e}; older checkpoints are intact, and the same command resumes from the newest", err=True)
+        else:
+            say(f"warning: {e}; {checkpoint.KEPT_INTACT}", err=True)
         return False
-    stopper.saved(time.time() - t0)
-    if then:
-        then()
+    stopper.saved(None if background else time.time() - t0)
     return True
-
-
-def failed_save(e, final):
-    if final:
-        say(f"error: {e}; older checkpoints are intact, and the same command resumes from the newest", err=True)
-    else:
-        say(f"warning: {e}; {checkpoint.KEPT_INTACT}", err=True)
 
 
 def diverged(what, it):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import TINY, children, copy_run, run, start
+from conftest import TINY, children, copy_run, run, start, wait_for
 from metrics import read_rows
 
 ARGS = [*TINY, "--dropout=0.0", "--gradient_accumulation_steps=2", "--eval_interval=5", "--checkpoint_interval=4",
@@ -128,9 +128,20 @@ def test_rank_killed_mid_save_leaves_no_folder_and_resume_is_exact(fsdp_run, tmp
         checkpoint.verify_folder(str(out / name))  # every folder under a checkpoint's name is whole
     head = checkpoint.scan(str(out))[0][0]  # the newest whole checkpoint (ckpt.pt after an eval)
 
-    p = torchrun(out, "--async_save=True")
+    # SIGTERM while background saves are in flight: the one in flight is committed, then the final one
+    job = start(*ARGS, f"--out_dir={out}", "--async_save=True",
+                torchrun=["--nproc_per_node=2", "--shutdown-timeout=60"])
+    lines = []
+    wait_for(job, r"^iter 14:", lines)
+    job.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks (and then exits 1 itself)
+    p = "".join(lines) + job.communicate(timeout=120)[0]
     assert f"resuming from {head['path']} at iteration {head['iter_num']}" in p
     assert not os.path.exists(out / seen)
+    stopped = int(re.search(r"^checkpoint saved at iteration (\d+)", p, re.M).group(1))
+    assert "SIGTERM received" in p and stopped >= 15
+    checkpoint.verify_folder(str(out / f"ckpt-{stopped:08d}"))
+    p = torchrun(out)  # the same command again: on to max_iters, background saves as stored
+    assert f"at iteration {stopped}" in p
     for it in range(head["iter_num"] + 1, N + 1):
         if it % 4 == 0:
             assert_bitwise(weights(out / f"ckpt-{it:08d}"), weights(fsdp_run / f"ckpt-{it:08d}"))
@@ -172,10 +183,12 @@ def test_damaged_folder_falls_back_to_the_previous_one(fsdp_run, tmp_path):
     out = copy_run(fsdp_run, tmp_path / "copy")
     os.remove(out / "ckpt.pt")  # else the fall-back would be ckpt.pt, written at the same iteration
     _flip(out / "ckpt-00000020" / "__1_0.distcp")
-    p = run("train.py", f"--out_dir={out}", f"--max_iters={N}")
+    p = run("train.py", f"--out_dir={out}", f"--max_iters={N}", "--keep_last=1")
     assert "warning: skipping" in p.stdout and "corrupt (CRC mismatch in __1_0.distcp); falling back to ckpt-00000016" in p.stdout
     assert "at iteration 16" in p.stdout
     assert_close(weights(out / "ckpt-00000020"), weights(fsdp_run / "ckpt-00000020"))
+    # the damaged folder was replaced whole; keep_last=1 left only the newest folder
+    assert sorted(n for n in os.listdir(out) if n.startswith("ckpt")) == ["ckpt-00000020"]
 
 
 def test_planted_pickle_in_dcp_metadata_never_runs(fsdp_run, tmp_path):
