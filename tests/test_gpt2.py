@@ -15,7 +15,7 @@ from safetensors.torch import load_file, load_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import checkpoint
-from conftest import ROOT, run
+from conftest import ROOT, run, start
 from model import GPT, GPTConfig, load_gpt2
 
 # initializer_range well above GPT-2's 0.02 spreads the logits, so greedy decoding has no near-ties
@@ -90,6 +90,26 @@ def test_import_matches_transformers(hf_folder):
     assert torch.equal(ours_tokens, hf_tokens)
     assert torch.equal(ours.generate(prompt, 59, temperature=0, use_cache=False), hf_tokens)
     assert load_gpt2(hf_folder, dropout=0.1).config.dropout == 0.1
+
+
+def test_finetune_gpt2_weights_under_fsdp(hf_folder, tiny_dataset, tmp_path):
+    """GPT-2 weights (a local HF folder: biases, tied embedding) fine-tuned with FSDP on 2 ranks: every
+    loss and the final weights as one process's, the periodic checkpoints folders."""
+    from metrics import read_rows
+    args = [*CPU, f"--dataset={tiny_dataset}", "--block_size=32", f"--init_from={hf_folder}", "--max_iters=4",
+            "--gradient_accumulation_steps=2"]
+    run("train.py", *args, f"--out_dir={tmp_path / 'one'}")
+    job = start(*args, f"--out_dir={tmp_path / 'fsdp'}", "--parallelism=fsdp", torchrun=["--nproc_per_node=2"])
+    stdout = job.communicate(timeout=300)[0]
+    assert job.returncode == 0, stdout
+    losses = [[r["loss"] for r in read_rows(tmp_path / out / "metrics.jsonl") if r["kind"] == "train"]
+              for out in ("one", "fsdp")]
+    assert len(losses[0]) == 4 and max(abs(a - b) for a, b in zip(*losses)) <= 1e-5
+    one = checkpoint.load(str(tmp_path / "one" / "ckpt-00000004.pt"))
+    sharded = checkpoint.load(str(tmp_path / "fsdp" / "ckpt-00000004"))
+    assert sharded["model_args"] == one["model_args"] and sharded["metadata"]["init_from"] == hf_folder
+    for k in one["model"]:
+        torch.testing.assert_close(sharded["model"][k], one["model"][k], rtol=0, atol=1e-5)
 
 
 def test_finetune_local_folder_resume_and_export(hf_folder, tiny_dataset, tmp_path):
