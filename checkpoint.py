@@ -133,7 +133,11 @@ def os_error(e):
     c = e
     while c is not None and not isinstance(c, OSError):
         c = c.__cause__ or c.__context__
-    return f"[Errno {c.errno}] {c.strerror}" if c is not None and c.errno else f"{type(e).__name__}: {e}"
+    if c is not None and c.errno:
+        return f"[Errno {c.errno}] {c.strerror}"
+    if "unexpected pos" in str(e):  # torch's zip writer got fewer bytes written than it gave
+        return f"a short write: the disk, a quota or a file-size limit is full ({str(e).splitlines()[0][:100]})"
+    return f"{type(e).__name__}: {e}"
 
 
 KEPT_INTACT = "older checkpoints are intact; training goes on and the next checkpoint tries again"
@@ -405,7 +409,7 @@ def strip_prefixes(state_dict):
 def _torch_load(path, map_location="cpu", mmap=False):
     """torch.load(weights_only=True), every failure turned into a one-line CheckpointError."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: {'a folder, not a checkpoint file' if os.path.isdir(path) else 'no such file'}")
+        raise CheckpointError(f"{path}: {'a folder, not a checkpoint file' if os.path.isdir(path) else 'no such file or folder'}")
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
         raise CheckpointError(f"{path}: unreadable (not a torch.save archive: truncated, or not a checkpoint)")
     try:
@@ -496,7 +500,7 @@ def load_latest(out_dir, map_location="cpu", log=say, tensors=True):
     for path, why in bad:
         log(f"warning: skipping {why}; left in place, not counted as a checkpoint")
     if not heads and not bad:
-        raise CheckpointError(f"no checkpoint in {out_dir!r} (looked for {BEST} and ckpt-*.pt)")
+        raise CheckpointError(f"no checkpoint in {out_dir!r} (looked for {BEST}, ckpt-*.pt and ckpt-*/ folders)")
     for i, h in enumerate(heads):
         try:
             return h["path"], load(h["path"], map_location, tensors)
@@ -673,8 +677,8 @@ def consolidate(folder, out):
     """A checkpoint folder -> one checkpoint file, as a single process would have written it."""
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: not a checkpoint folder (consolidate turns a folder into a file)")
-    if os.path.isdir(out):
-        raise CheckpointError(f"{out} is a folder; give the file to write, e.g. {os.path.join(out, 'ckpt.pt')}")
+    if os.path.exists(out):  # never over a run's ckpt.pt, nor any other file: nothing is lost by a typo
+        raise CheckpointError(f"{out} exists; give a new file name (remove {out} yourself to replace it)")
     ckpt = load(folder)
     for k in ("files", "aliases", "optimizer_groups"):
         ckpt.pop(k, None)
@@ -739,4 +743,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except BrokenPipeError:  # `python checkpoint.py out | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

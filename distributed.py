@@ -18,6 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_optimizer_state_dict,
                                                      set_state_dict)
@@ -197,8 +198,8 @@ class ShardedSaver:
         try:
             dcp.save(flat, checkpoint_id=tmp, process_group=self.group)
             files = self._crcs(tmp)
-        except Exception as e:
-            files = checkpoint.os_error(e)
+        except (Exception, CheckpointException) as e:  # (DCP's is a BaseException)
+            files = _why(e)
         self._commit(files, tmp, path, plain, then)
 
     def busy(self):
@@ -218,8 +219,8 @@ class ShardedSaver:
         try:
             future.result()
             return self._crcs(tmp)
-        except Exception as e:
-            return checkpoint.os_error(e)
+        except (Exception, CheckpointException) as e:
+            return _why(e)
 
     @staticmethod
     def _crcs(tmp):
@@ -234,10 +235,18 @@ class ShardedSaver:
         dist.all_gather_object(every, files, group=self.group)
         if dist.get_rank() != 0:
             return
-        failed = [f"rank {r}: {e}" for r, e in enumerate(every) if not isinstance(e, dict)]
+        failed = [e for e in every if not isinstance(e, dict)]
         if failed:
             shutil.rmtree(tmp, ignore_errors=True)
             raise checkpoint.CheckpointError(f"could not write {path} ({failed[0].splitlines()[0][:200]})")
         checkpoint.commit_folder(tmp, path, plain, {n: c for f in every for n, c in f.items()})
         if then:
             then()
+
+
+def _why(e):
+    """A failed folder write as one line: the rank and its OS error (DCP gathers every rank's)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        r = min(e.failures)
+        return f"rank {r}: {checkpoint.os_error(e.failures[r][0])}"
+    return f"rank {dist.get_rank()}: {checkpoint.os_error(e)}"

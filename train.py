@@ -145,7 +145,7 @@ accum = gradient_accumulation_steps // world_size  # micro-steps per rank
 device_type = "cuda" if device.startswith("cuda") else device
 dtype = pick_dtype(dtype, device)
 if device_type == "cpu" and dtype != "float32":
-    log(f"warning: {dtype} autocast on this CPU is much slower than float32 (no bf16/fp16 matrix units); "
+    log(f"warning: {dtype} on this CPU is much slower than float32 (no bf16/fp16 matrix units); "
         f"use --dtype=float32 for speed")
 ctx = autocast_context(device, "float32" if fsdp else dtype)  # FSDP casts by itself (distributed.shard)
 torch.manual_seed(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
@@ -207,6 +207,7 @@ log(f"device {device}, dtype {dtype}, world size {world_size}, {model.get_num_pa
     f"tokens per iteration {tokens_per_iter:,}")
 # out_dir is made only now, so that a start that fails on its config, data or model leaves nothing
 # behind; and an unwritable one is found before training, not at the first save hours later
+problem = None
 try:
     os.makedirs(out_dir, exist_ok=True)
     if master:
@@ -214,10 +215,18 @@ try:
         checkpoint.remove_stray_temps(out_dir)
         checkpoint.check_writable(out_dir)
 except checkpoint.CheckpointError as e:
-    raise SystemExit(f"error: {e}")
+    problem = f"error: {e}"
 except OSError as e:
-    raise SystemExit(f"error: out_dir {out_dir!r} is not writable ({checkpoint.os_error(e)}); fix its permissions "
-                     f"or pick another --out_dir")
+    problem = (f"error: out_dir {out_dir!r} is not writable ({checkpoint.os_error(e)}); fix its permissions "
+               f"or pick another --out_dir")
+if grouped:  # every rank stops on one rank's problem (else the others die in a collective, with a traceback)
+    problems = [None] * world_size
+    dist.all_gather_object(problems, problem)
+    problem = next((p for p in problems if p), None)
+if problem:
+    if master:
+        say(problem, err=True)
+    sys.exit(1)
 
 if rank:
     torch.manual_seed(seed + rank)  # dropout: each rank its own stream (rank 0 goes on with seed's)
@@ -414,7 +423,7 @@ while True:
         diverged(f"the training loss is {lossf}", iter_num - 1)  # the update that gave it
     stop = signalled or out_of_time
     val_loss = None
-    evaluated = last_eval is not None and last_eval[0] == iter_num  # the checkpoint resumed from has it
+    evaluated = last_eval is not None and last_eval[0] == iter_num and not eval_only  # the checkpoint has it
     if not stop and not evaluated and (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only):
         losses = estimate_loss()
         if losses is None:  # abandoned: a signal or time_limit came during it

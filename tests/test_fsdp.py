@@ -4,14 +4,17 @@ between DDP files and FSDP folders, damage found by CRC, consolidation for sampl
 import os
 import pickle
 import re
+import resource
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
 import checkpoint
-from conftest import TINY, children, copy_run, run, start, wait_for
+from conftest import ROOT, TINY, children, copy_run, run, start, wait_for
 from metrics import read_rows
 
 ARGS = [*TINY, "--dropout=0.0", "--gradient_accumulation_steps=2", "--eval_interval=5", "--checkpoint_interval=4",
@@ -148,6 +151,51 @@ def test_rank_killed_mid_save_leaves_no_folder_and_resume_is_exact(fsdp_run, tmp
     assert not [n for n in os.listdir(out) if checkpoint.TMP_TAG in n]
 
 
+@pytest.mark.parametrize("background", [False, True])
+def test_failed_folder_write_is_one_line_and_training_goes_on(shakespeare_char, tmp_path, background):
+    """RLIMIT_FSIZE below a shard's size on both ranks: every folder save fails with EFBIG (DCP raises on
+    every rank). One warning line, no temp folder left, training goes on; once the limit is lifted the
+    next folder is written."""
+    def small_files():  # the soft limit only, so that the test can lift it (prlimit)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, resource.RLIM_INFINITY))  # a shard is ~250 kB
+
+    out = tmp_path / "full"
+    job = start(*ARGS, f"--out_dir={out}", "--parallelism=fsdp", "--max_iters=2000", "--eval_interval=1000",
+                f"--async_save={background}", torchrun=["--nproc_per_node=2", "--shutdown-timeout=60"],
+                preexec_fn=small_files)
+    seen = []
+    # (DCP's writer sees EFBIG as a short write; a file's write sees the errno itself)
+    m = wait_for(job, r"^warning: could not write (\S+) \(rank \d: (\[Errno 27\] File too large|a short write: "
+                      r"the disk, a quota or a file-size limit is full .*)\); older checkpoints are intact; training "
+                      r"goes on and the next checkpoint tries again$", seen)
+    assert m.group(1) == str(out / "ckpt-00000004")
+    wait_for(job, r"^iter 9:", seen)  # still training, past the next failed save
+    assert not [n for n in os.listdir(out) if n.startswith((".ckpt", "ckpt"))]  # nothing half-written left
+    for pid in [job.pid, *children(job.pid)]:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    m = wait_for(job, r"^(saved|writing) (\S+ckpt-\d+)$", seen)
+    job.send_signal(signal.SIGTERM)
+    seen.append(job.communicate(timeout=120)[0])
+    checkpoint.verify_folder(m.group(2))
+    assert "CheckpointException" not in "".join(seen) and "[rank0]: Traceback" not in "".join(seen)
+
+
+def test_torchrun_into_a_busy_or_unwritable_out_dir_is_one_line(fsdp_run, tmp_path):
+    """Only rank 0 checks out_dir (lock, writability); every rank stops with it, so a second job into a
+    folder in use is one error line, not a rank dying in a collective with a traceback."""
+    out = copy_run(fsdp_run, tmp_path / "busy")
+    first = start(f"--out_dir={out}", "--max_iters=100000")  # FSDP alone, as stored
+    wait_for(first, r"^iter 21:")
+    second = start(f"--out_dir={out}", "--max_iters=100000", torchrun=["--nproc_per_node=2"])
+    output = second.communicate(timeout=120)[0]
+    assert second.returncode != 0
+    assert output.count(f"error: out_dir {str(out)!r} is in use by another training process (pid {first.pid})") == 1
+    assert "[rank1]" not in output and "Connection closed" not in output, output
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=60)
+    assert first.returncode == 0
+
+
 DAMAGE = {
     "flipped byte in a shard": (lambda f: _flip(f / "__1_0.distcp"), "corrupt (CRC mismatch in __1_0.distcp)"),
     "truncated shard": (lambda f: _truncate(f / "__0_0.distcp"), "corrupt (__0_0.distcp has"),
@@ -245,3 +293,10 @@ def test_consolidated_folder_samples_and_exports(fsdp_run, tmp_path):
         torch.testing.assert_close(hf(idx).logits, ours(idx, idx)[0], rtol=0, atol=1e-5)
     bad = run("checkpoint.py", "consolidate", str(tmp_path / "one" / "ckpt.pt"), str(tmp_path / "y.pt"), check=False)
     assert bad.returncode == 1 and "not a checkpoint folder" in bad.stderr
+    again = run("checkpoint.py", "consolidate", str(fsdp_run / "ckpt-00000016"), str(tmp_path / "one" / "ckpt.pt"),
+                check=False)  # never over an existing file (a run's ckpt.pt, say)
+    assert again.returncode == 1 and "exists; give a new file name" in again.stderr
+    assert checkpoint.load(str(tmp_path / "one" / "ckpt.pt"))["iter_num"] == 20
+    piped = subprocess.run(f"{sys.executable} checkpoint.py {fsdp_run} | head -1", shell=True, cwd=ROOT,
+                           capture_output=True, text=True)  # the reader leaves early: no traceback
+    assert piped.stdout.startswith("file (newest first)") and piped.stderr == ""
