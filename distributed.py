@@ -10,6 +10,7 @@ TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node (README, "Preemptible and sch
 and a run without it is warned.
 """
 import ctypes
+import gc
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +72,7 @@ def restart_store(rank, world_size):
 
 
 def teardown():
+    gc.collect()  # work objects still referenced by cycles go now, while the group is whole
     if dist.is_initialized():
         dist.barrier()  # rank 0 may still be writing; tearing down gloo under it aborts the other ranks
         dist.destroy_process_group()

@@ -170,13 +170,14 @@ def test_failed_folder_write_is_one_line_and_training_goes_on(shakespeare_char, 
                       r"goes on and the next checkpoint tries again$", seen)
     assert m.group(1) == str(out / "ckpt-00000004")
     wait_for(job, r"^iter 9:", seen)  # still training, past the next failed save
-    assert not [n for n in os.listdir(out) if n.startswith((".ckpt", "ckpt"))]  # nothing half-written left
+    assert not [n for n in os.listdir(out) if n.startswith("ckpt")]  # no folder under a checkpoint's name
     for pid in [job.pid, *children(job.pid)]:
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     m = wait_for(job, r"^(saved|writing) (\S+ckpt-\d+)$", seen)
     job.send_signal(signal.SIGTERM)
     seen.append(job.communicate(timeout=120)[0])
     checkpoint.verify_folder(m.group(2))
+    assert not [n for n in os.listdir(out) if checkpoint.TMP_TAG in n]  # failed saves left nothing behind
     assert "CheckpointException" not in "".join(seen) and "[rank0]: Traceback" not in "".join(seen)
 
 
