@@ -109,12 +109,12 @@ def lock(out_dir):
 def remove_stray_temps(out_dir):
     """Temp files and folders left by a process killed mid-write: they were never a checkpoint."""
     for path in glob.glob(os.path.join(out_dir, f".*{TMP_TAG}*")):
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        remove(path)
 
 
 def remove(path):
     """Delete a checkpoint file or folder."""
-    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
 
 
 def to_cpu(obj):
@@ -209,7 +209,7 @@ def verified(path):
 # checkpoint folders (FSDP): the plain part in state.pt, the tensors in DCP's files
 
 def crc32(path):
-    """(size, CRC-32) of a file, read in 16 MB pieces (zlib: several GB/s)."""
+    """(size, CRC-32) of a file, read in 16 MB pieces."""
     crc, size = 0, 0
     with open(path, "rb") as f:
         while chunk := f.read(16 << 20):
@@ -228,7 +228,7 @@ def commit_folder(tmp, path, state, files):
         fsync_dir(tmp)
         old = None
         if os.path.exists(path):  # the same iteration again (after a fall-back): replace it whole
-            old = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}{TMP_TAG}old-{os.getpid()}"
+            old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_TAG}old-{os.getpid()}")
             os.rename(path, old)
         os.rename(tmp, path)
         fsync_dir(os.path.dirname(os.path.abspath(path)))
@@ -286,8 +286,10 @@ def _folder_state(folder):
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{state_path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or "model_args" not in state:
-        raise CheckpointError(f"{folder}: not a GPT checkpoint folder ({STATE} lacks 'files' and 'model_args')")
+    if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or \
+            not all(k in state for k in ("model_args", "optimizer_groups")):
+        raise CheckpointError(f"{folder}: not a GPT checkpoint folder ({STATE} lacks 'files', 'model_args' or "
+                              f"'optimizer_groups')")
     return state
 
 
@@ -431,11 +433,14 @@ def load(path, map_location="cpu", tensors=True):
     """Load and verify one checkpoint. Raises CheckpointError with a one-line reason for a missing,
     truncated, corrupt, foreign or unsafe file; an unsafe pickle is refused before any of it runs.
     A folder is verified in full (every file's CRC); with tensors=False only its plain part is
-    returned (FSDP then reads each rank's share of the shards itself, distributed.load_sharded)."""
+    returned (FSDP then reads each rank's share of the shards itself, distributed.load_sharded);
+    with tensors=True the very dict a single file holds."""
     if os.path.isdir(path):
         ckpt = verify_folder(path)
         if tensors:
             ckpt["model"], ckpt["optimizer"] = read_shards(path, ckpt)
+            for k in ("files", "aliases", "optimizer_groups"):  # the folder's own bookkeeping
+                ckpt.pop(k, None)
         return ckpt
     # torch.save writes a zip with a CRC-32 per record but torch.load never checks them, so a
     # flipped byte inside a tensor would load silently; zipfile checks every record.
@@ -680,8 +685,6 @@ def consolidate(folder, out):
     if os.path.exists(out):  # never over a run's ckpt.pt, nor any other file: nothing is lost by a typo
         raise CheckpointError(f"{out} exists; give a new file name (remove {out} yourself to replace it)")
     ckpt = load(folder)
-    for k in ("files", "aliases", "optimizer_groups"):
-        ckpt.pop(k, None)
     save(ckpt, out)
     return ckpt
 

@@ -38,17 +38,16 @@ def under_torchrun():
 def init(device, backend, fsdp=False):
     """Join the process group torchrun set up. Returns (local_rank, world_size, device). FSDP needs a
     process group even alone (`python train.py --parallelism=fsdp`): a group of one, in memory."""
+    if backend == "auto":
+        backend = "nccl" if device.startswith("cuda") else "gloo"
     if not under_torchrun():
         if fsdp:
-            backend = ("nccl" if device.startswith("cuda") else "gloo") if backend == "auto" else backend
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
         return 0, 1, device
     local_rank, world_size, rank = int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    if backend == "auto":
-        backend = "nccl" if device.startswith("cuda") else "gloo"
     store = restart_store(rank, world_size)
     if store is None:
         dist.init_process_group(backend=backend)
@@ -188,21 +187,14 @@ class ShardedSaver:
         a background save returns at once, and its failure is a warning when it is committed."""
         self.finish()
         tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_TAG}{self.tag[0]}")
-        if dist.get_rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # a failed save's leftovers
-        dist.barrier(group=self.group)
         flat, aliases, _, optim_sd = _flat(model, optimizer)
         plain = dict(plain, aliases=aliases, optimizer_groups=optim_sd["param_groups"])
         if background:
             future = dcp.async_save(flat, checkpoint_id=tmp, process_group=self.group, async_stager=self.stager)
-            self.pending = (self.pool.submit(self._written, future, tmp), tmp, path, plain, then)
-            return
-        try:
-            dcp.save(flat, checkpoint_id=tmp, process_group=self.group)
-            files = self._crcs(tmp)
-        except (Exception, CheckpointException) as e:  # (DCP's is a BaseException)
-            files = _why(e)
-        self._commit(files, tmp, path, plain, then)
+            self.pending = (self.pool.submit(self._written, future.result, tmp), tmp, path, plain, then)
+        else:
+            files = self._written(lambda: dcp.save(flat, checkpoint_id=tmp, process_group=self.group), tmp)
+            self._commit(files, tmp, path, plain, then)
 
     def busy(self):
         return self.pending is not None and not self.pending[0].done()
@@ -217,19 +209,17 @@ class ShardedSaver:
             except checkpoint.CheckpointError as e:
                 say(f"warning: {e}; {checkpoint.KEPT_INTACT}", err=True)
 
-    def _written(self, future, tmp):
-        try:
-            future.result()
-            return self._crcs(tmp)
-        except (Exception, CheckpointException) as e:
-            return _why(e)
-
     @staticmethod
-    def _crcs(tmp):
-        """Size and CRC-32 of the files this rank wrote (its shard; rank 0 also DCP's .metadata)."""
-        rank = dist.get_rank()
-        mine = [n for n in os.listdir(tmp) if n.startswith(f"__{rank}_") or (rank == 0 and n == ".metadata")]
-        return {n: checkpoint.crc32(os.path.join(tmp, n)) for n in mine}
+    def _written(write, tmp):
+        """Run (or wait for) the DCP write; then the size and CRC-32 of the files this rank wrote (its
+        shard; rank 0 also DCP's .metadata), or one line saying why the write failed."""
+        try:
+            write()
+            rank = dist.get_rank()
+            mine = [n for n in os.listdir(tmp) if n.startswith(f"__{rank}_") or (rank == 0 and n == ".metadata")]
+            return {n: checkpoint.crc32(os.path.join(tmp, n)) for n in mine}
+        except (Exception, CheckpointException) as e:  # (DCP's is a BaseException)
+            return _why(e)
 
     def _commit(self, files, tmp, path, plain, then):
         """files: this rank's {name: [size, crc]}, or why its write failed."""

@@ -513,7 +513,7 @@ if step_times:
     log(f"done at iteration {iter_num}: median {steady[len(steady) // 2] * 1000:.2f} ms/iter, "
         f"{time.time() - t_start:.1f}s wall")
 metrics.event(iter_num, "end", seconds=round(time.time() - t_start, 3))
-del model  # the DDP wrapper holds the process group: let it go before the group, not in interpreter shutdown
+model = None  # the DDP wrapper holds the process group: let it go before the group, not in interpreter shutdown
 distributed.teardown()
 if final_failed:
     sys.exit(1)
