@@ -20,16 +20,15 @@ file gives, so sample.py, export.py and a resume without FSDP take either. Conso
 
     python checkpoint.py consolidate out/ckpt-00001000 ckpt.pt
 """
-import fcntl
-import glob
+import errno
+import functools
 import os
 import pickle
 import random
 import re
 import secrets
 import shutil
-import signal
-import subprocess
+import stat
 import sys
 import time
 import warnings
@@ -39,8 +38,9 @@ import zlib
 import numpy as np
 import torch
 
-from atomicfile import TMP_TAG, atomic_write, fsync_dir
+from atomicfile import atomic_write, fsync_dir, replace_folder
 from metrics import say
+from model import GPT, GPTConfig
 
 FORMAT_VERSION = 1
 BEST = "ckpt.pt"                  # nanoGPT's file: best val loss so far (or every eval), read by sample.py
@@ -50,11 +50,6 @@ KEPT_BEST = "ckpt-best-b{}-{:08d}.pt"  # another branch's ckpt.pt, kept when a b
 NAMES = re.compile(r"ckpt(\.pt|-best-b\d+-\d{8}\.pt|-\d{8}(-b\d+)?(\.pt)?)$")  # periodic ones: files or folders
 STATE = "state.pt"  # a checkpoint folder's plain part; the rest of the folder is DCP's
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
-SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # config keys that fix the model's shape
-# never taken from a stored config: where and how this process starts, and its own time budget
-NOT_RESTORED = ("out_dir", "init_from", "resume_from", "eval_only", "time_limit")
-# nanoGPT stores what its machine had here (its dtype default depends on the GPU), not a user's choice
-MACHINE = ("device", "dtype", "backend", "compile")
 
 
 def periodic_name(it, branch=0, folder=False):
@@ -75,57 +70,6 @@ class CheckpointError(Exception):
 
 def atomic_save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def check_writable(out_dir):
-    """Write, fsync and remove a small temp file; raises OSError if out_dir cannot take one."""
-    probe = os.path.join(out_dir, f".write-check{TMP_TAG}{os.getpid()}")
-    with open(probe, "wb") as f:
-        f.write(b"0" * 4096)
-        f.flush()
-        os.fsync(f.fileno())
-    os.remove(probe)
-
-
-def lock(out_dir):
-    """Hold an exclusive lock on out_dir/.lock for the life of this process, so a second training
-    process in the same folder (another run, the same job started twice) is refused before it
-    writes anything. The OS drops the lock when the process ends, however it ends."""
-    f = open(os.path.join(out_dir, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise CheckpointError(f"out_dir {out_dir!r} is in use by another training process ({holder}); wait for it "
-                              f"to end, or pick another --out_dir") from None
-    f.truncate(0)
-    f.write(f"pid {os.getpid()}\n")
-    f.flush()
-    return f
-
-
-def remove_stray_temps(out_dir):
-    """Temp files and folders left by a process killed mid-write: they were never a checkpoint."""
-    for path in glob.glob(os.path.join(out_dir, f".*{TMP_TAG}*")):
-        remove(path)
-
-
-def remove(path):
-    """Delete a checkpoint file or folder."""
-    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-
-
-def to_cpu(obj):
-    """A nested state with every tensor on the CPU (CPU tensors are not copied)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
 
 
 def os_error(e):
@@ -153,55 +97,18 @@ def save(ckpt, path):
         raise CheckpointError(f"could not write {path}: {os_error(e)}") from None
 
 
-class AsyncSaver:
-    """Writes checkpoints from a forked child process. fork() hands the child a copy-on-write
-    snapshot of the whole process in well under a second, so training stalls for the fork (plus,
-    for GPU tensors, their copy to host memory in to_cpu) rather than for writing, or even
-    copying, gigabytes. At most one write is in flight: save() and wait() first wait for the
-    previous one, and the training script calls wait() before it exits. POSIX only (fork)."""
-
-    def __init__(self):
-        self.pid = None
-
-    def save(self, ckpt, path, then=None):
-        self.wait()
-        pid = os.fork()
-        if pid == 0:  # the child: write, then leave without running any of the parent's exit code
-            code = 1
-            try:
-                # signals reach the whole process group; the parent stops, and waits for this write
-                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
-                    signal.signal(s, signal.SIG_IGN)
-                save(ckpt, path)
-                if then:
-                    then()
-                code = 0
-            except CheckpointError as e:
-                say(f"warning: {e}; {KEPT_INTACT}", err=True)
-            except BaseException as e:
-                say(f"warning: background checkpoint write to {path} failed: {type(e).__name__}: {e}; {KEPT_INTACT}", err=True)
-            finally:
-                os._exit(code)
-        self.pid = pid
-
-    def wait(self):
-        """Wait for the write in flight, if any; False if it failed (the child has said why)."""
-        if self.pid is None:
-            return True
-        _, status = os.waitpid(self.pid, 0)
-        self.pid = None
-        return status == 0
-
-
 def verified(path):
-    """True if every record of the file, or every file of the folder, matches its CRC-32: one full read."""
+    """True if load() takes it: every record of the file, or every file of the folder, matches its
+    CRC-32 (one full read), and its contents pass check_contents (a file's tensors are mapped, not
+    read a second time)."""
     try:
-        if os.path.isdir(path):
+        if _kind(path) == "folder":
             verify_folder(path)
-            return True
-        with zipfile.ZipFile(path) as zf:
-            return zf.testzip() is None
-    except (OSError, zipfile.BadZipFile, CheckpointError):
+        else:
+            _check_crcs(path)
+            check_contents(_torch_load(path, mmap=True), path)
+        return True
+    except CheckpointError:
         return False
 
 
@@ -219,21 +126,15 @@ def crc32(path):
 
 def commit_folder(tmp, path, state, files):
     """Make the finished temp folder `tmp` the checkpoint folder `path`: state.pt (the plain part, with
-    every file's size and CRC) written in it, fsynced, then the folder renamed. Until the rename the
-    folder has a temp name, which nothing reads and the next start removes: a folder under a
-    checkpoint's name is always whole. Raises CheckpointError, leaving no folder under `path`'s name
-    that was not there before."""
+    every file's size and CRC) written in it, fsynced, then the folder renamed in (replace_folder: a
+    folder already under that name, the same iteration redone after a fall-back, is replaced whole).
+    Until the rename the folder has a temp name, which nothing reads and the next start removes: a
+    folder under a checkpoint's name is always whole. Raises CheckpointError, leaving no folder
+    under `path`'s name that was not there before."""
     try:
         atomic_save(dict(state, files=files), os.path.join(tmp, STATE))
         fsync_dir(tmp)
-        old = None
-        if os.path.exists(path):  # the same iteration again (after a fall-back): replace it whole
-            old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_TAG}old-{os.getpid()}")
-            os.rename(path, old)
-        os.rename(tmp, path)
-        fsync_dir(os.path.dirname(os.path.abspath(path)))
-        if old:
-            remove(old)
+        replace_folder(tmp, path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write {path}: {os_error(e)}") from None
@@ -260,14 +161,17 @@ def _dcp_metadata(folder):
     """DCP's metadata of a folder, read safely; every entry must be a tensor (DCP would unpickle any
     other entry with torch.load(weights_only=False))."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    path = os.path.join(folder, ".metadata")
+    if _kind(path) != "file":
+        raise CheckpointError(f"{folder}: not a checkpoint folder (.metadata is a folder)")
     try:
-        with open(os.path.join(folder, ".metadata"), "rb") as f:
+        with open(path, "rb") as f:
             md = _MetadataUnpickler(f).load()
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{folder}: refused, its .metadata needs arbitrary pickle, which can run code "
-                              f"({str(e)[:120]})") from None
+                              f"({_cut(str(e))})") from None
     except Exception as e:
-        raise CheckpointError(f"{folder}: unreadable .metadata ({type(e).__name__}: {str(e)[:120]})") from None
+        raise CheckpointError(f"{folder}: unreadable .metadata ({_brief(e)})") from None
     entries = getattr(md, "state_dict_metadata", None)
     if not isinstance(entries, dict) or not all(isinstance(m, TensorStorageMetadata) for m in entries.values()):
         raise CheckpointError(f"{folder}: refused, its .metadata holds entries that are not tensors")
@@ -275,42 +179,73 @@ def _dcp_metadata(folder):
 
 
 def _folder_state(folder):
-    """state.pt of a checkpoint folder: plain data, loaded with weights_only=True."""
+    """state.pt of a checkpoint folder: plain data, loaded with weights_only=True, with the folder's
+    own bookkeeping (files, aliases, optimizer_groups) in the form verify_folder and read_shards use."""
     state_path = os.path.join(folder, STATE)
-    if not os.path.isfile(state_path):
+    if not os.path.lexists(state_path):
         raise CheckpointError(f"{folder}: not a checkpoint folder (no {STATE}: not written by train.py, or "
                               f"copied in part)")
-    if not zipfile.is_zipfile(state_path):
-        raise CheckpointError(f"{state_path}: unreadable (truncated, or not a checkpoint)")
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{state_path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or \
-            not all(k in state for k in ("model_args", "optimizer_groups")):
-        raise CheckpointError(f"{folder}: not a GPT checkpoint folder ({STATE} lacks 'files', 'model_args' or "
-                              f"'optimizer_groups')")
+    state = _torch_load(state_path)
+    files, aliases, groups = state.get("files"), state.get("aliases", {}), state.get("optimizer_groups")
+    listed = isinstance(files, dict) and all(
+        isinstance(n, str) and n == os.path.basename(n) and n not in ("", ".", "..")  # in the folder, no path
+        and isinstance(v, (list, tuple)) and len(v) == 2 and all(type(x) is int for x in v) for n, v in files.items())
+    named = isinstance(aliases, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()) \
+        and isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+    if not listed:
+        raise CheckpointError(f"{folder}: not a GPT checkpoint folder ({STATE} does not list the folder's files "
+                              f"with their sizes and CRCs)")
+    if not named:
+        raise CheckpointError(f"{folder}: not a GPT checkpoint folder ({STATE}'s 'aliases' or 'optimizer_groups' "
+                              f"do not name parameters)")
     return state
+
+
+def _check_folder(folder, state, md):
+    """check_contents for a folder, its tensors judged by the names, shapes and dtypes DCP's metadata
+    gives them (as meta tensors: nothing is read or allocated)."""
+    flat = {k: torch.empty(m.size, dtype=m.properties.dtype, device="meta") for k, m in md.state_dict_metadata.items()}
+    model = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
+    optim = {}
+    for k, v in flat.items():
+        if k.startswith("optim.") and "." in k[len("optim."):]:
+            name, stat_ = k[len("optim."):].rsplit(".", 1)
+            optim.setdefault(name, {})[stat_] = v
+    for alias, name in state.get("aliases", {}).items():  # a tied weight is stored once
+        if name not in model:
+            raise CheckpointError(f"{folder}: not a GPT checkpoint folder ({STATE} ties {alias} to {name}, which "
+                                  f".metadata lacks)")
+        model[alias] = model[name]
+    try:
+        optimizer = optimizer_by_id(optim, state["optimizer_groups"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder}: not a GPT checkpoint folder (.metadata holds optimizer state for {e}, "
+                              f"which no param group in {STATE} has)") from None
+    check_contents(dict(state, model=model, optimizer=optimizer), folder)
 
 
 def verify_folder(folder):
     """The folder's plain state, after checking state.pt's CRCs and every listed file's size and
-    CRC-32, and that DCP's .metadata is safe to read. Raises CheckpointError naming the bad file."""
+    CRC-32, that DCP's .metadata is safe to read, and the contents (check_contents). Raises
+    CheckpointError naming the bad file."""
     state = _folder_state(folder)
-    with zipfile.ZipFile(os.path.join(folder, STATE)) as zf:
-        bad = zf.testzip()
-    if bad is not None:
-        raise CheckpointError(f"{folder}: corrupt ({STATE}: CRC mismatch in {bad})")
+    _check_crcs(os.path.join(folder, STATE))
     for name, (size, crc) in sorted(state["files"].items()):
         path = os.path.join(folder, name)
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise CheckpointError(f"{folder}: incomplete ({name} is missing)")
-        got = crc32(path)
+        kind, why = _stat(path)
+        if kind != "file":
+            raise CheckpointError(f"{folder}: corrupt ({name}: {why or 'a folder'})")
+        try:
+            got = crc32(path)
+        except OSError as e:
+            raise CheckpointError(f"{folder}: unreadable ({name}: [Errno {e.errno}] {e.strerror})") from None
         if got[0] != size:
             raise CheckpointError(f"{folder}: corrupt ({name} has {got[0]:,} bytes, {size:,} were written)")
         if got[1] != crc:
             raise CheckpointError(f"{folder}: corrupt (CRC mismatch in {name})")
-    _dcp_metadata(folder)
+    _check_folder(folder, state, _dcp_metadata(folder))
     return state
 
 
@@ -352,48 +287,6 @@ def read_shards(folder, state):
     return model, optimizer_by_id(optim, state["optimizer_groups"])
 
 
-def apply_retention(out_dir, keep_last, keep_every, run_id, branch, written=()):
-    """Delete this run's and this branch's periodic files beyond the newest keep_last good ones.
-    Called only after a new file is on disk. Never deleted: ckpt.pt, other runs' and branches'
-    files, files kept by keep_every, files that do not load. A file counts toward keep_last only
-    if this process wrote it (`written`) or its CRCs check out, so a damaged or junk file never
-    pushes a good one out."""
-    heads, _ = scan(out_dir)
-    mine = [h for h in heads if h["kind"] == "periodic" and h["branch"] == branch and h["run_id"] in (run_id, None)
-            and not (keep_every > 0 and h["iter_num"] % keep_every == 0)]
-    good = 0
-    for h in mine:  # newest first
-        if good >= keep_last:
-            try:
-                remove(h["path"])
-            except OSError as e:
-                say(f"warning: could not delete old checkpoint {h['path']}: {os_error(e)}", err=True)
-        elif h["path"] in written or verified(h["path"]):
-            good += 1
-
-
-def keep_others_best(out_dir, run_id, branch, resumed_from=None, log=say):
-    """Before this run first writes ckpt.pt: if the ckpt.pt there belongs to another branch (or run),
-    keep it under KEPT_BEST rather than replace it, and say so. Called once per process."""
-    best = os.path.join(out_dir, BEST)
-    if not os.path.exists(best):
-        return
-    try:
-        h = read_header(best)
-    except CheckpointError:
-        return  # a damaged ckpt.pt holds nothing to keep
-    ours = h["branch"] == branch and h["run_id"] in (run_id, None)
-    if ours or (resumed_from and os.path.realpath(resumed_from) == os.path.realpath(best)):
-        return
-    kept = os.path.join(out_dir, KEPT_BEST.format(h["branch"], h["iter_num"]))
-    if not os.path.exists(kept):
-        os.rename(best, kept)  # this run writes ckpt.pt right after; until then sample.py falls back
-        fsync_dir(out_dir)
-    val = f", val loss {h['val_loss']:.4f}" if isinstance(h["val_loss"], float) else ""
-    log(f"note: {BEST} held branch {h['branch']}'s best (iteration {h['iter_num']}{val}); kept as "
-        f"{os.path.basename(kept)}, this branch writes its own {BEST}")
-
-
 # ---------------------------------------------------------------------------------------------
 # reading
 
@@ -408,10 +301,272 @@ def strip_prefixes(state_dict):
     return out
 
 
+def _stat(path):
+    """('file' | 'folder', None) for what path names, following symlinks, found by stat() before
+    anything opens it; else (None, why not): gone, a dangling symlink, a symlink loop, or not a
+    regular file (a FIFO, whose open() blocks; a device such as /dev/zero, which never ends)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ENOENT and os.path.islink(path):
+            return None, "a dangling symlink (its target does not exist)"
+        if e.errno == errno.ENOENT:
+            return None, "no such file or folder"
+        if e.errno == errno.ELOOP:
+            return None, "a symlink loop"
+        return None, f"unreadable ([Errno {e.errno}] {e.strerror})"
+    if stat.S_ISDIR(st.st_mode):
+        return "folder", None
+    if stat.S_ISREG(st.st_mode):
+        return "file", None
+    what = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else
+            "a block device" if stat.S_ISBLK(st.st_mode) else "a character device")
+    link = f", through a symlink to {os.path.realpath(path)}" if os.path.islink(path) else ""
+    return None, f"not a regular file ({what}{link})"
+
+
+def _kind(path):
+    """'file' or 'folder' (see _stat); anything else raises CheckpointError."""
+    kind, why = _stat(path)
+    if kind is None:
+        raise CheckpointError(f"{path}: {why}")
+    return kind
+
+
+def _cut(text, limit=160):
+    """The first line of text, cut at a word boundary when it is long (never mid-word)."""
+    text = (text.strip().splitlines() or [""])[0]
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def _brief(e):
+    """An exception as a message shows it: its type and the start of its first line."""
+    return f"{type(e).__name__}: {_cut(str(e))}" if str(e).strip() else type(e).__name__
+
+
+def _check_crcs(path):
+    """Every record of the zip archive against its CRC-32: torch.save writes them, torch.load never
+    checks them, so a flipped byte inside a tensor would load silently. One full read."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except Exception as e:  # BadZipFile, and EOFError or UnicodeDecodeError from a damaged local header
+        raise CheckpointError(f"{path}: unreadable (a damaged zip archive: {_brief(e)})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt (CRC mismatch in {bad})")
+
+
+# What a checkpoint holds, judged by check_contents: a file with valid CRCs may still come from another
+# program, another version or a hand edit, and each script would otherwise fail on it with a traceback.
+REQUIRED = ("model", "optimizer", "model_args", "iter_num", "best_val_loss")  # nanoGPT's keys (and config)
+MASK = re.compile(r"transformer\.h\.\d+\.attn\.bias")  # nanoGPT's causal-mask buffer (torch < 2.0): not a weight
+BLOCK = "transformer.h.0."
+SCALER = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+
+
+def _count(v):
+    return type(v) is int and v >= 0  # (True is an int to Python, never a count here)
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _name(v):
+    return v is None or isinstance(v, str)
+
+
+def _show(v):
+    """A value as a message shows it: a short repr as it is, anything else by its type."""
+    text = repr(v)
+    return text if len(text) <= 40 and not isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
+
+
+# metadata that train.py, resume and this file's CLI read, and what each must be
+META = dict(run_id=_name, init_from=_name, dataset=_name, branch=_count, world_size=_count, train_seconds=_number,
+            tokens_seen=lambda v: v is None or _count(v), val_loss=lambda v: v is None or _number(v),
+            last_eval=lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == 2 and _count(v[0])
+                                              and _number(v[1])),
+            resumes=lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v))
+
+
+def _plain_problem(ckpt):
+    """What is wrong with the plain values of a checkpoint, or None."""
+    if not _count(ckpt["iter_num"]):
+        return f"iter_num is {_show(ckpt['iter_num'])}, not a whole number"
+    best = ckpt["best_val_loss"]  # nanoGPT stores a 0-d tensor
+    if not (_number(best) or isinstance(best, torch.Tensor) and best.numel() == 1 and best.is_floating_point()):
+        return f"best_val_loss is {_show(best)}, not a number"
+    version = ckpt.get("format_version")
+    if version is not None and not _count(version):
+        return f"format_version is {_show(version)}, not a number"
+    if version is not None and version > FORMAT_VERSION:
+        return f"format_version {version}: written by a newer version of this project, which reads {FORMAT_VERSION}"
+    config = ckpt.get("config", {})
+    if not isinstance(config, dict):
+        return f"config is {_show(config)}, not a dict of the run's settings"
+    for k in ("dataset", "init_from"):
+        if not _name(config.get(k)):
+            return f"config {k}={_show(config[k])}, not a name"
+    meta = ckpt.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        return f"metadata is {_show(meta)}, not a dict"
+    for k, ok in META.items():
+        if meta and k in meta and not ok(meta[k]):
+            return f"metadata {k}={_show(meta[k])} is of the wrong type"
+    scaler = ckpt.get("scaler")
+    if scaler and not (isinstance(scaler, dict) and all(_number(scaler.get(k)) for k in SCALER)):
+        return "scaler is not a GradScaler's state"
+    rngs = ckpt.get("rng")
+    if rngs is not None and not isinstance(rngs, list):
+        return f"rng is {_show(rngs)}, not a list of the ranks' RNG states"
+    for i, r in enumerate(rngs or []):
+        try:  # restored into throw-away generators: the process's own stay untouched
+            version, state, gauss = r["python"]
+            random.Random().setstate((version, tuple(state), gauss))
+            name, keys, pos, has_gauss, cached = r["numpy"]
+            np.random.RandomState().set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+            torch.Generator().set_state(r["torch"])
+            if not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in r["cuda"]):
+                raise TypeError
+        except Exception:
+            return f"rng of rank {i} is not a state that Python, numpy and torch can restore"
+    return None
+
+
+def _args_problem(args):
+    """What keeps GPT(GPTConfig(**model_args)) from being built, or None."""
+    if not isinstance(args, dict):
+        return f"model_args is {_show(args)}, not a dict"
+    missing = [k for k in MODEL_ARGS if k not in args]
+    if missing:
+        return f"model_args lacks {', '.join(missing)}"
+    for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+        if not _count(args[k]) or args[k] < 1:
+            return f"model_args {k}={_show(args[k])}, not a whole number >= 1"
+    if args["n_embd"] % args["n_head"]:
+        return f"model_args n_embd={args['n_embd']} is not a multiple of n_head={args['n_head']}"
+    if type(args["bias"]) is not bool:
+        return f"model_args bias={_show(args['bias'])}, not True or False"
+    if not _number(args["dropout"]) or not 0 <= args["dropout"] < 1:
+        return f"model_args dropout={_show(args['dropout'])}, not a number in [0, 1)"
+    return None
+
+
+class _NoInit(torch.overrides.TorchFunctionMode):
+    """Skips normal_, the random init of GPT's weights: on the meta device torch runs it in Python
+    code that first imports torch._dynamo (2 s), and only the shapes are wanted."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) == "normal_":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+@functools.lru_cache(maxsize=4)
+def _one_block(n_head, n_embd, block_size, bias, vocab_size):
+    """(name, shape) of a one-block GPT's state dict and of its parameters (in the order AdamW's
+    groups take them): built on the meta device, so it costs neither memory nor an init."""
+    with torch.device("meta"), _NoInit():
+        gpt = GPT(GPTConfig(n_layer=1, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                            vocab_size=vocab_size))
+    return ([(n, tuple(t.shape)) for n, t in gpt.state_dict().items()],
+            [(n, tuple(p.shape)) for n, p in gpt.named_parameters()])
+
+
+def _blocks(pairs, n_layer):
+    """A one-block GPT's (name, shape) pairs -> those of n_layer blocks, in the model's order."""
+    block = [(n[len(BLOCK):], s) for n, s in pairs if n.startswith(BLOCK)]
+    out = []
+    for n, s in pairs:
+        if not n.startswith(BLOCK):
+            out.append((n, s))
+        elif n == BLOCK + block[0][0]:
+            out += [(f"transformer.h.{i}.{b}", bs) for i in range(n_layer) for b, bs in block]
+    return out
+
+
+def _tensors_problem(model, optimizer, args):
+    """What keeps `model` from being exactly GPT(model_args)'s tensors, or `optimizer` from being its
+    AdamW's state, or None."""
+    if not isinstance(model, dict) or \
+            not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in model.items()):
+        return "model is not a dict of named tensors"
+    model = {k: t for k, t in strip_prefixes(model).items() if not MASK.fullmatch(k)}
+    state_dict, params = _one_block(*(args[k] for k in ("n_head", "n_embd", "block_size", "bias", "vocab_size")))
+    n_layer = args["n_layer"]
+    want = len(state_dict) + (n_layer - 1) * sum(n.startswith(BLOCK) for n, _ in state_dict)
+    if n_layer > len(model):  # no file of that model could have so few tensors: not worth listing them
+        return f"model holds {len(model)} tensors, GPT(model_args) has {want}"
+    shapes = dict(_blocks(state_dict, n_layer))
+    missing, extra = [n for n in shapes if n not in model], [n for n in model if n not in shapes]
+    if missing:
+        return f"model lacks {missing[0]}" + (f" and {len(missing) - 1} more of GPT(model_args)'s {want} tensors"
+                                              if len(missing) > 1 else "")
+    if extra:
+        return f"model holds {extra[0]}, which GPT(model_args) has no place for" + (
+            f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+    for n, shape in shapes.items():
+        t = model[n]
+        if tuple(t.shape) != shape:
+            return f"model's {n} has shape {tuple(t.shape)}, GPT(model_args)'s {shape}"
+        if not t.is_floating_point() or t.layout != torch.strided:
+            return f"model's {n} holds {t.dtype} ({t.layout}), not floating-point weights"
+    groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) or not isinstance(groups, list) \
+            or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        return "optimizer is not an optimizer's state_dict, with state and param_groups"
+    order = _blocks(params, n_layer)  # GPT.configure_optimizers' groups, as nanoGPT's: matrices, then the rest
+    ours = [[p for p in order if len(p[1]) >= 2], [p for p in order if len(p[1]) < 2]]
+    if [len(g["params"]) for g in groups] != [len(g) for g in ours]:
+        return (f"optimizer's param groups hold {[len(g['params']) for g in groups]} parameters, GPT(model_args)'s "
+                f"AdamW {[len(g) for g in ours]}")
+    ids = [i for g in groups for i in g["params"]]
+    if not all(type(i) is int for i in ids) or len(set(ids)) != len(ids):
+        return "optimizer's param groups do not number each parameter once"
+    for g in groups:
+        betas = g.get("betas", (0.9, 0.95))
+        if not all(_number(g[k]) for k in ("lr", "weight_decay", "eps") if k in g) or not (
+                isinstance(betas, (list, tuple)) and len(betas) == 2 and all(map(_number, betas))):
+            return "optimizer's param groups hold hyperparameters that are not numbers"
+    param = dict(zip(ids, (p for g in ours for p in g)))
+    for i, st in optimizer["state"].items():
+        if i not in param or not isinstance(st, dict):
+            return f"optimizer holds state for parameter {_show(i)}, which its param groups lack"
+        name, shape = param[i]
+        for k in ("exp_avg", "exp_avg_sq"):
+            t = st.get(k)
+            if not (isinstance(t, torch.Tensor) and tuple(t.shape) == shape and t.is_floating_point()):
+                what = f"has shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else f"is {_show(t)}"
+                return f"optimizer's {k} of {name} {what}, not a float tensor of shape {shape}"
+        step = st.get("step")
+        if not (_number(step) or isinstance(step, torch.Tensor) and step.numel() == 1):
+            return f"optimizer's step of {name} is {_show(step)}, not a number"
+    return None
+
+
+def check_contents(ckpt, path):
+    """Judge what a loaded checkpoint holds, not only its bytes: nanoGPT's keys and their types,
+    model_args that make a GPT, `model` exactly that GPT's tensors in their shapes (nanoGPT's
+    causal-mask buffers aside), `optimizer` its AdamW's state, and the scaler, RNG, config and
+    metadata that a resume restores. The expected names and shapes come from a GPT on the meta
+    device, never built for real. Raises CheckpointError naming path and the first thing wrong."""
+    missing = [k for k in REQUIRED if k not in ckpt] if isinstance(ckpt, dict) else None
+    if missing is None:
+        why = f"it holds {_show(ckpt)}, not a dict"
+    elif missing:
+        why = f"no {' and no '.join(map(repr, missing))} key"
+    else:  # (each part assumes the ones before it found nothing)
+        why = _plain_problem(ckpt) or _args_problem(ckpt["model_args"]) or \
+            _tensors_problem(ckpt["model"], ckpt["optimizer"], ckpt["model_args"])
+    if why:
+        raise CheckpointError(f"{path}: not a GPT checkpoint ({why})")
+
+
 def _torch_load(path, map_location="cpu", mmap=False):
-    """torch.load(weights_only=True), every failure turned into a one-line CheckpointError."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: {'a folder, not a checkpoint file' if os.path.isdir(path) else 'no such file or folder'}")
+    """torch.load(weights_only=True) of a regular file, every failure turned into a one-line CheckpointError."""
+    if _kind(path) == "folder":
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file")
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
         raise CheckpointError(f"{path}: unreadable (not a torch.save archive: truncated, or not a checkpoint)")
     try:
@@ -419,13 +574,13 @@ def _torch_load(path, map_location="cpu", mmap=False):
     except pickle.UnpicklingError as e:
         # torch's message is a page long; what matters in it is the global it refused to import
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"it names {found.group(1)}" if found else f"{str(e).strip().splitlines()[-1][:120]}"
+        what = f"it names {found.group(1)}" if found else _cut(str(e).strip().splitlines()[-1])
         raise CheckpointError(f"{path}: refused, loading it would need arbitrary pickle, which can run code "
                               f"({what}, not plain data)") from None
     except Exception as e:  # truncated zip, bad magic, unreadable: all mean "not a usable file"
-        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise CheckpointError(f"{path}: not a GPT checkpoint (no 'model' and 'model_args' keys)")
+        raise CheckpointError(f"{path}: unreadable ({_brief(e)})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a GPT checkpoint (it holds {_show(ckpt)}, not a dict)")
     return ckpt
 
 
@@ -434,40 +589,40 @@ def load(path, map_location="cpu", tensors=True):
     truncated, corrupt, foreign or unsafe file; an unsafe pickle is refused before any of it runs.
     A folder is verified in full (every file's CRC); with tensors=False only its plain part is
     returned (FSDP then reads each rank's share of the shards itself, distributed.load_sharded);
-    with tensors=True the very dict a single file holds."""
-    if os.path.isdir(path):
+    with tensors=True the very dict a single file holds. Both are judged by check_contents."""
+    if _kind(path) == "folder":
         ckpt = verify_folder(path)
         if tensors:
             ckpt["model"], ckpt["optimizer"] = read_shards(path, ckpt)
             for k in ("files", "aliases", "optimizer_groups"):  # the folder's own bookkeeping
                 ckpt.pop(k, None)
         return ckpt
-    # torch.save writes a zip with a CRC-32 per record but torch.load never checks them, so a
-    # flipped byte inside a tensor would load silently; zipfile checks every record.
-    if os.path.isfile(path):
-        try:
-            with zipfile.ZipFile(path) as zf:
-                bad = zf.testzip()
-        except (OSError, zipfile.BadZipFile) as e:
-            raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-        if bad is not None:
-            raise CheckpointError(f"{path}: corrupt (CRC mismatch in {bad})")
+    _check_crcs(path)
     ckpt = _torch_load(path, map_location)
-    ckpt["model"] = strip_prefixes(ckpt["model"])
-    if isinstance(ckpt.get("best_val_loss"), torch.Tensor):  # nanoGPT stores a 0-d tensor
+    check_contents(ckpt, path)
+    if any(t.is_meta for t in ckpt["model"].values()):
+        raise CheckpointError(f"{path}: not a GPT checkpoint (its model holds meta tensors: shapes without weights)")
+    ckpt["model"] = {k: t for k, t in strip_prefixes(ckpt["model"]).items() if not MASK.fullmatch(k)}
+    if isinstance(ckpt["best_val_loss"], torch.Tensor):  # nanoGPT stores a 0-d tensor
         ckpt["best_val_loss"] = ckpt["best_val_loss"].item()
     return ckpt
 
 
 def read_header(path):
     """What ranks a file, read without its tensors (mmap: ~10 ms for a 400 MB file): iteration,
-    run id, branch, kind, val loss. Only load() checks the CRCs."""
-    ckpt = _folder_state(path) if os.path.isdir(path) else _torch_load(path, mmap=True)
+    run id, branch, kind, val loss. Its contents are judged (check_contents: shapes, not values);
+    only load() checks the CRCs."""
+    if _kind(path) == "folder":
+        ckpt = _folder_state(path)
+        _check_folder(path, ckpt, _dcp_metadata(path))
+    else:
+        ckpt = _torch_load(path, mmap=True)
+        check_contents(ckpt, path)
     meta = ckpt.get("metadata") or {}
     name = os.path.basename(path)
     kind = "best" if name == BEST else "kept" if name.startswith("ckpt-best-") else "periodic"
-    return dict(path=path, iter_num=int(ckpt.get("iter_num", 0)), run_id=meta.get("run_id"),
-                branch=int(meta.get("branch", 0)), kind=kind, val_loss=meta.get("val_loss"))
+    return dict(path=path, iter_num=ckpt["iter_num"], run_id=meta.get("run_id"), branch=meta.get("branch", 0),
+                kind=kind, val_loss=meta.get("val_loss"))
 
 
 def rank(h):
@@ -476,20 +631,31 @@ def rank(h):
     return h["branch"], h["iter_num"], {"periodic": 2, "best": 1, "kept": 0}[h["kind"]]
 
 
-def scan(out_dir):
-    """The checkpoint files in out_dir: (headers newest first by content, [(path, reason)] for files
-    with a checkpoint's name that cannot be read). File times are never used: copies, restores
-    and downloads change them."""
-    if not os.path.isdir(out_dir):
-        return [], []
-    heads, bad = [], []
-    for name in sorted(os.listdir(out_dir)):
-        if NAMES.match(name):
+def scan(out_dir, tries=5):
+    """The checkpoints in out_dir: (headers newest first by content, [(path, reason)] for each entry
+    with a checkpoint's name that cannot be used: unreadable, foreign, a dangling symlink...). File
+    times are never used: copies, restores and downloads change them. An entry that vanishes while
+    it is read (retention deleting it under a running trainer) is left out, and the folder is
+    listed again: by then the newer file that replaced it is there."""
+    for _ in range(tries):
+        try:
+            names = sorted(os.listdir(out_dir))
+        except (FileNotFoundError, NotADirectoryError):
+            return [], []
+        except OSError as e:
+            raise CheckpointError(f"out_dir {out_dir!r} cannot be listed ([Errno {e.errno}] {e.strerror})") from None
+        heads, bad, vanished = [], [], False
+        for name in filter(NAMES.match, names):
             path = os.path.join(out_dir, name)
             try:
                 heads.append(read_header(path))
             except CheckpointError as e:
-                bad.append((path, str(e)))
+                if os.path.lexists(path):
+                    bad.append((path, str(e)))
+                else:
+                    vanished = True
+        if not vanished:
+            break
     return sorted(heads, key=rank, reverse=True), bad
 
 
@@ -518,164 +684,47 @@ def load_latest(out_dir, map_location="cpu", log=say, tensors=True):
 # ---------------------------------------------------------------------------------------------
 # resume rules (README, "Checkpoints")
 
-def same_origin(a, b):
-    return a == b or (os.path.isdir(a) and os.path.isdir(b) and os.path.realpath(a) == os.path.realpath(b))
-
-
-def find_start(out_dir, init_from, resume_from="", log=say, tensors=True):
-    """(path, ckpt) that this start continues, or (None, None) to start fresh. resume_from: that
-    file. Otherwise the newest good checkpoint in out_dir, whatever init_from says, so the same
-    command run twice continues the run; init_from='resume' with none there is an error."""
-    if resume_from:
-        ckpt = load(resume_from, tensors=tensors)
-        theirs = (ckpt.get("metadata") or {}).get("run_id")
-        others = {h["run_id"] for h in scan(out_dir)[0]} - {None, theirs}
-        if others:  # two runs in one folder could no longer be told apart by "newest"
-            raise CheckpointError(f"out_dir {out_dir!r} holds another run (run id {sorted(others)[0]}) than "
-                                  f"{resume_from} (run id {theirs}); resume it into a new --out_dir")
-        return resume_from, ckpt
-    if init_from == "resume":
-        return load_latest(out_dir, log=log, tensors=tensors)
-    if not candidates(out_dir):
-        return None, None
-    try:
-        path, ckpt = load_latest(out_dir, log=log, tensors=tensors)
-    except CheckpointError:
-        raise CheckpointError(f"out_dir {out_dir!r} holds checkpoint files but none of them loads (see warnings "
-                              f"above); move them away or pick another --out_dir") from None
-    origin = (ckpt.get("metadata") or {}).get("init_from") or (ckpt.get("config") or {}).get("init_from")
-    if origin not in (None, "resume") and not same_origin(origin, init_from):
-        raise CheckpointError(f"out_dir {out_dir!r} holds a run that began from {origin!r} (iteration "
-                              f"{ckpt['iter_num']}, {os.path.basename(path)}), not from {init_from!r}: continue "
-                              f"it with --init_from=resume, or pick another --out_dir")
-    log(f"{out_dir} holds this run at iteration {ckpt['iter_num']} ({os.path.basename(path)}): continuing it "
-        f"(to start over, pick another --out_dir)")
-    return path, ckpt
-
-
-def branch_for(out_dir, ckpt, picked):
-    """The branch a resumed run writes: the checkpoint's own, unless the file was picked by hand
-    (resume_from) and out_dir holds later work; then a new branch, whose files get their own
-    names and outrank the abandoned ones, so nothing is overwritten and a plain resume continues
-    the newest branch."""
-    b = int((ckpt.get("metadata") or {}).get("branch", 0))
-    if not picked:
-        return b
-    heads, _ = scan(out_dir)
-    if any((h["branch"], h["iter_num"]) > (b, ckpt["iter_num"]) for h in heads):
-        return 1 + max(h["branch"] for h in heads)
-    return b
-
-
-def restore_config(namespace, ckpt, sources, explicit=True, log=say):
-    """The config of a resumed run: train.py defaults < the checkpoint's stored config < config
-    files < --flags (`sources` says which keys a file or flag set). The model's shape is always
-    the checkpoint's: another value from a config file gets a note when the resume was asked for
-    (explicit: init_from='resume'), from a --flag, or on an implicit continuation, an error (then
-    it is another run's command). Returns {key: (stored, now)} for each knob that differs."""
-    stored, args = ckpt.get("config") or {}, ckpt["model_args"]
-    skip = NOT_RESTORED + (() if "format_version" in ckpt else MACHINE)
-    for k, v in stored.items():
-        if k in namespace and k not in sources and k not in skip and k not in SHAPE:
-            default = namespace[k]
-            if type(v) is type(default) or default is None or (isinstance(default, float) and type(v) is int):
-                namespace[k] = float(v) if isinstance(default, float) and type(v) is int else v
-    device = namespace.get("device", "auto")
-    if "device" not in sources and ((device.startswith("cuda") and not torch.cuda.is_available()) or
-                                    (device == "mps" and not torch.backends.mps.is_available())):
-        log(f"note: the run used device={device!r}, which this machine lacks; using device='auto'")
-        namespace["device"] = "auto"
-    flagged = [f"{k}={namespace[k]!r} but the checkpoint has {args[k]!r}" for k in SHAPE
-               if k in args and k in sources and (sources[k].startswith("--") or not explicit) and namespace[k] != args[k]]
-    if flagged:
-        raise CheckpointError("the model's shape comes from the checkpoint and cannot change on resume: "
-                              + "; ".join(flagged) + " (drop those flags, or pick another --out_dir for a new run)")
-    filed = [k for k in SHAPE if k in args and k in sources and namespace[k] != args[k]]
-    if filed:
-        log(f"note: using the checkpoint's model ({', '.join(f'{k}={args[k]!r}' for k in filed)}), not "
-            f"{', '.join(f'{k}={namespace[k]!r}' for k in filed)} from {sources[filed[0]]}")
-    for k in SHAPE:
-        if k in args:
-            namespace[k] = args[k]
-    if "dropout" not in sources and "dropout" in args:
-        namespace["dropout"] = args["dropout"]  # the model's own, also for files whose config lacks it
-    return {k: (stored[k], namespace[k]) for k in sources
-            if k in stored and k not in skip and k not in SHAPE and stored[k] != namespace[k]}
-
-
-def check_compatible(ckpt, dataset, vocab_size):
-    """Refuse to resume on other data: another dataset, or a vocab the model does not have."""
-    problems = []
-    saved_dataset = (ckpt.get("config") or {}).get("dataset")
-    if saved_dataset is not None and saved_dataset != dataset:
-        problems.append(f"dataset={dataset!r} but the checkpoint was trained on {saved_dataset!r}")
-    if vocab_size is not None and vocab_size != ckpt["model_args"]["vocab_size"]:
-        problems.append(f"the dataset's vocab has {vocab_size} tokens but the checkpoint's model has "
-                        f"{ckpt['model_args']['vocab_size']}")
-    if problems:
-        raise CheckpointError("checkpoint does not match this run: " + "; ".join(problems))
-
-
 # ---------------------------------------------------------------------------------------------
 # RNG state as plain data (so weights_only loading reads it)
-
-def capture_rng():
-    version, state, gauss = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "python": [version, list(state), gauss],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def restore_rng(rng):
-    version, state, gauss = rng["python"]
-    random.setstate((version, tuple(state), gauss))
-    name, keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        if len(rng["cuda"]) != torch.cuda.device_count():
-            say(f"warning: checkpoint has CUDA RNG for {len(rng['cuda'])} devices, this machine has "
-                f"{torch.cuda.device_count()}; CUDA RNG restored where it can be")
-        for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(state, i)
-
-
-def git_commit():
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
 
 # ---------------------------------------------------------------------------------------------
 # inspect CLI
 
-def describe(path):
-    """One line: branch, iteration, val loss measured at that iteration, size, time, whether it loads."""
-    size = (sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)) if os.path.isdir(path)
-            else os.path.getsize(path)) / 2**20
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(path)))
-    name = os.path.basename(path) + ("/" if os.path.isdir(path) else "")
+def _size(path):
+    """Bytes of a file, or of a folder's files; 0 for what cannot be stat'ed (a dangling symlink)."""
     try:
-        ckpt = load(path, tensors=False)  # a folder's CRCs are all checked; its tensors need not be assembled
+        if not os.path.isdir(path):
+            return os.stat(path).st_size
+        return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
+    except OSError:  # gone, a loop, or a folder entry deleted while it was summed
+        return 0
+
+
+def describe(path):
+    """One line: branch, iteration, val loss measured at that iteration, size, time, whether it
+    loads, or that it is gone (deleted since it was listed: retention, under a running trainer)."""
+    try:
+        ckpt, status = load(path, tensors=False), "ok"  # a folder's CRCs are all checked, its tensors not assembled
     except CheckpointError as e:
-        return f"{name:<24} {'-':>6} {'-':>8} {'-':>9} {size:9.1f} MB  {when}  BAD: {e}"
+        ckpt, status = {}, f"BAD: {e}"
+    try:
+        st = os.stat(path) if os.path.exists(path) else os.lstat(path)  # a dangling symlink: the link's own
+    except OSError:
+        gone = "-"
+        return f"{os.path.basename(path):<24} {gone:>6} {gone:>8} {gone:>9} {gone:>12}  {gone:<19}  gone (deleted since listed)"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.st_mtime))
+    name = os.path.basename(path) + ("/" if stat.S_ISDIR(st.st_mode) else "")
     meta = ckpt.get("metadata") or {}
     val = meta.get("val_loss")
     val = f"{val:.4f}" if isinstance(val, float) else "-"
-    return f"{name:<24} {meta.get('branch', 0):>6} {ckpt.get('iter_num', '-'):>8} {val:>9} {size:9.1f} MB  {when}  ok"
+    branch, it = (meta.get("branch", 0), ckpt["iter_num"]) if ckpt else ("-", "-")
+    return f"{name:<24} {branch:>6} {it:>8} {val:>9} {_size(path) / 2**20:9.1f} MB  {when}  {status}"
 
 
 def is_folder_checkpoint(path):
     """A folder that is (or was meant to be) one checkpoint, rather than a run's out_dir."""
     return NAMES.match(os.path.basename(os.path.normpath(path))) is not None or \
-        any(os.path.exists(os.path.join(path, n)) for n in (STATE, ".metadata"))
+        any(os.path.lexists(os.path.join(path, n)) for n in (STATE, ".metadata"))
 
 
 def consolidate(folder, out):
@@ -709,7 +758,10 @@ def main(argv):
         sys.exit(2)
     target = argv[0]
     if os.path.isdir(target) and not is_folder_checkpoint(target):
-        files = candidates(target)
+        try:
+            files = candidates(target)
+        except CheckpointError as e:
+            sys.exit(f"error: {e}")
         if not files:
             sys.exit(f"error: no checkpoint in {target!r}")
         print(f"{'file (newest first)':<24} {'branch':>6} {'iter':>8} {'val loss':>9} {'size':>12}  {'written':<19}  status")
@@ -721,11 +773,11 @@ def main(argv):
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     meta = dict(ckpt.get("metadata") or {})
-    it = ckpt.get("iter_num")
+    it = ckpt["iter_num"]
     print(f"file:          {target}")
     print(f"format:        {ckpt.get('format_version', 'nanoGPT (no format_version)')}")
     print(f"iter_num:      {it}")
-    print(f"best_val_loss: {ckpt.get('best_val_loss')}")
+    print(f"best_val_loss: {ckpt['best_val_loss']}")
     print(f"model_args:    {ckpt['model_args']}")
     val, last = meta.pop("val_loss", None), meta.pop("last_eval", None)
     if isinstance(val, float):
@@ -740,9 +792,12 @@ def main(argv):
     if "files" in ckpt:
         print(f"sharded:       {len(ckpt['files'])} files, each CRC-checked (DCP; consolidate makes one file)")
     print(f"lineage:       began from {meta.get('init_from', '?')}, resumed {len(resumes)} time(s)")
-    for r in resumes:
-        changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in r.get("changed", {}).items()) or "nothing changed"
-        print(f"  {r['time']}  iteration {r['iter']} from {r['from']} (branch {r['branch']}): {changed}")
+    for r in resumes:  # (written by train.py; shown as found in a file from elsewhere)
+        changed = r.get("changed") if isinstance(r.get("changed"), dict) else {}
+        changed = ", ".join(f"{k} {' -> '.join(map(repr, v)) if isinstance(v, (list, tuple)) else repr(v)}"
+                            for k, v in changed.items()) or "nothing changed"
+        print(f"  {r.get('time', '?')}  iteration {r.get('iter', '?')} from {r.get('from', '?')} "
+              f"(branch {r.get('branch', '?')}): {changed}")
 
 
 if __name__ == "__main__":

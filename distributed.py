@@ -165,8 +165,8 @@ class ShardedSaver:
     """Checkpoint folders under FSDP: every rank writes its own shard at once (DCP), then the folder is
     committed (checkpoint.commit_folder) when all of them have finished. With background=True the
     tensors are first copied to host memory (DCP's staging: the only stall) and a thread writes them
-    while training goes on; train.py asks busy() once per iteration, OR-ed over ranks, and calls
-    finish() when no rank is writing any more. At most one save is in flight.
+    while training goes on; the Checkpointer asks busy() once per iteration, OR-ed over ranks, and
+    calls finish() when no rank is writing any more. At most one save is in flight.
 
     DCP's process-based writer is not used: it starts its process with multiprocessing's 'spawn',
     which runs the main script again, and train.py is a script, as nanoGPT's is."""
@@ -182,32 +182,30 @@ class ShardedSaver:
         self.tag = [os.getpid()]
         dist.broadcast_object_list(self.tag, src=0, group=self.group)  # one temp name for all ranks
 
-    def save(self, plain, path, model, optimizer, background=False, then=None):
-        """Every rank calls this. A failed write raises CheckpointError on rank 0 (only it knows);
-        a background save returns at once, and its failure is a warning when it is committed."""
-        self.finish()
+    def save(self, plain, path, model, optimizer, background=False):
+        """Every rank calls this, with nothing in flight. In the foreground it returns once the folder
+        is committed, and a failed write raises CheckpointError on rank 0 (only it knows); in the
+        background it returns once the shard is staged, and finish() commits it."""
         tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_TAG}{self.tag[0]}")
         flat, aliases, _, optim_sd = _flat(model, optimizer)
         plain = dict(plain, aliases=aliases, optimizer_groups=optim_sd["param_groups"])
         if background:
             future = dcp.async_save(flat, checkpoint_id=tmp, process_group=self.group, async_stager=self.stager)
-            self.pending = (self.pool.submit(self._written, future.result, tmp), tmp, path, plain, then)
+            self.pending = (self.pool.submit(self._written, future.result, tmp), tmp, path, plain)
         else:
             files = self._written(lambda: dcp.save(flat, checkpoint_id=tmp, process_group=self.group), tmp)
-            self._commit(files, tmp, path, plain, then)
+            self._commit(files, tmp, path, plain)
 
     def busy(self):
         return self.pending is not None and not self.pending[0].done()
 
     def finish(self):
-        """Commit the save in flight, waiting for its writes if need be. Every rank calls it at once."""
+        """Commit the save in flight, waiting for its writes if need be. Every rank calls it at once;
+        raises CheckpointError on rank 0 if the write failed on any rank."""
         if self.pending is not None:
             task, *rest = self.pending
             self.pending = None
-            try:
-                self._commit(task.result(), *rest)
-            except checkpoint.CheckpointError as e:
-                say(f"warning: {e}; {checkpoint.KEPT_INTACT}", err=True)
+            self._commit(task.result(), *rest)
 
     @staticmethod
     def _written(write, tmp):
@@ -221,7 +219,7 @@ class ShardedSaver:
         except (Exception, CheckpointException) as e:  # (DCP's is a BaseException)
             return _why(e)
 
-    def _commit(self, files, tmp, path, plain, then):
+    def _commit(self, files, tmp, path, plain):
         """files: this rank's {name: [size, crc]}, or why its write failed."""
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, files, group=self.group)
@@ -232,8 +230,6 @@ class ShardedSaver:
             shutil.rmtree(tmp, ignore_errors=True)
             raise checkpoint.CheckpointError(f"could not write {path} ({failed[0].splitlines()[0][:200]})")
         checkpoint.commit_folder(tmp, path, plain, {n: c for f in every for n, c in f.items()})
-        if then:
-            then()
 
 
 def _why(e):
@@ -242,3 +238,22 @@ def _why(e):
         r = min(e.failures)
         return f"rank {r}: {checkpoint.os_error(e.failures[r][0])}"
     return f"rank {dist.get_rank()}: {checkpoint.os_error(e)}"
+
+
+def any_rank(flags, device):
+    """The flags OR-ed over all ranks (one small all-reduce), so that every rank takes the same branch."""
+    if not dist.is_initialized():
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def first_problem(problem):
+    """Every rank's problem (an error line, or None) gathered: the first one, the same on every rank,
+    so that all ranks stop on one rank's problem instead of dying in a collective with a traceback."""
+    if not dist.is_initialized():
+        return problem
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p), None)

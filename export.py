@@ -32,9 +32,10 @@ from safetensors.torch import save
 import checkpoint
 import dataset
 import tokenizer
-from atomicfile import atomic_write
+from atomicfile import OLD_TAG, atomic_write, fsync_tree, replace_folder, temp_name
 from configurator import configure, fail
-from model import GPTConfig, from_state_dict, to_hf
+from gpt2 import from_state_dict, to_hf
+from model import GPTConfig
 
 # -----------------------------------------------------------------------------------------------
 out_dir = "out"
@@ -98,19 +99,20 @@ if format == "safetensors":  # one file: written whole, then renamed into place
     print(f"wrote {to}")
     sys.exit(0)
 
-# hf: the folder is written under a temporary name beside `to`, then renamed into place; a previous
-# export there is swapped out first and removed after. Files are written with plain open() (through
-# atomic_write for the weights), so the umask decides who may read them: safetensors'
-# own save_file makes owner-only files, and an export is for sharing.
-tmp = os.path.join(os.path.dirname(os.path.abspath(to)), f".{os.path.basename(os.path.abspath(to))}.tmp-{os.getpid()}")
-old = f"{tmp}-old"
+# hf: durable as a checkpoint folder is. The folder is written under a temporary name beside `to`,
+# every file in it and then the folder fsynced, renamed into place (a previous export there is
+# swapped out first and removed after) and the parent fsynced: atomicfile.replace_folder. Files are
+# written with plain open(), so the umask decides who may read them: safetensors' own save_file
+# makes owner-only files, and an export is for sharing.
+tmp = temp_name(to)
 try:
     os.makedirs(tmp)
     hf_config, weights = to_hf(model)
     hf_config.save_pretrained(tmp)
     # "format": "pt" marks PyTorch tensors, as transformers' own save_pretrained writes it
     blob = save(weights, metadata={"format": "pt"})
-    atomic_write(os.path.join(tmp, "model.safetensors"), lambda f: f.write(blob))
+    with open(os.path.join(tmp, "model.safetensors"), "wb") as f:
+        f.write(blob)
     written = ["config.json", "model.safetensors"]
     itos = tokenizer.char_vocab(os.path.join(dataset.DATA_DIR, dataset_name, dataset.META)) if dataset_name else None
     if itos is not None:
@@ -125,11 +127,10 @@ try:
         written += ["vocab.json", "merges.txt"]
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(dict(source=os.path.abspath(path), iter_num=iter_num, dataset=dataset_name, files=written), f)
-    if os.path.exists(to):
-        os.rename(to, old)
-    os.rename(tmp, to)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync_tree(tmp)  # whole on disk before it has its name
+    replace_folder(tmp, to)
 except BaseException as e:  # a failed or interrupted export leaves no half-written folder, and the old export
+    old = temp_name(to, OLD_TAG)  # where replace_folder puts the old export aside
     if os.path.isdir(old) and not os.path.exists(to):
         os.rename(old, to)
     shutil.rmtree(tmp, ignore_errors=True)

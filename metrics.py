@@ -12,6 +12,7 @@ from iteration k redoes the work after k, so on resume the rows of that work (tr
 on, eval and event rows after k) are marked "superseded": true; the rows not so marked read as
 one run, with no iteration twice and none missing. A line torn by a crash is dropped.
 """
+import importlib.util
 import json
 import math
 import os
@@ -80,20 +81,28 @@ def humanize(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def has_wandb():
+    return importlib.util.find_spec("wandb") is not None
+
+
 class MetricsLog:
-    """Appends rows to out_dir/metrics.jsonl and, if given a wandb run, logs them there too. A
+    """Appends rows to out_dir/metrics.jsonl and, given wandb's settings (project, name, config, id),
+    logs them to that wandb run too. A
     failed write (disk full) is one warning, then the file is left alone: metrics never stop a run."""
 
-    def __init__(self, out_dir, tokens_at, resumed_at=None, wandb_run=None):
+    def __init__(self, out_dir, tokens_at, resumed_at=None, wandb=None):
         """tokens_at(it): tokens trained on before update `it`, recorded with each event. resumed_at:
         the iteration a resumed run starts from (None: a fresh start). out_dir None: write nothing
         (the other ranks), so callers need not ask which rank they are."""
         self.path = os.path.join(out_dir, METRICS) if out_dir else None
         self.tokens_at = tokens_at
-        self.wandb = wandb_run
         self.file = None
+        self.wandb = None
         if self.path is None:
             return
+        if wandb:  # the run's own id: a resumed run continues the same wandb run; its files in out_dir
+            import wandb as wandb_lib
+            self.wandb = wandb_lib.init(**wandb, resume="allow", dir=out_dir)
         try:
             self._settle(resumed_at)
             self.file = open(self.path, "a", encoding="utf-8")

@@ -1,7 +1,7 @@
 """
-When a run must stop and save, or save early: signals, a wall-clock budget (time_limit) and a
-wall-clock bound on the work a crash can lose (checkpoint_minutes). train.py asks between
+When a run must stop and save: signals and a wall-clock budget (time_limit). train.py asks between
 iterations and during evaluation; handlers only set a flag (README, "Preemptible and scheduled jobs").
+The bound on the work a crash can lose (checkpoint_minutes) is the Checkpointer's clock.
 
 SIGTERM (preemption, Kubernetes, torchrun), SIGHUP (a closed terminal, a dropped ssh session),
 SIGUSR1 (Slurm's --signal=USR1@secs warning) and SIGINT (Ctrl-C) all mean: stop at the next safe
@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import time
-
 
 
 def _process_start():
@@ -51,12 +50,9 @@ def parse_duration(text):
 
 
 class Stopper:
-    def __init__(self, time_limit=0.0, checkpoint_minutes=0.0, save_estimate=1.0):
-        """save_estimate: seconds a checkpoint takes to write, until one has been timed."""
+    def __init__(self, time_limit=0.0):
         self.signum = None
-        self.time_limit, self.checkpoint_seconds = time_limit, checkpoint_minutes * 60
-        self.save_seconds = save_estimate  # replaced by the measured duration of each save
-        self.last_save = time.time()
+        self.time_limit = time_limit
         for s in SIGNALS:
             signal.signal(s, self._on_signal)
 
@@ -79,18 +75,9 @@ class Stopper:
     def exit_code(self):
         return 130 if self.signum == signal.SIGINT else 0
 
-    def out_of_time(self, step_seconds):
+    def out_of_time(self, step_seconds, save_seconds):
         """True when one more step and a save (with room to spare) would overrun time_limit."""
         if not self.time_limit:
             return False
-        needed = step_seconds + 1.5 * self.save_seconds + 2.0  # 2 s: exit and teardown
+        needed = step_seconds + 1.5 * save_seconds + 2.0  # 2 s: exit and teardown
         return time.time() - STARTED + needed >= self.time_limit
-
-    def checkpoint_due(self):
-        return bool(self.checkpoint_seconds) and time.time() - self.last_save >= self.checkpoint_seconds
-
-    def saved(self, seconds=None):
-        """A checkpoint reached the disk (taking `seconds`, when it was written in the foreground)."""
-        self.last_save = time.time()
-        if seconds is not None:
-            self.save_seconds = seconds

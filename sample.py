@@ -17,9 +17,11 @@ import numpy as np
 import torch
 
 import checkpoint
-from configurator import configure, fail
+from configurator import UsageError, configure, fail
 from dataset import DATA_DIR
-from model import GPT, GPTConfig, autocast_context, load_gpt2, one_line_out_of_memory, pick_device, pick_dtype
+from devices import DeviceError, autocast_context, one_line_out_of_memory, pick_device, pick_dtype
+from gpt2 import GPT2Error, load_gpt2
+from model import GPT, GPTConfig
 from tokenizer import CHAR_VOCAB, get_codec
 
 # -----------------------------------------------------------------------------------------------
@@ -50,7 +52,10 @@ if start.startswith("FILE:"):
     except (OSError, UnicodeDecodeError) as e:
         fail(f"cannot read the prompt file {start[5:]!r} ({getattr(e, 'strerror', None) or e})")
 
-device = pick_device(device)
+try:
+    device = pick_device(device)
+except DeviceError as e:
+    raise SystemExit(f"error: {e}")
 dtype = pick_dtype(dtype, device)
 ctx = autocast_context(device, dtype)
 
@@ -74,7 +79,12 @@ if init_from == "resume":
     print(f"sampling from {path} (iteration {ckpt.get('iter_num')})", file=sys.stderr)  # stdout: samples only
     del ckpt
 else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder
-    model = load_gpt2(init_from)
+    try:
+        model = load_gpt2(init_from)
+    except UsageError as e:
+        fail(str(e))
+    except GPT2Error as e:
+        raise SystemExit(f"error: {e}")
     print(f"sampling from {init_from}", file=sys.stderr)
     if os.path.isdir(init_from) and os.path.exists(os.path.join(init_from, CHAR_VOCAB)):
         meta_path = os.path.join(init_from, CHAR_VOCAB)  # a character-level run's export

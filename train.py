@@ -21,13 +21,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
+import checkpointer
 import distributed
 import preemption
-from configurator import check, check_data, config_keys, configure, fail
+import resume
+from configurator import UsageError, check, check_data, check_fits, config_keys, configure, fail
 from dataset import TokenData
-from metrics import MetricsLog, humanize, say
-from model import (GPT, GPTConfig, autocast_context, check_fits, load_gpt2, one_line_out_of_memory, peak_flops_for,
-                   pick_device, pick_dtype)
+from devices import DeviceError, autocast_context, one_line_out_of_memory, peak_flops_for, pick_device, pick_dtype
+from gpt2 import GPT2Error, load_gpt2
+from metrics import MetricsLog, has_wandb, humanize, say
+from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------------------------
 # default config: GPT-2 124M on OpenWebText
@@ -44,7 +47,7 @@ checkpoint_interval = 1000  # periodic checkpoint every N iterations (0: only on
 keep_last = 3  # periodic checkpoints kept; older ones are deleted once a newer one is safely on disk
 keep_every = 0  # also keep every checkpoint whose iteration is a multiple of this, forever (0: none)
 resume_from = ""  # resume from this file rather than the newest good one in out_dir (implies init_from='resume')
-async_save = False  # a forked process writes checkpoints; training stalls only for the fork (POSIX)
+async_save = False  # a background thread writes checkpoints; training stalls only to copy the state
 checkpoint_minutes = 0.0  # also checkpoint when this many minutes passed since the last one (0: off)
 time_limit = ""  # this process's wall-clock budget ('3:50:00', '90m', seconds): checkpoint and exit 0 in time
 # wandb logging (out_dir/metrics.jsonl is always written; plot.py draws it)
@@ -91,15 +94,39 @@ try:
     time_budget = preemption.parse_duration(time_limit)
 except ValueError as e:
     fail(str(e))
-if wandb_log:
-    try:
-        import wandb
-    except ImportError:
-        raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb") from None
+if wandb_log and not has_wandb():
+    raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb")
 
 rank = int(os.environ.get("RANK", 0))  # torchrun sets RANK; a plain `python train.py` is a world of one
 master = rank == 0
 log = say if master else (lambda *a, **k: None)  # a dead pipe or closed terminal never stops a run
+
+
+def claim(create):
+    """out_dir for this process alone (checkpointer.claim, on rank 0, once). Every rank stops with
+    rank 0's one error line (busy, unwritable) rather than dying in a collective."""
+    global out_lock
+    problem = None
+    try:
+        if master and out_lock is None:
+            out_lock = checkpointer.claim(out_dir, create)
+    except checkpoint.CheckpointError as e:
+        problem = f"error: {e}"
+    if distributed.first_problem(problem):
+        if master:
+            say(problem, err=True)
+        sys.exit(1)
+
+
+# under torchrun the process group comes first, so that no rank reads a checkpoint before rank 0
+# holds out_dir's lock: a second trainer into a busy out_dir is refused before it opens any file
+try:
+    machine = pick_device(device)  # (`device` itself stays the knob's value, stored in the config)
+except DeviceError as e:
+    raise SystemExit(f"error: {e}")
+joined = distributed.init(machine, backend) if distributed.under_torchrun() else None
+out_lock = None
+claim(create=False)
 
 # start or continue. An out_dir that holds a good checkpoint is always continued, whatever init_from
 # says, so the same command run twice (a re-queued job, `make demo` again) carries on instead of
@@ -110,8 +137,8 @@ if resume_from and init_from != "resume":
              f"drop one of them")
     init_from = "resume"  # resume_from implies it
 try:
-    ckpt_path, ckpt = checkpoint.find_start(out_dir, init_from, resume_from, log=log, tensors=False)
-    changed = checkpoint.restore_config(globals(), ckpt, sources, explicit=init_from == "resume", log=log) if ckpt else {}
+    ckpt_path, ckpt = resume.find_start(out_dir, init_from, resume_from, log=log, tensors=False)
+    changed = resume.restore_config(globals(), ckpt, sources, explicit=init_from == "resume", log=log) if ckpt else {}
 except checkpoint.CheckpointError as e:
     raise SystemExit(f"error: {e}")
 check({k: globals()[k] for k in keys})  # again: a stored config comes from a file, maybe an old or foreign one
@@ -120,7 +147,7 @@ check_data(block_size, data.tokens(), dataset)
 vocab_size = data.vocab_size()
 if ckpt is not None:
     try:
-        checkpoint.check_compatible(ckpt, dataset, vocab_size)
+        resume.check_compatible(ckpt, dataset, vocab_size)
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"error: {e}")
 if ckpt and ckpt["iter_num"] >= max_iters and not eval_only:
@@ -128,7 +155,7 @@ if ckpt and ckpt["iter_num"] >= max_iters and not eval_only:
         f"raise --max_iters to train longer")
     sys.exit(0)
 config = {k: globals()[k] for k in keys}  # plain values, stored in every checkpoint
-stopper = preemption.Stopper(time_budget, checkpoint_minutes)  # from here on a signal means "save, then exit"
+stopper = preemption.Stopper(time_budget)  # from here on a signal means "save, then exit"
 
 # distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE. Under FSDP the periodic checkpoints are
 # folders, every rank writing its shard (distributed.ShardedSaver); ckpt.pt stays one file
@@ -136,19 +163,20 @@ fsdp = parallelism == "fsdp"
 if fsdp and dtype in ("float16", "fp16"):
     fail("dtype=float16 needs a gradient scaler, which FSDP here does without: use --dtype=bfloat16 "
          "(or float32) with --parallelism=fsdp")
-local_rank, world_size, device = distributed.init(pick_device(device), backend, fsdp)
+local_rank, world_size, device = joined or distributed.init(machine, backend, fsdp)
 grouped = dist.is_initialized()  # ranks that must agree (torchrun, or FSDP alone)
 ddp = grouped and not fsdp
 if gradient_accumulation_steps % world_size:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the world size {world_size}")
 accum = gradient_accumulation_steps // world_size  # micro-steps per rank
+procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # training processes on this machine, sharing its memory
 device_type = "cuda" if device.startswith("cuda") else device
 dtype = pick_dtype(dtype, device)
 if device_type == "cpu" and dtype != "float32":
     log(f"warning: {dtype} on this CPU is much slower than float32 (no bf16/fp16 matrix units); "
         f"use --dtype=float32 for speed")
 ctx = autocast_context(device, "float32" if fsdp else dtype)  # FSDP casts by itself (distributed.shard)
-torch.manual_seed(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
+resume.seed_rngs(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
@@ -158,12 +186,12 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   vocab_size=vocab_size or 50304, dropout=dropout)
 iter_num, best_val_loss, train_seconds, last_eval, tokens_before = 0, float("inf"), 0.0, None, 0
 # the run's identity: its id, its branch (a resume by hand from an older file starts a new one, see
-# checkpoint.branch_for) and each resume, recorded in every checkpoint's metadata
+# resume.branch_for) and each resume, recorded in every checkpoint's metadata
 run_id, branch, resumes, origin = checkpoint.new_run_id(), 0, [], init_from
 if ckpt is not None:
     model_args.update({k: ckpt["model_args"][k] for k in checkpoint.MODEL_ARGS if k in ckpt["model_args"]})
     model_args["dropout"] = dropout  # the run's own, or a new one set on resume (e.g. to fine-tune)
-    check_fits(model_args, device, world_size if fsdp else 1)
+    check_fits(model_args, device, world_size if fsdp else 1, batch_size, procs, async_save)
     model = GPT(GPTConfig(**model_args))
     if "model" not in ckpt and not fsdp:  # a checkpoint folder, resumed without FSDP: read it whole
         try:
@@ -172,27 +200,19 @@ if ckpt is not None:
             raise SystemExit(f"error: {e}")
     if "model" in ckpt:  # a folder under FSDP: each rank reads its share once sharded, below
         model.load_state_dict(ckpt["model"])
-    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-    meta = ckpt.get("metadata") or {}
-    train_seconds, last_eval, origin = meta.get("train_seconds", 0.0), meta.get("last_eval"), meta.get("init_from", "resume")
-    tokens_before = meta.get("tokens_seen")  # counted, not iter_num * batch: the batch may have changed
-    run_id, branch = meta.get("run_id") or run_id, checkpoint.branch_for(out_dir, ckpt, picked=bool(resume_from))
-    resumes = list(meta.get("resumes", [])) + [dict(
-        iter=iter_num, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **{"from": os.path.basename(ckpt_path) if os.path.dirname(os.path.realpath(ckpt_path)) == os.path.realpath(out_dir)
-           else os.path.abspath(ckpt_path)},
-        branch=branch, changed={k: list(v) for k, v in changed.items()})]
-    log(f"resuming from {ckpt_path} at iteration {iter_num}"
-        + (f", as branch {branch}: later checkpoints of branch {meta.get('branch', 0)} stay as they are"
-           if branch != meta.get("branch", 0) else ""))
-    if changed:
-        log("changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    globals().update(resume.lineage(ckpt, ckpt_path, out_dir, bool(resume_from), changed, log=log))
+    run_id = run_id or checkpoint.new_run_id()  # (nanoGPT's files have none)
 elif init_from == "scratch":
-    check_fits(model_args, device, world_size if fsdp else 1)
+    check_fits(model_args, device, world_size if fsdp else 1, batch_size, procs, async_save)
     model = GPT(GPTConfig(**model_args))
 else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder; the shape is theirs
     log(f"loading GPT-2 weights {init_from}...")
-    model = load_gpt2(init_from, dropout=dropout)
+    try:
+        model = load_gpt2(init_from, dropout=dropout)
+    except UsageError as e:
+        fail(str(e))
+    except GPT2Error as e:
+        raise SystemExit(f"error: {e}")
     model_args.update({k: getattr(model.config, k) for k in checkpoint.MODEL_ARGS})
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # e.g. GPT-2's 1024 context cut to 256 for fine-tuning
@@ -205,56 +225,19 @@ if tokens_before is None:  # a file without the count (nanoGPT's): as if the bat
     tokens_before = iter_num * tokens_per_iter
 log(f"device {device}, dtype {dtype}, world size {world_size}, {model.get_num_params() / 1e6:.2f}M parameters, "
     f"tokens per iteration {tokens_per_iter:,}")
-# out_dir is made only now, so that a start that fails on its config, data or model leaves nothing
-# behind; and an unwritable one is found before training, not at the first save hours later
-problem = None
-try:
-    os.makedirs(out_dir, exist_ok=True)
-    if master:
-        out_lock = checkpoint.lock(out_dir)  # one training process per out_dir, held until exit
-        checkpoint.remove_stray_temps(out_dir)
-        checkpoint.check_writable(out_dir)
-except checkpoint.CheckpointError as e:
-    problem = f"error: {e}"
-except OSError as e:
-    problem = (f"error: out_dir {out_dir!r} is not writable ({checkpoint.os_error(e)}); fix its permissions "
-               f"or pick another --out_dir")
-if grouped:  # every rank stops on one rank's problem (else the others die in a collective, with a traceback)
-    problems = [None] * world_size
-    dist.all_gather_object(problems, problem)
-    problem = next((p for p in problems if p), None)
-if problem:
-    if master:
-        say(problem, err=True)
-    sys.exit(1)
+# a new out_dir is made only now, so that a start that fails on its config, data or model leaves
+# nothing behind; and an unwritable one is found before training, not at the first save hours later
+claim(create=True)
 
 if rank:
-    torch.manual_seed(seed + rank)  # dropout: each rank its own stream (rank 0 goes on with seed's)
+    resume.seed_rngs(seed + rank)  # dropout: each rank its own stream (rank 0 goes on with seed's)
 model.to(device)
 if fsdp:
     distributed.shard(model, dtype)
-# until a save has been timed: weights and AdamW's two moments, in fp32, at a slow 100 MB/s
-stopper.save_seconds = 3 * 4 * model.get_num_params() / 100e6
-
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if ckpt is not None:
-    if "model" not in ckpt:
-        distributed.load_sharded(ckpt_path, model, optimizer)  # DCP reshards: any world size wrote it
-    elif fsdp:
-        distributed.load_full(model, optimizer, ckpt["optimizer"])  # a file (or consolidated folder) into shards
-    else:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    rngs = ckpt.get("rng")
-    if rngs and len(rngs) == world_size:
-        checkpoint.restore_rng(rngs[rank])
-    elif rngs:
-        log(f"note: checkpoint was written by {len(rngs)} rank(s), this run has {world_size}: the data order "
-            f"is exact, dropout's random stream starts afresh")
-    else:
-        log("note: checkpoint has no RNG state (nanoGPT or older file): approximate resume, data order reseeded")
+    resume.restore_training(ckpt, ckpt_path, model, optimizer, scaler, rank, world_size, fsdp, log=log)
     del ckpt  # free host memory before training
 raw_model = model
 if compile:
@@ -262,7 +245,6 @@ if compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-shards = distributed.ShardedSaver(device) if fsdp else None
 peak = peak_flops_for(device, dtype, peak_flops) if master else 1.0
 flops_per_iter = raw_model.flops_per_token() * batch_size * accum * block_size  # per rank, for MFU
 
@@ -281,15 +263,6 @@ def tokens_at(it):
     return tokens_before + (it - start_iter) * tokens_per_iter
 
 
-def agreed(*flags):
-    """The flags OR-ed over all ranks, so that every rank takes the same branch."""
-    if not grouped:
-        return [bool(f) for f in flags]
-    t = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
-
-
 @torch.no_grad()
 def estimate_loss():
     """Mean loss over eval_iters fixed batches per split, shared out between ranks. None if a stop
@@ -299,7 +272,7 @@ def estimate_loss():
     for split in ("train", "val"):
         losses = torch.zeros(eval_iters, device=device)
         for j in range(math.ceil(eval_iters / world_size)):  # as many rounds on every rank
-            if agreed(stopper.signum is not None or stopper.out_of_time(0.0))[0]:
+            if distributed.any_rank([stopper.signum is not None or stopper.out_of_time(0.0, ck.save_seconds)], device)[0]:
                 model.train()
                 return None
             k = j * world_size + rank
@@ -316,72 +289,36 @@ def estimate_loss():
     return out
 
 
-def save_checkpoint(path, val_loss=None, retain=False, final=False):
-    """Every rank calls this (RNG states are gathered); rank 0 writes a file, or under FSDP every rank
-    its shard of a folder. val_loss: measured at this very iteration, else None (metadata never
-    carries an older eval's loss as this one's). A failed write is one line and False: training
-    goes on, and the next checkpoint tries again. The final save (end, signal, time_limit) is
-    written in the foreground: the process waits for it anyway."""
+def checkpoint_state(val_loss):
+    """The plain part of a checkpoint at iter_num (the Checkpointer adds the tensors), from every rank
+    (RNG states are gathered). val_loss: measured at this very iteration, else None (metadata never
+    carries an older eval's loss as this one's). A diverged model is never checkpointed."""
     finite = torch.stack([distributed.local(p).isfinite().all() for p in raw_model.parameters()]).all()
-    if agreed(not finite)[0]:  # (each rank sees only its own shard under FSDP)
-        diverged("the model's weights are not finite (nan or inf)", iter_num)  # never written over good files
-    rng = checkpoint.capture_rng()
-    rngs = [None] * world_size
+    if distributed.any_rank([not finite], device)[0]:  # (each rank sees only its own shard under FSDP)
+        diverged("the model's weights are not finite (nan or inf)", iter_num)
+    rngs = [resume.capture_rng()] * world_size
     if grouped:
-        dist.all_gather_object(rngs, rng)
-    else:
-        rngs = [rng]
-    state = dict(  # the plain part; the tensors come below
-        model_args=model_args,
-        iter_num=iter_num, best_val_loss=best_val_loss, config=config, scaler=scaler.state_dict(), rng=rngs,
-        format_version=checkpoint.FORMAT_VERSION,
+        dist.all_gather_object(rngs, rngs[0])
+    return dict(
+        model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config,
+        scaler=scaler.state_dict(), rng=rngs, format_version=checkpoint.FORMAT_VERSION,
         metadata=dict(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), torch_version=str(torch.__version__),
                       world_size=world_size, tokens_seen=tokens_at(iter_num),
                       train_seconds=train_seconds + time.time() - t_start, val_loss=val_loss, last_eval=last_eval,
                       git_commit=git_commit, init_from=origin, dataset=dataset,
                       run_id=run_id, branch=branch, resumes=resumes))
-    written.add(path)
-    then = (lambda: checkpoint.apply_retention(out_dir, keep_last, keep_every, run_id, branch, written)) if retain else None
-    background = async_save and not final
-    t0 = time.time()
-    try:
-        if fsdp and path != os.path.join(out_dir, checkpoint.BEST):  # a folder: every rank writes its shard
-            shards.save(state, path, raw_model, optimizer, background, then)
-        else:  # a file, written by rank 0; under FSDP the whole state is gathered to it first
-            model_state, optimizer_state = distributed.full_state(raw_model, optimizer) if fsdp else \
-                (raw_model.state_dict(), optimizer.state_dict())
-            if not master:
-                return True
-            state = checkpoint.to_cpu(dict(state, model=model_state, optimizer=optimizer_state))
-            saver.wait()  # one write at a time
-            if background:  # a forked child writes this snapshot while training goes on
-                saver.save(state, path, then)
-            else:
-                checkpoint.save(state, path)
-                if then:
-                    then()
-    except checkpoint.CheckpointError as e:
-        if final:
-            say(f"error: {e}; older checkpoints are intact, and the same command resumes from the newest", err=True)
-        else:
-            say(f"warning: {e}; {checkpoint.KEPT_INTACT}", err=True)
-        return False
-    stopper.saved(None if background else time.time() - t0)
-    return True
 
 
 def diverged(what, it):
     """Stop every rank (each sees the same losses and weights) with one line: a diverged model
     is never checkpointed, so every file on disk is from before the divergence."""
-    saver.wait()
-    if shards is not None:
-        shards.finish()  # it was written before the divergence
+    ck.close()  # what is in flight was taken before the divergence
     metrics.event(it, "diverged", reason=what)
     if master:
         fix = "lower --learning_rate (or raise --warmup_iters)"
         say(f"error: {what} at iteration {it}: training diverged. " +
             (f"No checkpoint of it was written, so the newest one on disk is from before; {fix} and run again to "
-             f"continue from it" if written or ckpt_path else f"Nothing was saved; {fix} and start again"), err=True)
+             f"continue from it" if ck.known or ckpt_path else f"Nothing was saved; {fix} and start again"), err=True)
     distributed.teardown()
     sys.exit(1)
 
@@ -391,34 +328,32 @@ def diverged(what, it):
 # iter_num=k, and a resumed run starts with update k, so none is run twice or skipped. At each
 # iteration, before its update: evaluate if due, checkpoint if due (with the val loss just
 # measured), then stop or train.
-saver = checkpoint.AsyncSaver()
-git_commit = checkpoint.git_commit() if master else None
-written = set()  # files this process wrote: known good, so retention need not re-read them
-best_claimed = False  # whether ckpt.pt is this branch's yet (checkpoint.keep_others_best)
+git_commit = checkpointer.git_commit() if master else None
 start_iter = iter_num
 t_start = time.time()
 step_times = []
 # metrics.jsonl and wandb, written by rank 0 only. A resumed run marks the rows of the work it redoes as
 # superseded, so that the file reads as one run; the wandb run's id is the run's own id (kept in
 # every checkpoint), so a resumed run continues the same wandb run
-wandb_run = None
-if wandb_log and master:
-    wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=config, id=run_id, resume="allow",
-                           dir=out_dir)
 metrics = MetricsLog(out_dir if master else None, tokens_at, resumed_at=start_iter if ckpt_path else None,
-                     wandb_run=wandb_run)
+                     wandb=dict(project=wandb_project, name=wandb_run_name, config=config, id=run_id) if wandb_log else None)
 metrics.event(start_iter, "start", params=raw_model.get_num_params(), model_args=model_args, init_from=origin,
               dataset=dataset, world_size=world_size, tokens_per_iter=tokens_per_iter, max_iters=max_iters)
 if ckpt_path:
     metrics.event(start_iter, "resume", path=ckpt_path, branch=branch)
+# every save of the run, on every rank: what is due, the writers, retention, announcements, failures
+ck = checkpointer.Checkpointer(out_dir, run_id=run_id, branch=branch, keep_last=keep_last, keep_every=keep_every,
+                               interval=checkpoint_interval, minutes=checkpoint_minutes, background=async_save,
+                               model=raw_model, optimizer=optimizer, metrics=metrics, log=log, master=master,
+                               shards=distributed.ShardedSaver(device) if fsdp else None,
+                               resumed_from=ckpt_path)
 dt, final_failed, lossf = 0.0, False, 0.0
 while True:
-    # one all-reduce per iteration: a signal or time_limit on any rank stops every rank here
-    signalled, out_of_time, due, bad_loss, writing = agreed(
-        stopper.signum is not None, stopper.out_of_time(dt), stopper.checkpoint_due(), not math.isfinite(lossf),
-        shards is not None and shards.busy())
-    if shards is not None and not writing:
-        shards.finish()  # a background save that every rank has written: commit it
+    # one all-reduce per iteration: a signal, time_limit or due checkpoint on any rank counts on every rank
+    signalled, out_of_time, due, bad_loss, writing = distributed.any_rank([
+        stopper.signum is not None, stopper.out_of_time(dt, ck.save_seconds), ck.due(iter_num),
+        not math.isfinite(lossf), ck.writing()], device)
+    ck.poll(folders_idle=not writing)  # announce (and retain after) a background write that has ended
     if bad_loss:
         diverged(f"the training loss is {lossf}", iter_num - 1)  # the update that gave it
     stop = signalled or out_of_time
@@ -437,29 +372,17 @@ while True:
             log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}")
             if not eval_only and iter_num > 0 and (val_loss < best_val_loss or always_save_checkpoint):
                 best_val_loss = min(best_val_loss, val_loss)
-                if master and not best_claimed:
-                    checkpoint.keep_others_best(out_dir, run_id, branch, ckpt_path, log=log)
-                    best_claimed = True
-                if save_checkpoint(os.path.join(out_dir, checkpoint.BEST), val_loss):
-                    log(f"saved {os.path.join(out_dir, checkpoint.BEST)} (val loss {val_loss:.4f})")
-                    metrics.event(iter_num, "checkpoint", path=os.path.join(out_dir, checkpoint.BEST), val_loss=val_loss)
+                ck.save(checkpoint_state(val_loss), iter_num, val_loss, best=True)
     if eval_only:
         break
     if stop:
         why = f"{stopper.name} received" if stopper.name else \
-            "time_limit nearly reached" if stopper.out_of_time(dt) else "another rank is stopping"
+            "time_limit nearly reached" if stopper.out_of_time(dt, ck.save_seconds) else "another rank is stopping"
         log(f"{why} at iteration {iter_num}: saving a checkpoint, then exiting")
         metrics.event(iter_num, "stop", reason=why)
-    periodic = (checkpoint_interval > 0 and iter_num % checkpoint_interval == 0) or \
-               (keep_every > 0 and iter_num % keep_every == 0) or due
     final = stop or iter_num >= max_iters
-    if iter_num > start_iter and (periodic or final):
-        path = os.path.join(out_dir, checkpoint.periodic_name(iter_num, branch, folder=fsdp))
-        if save_checkpoint(path, val_loss, retain=True, final=final):
-            log(f"{'writing' if async_save and not final else 'saved'} {path}")
-            metrics.event(iter_num, "checkpoint", path=path, val_loss=val_loss)
-        elif final:
-            final_failed = True
+    if iter_num > start_iter and (due or final):
+        final_failed = not ck.save(checkpoint_state(val_loss), iter_num, val_loss, final=final) and final
     if final:
         break
 
@@ -503,11 +426,7 @@ while True:
         log(f"iter {iter_num - 1}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_iter / dt:,.0f} tok/s, "
             f"mfu {mfu * 100:.2f}%, lr {lr:.2e}, eta {humanize(recent * (max_iters - iter_num))}")
 
-if saver.pid is not None or (shards is not None and shards.pending is not None):
-    log("waiting for the background checkpoint write to finish")
-saver.wait()  # a background write must reach the disk before the process ends
-if shards is not None:
-    shards.finish()
+ck.close()  # a background write reaches the disk before the process ends
 if step_times:
     steady = sorted(step_times[min(10, len(step_times) // 2):])  # past the warm-up steps
     log(f"done at iteration {iter_num}: median {steady[len(steady) // 2] * 1000:.2f} ms/iter, "

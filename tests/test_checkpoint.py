@@ -1,7 +1,10 @@
 """checkpoint.py and the files in out_dir: corruption, fallback, unsafe pickles, nanoGPT files,
-retention, guards and the inspect CLI. Real training runs write the files."""
+foreign files, retention, guards and the inspect CLI. Real training runs write the files."""
+import itertools
 import os
 import re
+import struct
+import zipfile
 
 import pytest
 import torch
@@ -92,14 +95,16 @@ def test_malicious_pickle_is_refused_and_never_runs(trained, tmp_path):
 
 def nanogpt_file(path, dataset="shakespeare_char"):
     """A ckpt.pt laid out as nanoGPT writes it: compiled-model prefixes, a tensor best_val_loss,
-    nanoGPT's config, no RNG state."""
+    nanoGPT's config, no RNG state, and (as nanoGPT on torch < 2.0, without flash attention, keeps
+    them) each block's causal-mask buffer attn.bias."""
     torch.manual_seed(0)
     args = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False, vocab_size=65, dropout=0.0)
     model = GPT(GPTConfig(**args))
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
     model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
     opt.step()
-    torch.save({"model": {"_orig_mod." + k: v for k, v in model.state_dict().items()}, "optimizer": opt.state_dict(),
+    masks = {f"transformer.h.{i}.attn.bias": torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32) for i in range(2)}
+    torch.save({"model": {"_orig_mod." + k: v for k, v in {**model.state_dict(), **masks}.items()}, "optimizer": opt.state_dict(),
                 "model_args": args, "iter_num": 500, "best_val_loss": torch.tensor(1.75),
                 # nanoGPT's config as its CPU recipe stores it: its dtype default is float16 on a
                 # machine without bf16 CUDA, backend nccl whatever the device
@@ -174,3 +179,138 @@ def test_inspect_cli(trained):
     assert "iter_num:      8" in p.stdout and "'n_layer': 2" in p.stdout and "exact resume:  yes" in p.stdout
     p = run("checkpoint.py", os.path.join(trained, "nope.pt"), check=False)
     assert p.returncode != 0 and "no such file" in p.stderr
+
+
+# Files whose zip CRCs may all be valid but which are no checkpoint of ours: each is refused in one
+# line, with the reason, by every script that reads it. name: (make(path, good, iteration), reason)
+def edited(change):
+    """The newest good checkpoint loaded, changed (change returns the new dict), saved again; its
+    iteration raised first, so that it would rank newest if it were trusted."""
+    def make(path, good, it):
+        torch.save(change(dict(torch.load(good, weights_only=True), iter_num=it)), path)
+    return make
+
+
+def args(**changes):
+    return edited(lambda c: {**c, "model_args": {**c["model_args"], **changes}})
+
+
+def tensors(**changes):
+    return edited(lambda c: {**c, "model": {**c["model"], **{k.replace("__", "."): v for k, v in changes.items()}}})
+
+
+def damaged_local_header(path, good, it):
+    """The last record's local header claims a 64 KB extra field: its data would start past the
+    end of the file (zipfile raises EOFError; the central directory and every CRC are intact)."""
+    data = bytearray(open(good, "rb").read())
+    with zipfile.ZipFile(good) as zf:
+        last = zf.infolist()[-1]
+    struct.pack_into("<H", data, last.header_offset + 28, 0xFFFF)
+    open(path, "wb").write(data)
+
+
+def zeroed_header(path, good, it):
+    data = bytearray(open(good, "rb").read())
+    data[:4096] = bytes(4096)
+    open(path, "wb").write(data)
+
+
+FOREIGN = {
+    "model={}": (edited(lambda c: {**c, "model": {}}), "model holds 0 tensors, GPT(model_args) has 16"),
+    "wte of another shape": (tensors(transformer__wte__weight=torch.zeros(10, 32)),
+                             "model's transformer.wte.weight has shape (10, 32), GPT(model_args)'s (65, 32)"),
+    "a tensor GPT lacks": (tensors(lm_head__bias=torch.zeros(65)), "model holds lm_head.bias, which GPT(model_args) has no place"),
+    "integer weights": (tensors(transformer__wpe__weight=torch.zeros(32, 32, dtype=torch.long)), "holds torch.int64"),
+    "n_head=3": (args(n_head=3), "model_args n_embd=32 is not a multiple of n_head=3"),
+    "model_args without n_embd": (edited(lambda c: {**c, "model_args": {k: v for k, v in c["model_args"].items()
+                                                                        if k != "n_embd"}}), "model_args lacks n_embd"),
+    "n_layer='2'": (args(n_layer="2"), "model_args n_layer='2', not a whole number"),
+    "bias=1": (args(bias=1), "model_args bias=1, not True or False"),
+    "iter_num='abc'": (edited(lambda c: {**c, "iter_num": "abc"}), "iter_num is 'abc', not a whole number"),
+    "iter_num a tensor": (edited(lambda c: {**c, "iter_num": torch.tensor(7)}), "iter_num is a Tensor"),
+    "best_val_loss a string": (edited(lambda c: {**c, "best_val_loss": "low"}), "best_val_loss is 'low', not a number"),
+    "config=None": (edited(lambda c: {**c, "config": None}), "config is None, not a dict"),
+    "optimizer a list": (edited(lambda c: {**c, "optimizer": [1, 2]}), "optimizer is not an optimizer's state_dict"),
+    "another model's optimizer": (edited(lambda c: {**c, "optimizer": {**c["optimizer"], "state": {
+        **c["optimizer"]["state"], 0: {**c["optimizer"]["state"][0], "exp_avg": torch.zeros(3)}}}}),
+        "optimizer's exp_avg of transformer.wte.weight has shape (3,)"),
+    "no optimizer": (edited(lambda c: {k: v for k, v in c.items() if k != "optimizer"}), "no 'optimizer' key"),
+    "RNG state from elsewhere": (edited(lambda c: {**c, "rng": [{"python": 1}]}), "rng of rank 0 is not a state"),
+    "metadata branch='x'": (edited(lambda c: {**c, "metadata": {**c["metadata"], "branch": "x"}}), "metadata branch='x'"),
+    "a list, not a dict": (edited(lambda c: [1, 2, 3]), "it holds [1, 2, 3], not a dict"),
+    "a newer format": (edited(lambda c: {**c, "format_version": 99}), "written by a newer version"),
+    "damaged local header": (damaged_local_header, "unreadable (a damaged zip archive: EOFError"),
+    "zeroed header": (zeroed_header, "corrupt (CRC mismatch in archive/data.pkl)"),
+    "a FIFO": (lambda path, good, it: os.mkfifo(path), "not a regular file (a FIFO)"),  # open() would block
+    "a symlink to /dev/zero": (lambda path, good, it: os.symlink("/dev/zero", path),
+                               "not a regular file (a character device, through a symlink to /dev/zero)"),
+    "a dangling symlink": (lambda path, good, it: os.symlink(os.path.join(os.path.dirname(path), "gone.pt"), path),
+                           "a dangling symlink"),
+    "a symlink loop": (lambda path, good, it: os.symlink(os.path.basename(path), path), "a symlink loop"),
+}
+# the commands that name one file; each case goes through one of them (and all through the folder test)
+NAMED = {"checkpoint.py": lambda f, tmp: [f],
+         "export.py": lambda f, tmp: [f"--ckpt={f}", f"--to={tmp / 'hf'}"],
+         "train.py": lambda f, tmp: [*TINY, f"--resume_from={f}", f"--out_dir={tmp / 'run'}"]}
+
+
+@pytest.mark.parametrize("case, script", list(zip(FOREIGN, itertools.cycle(NAMED))))
+def test_foreign_file_is_refused_in_one_line(trained, tmp_path, case, script):
+    make, why = FOREIGN[case]
+    path = str(tmp_path / checkpoint.PERIODIC.format(100))
+    make(path, os.path.join(trained, "ckpt-00000012.pt"), 100)
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(why)):
+        checkpoint.load(path)
+    p = run(script, *NAMED[script](path, tmp_path), check=False, timeout=120)  # (a FIFO would hang it)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode in (1, 2) and "Traceback" not in p.stderr and last.startswith("error: ") and path in last
+    assert why in last or (p.returncode == 2 and "no such file" in last)  # (a dangling name, to the config check)
+    assert not os.path.exists(tmp_path / "hf") and not os.path.exists(tmp_path / "run")  # nothing written
+
+
+def foreign_folder(trained, out):
+    """A copy of the trained run (good files at 4, 8, 12) with every FOREIGN file in it under a later
+    periodic name, and ckpt.pt a FIFO. (A FIFO or a dangling symlink cannot be copied: made afresh.)"""
+    copy_run(trained, out)
+    names = {}
+    for i, (case, (make, _)) in enumerate(FOREIGN.items()):
+        names[case] = checkpoint.PERIODIC.format(100 + i)
+        make(str(out / names[case]), os.path.join(trained, "ckpt-00000012.pt"), 100 + i)
+    os.remove(out / checkpoint.BEST)
+    os.mkfifo(out / checkpoint.BEST)
+    return names
+
+
+def test_foreign_files_in_out_dir_are_listed_bad_and_skipped(trained, tmp_path):
+    out = tmp_path / "run"
+    names = foreign_folder(trained, out)
+    p = run("checkpoint.py", str(out), timeout=120)  # exit 0: listing a folder never fails on what is in it
+    for case, name in names.items():
+        assert re.search(rf"^{re.escape(name)} .* BAD: .*{re.escape(FOREIGN[case][1])}", p.stdout, re.M), case
+    assert re.search(r"^ckpt\.pt .* BAD: .*not a regular file \(a FIFO\)$", p.stdout, re.M)
+    assert re.search(r"^ckpt-00000012\.pt +0 +12 .* ok$", p.stdout, re.M) and "Traceback" not in p.stderr
+    # sample.py and export.py fall back to the newest good file, train.py resumes it; each says what it skipped
+    p = run("sample.py", f"--out_dir={out}", "--max_new_tokens=5", "--num_samples=1", "--device=cpu", timeout=120)
+    assert f"sampling from {out / 'ckpt-00000012.pt'} (iteration 12)" in p.stderr and p.stdout.strip()
+    p = run("export.py", f"--out_dir={out}", "--which=latest", f"--to={tmp_path / 'hf'}", timeout=120)
+    assert f"exporting {out / 'ckpt-00000012.pt'} (iteration 12" in p.stdout
+    skipped = [ln for ln in p.stdout.splitlines() if ln.startswith("warning: skipping")]
+    p = resume(out, "--max_iters=13")
+    resumed = [ln for ln in p.stdout.splitlines() if ln.startswith("warning: skipping")]
+    for name in [*names.values(), checkpoint.BEST]:
+        assert sum(name in ln for ln in skipped) == 1 and sum(name in ln for ln in resumed) == 1, name
+    assert f"resuming from {out / 'ckpt-00000012.pt'} at iteration 12" in p.stdout and "iter 12:" in p.stdout
+
+
+def test_a_long_reason_is_cut_at_a_word_boundary(trained, tmp_path):
+    """Reading the header of a file whose first 4 KB are zeros: torch's message is long, and shown up
+    to the end of a word (then '...'), never cut mid-word."""
+    path = tmp_path / checkpoint.PERIODIC.format(100)
+    zeroed_header(path, os.path.join(trained, "ckpt-00000012.pt"), 100)
+    with pytest.raises(RuntimeError) as raw:
+        torch.load(path, weights_only=True, mmap=True)
+    full = f"RuntimeError: {str(raw.value).strip().splitlines()[0]}"
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.read_header(path)
+    shown = re.fullmatch(r".*: unreadable \((.*)\)", str(e.value)).group(1).removesuffix(" ...")
+    assert len(full) > len(shown) > 40 and full.startswith(shown) and full[len(shown)] == " "

@@ -92,7 +92,7 @@ def test_broken_config_file(capsys, tmp_path):
 
 @pytest.mark.parametrize("script, typo, key", [("train.py", "n_layr", "n_layer"),
                                                ("sample.py", "num_sample", "num_samples"),
-                                               ("bench.py", "blok_size", "block_size")])
+                                               ("bench/bench.py", "blok_size", "block_size")])
 def test_scripts_exit_2_without_traceback(script, typo, key):
     proc = run(script, f"--{typo}=3", check=False)
     assert proc.returncode == 2

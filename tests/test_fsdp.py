@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import checkpoint
+from atomicfile import TMP_TAG
 from conftest import ROOT, TINY, children, copy_run, run, start, wait_for
 from metrics import read_rows
 
@@ -114,7 +115,7 @@ def test_rank_killed_mid_save_leaves_no_folder_and_resume_is_exact(fsdp_run, tmp
                  torchrun=["--nproc_per_node=2"])
     seen = None
     while seen is None and proc.poll() is None:
-        temps = [n for n in os.listdir(out) if checkpoint.TMP_TAG in n and n.startswith(".ckpt-0000001")] \
+        temps = [n for n in os.listdir(out) if TMP_TAG in n and n.startswith(".ckpt-0000001")] \
             if out.exists() else []
         if temps:
             workers = children(proc.pid)
@@ -124,7 +125,7 @@ def test_rank_killed_mid_save_leaves_no_folder_and_resume_is_exact(fsdp_run, tmp
     proc.communicate(timeout=120)
     assert seen is not None and proc.returncode != 0
     assert os.path.isdir(out / seen)  # the folder being written: still under its temp name
-    final_name = seen[1:seen.index(checkpoint.TMP_TAG)]
+    final_name = seen[1:seen.index(TMP_TAG)]
     assert not os.path.exists(out / final_name)
     whole = [n for n in os.listdir(out) if re.fullmatch(r"ckpt-\d{8}", n)]
     for name in whole:
@@ -148,7 +149,7 @@ def test_rank_killed_mid_save_leaves_no_folder_and_resume_is_exact(fsdp_run, tmp
     for it in range(head["iter_num"] + 1, N + 1):
         if it % 4 == 0:
             assert_bitwise(weights(out / f"ckpt-{it:08d}"), weights(fsdp_run / f"ckpt-{it:08d}"))
-    assert not [n for n in os.listdir(out) if checkpoint.TMP_TAG in n]
+    assert not [n for n in os.listdir(out) if TMP_TAG in n]
 
 
 @pytest.mark.parametrize("background", [False, True])
@@ -177,7 +178,7 @@ def test_failed_folder_write_is_one_line_and_training_goes_on(shakespeare_char, 
     job.send_signal(signal.SIGTERM)
     seen.append(job.communicate(timeout=120)[0])
     checkpoint.verify_folder(m.group(2))
-    assert not [n for n in os.listdir(out) if checkpoint.TMP_TAG in n]  # failed saves left nothing behind
+    assert not [n for n in os.listdir(out) if TMP_TAG in n]  # failed saves left nothing behind
     assert "CheckpointException" not in "".join(seen) and "[rank0]: Traceback" not in "".join(seen)
 
 

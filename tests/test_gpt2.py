@@ -4,6 +4,7 @@ clear line, and the GPT-2 BPE data scripts count right. CPU only, no network: th
 here are tiny random ones written with transformers itself."""
 import json
 import os
+import re
 import shutil
 import time
 
@@ -15,8 +16,10 @@ from safetensors.torch import load_file, load_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import checkpoint
+from configurator import UsageError
 from conftest import ROOT, run, start
-from model import GPT, GPTConfig, load_gpt2
+from gpt2 import GPT2Error, load_gpt2
+from model import GPT, GPTConfig
 
 # initializer_range well above GPT-2's 0.02 spreads the logits, so greedy decoding has no near-ties
 TINY_HF = dict(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=100, initializer_range=0.2,
@@ -155,6 +158,57 @@ def test_finetune_local_folder_resume_and_export(hf_folder, tiny_dataset, tmp_pa
     assert (logits_of(again.eval(), idx) - logits_of(ours, idx)).abs().max() == 0
 
 
+def syscalls(log):
+    """(call, paths) in the order strace -y logged them, successful calls only: fsync and fdatasync with
+    the path of their descriptor, rename* with (from, to), openat with O_CREAT with the file made."""
+    calls = []
+    for line in log.splitlines():
+        if m := re.search(r"\b(?:fsync|fdatasync)\(\d+<(.*?)>\)\s+= 0", line):
+            calls.append(("fsync", (m[1],)))
+        elif m := re.search(r'\brename(?:at2?)?\((?:[^"]*?, )?"(.*?)", (?:[^"]*?, )?"(.*?)".*= 0', line):
+            calls.append(("rename", tuple(os.path.join(ROOT, p) for p in m.groups())))
+        elif m := re.search(r"\bopenat\(.*O_CREAT.*= \d+<(.*?)>", line):
+            calls.append(("create", (m[1],)))
+    return calls
+
+
+def assert_durable_folder(calls, folder):
+    """folder was renamed into place from a temp folder in which every file (under its final name, or a
+    name it was renamed from) was fsynced, then the temp folder itself, after its last entry was
+    made; and after the rename, its parent was fsynced."""
+    moved = [i for i, (call, p) in enumerate(calls) if call == "rename" and p[1] == folder]
+    assert moved, f"{folder} was never renamed into place"
+    at = moved[-1]
+    tmp = calls[at][1][0]
+    assert os.path.dirname(tmp) == os.path.dirname(folder)
+    synced = {p[0] for call, p in calls[:at] if call == "fsync"}
+    for name in os.listdir(folder):
+        names = {os.path.join(tmp, name)}
+        for call, p in reversed(calls[:at]):  # the names the file had before (atomic_write's temp)
+            if call == "rename" and p[1] in names:
+                names.add(p[0])
+        assert names & synced, f"{name} was not fsynced before {folder} was renamed into place"
+    last_entry = max(i for i, (call, p) in enumerate(calls[:at]) if os.path.dirname(p[-1]) == tmp)
+    assert any(call == "fsync" and p[0] == tmp for call, p in calls[last_entry:at]), \
+        "the folder was not fsynced after its last file went in, before its rename"
+    assert ("fsync", (os.path.dirname(folder),)) in calls[at:], "the parent folder was not fsynced after the rename"
+
+
+def test_export_is_durable(trained, tmp_path):
+    """An HF export, new and replacing a previous one, is on disk whole before it has its name, and
+    its name is on disk when export.py says it wrote it (a power cut loses neither): read from
+    the syscalls themselves, strace -y naming the file of every fsync."""
+    to = str(tmp_path.resolve() / "hf")
+    log = tmp_path / "strace.log"
+    for _ in range(2):  # a new folder, then a previous export replaced
+        run("export.py", f"--out_dir={trained}", f"--to={to}",
+            prefix=["strace", "-f", "-qq", "-y", "-e", "trace=fsync,fdatasync,rename,renameat,renameat2,openat",
+                    "-o", str(log)])
+        assert sorted(os.listdir(to)) == ["char_vocab.json", "config.json", "export.json", "model.safetensors"]
+        assert_durable_folder(syscalls(log.read_text()), to)
+    assert sorted(os.listdir(tmp_path)) == ["hf", "strace.log"]  # neither the temp nor the replaced folder is left
+
+
 def test_export_bias_free_bpe_model(tiny_dataset, tmp_path):
     # from scratch: train.py's default bias=False and, with no meta.pkl, the padded GPT-2 vocab 50304
     out = str(tmp_path / "out")
@@ -189,18 +243,22 @@ def test_missing_gpt2_weights_offline(tmp_path):
     one_error_line(p.stderr, "gpt2-xl", "download gpt2-xl", str(tmp_path / "hub"), "local folder")
 
 
-def test_not_gpt2_weights(tmp_path, capsys):
+def test_not_gpt2_weights(tmp_path):
+    """The library raises (a script makes it one line): GPT2Error when the folder is there but its
+    contents are not GPT-2 (exit 1), UsageError for a mistyped name (the command is wrong: exit 2)."""
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     (tmp_path / "empty").mkdir()
     for what, words in ((tmp_path / "bert", ["bert", "not GPT-2"]), (tmp_path / "empty", ["not a Hugging Face GPT-2"])):
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(GPT2Error) as e:
             load_gpt2(str(what))
-        one_error_line(str(e.value), *words)  # exit 1: the folder is there, its contents are not GPT-2
-    with pytest.raises(SystemExit) as e:
+        one_error_line(f"error: {e.value}", *words)
+    with pytest.raises(UsageError) as e:
         load_gpt2("gpt3")
-    assert e.value.code == 2  # a mistyped name: the command is wrong
-    one_error_line(capsys.readouterr().err, "gpt3", "gpt2-xl", "folder")
+    one_error_line(f"error: {e.value}", "gpt3", "gpt2-xl", "folder")
+    p = run("sample.py", f"--init_from={tmp_path / 'bert'}", "--device=cpu", check=False)
+    assert p.returncode == 1
+    one_error_line(p.stderr, "bert", "not GPT-2")
 
 
 def test_shakespeare_bpe_prepare():

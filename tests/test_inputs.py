@@ -8,6 +8,7 @@ import stat
 import importlib.util
 import json
 import os
+import resource
 
 import pytest
 import torch
@@ -44,6 +45,8 @@ TRAIN = [  # flags, exit code, words the error line holds
     (["--block_size=111540"], 2, "block_size=111540 is too long for dataset 'shakespeare_char': its val.bin has 111540"),
     (["--block_size=5000000"], 2, "train.bin has 1003854 tokens"),
     (["--n_embd=200000", "--n_head=1"], 2, "make the model smaller"),
+    # 25.6M tokens a micro-batch: ~240 GB of activations, refused before they are allocated (see no_big_allocation)
+    (["--batch_size=100000", "--block_size=256"], 2, "batch_size=100000 x block_size=256 needs about"),
     (["--device=foo"], 2, "device='foo' is not a device"),
     (["--dtype=fp8"], 2, "dtype='fp8' is not one of"),
     (["--backend=mpi"], 2, "backend='mpi'"),
@@ -115,10 +118,17 @@ def scene(tmp_path):
     return tmp_path
 
 
-def one_error_line(script, args, code, words, tmp_path, *base):
+def no_big_allocation(limit=2 << 30):
+    """A bad input is refused before anything big is allocated: 2 GiB of address space is plenty
+    for a tiny run (about 0.6 GiB), and an allocation past it fails at once, instead of a batch
+    that Linux overcommits filling the machine until the OOM killer comes."""
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def one_error_line(script, args, code, words, tmp_path, *base, **popen):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     before = tree(tmp_path)
-    p = run(script, *base, *args, check=False, timeout=120)
+    p = run(script, *base, *args, check=False, timeout=120, **popen)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == code, f"{args}: exit {p.returncode}\n{p.stdout}\n{p.stderr}"
     assert "Traceback" not in p.stdout + p.stderr
@@ -130,7 +140,7 @@ def one_error_line(script, args, code, words, tmp_path, *base):
 
 @pytest.mark.parametrize("args, code, words", TRAIN, ids=lambda v: v if isinstance(v, str) else None)
 def test_train_bad_input(shakespeare_char, scene, args, code, words):
-    one_error_line("train.py", args, code, words, scene, *TINY, f"--out_dir={scene}/run")
+    one_error_line("train.py", args, code, words, scene, *TINY, f"--out_dir={scene}/run", preexec_fn=no_big_allocation)
 
 
 @pytest.mark.parametrize("args, code, words", SAMPLE, ids=lambda v: v if isinstance(v, str) else None)
@@ -148,7 +158,7 @@ def test_export_bad_input(trained, scene, args, code, words):
                                          (["--mode=checkpoint", f"--bench_dir={FILE}"], "is not a folder"),
                                          (["--timed_steps=0"], "timed_steps=0")])
 def test_bench_bad_input(shakespeare_char, scene, args, words):
-    one_error_line("bench.py", args, 2, words, scene, "--device=cpu", "--compile=False", "--dataset=shakespeare_char")
+    one_error_line("bench/bench.py", args, 2, words, scene, "--device=cpu", "--compile=False", "--dataset=shakespeare_char")
 
 
 @pytest.mark.parametrize("args", [[], ["a", "b"], ["consolidate", "only-one"]])
@@ -166,8 +176,10 @@ def test_time_limit_too_short_for_one_iteration(shakespeare_char, tmp_path):
 
 
 def test_out_of_memory_is_one_line(shakespeare_char, tmp_path):
-    """A batch no machine can hold: the allocation fails at once, one line, exit 1, no checkpoint."""
-    p = run("train.py", *TINY, f"--out_dir={tmp_path}", "--batch_size=1000000000000", check=False)
+    """Out of memory during training (a batch that passes configurator.check_fits, about 1.3 GB, but
+    not the 1.5 GiB of address space it is given): the allocation fails, one line, exit 1, no checkpoint."""
+    p = run("train.py", *TINY, f"--out_dir={tmp_path}", "--batch_size=4000", check=False,
+            preexec_fn=lambda: no_big_allocation(3 << 29))
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip().startswith("error: out of memory") and "lower batch_size" in p.stderr
     assert not checkpoint.candidates(str(tmp_path))

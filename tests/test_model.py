@@ -1,8 +1,16 @@
-"""model.py: shapes, causality, generation, cropping, the optimizer groups, device/dtype choice."""
+"""model.py: shapes, causality, generation, cropping, the optimizer groups; devices.py: device/dtype
+choice; configurator.check_fits: what memory a training needs."""
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from model import GPT, GPTConfig, autocast_context, pick_device, pick_dtype
+from configurator import STEP_OVERHEAD, activation_bytes, n_params
+from conftest import ENV, ROOT
+from devices import DeviceError, autocast_context, memory, pick_device, pick_dtype
+from model import GPT, GPTConfig
 
 
 def tiny(**kw):
@@ -81,11 +89,51 @@ def test_device_and_dtype_choice():
     if not torch.cuda.is_available():
         assert pick_device("auto") in ("cpu", "mps")
         assert pick_dtype("auto", "cpu") == "float32"
-        with pytest.raises(SystemExit, match="no CUDA GPU"):
+        with pytest.raises(DeviceError, match="no CUDA GPU"):
             pick_device("cuda")
     assert pick_dtype("bf16", "cpu") == "bfloat16"
-    with pytest.raises(SystemExit, match="dtype"):
+    with pytest.raises(ValueError, match="dtype"):
         pick_dtype("float8", "cpu")
     with autocast_context("cpu", "bfloat16"):
         y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
     assert y.dtype == torch.bfloat16
+
+    total, available = memory("cpu")
+    assert 0 < available <= total
+
+
+# two training steps (AdamW's moments exist from the first on) in a fresh process: its peak RSS
+# over what it held before the model was built
+STEP = """
+import json, resource, sys
+import torch
+from model import GPT, GPTConfig
+shape, batch = json.loads(sys.argv[1]), int(sys.argv[2])
+x = torch.randint(shape["vocab_size"], (batch, shape["block_size"]))
+with open("/proc/self/status") as f:
+    before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+model = GPT(GPTConfig(**shape))
+optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+for _ in range(2):
+    _, loss = model(x, x)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+@pytest.mark.parametrize("shape, batch", [
+    (dict(n_layer=1, n_head=2, n_embd=64, block_size=128, vocab_size=50304, dropout=0.0), 4),  # mostly logits
+    (dict(n_layer=2, n_head=8, n_embd=32, block_size=512, vocab_size=65, dropout=0.1), 2),  # the attention matrix
+])
+def test_the_cpu_memory_estimate_covers_a_real_training_step(shape, batch):
+    """configurator.check_fits refuses a CPU run whose training state and activations exceed the memory
+    available; an estimate below what a real step takes would let a too-big batch through to the OOM
+    killer, one far above it would refuse runs that fit."""
+    p = subprocess.run([sys.executable, "-c", STEP, json.dumps(shape), str(batch)], cwd=ROOT, capture_output=True,
+                       text=True, env=dict(ENV, PYTHONPATH=ROOT), check=True)
+    measured = int(p.stdout)
+    estimate = 16 * n_params(shape) + activation_bytes(shape, batch) + STEP_OVERHEAD
+    assert measured <= estimate <= 2 * measured, (measured, estimate)

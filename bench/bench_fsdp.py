@@ -3,10 +3,10 @@ DDP against FSDP on 2 ranks for GPT-2 124M's shape (README, "Multi-GPU and multi
 peak RSS in training, and checkpoint save times: rank 0 writing one file (DDP, and every checkpoint
 before FSDP), every rank writing its shard of a DCP folder, and the stall of a background (async) save.
 
-    python bench_fsdp.py                       # 3 pairs of launches, DDP and FSDP interleaved
-    python bench_fsdp.py --pairs=1 --n_layer=2 # a quick look
+    python bench/bench_fsdp.py                       # 3 pairs of launches, DDP and FSDP interleaved
+    python bench/bench_fsdp.py --pairs=1 --n_layer=2 # a quick look
 
-Each launch is `torchrun --standalone --nproc_per_node=2 bench_fsdp.py --worker=ddp|fsdp ...`: the
+Each launch is `torchrun --standalone --nproc_per_node=2 bench/bench_fsdp.py --worker=ddp|fsdp ...`: the
 model (vocab 50304, block_size 256, batch 1, fp32, no compile) is built, trained for --steps steps
 on random tokens (AdamW's state exists from the first), then saved --saves times each way with the
 project's own code (checkpoint.save, distributed.ShardedSaver) into a temp folder on this disk.
@@ -21,7 +21,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project root, above bench/
+sys.path.insert(0, ROOT)  # its modules, when run as python bench/bench_fsdp.py
 
 
 def worker(a):
@@ -31,7 +32,10 @@ def worker(a):
 
     import checkpoint
     import distributed
-    from model import GPT, GPTConfig, pick_device
+    from atomicfile import remove_whole
+    from checkpointer import snapshot
+    from devices import pick_device
+    from model import GPT, GPTConfig
     fsdp = a.worker == "fsdp"
     _, world, device = distributed.init(pick_device(a.device), "auto", fsdp)
     rank = dist.get_rank()
@@ -68,6 +72,7 @@ def worker(a):
         times.setdefault(name, []).append(time.perf_counter() - t0)
 
     saver = distributed.ShardedSaver(device) if fsdp else None
+    host = {}  # the host buffers a snapshot reuses from one save to the next
     for i in range(a.saves):
         path = os.path.join(a.dir, f"ckpt-{i:08d}")
         if fsdp:
@@ -83,16 +88,16 @@ def worker(a):
             times.setdefault("dcp_async_stall", []).append(stall[0])
             size = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
         else:
-            def one_file():
+            def one_file():  # as the Checkpointer writes a file: GPU tensors copied to host buffers first
                 if rank == 0:
                     state = dict(plain, model=model.state_dict(), optimizer=optimizer.state_dict())
-                    checkpoint.save(checkpoint.to_cpu(state), path + ".pt")
+                    checkpoint.save(snapshot(state, host) if device.startswith("cuda") else state, path + ".pt")
             timed("file_rank0", one_file)
             size = os.path.getsize(path + ".pt")
         dist.barrier()
         if rank == 0:
             for n in os.listdir(a.dir):
-                checkpoint.remove(os.path.join(a.dir, n))
+                remove_whole(os.path.join(a.dir, n))
     result = dict(rank=rank, train_rss_mb=train_rss, now_rss_mb=now_rss, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   step_ms=statistics.median(step_ms), size_mb=size / 2**20,
                   **{k: statistics.median(v) for k, v in times.items()})
@@ -132,7 +137,6 @@ def main():
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        sys.path.insert(0, ROOT)
         return worker(a)
     rows = []
     with tempfile.TemporaryDirectory(dir=ROOT, prefix=".bench_fsdp-") as folder:

@@ -2,11 +2,11 @@
 How fast a run stops and comes back (README, "Preemptible and scheduled jobs"). Every argument is
 passed to train.py, which runs in a fresh temp out_dir each round:
 
-    python bench_stop.py config/train_shakespeare_char_cpu.py            # the CPU recipe
-    BENCH_ROUNDS=2 BENCH_EVAL_AT=3 python bench_stop.py --dataset=shakespeare --n_layer=12 --n_head=12 \
+    python bench/bench_stop.py config/train_shakespeare_char_cpu.py            # the CPU recipe
+    BENCH_ROUNDS=2 BENCH_EVAL_AT=3 python bench/bench_stop.py --dataset=shakespeare --n_layer=12 --n_head=12 \
         --n_embd=768 --block_size=1024 --batch_size=1 --gradient_accumulation_steps=1 --device=cpu \
         --compile=False --eval_iters=10                                  # GPT-2 124M's shape on a CPU
-    BENCH_RESTART=1 python bench_stop.py config/train_shakespeare_char_cpu.py --gradient_accumulation_steps=2
+    BENCH_RESTART=1 python bench/bench_stop.py config/train_shakespeare_char_cpu.py --gradient_accumulation_steps=2
 
 BENCH_ROUNDS (3): rounds of each measurement; BENCH_EVAL_AT (20): the iteration whose eval the
 second measurement interrupts.
@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project root: train.py runs there
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 EVAL_AT = int(os.environ.get("BENCH_EVAL_AT", "20"))  # the eval that the second measurement interrupts
 

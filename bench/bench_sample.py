@@ -1,11 +1,11 @@
 """
 Sampling speed, side by side (README, "Performance"). Run from the project root:
 
-    python bench_sample.py char          # ours vs nanoGPT's sample.py: 6 layers, 384 wide, block 256, vocab 65
-    python bench_sample.py gpt2          # ours vs nanoGPT's sample.py: GPT-2 124M's shape, random weights
-    python bench_sample.py char --batch  # ours: 10 samples in one batch vs the same 10 one after another
-    python bench_sample.py gpt2 --batch
-    python bench_sample.py char --ours=--window_keep=1.0   # ours sliding the window by one token, as nanoGPT
+    python bench/bench_sample.py char          # ours vs nanoGPT's sample.py: 6 layers, 384 wide, block 256, vocab 65
+    python bench/bench_sample.py gpt2          # ours vs nanoGPT's sample.py: GPT-2 124M's shape, random weights
+    python bench/bench_sample.py char --batch  # ours: 10 samples in one batch vs the same 10 one after another
+    python bench/bench_sample.py gpt2 --batch
+    python bench/bench_sample.py char --ours=--window_keep=1.0   # ours sliding the window by one token, as nanoGPT
 
 nanoGPT is the unmodified copy in ../shared/reference/nanogpt (a benchmark reference only). Both
 scripts sample the same checkpoint with the same prompt, one sample of --new tokens, fp32 on the
@@ -23,7 +23,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project root, above bench/
+sys.path.insert(0, ROOT)  # its modules, when run as python bench/bench_sample.py
 NANOGPT = os.path.join(ROOT, "..", "shared", "reference", "nanogpt")
 PROMPT = "\n"  # both scripts' default
 
@@ -53,7 +54,7 @@ def gpt2_checkpoint(tmp):
     nanoGPT ckpt.pt (no dataset in its config: nanoGPT then decodes with tiktoken's gpt2)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
-    from model import load_gpt2
+    from gpt2 import load_gpt2
     torch.manual_seed(0)
     folder = os.path.join(tmp, "hf-gpt2")
     GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)

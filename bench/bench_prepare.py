@@ -2,9 +2,9 @@
 Data-prepare speed and memory against the tokenizer's own limit (README, "Performance"). From the
 project root:
 
-    python bench_prepare.py                      # a 200 MB corpus, 1 and 2 threads, 3 pairs each
-    python bench_prepare.py --mb=400 --pairs=1   # the corpus doubled: peak memory should not move
-    python bench_prepare.py --jsonl              # the same documents as one .jsonl file
+    python bench/bench_prepare.py                      # a 200 MB corpus, 1 and 2 threads, 3 pairs each
+    python bench/bench_prepare.py --mb=400 --pairs=1   # the corpus doubled: peak memory should not move
+    python bench/bench_prepare.py --jsonl              # the same documents as one .jsonl file
 
 The corpus is made once, outside the repo (--corpus, default /tmp/prepare-bench-<mb>mb): a folder
 of .txt documents of 1-20 KB, each a random draw of lines of the shipped tiny Shakespeare with
@@ -29,7 +29,8 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project root, above bench/
+sys.path.insert(0, ROOT)  # its modules, when run as python bench/bench_prepare.py
 NAME = "bench-prepare"
 
 REFERENCE = r"""

@@ -1,0 +1,663 @@
+"""
+The fault sweep (README, "Checkpoints"): as SQLite fails its Nth I/O call for every N, every
+failure point of a short training run's save and load paths is tried, one at a time, and what is
+left on disk is checked after each. From the project root:
+
+    python bench/fault_sweep.py                       # every point of every scenario (hours: see --sample)
+    python bench/fault_sweep.py --sample=40           # at most 40 points a scenario, spread over syscalls and kinds
+    python bench/fault_sweep.py --scenarios=folders --syscalls=rename,fsync --kinds=kill
+    python bench/fault_sweep.py --list                # the points of each scenario, without running them
+    python bench/fault_sweep.py --point=files/fsync/eio/3   # one point again, its output shown (a failure's repro)
+
+Scenarios: train.py on tests/conftest.py's TINY model, 6 iterations, a checkpoint every 2, an eval
+every 3, keep_last=2. 'files' writes ckpt-*.pt and ckpt.pt; 'folders' is FSDP on 2 gloo ranks under
+torchrun (checkpoint folders); 'resume' continues a finished 4-iteration run to 8 (the load path).
+
+1. The clean run, under `strace -f`: every call of fsync, fdatasync, rename(at,at2), link(at),
+   unlink(at), rmdir, mkdir(at), ftruncate, openat, write and pwrite64 on a path under out_dir
+   (out_dir itself included) is a point. strace counts `when=N` per syscall and per thread (its
+   "tracee"), so a point is (syscall, N): the Nth call of that syscall in some thread of the process
+   (one rank's process under torchrun: strace runs inside torchrun, so the launcher is never hit).
+2. Each point, in a fresh out_dir, is the same command under
+   `strace -f -e trace=S -e inject=S:error=EIO:when=N` (ENOSPC for write and pwrite64, which are
+   sampled: --writes) and separately `...:signal=KILL:when=N`. Then it checks:
+   - no Traceback in the output (not counted: torchrun's own report of a failed worker, and torch's
+     traceback of a rank whose peer was killed, "Connection closed by peer");
+   - exit 0, or 1 with exactly one `error:` line; a kill: killed (-9, 137; torchrun exits 1);
+   - every file or folder under a checkpoint's name loads (checkpoint.load);
+   - the newest periodic checkpoint, and ckpt.pt, announced ("saved ...") before the faulted call in
+     the clean run still exist (unless keep_last newer ones replaced the periodic one);
+   - the same command without faults then exits 0, leaves no temporary behind, and its final
+     checkpoint's model, optimizer and torch RNG are bitwise those of the clean run.
+At most two points run at a time (--jobs), every process with OMP_NUM_THREADS=1. The summary counts
+points tried and survived per scenario, syscall and kind; each failure is listed with its reasons and
+the command that reproduces it (its work folder is kept).
+"""
+import argparse
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project root, above bench/
+sys.path.insert(0, ROOT)  # its modules (checkpoint.load), when run as python bench/fault_sweep.py
+
+# tests/conftest.py's TINY: a training step takes milliseconds on a CPU
+TINY = ["--device=cpu", "--compile=False", "--dataset=shakespeare_char", "--n_layer=2", "--n_head=2",
+        "--n_embd=32", "--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=1",
+        "--eval_iters=2", "--log_interval=1", "--warmup_iters=5", "--lr_decay_iters=100", "--learning_rate=1e-3",
+        "--peak_flops=1e11"]
+RUN = ["--checkpoint_interval=2", "--eval_interval=3", "--keep_last=2"]
+KEEP_LAST = 2
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+FAULTED = ["fsync", "fdatasync", "rename", "renameat", "renameat2", "link", "linkat", "unlink", "unlinkat", "rmdir",
+           "mkdir", "mkdirat", "ftruncate", "openat"]  # EIO and kill at every call
+WRITES = ["write", "pwrite64"]  # ENOSPC and kill at a sample of the calls (there are hundreds)
+KINDS = ("eio", "enospc", "kill")
+# names that are a checkpoint's (checkpoint.NAMES): files, folders, ckpt.pt, another branch's kept best
+NAMES = re.compile(r"ckpt(\.pt|-best-b\d+-\d{8}\.pt|-\d{8}(-b\d+)?(\.pt)?)$")
+TEMPORARY = re.compile(r"^\..*\.(tmp|old)-")  # atomicfile's '.<name>.tmp-<pid>' and '.<name>.old-<pid>'
+
+
+@dataclass
+class Scenario:
+    name: str
+    args: list
+    final: int  # the iteration of the last checkpoint
+    torchrun: bool = False
+    setup: list = None  # a run made once before (not faulted): every point starts from a copy of its out_dir
+
+    def final_name(self):
+        return f"ckpt-{self.final:08d}" + ("" if self.torchrun else ".pt")
+
+    def command(self, out, strace=None, rank=None, trace=None, logs=None):
+        """The train.py command into `out`; strace: its arguments (less -o) to run it under, on one rank
+        (`rank`) or every rank (None) under torchrun; trace: strace's output file (.<rank> added)."""
+        train = [sys.executable, os.path.join(ROOT, "train.py"), *self.args, f"--out_dir={out}"]
+        if not self.torchrun:
+            return [*(["strace", *strace, "-o", trace] if strace else []), *train]
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        if logs:  # each rank's output in a file of its own, apart from the launcher's report
+            launch += ["--redirects=3", f"--log-dir={logs}"]
+        if not strace:
+            return [*launch, *train[1:]]
+        script = (f'if [ -z "{"" if rank is None else rank}" ] || [ "$LOCAL_RANK" = "{rank}" ]; then '
+                  f'exec {shlex.join(["strace", *strace])} -o {shlex.quote(trace)}."$LOCAL_RANK" "$@"; fi; exec "$@"')
+        return [*launch, "--no-python", "sh", "-c", script, "sh", *train]
+
+
+SCENARIOS = {
+    "files": Scenario("files", [*TINY, *RUN, "--max_iters=6"], final=6),
+    "folders": Scenario("folders", [*TINY, "--gradient_accumulation_steps=2", "--parallelism=fsdp", *RUN,
+                                    "--max_iters=6"], final=6, torchrun=True),
+    "resume": Scenario("resume", [*TINY, *RUN, "--max_iters=8"], final=8, setup=[*TINY, *RUN, "--max_iters=4"]),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# reading strace's output (-f -y -ttt): 'TID TIME name(args) = ret', possibly split by other threads
+# into 'name(args <unfinished ...>' and '<... name resumed>) = ret'
+
+CALL = re.compile(r"^(\d+)\s+(\d+\.\d+)\s+(\w+)\((.*)$")
+RESUMED = re.compile(r"^(\d+)\s+\d+\.\d+\s+<\.\.\. (\w+) resumed>(.*)$")
+RESULT = re.compile(r"\)\s+=\s+(-?\d+|\?)(?: (\w+))?")
+TOKEN = re.compile(r'(\d+|AT_FDCWD)<((?:[^>\\]|\\.)*)>|"((?:[^"\\]|\\.)*)"')
+PATH_ARGS = {"openat", "rename", "renameat", "renameat2", "link", "linkat", "unlink", "unlinkat", "rmdir", "mkdir",
+             "mkdirat"}
+
+
+@dataclass
+class Call:
+    tid: int
+    ts: float
+    name: str
+    n: int  # this is the thread's n-th call of `name` (what strace's when=N counts)
+    paths: list
+    text: str
+    ret: str = None  # '0', '-1 EIO', '?' (never returned: killed)
+    injected: bool = False
+
+    def ok(self):
+        return self.ret is not None and not self.ret.startswith(("-", "?"))
+
+    def __repr__(self):
+        return f"<{self.name} #{self.n} of thread {self.tid}: {self.ret}>"
+
+
+def _unescape(s):
+    return s.encode("latin-1", "backslashreplace").decode("unicode_escape", "replace") if "\\" in s else s
+
+
+def _paths(name, args):
+    """The paths a call touches: an fd's (shown by -y), and for path calls each name, joined to the
+    directory fd before it."""
+    paths, folder = [], None
+    for fd, fd_path, string in TOKEN.findall(args):
+        if fd:
+            folder = _unescape(fd_path).removesuffix(" (deleted)")
+            if name not in PATH_ARGS and not paths:
+                paths.append(folder)
+        elif name in PATH_ARGS:
+            s = _unescape(string)
+            paths.append(os.path.normpath(os.path.join(folder or ROOT, s)))
+    return paths
+
+
+def read_trace(path):
+    """Every call in one strace output file, in order."""
+    calls, counts, open_calls = [], defaultdict(int), {}
+    with open(path, errors="replace") as f:
+        for line in f:
+            m = CALL.match(line)
+            if m:
+                tid, ts, name, rest = int(m[1]), float(m[2]), m[3], m[4]
+                counts[tid, name] += 1
+                call = Call(tid, ts, name, counts[tid, name], _paths(name, rest), f"{name}({rest.strip()}")
+                calls.append(call)
+                if rest.rstrip().endswith("<unfinished ...>"):
+                    open_calls[tid] = call
+                else:
+                    _finish(call, rest)
+                continue
+            m = RESUMED.match(line)
+            if m and int(m[1]) in open_calls:
+                _finish(open_calls.pop(int(m[1])), m[3])
+    return calls
+
+
+def _finish(call, rest):
+    m = RESULT.search(rest)
+    if m:
+        call.ret = m[1] + (f" {m[2]}" if m[2] else "")
+    call.injected = "(INJECTED)" in rest
+
+
+def under(path, out):
+    return path == out or path.startswith(out + os.sep)
+
+
+def describe(call, out):
+    """A call in words that do not change from run to run: paths relative to out_dir, pids as PID."""
+    rel = [("." if p == out else os.path.relpath(p, out)) if under(p, out) else p for p in call.paths]
+    rel = [re.sub(r"(\.(tmp|old)-)\d+", r"\1PID", p) for p in rel]
+    return f"{call.name} " + " -> ".join(rel)
+
+
+ANNOUNCED = re.compile(r'"saved (\S+?)(?:\\n| \()')
+
+
+def announced(calls):
+    """(time, path) of each 'saved PATH' the run printed: a checkpoint it says is on disk."""
+    return [(c.ts, m[1]) for c in calls if c.name == "write" for m in ANNOUNCED.finditer(c.text)]
+
+
+def deleted(calls):
+    """(time, path) of each checkpoint name that a successful call took away."""
+    gone = []
+    for c in calls:
+        if c.ok() and c.paths and (c.name in ("unlink", "unlinkat", "rmdir") or c.name.startswith("rename")):
+            gone.append((c.ts, c.paths[0]))
+    return [(t, p) for t, p in gone if NAMES.fullmatch(os.path.basename(p))]
+
+
+# ---------------------------------------------------------------------------------------------
+# points
+
+@dataclass
+class Point:
+    scenario: str
+    rank: int  # the rank whose process is faulted (0 without torchrun)
+    syscall: str
+    kind: str
+    n: int
+    targets: list  # the calls of the clean run that it hits (the n-th of its thread), touching out_dir
+    torchrun: bool = False
+
+    @property
+    def id(self):
+        return "/".join([self.scenario, *([f"r{self.rank}"] if self.torchrun else []), self.syscall, self.kind, str(self.n)])
+
+    def inject(self):
+        if self.kind == "kill":
+            return f"{self.syscall}:signal=KILL:when={self.n}"
+        return f"{self.syscall}:error={'ENOSPC' if self.kind == 'enospc' else 'EIO'}:when={self.n}"
+
+
+@dataclass(repr=False)
+class Clean:
+    """The clean (unfaulted) run of a scenario: its calls per rank, what it announced and deleted."""
+    scenario: Scenario
+    out: str
+    template: str  # the out_dir every point starts from ('' for an empty one)
+    calls: dict  # rank -> [Call]
+    points: list = field(default_factory=list)
+
+
+def strace_args(syscalls, inject=None):
+    # --seccomp-bpf: the process stops only at the traced syscalls, not at every one (several times
+    # faster); strace 6.1 silently drops a signal= injection with it, so a kill goes without
+    fast = [] if inject and "signal=" in inject else ["--seccomp-bpf"]
+    args = [*fast, "-f", "-qq", "-y", "-ttt", "-s", "300", "-e", "trace=" + ",".join(syscalls)]
+    return args + (["-e", "inject=" + inject] if inject else [])
+
+
+def spread(items, m):
+    """m of the items, evenly spaced from the first to the last (the middle one for m=1)."""
+    if m >= len(items):
+        return list(items)
+    if m == 1:
+        return [items[len(items) // 2]]
+    return [items[round(i * (len(items) - 1) / (m - 1))] for i in range(m)]
+
+
+def make_points(clean, writes=12):
+    """Every (syscall, N) of the clean run whose call touches out_dir, as EIO and kill points; for
+    write and pwrite64, ENOSPC and kill at `writes` of them spread over each rank's."""
+    points = []
+    for rank, calls in sorted(clean.calls.items()):
+        hits = defaultdict(list)  # (syscall, n) -> calls
+        for c in calls:
+            if any(under(p, clean.out) for p in c.paths):
+                hits[c.name, c.n].append(c)
+        for name in [*FAULTED, *WRITES]:
+            ns = sorted(n for s, n in hits if s == name)
+            for n in spread(ns, writes) if name in WRITES else ns:
+                for kind in ("enospc", "kill") if name in WRITES else ("eio", "kill"):
+                    points.append(Point(clean.scenario.name, rank, name, kind, n, hits[name, n], clean.scenario.torchrun))
+    clean.points = points
+    return points
+
+
+def sample(points, k):
+    """At most k points: each (rank, syscall, kind) group gets a share in turn, spread over the group."""
+    if k is None or len(points) <= k:
+        return points
+    groups = defaultdict(list)
+    for p in points:
+        groups[p.rank, p.syscall, p.kind].append(p)
+    share, total = defaultdict(int), 0
+    while total < k:
+        for g in groups:
+            if share[g] < len(groups[g]) and total < k:
+                share[g] += 1
+                total += 1
+    return [p for g, m in share.items() for p in spread(groups[g], m)]
+
+
+FAMILIES = {"rename": ("rename", "renameat", "renameat2"), "unlink": ("unlink", "unlinkat", "rmdir"),
+            "mkdir": ("mkdir", "mkdirat"), "fsync": ("fsync", "fdatasync"), "write": ("write", "pwrite64"),
+            "link": ("link", "linkat")}
+
+
+def pick(clean, family, kind, target, rank=0, which=0):
+    """The point whose syscall is of `family` (rename: rename, renameat, renameat2; unlink: unlink,
+    unlinkat, rmdir; ...), of `kind`, on `rank`, and whose first target's description (describe())
+    matches the regex `target`; `which`: the index among the matches (0 the first, -1 the last).
+    Raises LookupError naming the calls of that family that there are."""
+    names = FAMILIES.get(family, (family,))
+    ps = [p for p in clean.points if p.syscall in names and p.kind == kind and p.rank == rank]
+    matches = [p for p in ps if any(re.search(target, describe(c, clean.out)) for c in p.targets)]
+    if not matches:
+        seen = sorted({describe(c, clean.out) for p in ps for c in p.targets})
+        raise LookupError(f"no {family} call on rank {rank} matches {target!r} in the clean {clean.scenario.name} "
+                          f"run; its {family} calls: {seen}")
+    return matches[which]
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+def descendants(pid):
+    kids = defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    kids[int(f.read().rsplit(")", 1)[1].split()[1])].append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    found, todo = [], [pid]
+    while todo:
+        found += kids[todo[0]]
+        todo += kids[todo.pop(0)]
+    return found
+
+
+def run(cmd, timeout):
+    """(exit code, stdout and stderr) of a command from the project root; None for the code when it
+    ran past `timeout` (then it and every process under it are killed: torchrun's workers lead
+    sessions of their own)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace")
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        for pid in [*descendants(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out, _ = proc.communicate()
+        return None, out + f"\n(killed after {timeout}s)"
+
+
+def rank_logs(logs):
+    """{rank: its stdout + stderr} from torchrun's --log-dir (--redirects=3)."""
+    found = defaultdict(str)
+    for folder, _, files in os.walk(logs):
+        rank = os.path.basename(folder)
+        for name in ("stdout.log", "stderr.log"):
+            if rank.isdigit() and name in files:
+                with open(os.path.join(folder, name), errors="replace") as f:
+                    found[int(rank)] += f.read()
+    return dict(found)
+
+
+def fresh_out(clean, folder):
+    out = os.path.join(folder, "out")
+    if clean.template:
+        shutil.copytree(clean.template, out, symlinks=True)
+    return out
+
+
+def clean_run(scenario, work, timeout=600):
+    """The scenario's clean run under strace (every syscall that points are made of), in
+    work/<scenario>/clean; a scenario with a setup run makes it first, into work/<scenario>/template."""
+    folder = os.path.join(work, scenario.name)
+    os.makedirs(folder, exist_ok=True)
+    template = ""
+    if scenario.setup:
+        template = os.path.join(folder, "template")
+        code, output = run(Scenario("setup", scenario.setup, 0, scenario.torchrun).command(template), timeout)
+        if code != 0:
+            raise RuntimeError(f"the {scenario.name} setup run failed (exit {code}):\n{output[-3000:]}")
+    clean = Clean(scenario, "", template, {})
+    clean.out = fresh_out(clean, os.path.join(folder, "clean"))
+    trace = os.path.join(folder, "clean", "trace")
+    os.makedirs(os.path.dirname(trace), exist_ok=True)
+    cmd = scenario.command(clean.out, strace_args([*FAULTED, *WRITES]), trace=trace,
+                           logs=os.path.join(folder, "clean", "logs"))
+    code, output = run(cmd, timeout)
+    if code != 0:
+        raise RuntimeError(f"the clean {scenario.name} run failed (exit {code}): {shlex.join(cmd)}\n{output[-3000:]}")
+    if scenario.torchrun:
+        clean.calls = {r: read_trace(f"{trace}.{r}") for r in (0, 1)}
+    else:
+        clean.calls = {0: read_trace(trace)}
+    return clean
+
+
+def clean_runs(names, work, jobs=2, timeout=600, writes=12):
+    """{name: Clean} of the scenarios named, `jobs` at a time, their points made (make_points)."""
+    with ThreadPoolExecutor(max(1, min(jobs, 2))) as pool:
+        cleans = dict(zip(names, pool.map(lambda n: clean_run(SCENARIOS[n], work, timeout), names)))
+    for clean in cleans.values():
+        make_points(clean, writes)
+    return cleans
+
+
+_state_cache, _state_lock = {}, threading.Lock()
+
+
+def load(path):
+    """The checkpoint at path, as train.py's readers load it (the one place to adapt)."""
+    import checkpoint
+    return checkpoint.load(path)
+
+
+def reference_state(clean):
+    path = os.path.join(clean.out, clean.scenario.final_name())
+    with _state_lock:
+        if path not in _state_cache:
+            _state_cache[path] = load(path)
+        return _state_cache[path]
+
+
+def state_difference(a, b):
+    """None if two checkpoints hold the same model, optimizer and torch RNG bit for bit, else what differs
+    (tests/test_resume.py's assert_same_state)."""
+    import torch
+    if a["iter_num"] != b["iter_num"]:
+        return f"iter_num {a['iter_num']} != {b['iter_num']}"
+    if a["model"].keys() != b["model"].keys():
+        return "model keys differ"
+    for k in a["model"]:
+        if not torch.equal(a["model"][k], b["model"][k]):
+            return f"model[{k!r}] differs"
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    if list(sa) != list(sb):
+        return "optimizer state keys differ"
+    for i in sa:
+        if sa[i].keys() != sb[i].keys() or not all(torch.equal(sa[i][n], sb[i][n]) for n in sa[i]):
+            return f"optimizer state {i!r} differs"
+    if not all(torch.equal(x["torch"], y["torch"]) for x, y in zip(a["rng"], b["rng"])):
+        return "torch RNG state differs"
+    return None
+
+
+@dataclass
+class Result:
+    point: Point
+    reasons: list  # empty: survived
+    hit: list  # what the fault hit in the faulted run (describe())
+    command: str
+    folder: str
+    output: str = ""
+    seconds: float = 0.0
+
+    @property
+    def ok(self):
+        return not self.reasons
+
+    def __repr__(self):
+        return f"<{self.point.id}: {'survived' if self.ok else 'failed'}>"
+
+
+def checkpoint_names(out):
+    return sorted(n for n in os.listdir(out) if NAMES.fullmatch(n)) if os.path.isdir(out) else []
+
+
+def _iteration(name):
+    m = re.match(r"ckpt-(\d{8})", name)
+    return int(m[1]) if m else None
+
+
+PEER_DIED = re.compile(r"Connection (closed|reset) by peer")
+
+
+def try_point(clean, point, work, timeout=600, keep=False, rerun=True):
+    """Run one point and check what it left; returns a Result (its work folder removed if it survived).
+    rerun=False: when the faulted run itself ended well (exit 0), its final checkpoint is compared
+    without running the command again (faster; the temporaries check is then skipped)."""
+    scenario, t0 = clean.scenario, time.time()
+    folder = tempfile.mkdtemp(prefix=point.id.replace("/", "-") + "-", dir=os.path.join(work, scenario.name))
+    out, trace, logs = fresh_out(clean, folder), os.path.join(folder, "trace"), os.path.join(folder, "logs")
+    cmd = scenario.command(out, strace_args([point.syscall], point.inject()), rank=point.rank, trace=trace, logs=logs)
+    code, output = run(cmd, timeout)
+    reasons = []
+    # what the fault hit: the n-th call of the syscall in some thread (marked INJECTED for an error)
+    faulted = read_trace(f"{trace}.{point.rank}" if scenario.torchrun else trace) \
+        if os.path.exists(f"{trace}.{point.rank}" if scenario.torchrun else trace) else []
+    hit = [describe(c, out) for c in faulted if c.n == point.n and (c.injected or point.kind == "kill" and c.ret in ("?", None))]
+    texts = rank_logs(logs) if scenario.torchrun else {0: output}
+    words = "\n".join(texts.values())
+    if code is None:
+        reasons.append(f"hung: still running after {timeout}s")
+    # a rank whose peer was killed may die in a collective (torch's traceback): not counted
+    mine = [t for r, t in texts.items() if not (point.kind == "kill" and r != point.rank and PEER_DIED.search(t))]
+    if "Traceback" in "".join(mine) or ("Traceback" in output and "ChildFailedError" not in output):
+        reasons.append("a traceback: " + _around("".join(mine) if "Traceback" in "".join(mine) else output, "Traceback"))
+    errors = [ln for ln in words.splitlines() if ln.startswith("error:")]
+    if code is not None and point.kind == "kill" and hit:
+        if code not in ((1,) if scenario.torchrun else (-9, 137)):
+            reasons.append(f"exit {code} after a kill")
+    elif code is not None:
+        if code not in (0, 1) or (code == 1 and len(errors) != 1) or (code == 0 and errors):
+            reasons.append(f"exit {code} with {len(errors)} error lines" + (f": {errors}" if errors else ""))
+    # every file or folder under a checkpoint's name loads
+    for name in checkpoint_names(out):
+        try:
+            load(os.path.join(out, name))
+        except Exception as e:
+            reasons.append(f"{name} is under a checkpoint's name but does not load: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+    # what the clean run had announced before the faulted call is still there
+    if point.targets:
+        at = min(c.ts for c in point.targets)
+        every = [c for calls in clean.calls.values() for c in calls]
+        gone = {p for t, p in deleted(every) if t < at}
+        said = [os.path.basename(p) for t, p in announced(every) if t < at and p not in gone]
+        names = checkpoint_names(out)
+        periodic = [n for n in said if _iteration(n) is not None]
+        if periodic:
+            newest = max(periodic, key=_iteration)
+            newer = [n for n in names if (_iteration(n) or -1) > _iteration(newest)]
+            if newest not in names and len(newer) < KEEP_LAST:
+                reasons.append(f"{newest}, saved before the fault, is gone")
+        if "ckpt.pt" in said and "ckpt.pt" not in names:
+            reasons.append("ckpt.pt, saved before the fault, is gone")
+    # the same command without faults finishes where the clean run did, bit for bit
+    again = scenario.command(out)
+    code2, output2 = run(again, timeout) if rerun or code != 0 else (0, "(not run: the faulted run ended well)")
+    if code2 != 0:
+        reasons.append(f"the same command without faults exited {code2}: " + _tail(output2))
+    else:
+        if "Traceback" in output2:
+            reasons.append("a traceback in the run without faults: " + _around(output2, "Traceback"))
+        left = [n for n in os.listdir(out) if TEMPORARY.match(n)] if rerun or code != 0 else []
+        if left:
+            reasons.append(f"temporaries left after the run without faults: {left}")
+        # the final periodic checkpoint; when only its save failed, ckpt.pt of the final eval holds the
+        # same state, and a rerun rightly finds the run complete
+        final = scenario.final_name() if os.path.lexists(os.path.join(out, scenario.final_name())) else "ckpt.pt"
+        try:
+            diff = state_difference(load(os.path.join(out, final)), reference_state(clean))
+            if diff:
+                reasons.append(f"{final} after the run without faults is not the clean run's {scenario.final_name()}: {diff}")
+        except Exception as e:
+            reasons.append(f"no {scenario.final_name()} after the run without faults, and {final} does not load: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    result = Result(point, reasons, hit, shlex.join(cmd), folder,
+                    output + "".join(f"\n--- rank {r} ---\n{t}" for r, t in sorted(texts.items()) if scenario.torchrun)
+                    + "\n--- the same command without faults ---\n" + output2, time.time() - t0)
+    if result.ok and not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+def _around(text, word, width=600):
+    i = text.find(word)
+    return text[i:i + width].replace("\n", " | ")
+
+
+def _tail(text, lines=6):
+    return " | ".join(text.strip().splitlines()[-lines:])
+
+
+def sweep(items, work, jobs=2, timeout=600, keep=False, rerun=True, progress=None):
+    """Try each (Clean, Point) of items, `jobs` at a time (at most 2); returns their Results in order."""
+    with ThreadPoolExecutor(max(1, min(jobs, 2))) as pool:
+        futures = [pool.submit(try_point, clean, p, work, timeout, keep, rerun) for clean, p in items]
+        results = []
+        for i, f in enumerate(futures):
+            results.append(f.result())
+            if progress:
+                progress(i + 1, len(items), results[-1])
+    return results
+
+
+def summary(results, clean_runs):
+    lines = []
+    for name, clean in clean_runs.items():
+        mine = [r for r in results if r.point.scenario == name]
+        if not mine:
+            continue
+        lines.append(f"{name}: {sum(r.ok for r in mine)} of {len(mine)} points survived")
+        table = defaultdict(lambda: [0, 0])
+        for r in mine:
+            row = table[r.point.syscall, r.point.kind]
+            row[0] += 1
+            row[1] += r.ok
+        for (syscall, kind), (tried, survived) in sorted(table.items()):
+            lines.append(f"  {syscall:>10} {kind:<6} {survived:>4} / {tried:<4}")
+    failed = [r for r in results if not r.ok]
+    if failed:
+        lines.append(f"\n{len(failed)} failed:")
+        for r in failed:
+            lines += [f"- {r.point.id}: {' '.join(r.point.inject().split(':')[1:])} at "
+                      f"{'; '.join(sorted({describe(c, clean_runs[r.point.scenario].out) for c in r.point.targets}))}"
+                      + (f" (hit: {'; '.join(r.hit)})" if r.hit else " (not reached)"),
+                      *[f"    {x}" for x in r.reasons],
+                      f"    again: python bench/fault_sweep.py --point={r.point.id}",
+                      f"    command: {r.command}", f"    folder: {r.folder}"]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenarios", default="files,folders,resume", help="comma-separated: " + ", ".join(SCENARIOS))
+    ap.add_argument("--syscalls", default="", help="only these syscalls (comma-separated)")
+    ap.add_argument("--kinds", default="eio,enospc,kill", help="comma-separated: eio, enospc, kill")
+    ap.add_argument("--sample", type=int, default=None, help="at most this many points a scenario")
+    ap.add_argument("--writes", type=int, default=12, help="write calls tried, per rank and syscall")
+    ap.add_argument("--point", action="append", default=[], help="only this point (an id as listed); repeatable")
+    ap.add_argument("--jobs", type=int, default=2, help="points at a time (at most 2)")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds a run may take")
+    ap.add_argument("--work", default="", help="folder for the runs (default: a new one under /tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep every point's folder (failures' are always kept)")
+    ap.add_argument("--list", action="store_true", help="list the points and stop")
+    a = ap.parse_args()
+    if shutil.which("strace") is None:
+        sys.exit("error: strace is not installed (apt-get install strace)")
+    unknown = set(a.scenarios.split(",")) - SCENARIOS.keys() or set(a.kinds.split(",")) - set(KINDS)
+    if unknown:
+        sys.exit(f"error: unknown scenario or kind {sorted(unknown)}")
+    if not os.path.exists(os.path.join(ROOT, "data", "shakespeare_char", "train.bin")):
+        sys.exit("error: no data/shakespeare_char/train.bin; run python data/shakespeare_char/prepare.py first")
+    work = a.work or tempfile.mkdtemp(prefix="fault-sweep-")
+    os.makedirs(work, exist_ok=True)
+    import torch
+    torch.set_num_threads(1)
+    print(f"work folder {work}", flush=True)
+    t0, items = time.time(), []
+    names = sorted({p.split("/")[0] for p in a.point}) if a.point else a.scenarios.split(",")
+    cleans = clean_runs(names, work, a.jobs, a.timeout, a.writes)
+    for name, clean in cleans.items():
+        points = [p for p in clean.points if p.kind in a.kinds.split(",")
+                  and (not a.syscalls or p.syscall in a.syscalls.split(","))
+                  and (not a.point or p.id in a.point)]
+        points = sample(points, a.sample)
+        print(f"{name}: {len(points)} points", flush=True)
+        if a.list:
+            for p in points:
+                print(f"  {p.id:<28} {'; '.join(sorted({describe(c, clean.out) for c in p.targets}))}")
+        items += [(clean, p) for p in points]
+    if a.point and len(items) < len(set(a.point)):
+        sys.exit(f"error: no such point: {sorted(set(a.point) - {p.id for _, p in items})} (--list shows them)")
+
+    def progress(i, n, r):
+        print(f"[{i}/{n}] {r.point.id}: {'ok' if r.ok else 'FAILED: ' + '; '.join(r.reasons)}"
+              + ("" if r.hit else " (not reached)") + f" ({r.seconds:.0f}s)", flush=True)
+        if a.point:
+            print(r.output)
+    results = [] if a.list else sweep(items, work, a.jobs, a.timeout, a.keep, progress=progress)
+    if results:
+        print(f"\n{summary(results, cleans)}\n\n{len(results)} points in {time.time() - t0:.0f}s; work folder {work}")
+    if not a.keep and all(r.ok for r in results):
+        shutil.rmtree(work, ignore_errors=True)
+    sys.exit(0 if all(r.ok for r in results) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""
+One owner for every save of a run (README, "Checkpoints"). train.py makes one Checkpointer and, on
+every rank, at one safe point of each iteration, asks it whether a save is due, hands it the state
+and lets it finish what is in flight; at the end it waits for it. The Checkpointer owns:
+
+- the writers: a checkpoint file written in the foreground, or in the background by one persistent
+  thread from a snapshot in host buffers that are kept from one save to the next (pinned on CUDA);
+  under FSDP, checkpoint folders that every rank writes with DCP (distributed.ShardedSaver);
+- what is on disk: this run's checkpoints are known in memory (the start reads each header once; a
+  file this process wrote is known good, another is CRC-checked once, when retention first counts it);
+- retention (keep_last, keep_every), only ever after a newer checkpoint is durable;
+- the checkpoint_minutes clock, kept by rank 0 (the only one that knows when a file is durable) and
+  shared through train.py's per-iteration all-reduce, so every rank takes the same decision;
+- the console lines and metrics.jsonl events: "writing X" when a background save starts, "saved X"
+  only once X is durable (fsynced and renamed in);
+- the failure policy: a failed save is one warning line, training goes on, and it is retried at the
+  next due checkpoint or after a pause (RETRY, doubling); a failed final save is an error (train.py
+  exits 1); nothing in a save path ends the run with a traceback.
+
+At most one write is in flight. A save that comes due while one is still being written waits for
+it: every due checkpoint is written, and a disk slower than the interval shows as a training stall
+rather than as missing files.
+"""
+import fcntl
+import os
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+import checkpoint
+import distributed
+import resume
+from atomicfile import TMP_TAG, recover, remove_whole
+from checkpoint import BEST, CheckpointError, os_error
+from metrics import say
+
+RETRY = (5.0, 300.0)  # seconds before a failed save is tried again: first pause, longest pause
+KEPT_INTACT = checkpoint.KEPT_INTACT
+
+
+def claim(out_dir, create=False):
+    """Take out_dir for this training process before anything in it is read: an exclusive lock on
+    out_dir/.lock for the life of the process (the OS drops it however the process ends), so a second
+    trainer is refused before it opens any checkpoint; then the leftovers of a killed process are
+    cleaned up (atomicfile.recover) and a probe file shows the folder takes writes. Returns the lock's
+    file, or None when out_dir does not exist yet and create is False (there is nothing to read).
+    Raises CheckpointError: busy, or not writable."""
+    if not create and not os.path.isdir(out_dir):
+        return None
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(os.path.join(out_dir, ".lock"), "a+")  # not inherited by programs this one starts (close-on-exec)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise CheckpointError(f"out_dir {out_dir!r} is in use by another training process ({holder}); wait for "
+                                  f"it to end, or pick another --out_dir") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        recover(out_dir)
+        probe = os.path.join(out_dir, f".write-check{TMP_TAG}{os.getpid()}")
+        with open(probe, "wb") as p:
+            p.write(b"0" * 4096)
+            p.flush()
+            os.fsync(p.fileno())
+        os.remove(probe)
+        return f
+    except OSError as e:
+        raise CheckpointError(f"out_dir {out_dir!r} is not writable ({os_error(e)}); fix its permissions or pick "
+                              f"another --out_dir") from None
+
+
+def git_commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def snapshot(obj, buffers, memo=None, key=()):
+    """A copy of a nested state whose tensors live in `buffers` ({position in the state: host
+    tensor}), allocated at the first save and reused by every later one. Tensors that share storage
+    (the tied wte/lm_head weight) share one buffer, so the file stores them once."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        seen = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if t.numel() and seen in memo:
+            return memo[seen]
+        buf = buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = buffers[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+        buf.copy_(t, non_blocking=t.is_cuda)
+        memo[seen] = buf
+        return buf
+    if isinstance(obj, dict):
+        return {k: snapshot(v, buffers, memo, key + (k,)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v, buffers, memo, key + (i,)) for i, v in enumerate(obj))
+    return obj
+
+
+class Checkpointer:
+    def __init__(self, out_dir, *, run_id, branch, keep_last, keep_every, interval, minutes, background,
+                 model, optimizer, shards=None, metrics=None, log=say, master=True, resumed_from=None):
+        """shards: a distributed.ShardedSaver under FSDP (periodic checkpoints are then folders)."""
+        self.out_dir, self.run_id, self.branch = out_dir, run_id, branch
+        self.keep_last, self.keep_every, self.interval, self.period = keep_last, keep_every, interval, minutes * 60
+        self.background, self.model, self.optimizer, self.shards = background, model, optimizer, shards
+        self.metrics, self.log, self.master, self.resumed_from = metrics, log, master, resumed_from
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer") if background and master else None
+        self.buffers = {}
+        self.pending = None  # a file being written in the background: (future, path, iteration, val_loss, t0)
+        self.folder = None  # a folder being written in the background (every rank): (path, iteration, val_loss, t0)
+        self.clock = time.time()  # when the state of the newest durable checkpoint was taken
+        self.retry_at, self.pause = None, RETRY[0]
+        # until a save has been timed: weights and AdamW's two moments, in fp32, at a slow 100 MB/s
+        self.save_seconds = 3 * 4 * sum(p.numel() for p in model.parameters()) / 100e6
+        self.best_claimed = False
+        self.known = {}  # path -> {"iter", "good": True/False/None (not checked yet)}: this run's periodic ones
+        if master:
+            heads, _ = checkpoint.scan(out_dir)
+            for h in heads:
+                if h["kind"] == "periodic" and h["branch"] == branch and h["run_id"] in (run_id, None):
+                    self.known[h["path"]] = {"iter": h["iter_num"], "good": None}
+
+    # -- what is due ---------------------------------------------------------------------------
+    def due(self, it):
+        """Whether a periodic checkpoint is due at iteration `it`. The interval and keep_every are the
+        same on every rank; the clocks (checkpoint_minutes, a retry) only rank 0's, which train.py
+        OR-s over the ranks with its other per-iteration flags."""
+        due = (self.interval > 0 and it % self.interval == 0) or (self.keep_every > 0 and it % self.keep_every == 0)
+        if self.master:
+            now = time.time()
+            due = due or bool(self.period) and now - self.clock >= self.period
+            due = due or (self.retry_at is not None and now >= self.retry_at)
+        return due
+
+    def writing(self):
+        """A folder is being written in the background on this rank (train.py OR-s it over ranks)."""
+        return self.shards is not None and self.shards.busy()
+
+    def path(self, it, best=False):
+        return os.path.join(self.out_dir, BEST if best else checkpoint.periodic_name(it, self.branch,
+                                                                                      folder=self.shards is not None))
+
+    # -- saving --------------------------------------------------------------------------------
+    def save(self, state, it, val_loss=None, best=False, final=False):
+        """Write a checkpoint of iteration `it`: ckpt.pt (best=True), else a periodic one. Every rank calls
+        it at the same point (FSDP gathers or shards the state; the plain `state` is the same everywhere).
+        Returns False if it failed, True otherwise (for a background save: started)."""
+        path = self.path(it, best)
+        folder = self.shards is not None and not best
+        background = self.background and not final
+        self.settle()  # at most one write in flight
+        if best and self.master and not self.best_claimed:
+            self.best_claimed = True
+            try:
+                resume.keep_others_best(self.out_dir, self.run_id, self.branch, self.resumed_from, log=self.log)
+            except (OSError, CheckpointError) as e:
+                self._failed(path, f"could not keep the other branch's {BEST}: {os_error(e)}", final)
+                return False
+        t0 = time.time()
+        try:
+            if folder:  # every rank writes its shard
+                self.shards.save(state, path, self.model, self.optimizer, background)
+                if background:
+                    self.folder = (path, it, val_loss, t0)
+                    self.log(f"writing {path}")
+                    return True
+                if not self.master:
+                    return True
+            else:  # a file, written by rank 0; under FSDP the whole state is gathered to it first
+                model_sd, optim_sd = distributed.full_state(self.model, self.optimizer) if self.shards is not None \
+                    else (self.model.state_dict(), self.optimizer.state_dict())
+                if not self.master:
+                    return True
+                full = dict(state, model=model_sd, optimizer=optim_sd)
+                on_gpu = any(p.is_cuda for p in self.model.parameters())
+                if background or on_gpu:  # training changes the tensors next step: write a copy
+                    full = snapshot(full, self.buffers)
+                    if on_gpu:
+                        torch.cuda.synchronize()
+                if background:
+                    self.pending = (self.writer.submit(checkpoint.save, full, path), path, it, val_loss, t0)
+                    self.log(f"writing {path}")
+                    return True
+                checkpoint.save(full, path)
+        except CheckpointError as e:
+            self._failed(path, str(e), final)
+            return False
+        except Exception as e:  # out of host memory for the snapshot, a gather that failed, ...
+            self._failed(path, f"could not write {path}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                         final)
+            return False
+        self._durable(path, it, val_loss, t0, best, time.time() - t0)
+        return True
+
+    def poll(self, folders_idle=True):
+        """At the safe point of each iteration: finish a background write that has ended. folders_idle:
+        no rank is still writing its shard (OR-ed over ranks by train.py), so the folder is committed
+        by every rank at once."""
+        if self.pending is not None and self.pending[0].done():
+            self._settle_file()
+        if self.folder is not None and folders_idle:
+            self._settle_folder()
+
+    def settle(self):
+        """Wait for the write in flight, if any, and announce it (or its failure). Every rank calls it."""
+        if self.pending is not None:
+            self._settle_file()
+        if self.folder is not None:
+            self._settle_folder()
+
+    def close(self):
+        """At the end: the write in flight reaches the disk before the process goes."""
+        if self.pending is not None or self.folder is not None:
+            self.log("waiting for the background checkpoint write to finish")
+        self.settle()
+        if self.writer is not None:
+            self.writer.shutdown()
+
+    def _settle_file(self):
+        future, path, it, val_loss, t0 = self.pending
+        self.pending = None
+        try:
+            future.result()
+        except CheckpointError as e:
+            self._failed(path, str(e), False)
+            return
+        except Exception as e:
+            self._failed(path, f"could not write {path}: {type(e).__name__}: {e}", False)
+            return
+        self._durable(path, it, val_loss, t0, os.path.basename(path) == BEST, time.time() - t0)
+
+    def _settle_folder(self):
+        path, it, val_loss, t0 = self.folder
+        self.folder = None
+        try:
+            self.shards.finish()  # every rank; raises on rank 0 if any rank's write failed
+        except CheckpointError as e:
+            self._failed(path, str(e), False)
+            return
+        if self.master:
+            self._durable(path, it, val_loss, t0, False, time.time() - t0)
+
+    def _durable(self, path, it, val_loss, t0, best, seconds):
+        """The checkpoint is on disk: announce it, restart the clock, apply retention."""
+        self.save_seconds = seconds
+        self.log(f"saved {path}" + (f" (val loss {val_loss:.4f})" if best and val_loss is not None else ""))
+        if self.metrics is not None:
+            self.metrics.event(it, "checkpoint", path=path, val_loss=val_loss)
+        if best:
+            return
+        self.clock, self.retry_at, self.pause = t0, None, RETRY[0]
+        self.known[path] = {"iter": it, "good": True}
+        self._retain()
+
+    def _failed(self, path, why, final):
+        if final:
+            say(f"error: {why}; older checkpoints are intact, and the same command resumes from the newest", err=True)
+        else:
+            say(f"warning: {why}; {KEPT_INTACT}", err=True)
+            if not os.path.basename(path) == BEST:
+                self.retry_at = time.time() + self.pause
+                self.pause = min(2 * self.pause, RETRY[1])
+
+    # -- retention -----------------------------------------------------------------------------
+    def _retain(self):
+        """Delete this run's and branch's periodic checkpoints beyond the newest keep_last good ones.
+        Never deleted: ckpt.pt, other runs' and branches' files, those kept by keep_every, files that
+        do not verify (a damaged or junk file never pushes a good one out). Deleting is whole or
+        nothing (atomicfile.remove_whole)."""
+        mine = sorted((p for p, k in self.known.items() if not (self.keep_every and k["iter"] % self.keep_every == 0)),
+                      key=lambda p: self.known[p]["iter"], reverse=True)
+        good = 0
+        for p in mine:
+            k = self.known[p]
+            if good >= self.keep_last:
+                if k.get("stuck"):
+                    continue
+                try:
+                    remove_whole(p)
+                    del self.known[p]
+                except FileNotFoundError:
+                    del self.known[p]
+                except OSError as e:  # said once; the file stays and is not tried again by this process
+                    say(f"warning: could not delete old checkpoint {p}: {os_error(e)}", err=True)
+                    k["stuck"] = True
+                continue
+            if k["good"] is None:
+                k["good"] = checkpoint.verified(p)
+            good += bool(k["good"])

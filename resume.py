@@ -1,0 +1,225 @@
+"""
+The resume policy: which checkpoint a start continues, which config wins, branches, and what a
+resume restores (README, "Checkpoints"). checkpoint.py reads and judges the files; this module decides.
+
+- The same command twice continues the run: a start into an out_dir holding a good checkpoint
+  resumes it, and nothing ever overwrites another run's files.
+- "Newest" comes from the files' contents (branch, iteration), never from file times.
+- Config precedence: train.py's defaults < the checkpoint's stored config < config files < flags;
+  the model's shape always comes from the checkpoint.
+"""
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from atomicfile import fsync_dir
+from checkpoint import BEST, KEPT_BEST, CheckpointError, candidates, load, load_latest, read_header, scan
+from metrics import say
+
+SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # config keys that fix the model's shape
+# never taken from a stored config: where and how this process starts, and its own time budget
+NOT_RESTORED = ("out_dir", "init_from", "resume_from", "eval_only", "time_limit")
+# nanoGPT stores what its machine had here (its dtype default depends on the GPU), not a user's choice
+MACHINE = ("device", "dtype", "backend", "compile")
+
+
+def same_origin(a, b):
+    return a == b or (os.path.isdir(a) and os.path.isdir(b) and os.path.realpath(a) == os.path.realpath(b))
+
+
+def find_start(out_dir, init_from, resume_from="", log=say, tensors=True):
+    """(path, ckpt) that this start continues, or (None, None) to start fresh. resume_from: that
+    file. Otherwise the newest good checkpoint in out_dir, whatever init_from says, so the same
+    command run twice continues the run; init_from='resume' with none there is an error."""
+    if resume_from:
+        ckpt = load(resume_from, tensors=tensors)
+        theirs = (ckpt.get("metadata") or {}).get("run_id")
+        others = {h["run_id"] for h in scan(out_dir)[0]} - {None, theirs}
+        if others:  # two runs in one folder could no longer be told apart by "newest"
+            raise CheckpointError(f"out_dir {out_dir!r} holds another run (run id {sorted(others)[0]}) than "
+                                  f"{resume_from} (run id {theirs}); resume it into a new --out_dir")
+        return resume_from, ckpt
+    if init_from == "resume":
+        return load_latest(out_dir, log=log, tensors=tensors)
+    if not candidates(out_dir):
+        return None, None
+    try:
+        path, ckpt = load_latest(out_dir, log=log, tensors=tensors)
+    except CheckpointError:
+        raise CheckpointError(f"out_dir {out_dir!r} holds checkpoint files but none of them loads (see warnings "
+                              f"above); move them away or pick another --out_dir") from None
+    origin = (ckpt.get("metadata") or {}).get("init_from") or (ckpt.get("config") or {}).get("init_from")
+    if origin not in (None, "resume") and not same_origin(origin, init_from):
+        raise CheckpointError(f"out_dir {out_dir!r} holds a run that began from {origin!r} (iteration "
+                              f"{ckpt['iter_num']}, {os.path.basename(path)}), not from {init_from!r}: continue "
+                              f"it with --init_from=resume, or pick another --out_dir")
+    log(f"{out_dir} holds this run at iteration {ckpt['iter_num']} ({os.path.basename(path)}): continuing it "
+        f"(to start over, pick another --out_dir)")
+    return path, ckpt
+
+
+def branch_for(out_dir, ckpt, picked):
+    """The branch a resumed run writes: the checkpoint's own, unless the file was picked by hand
+    (resume_from) and out_dir holds later work; then a new branch, whose files get their own
+    names and outrank the abandoned ones, so nothing is overwritten and a plain resume continues
+    the newest branch."""
+    b = int((ckpt.get("metadata") or {}).get("branch", 0))
+    if not picked:
+        return b
+    heads, _ = scan(out_dir)
+    if any((h["branch"], h["iter_num"]) > (b, ckpt["iter_num"]) for h in heads):
+        return 1 + max(h["branch"] for h in heads)
+    return b
+
+
+def restore_config(namespace, ckpt, sources, explicit=True, log=say):
+    """The config of a resumed run: train.py defaults < the checkpoint's stored config < config
+    files < --flags (`sources` says which keys a file or flag set). The model's shape is always
+    the checkpoint's: another value from a config file gets a note when the resume was asked for
+    (explicit: init_from='resume'), from a --flag, or on an implicit continuation, an error (then
+    it is another run's command). Returns {key: (stored, now)} for each knob that differs."""
+    stored, args = ckpt.get("config") or {}, ckpt["model_args"]
+    skip = NOT_RESTORED + (() if "format_version" in ckpt else MACHINE)
+    for k, v in stored.items():
+        if k in namespace and k not in sources and k not in skip and k not in SHAPE:
+            default = namespace[k]
+            if type(v) is type(default) or default is None or (isinstance(default, float) and type(v) is int):
+                namespace[k] = float(v) if isinstance(default, float) and type(v) is int else v
+    device = namespace.get("device", "auto")
+    if "device" not in sources and ((device.startswith("cuda") and not torch.cuda.is_available()) or
+                                    (device == "mps" and not torch.backends.mps.is_available())):
+        log(f"note: the run used device={device!r}, which this machine lacks; using device='auto'")
+        namespace["device"] = "auto"
+    flagged = [f"{k}={namespace[k]!r} but the checkpoint has {args[k]!r}" for k in SHAPE
+               if k in args and k in sources and (sources[k].startswith("--") or not explicit) and namespace[k] != args[k]]
+    if flagged:
+        raise CheckpointError("the model's shape comes from the checkpoint and cannot change on resume: "
+                              + "; ".join(flagged) + " (drop those flags, or pick another --out_dir for a new run)")
+    filed = [k for k in SHAPE if k in args and k in sources and namespace[k] != args[k]]
+    if filed:
+        log(f"note: using the checkpoint's model ({', '.join(f'{k}={args[k]!r}' for k in filed)}), not "
+            f"{', '.join(f'{k}={namespace[k]!r}' for k in filed)} from {sources[filed[0]]}")
+    for k in SHAPE:
+        if k in args:
+            namespace[k] = args[k]
+    if "dropout" not in sources and "dropout" in args:
+        namespace["dropout"] = args["dropout"]  # the model's own, also for files whose config lacks it
+    return {k: (stored[k], namespace[k]) for k in sources
+            if k in stored and k not in skip and k not in SHAPE and stored[k] != namespace[k]}
+
+
+def check_compatible(ckpt, dataset, vocab_size):
+    """Refuse to resume on other data: another dataset, or a vocab the model does not have."""
+    problems = []
+    saved_dataset = (ckpt.get("config") or {}).get("dataset")
+    if saved_dataset is not None and saved_dataset != dataset:
+        problems.append(f"dataset={dataset!r} but the checkpoint was trained on {saved_dataset!r}")
+    if vocab_size is not None and vocab_size != ckpt["model_args"]["vocab_size"]:
+        problems.append(f"the dataset's vocab has {vocab_size} tokens but the checkpoint's model has "
+                        f"{ckpt['model_args']['vocab_size']}")
+    if problems:
+        raise CheckpointError("checkpoint does not match this run: " + "; ".join(problems))
+
+
+def keep_others_best(out_dir, run_id, branch, resumed_from=None, log=say):
+    """Before this run first writes ckpt.pt: if the ckpt.pt there belongs to another branch (or run),
+    keep it under KEPT_BEST rather than replace it, and say so. Called once per process."""
+    best = os.path.join(out_dir, BEST)
+    if not os.path.exists(best):
+        return
+    try:
+        h = read_header(best)
+    except CheckpointError:
+        return  # a damaged ckpt.pt holds nothing to keep
+    ours = h["branch"] == branch and h["run_id"] in (run_id, None)
+    if ours or (resumed_from and os.path.realpath(resumed_from) == os.path.realpath(best)):
+        return
+    kept = os.path.join(out_dir, KEPT_BEST.format(h["branch"], h["iter_num"]))
+    if not os.path.exists(kept):
+        os.rename(best, kept)  # this run writes ckpt.pt right after; until then sample.py falls back
+        fsync_dir(out_dir)
+    val = f", val loss {h['val_loss']:.4f}" if isinstance(h["val_loss"], float) else ""
+    log(f"note: {BEST} held branch {h['branch']}'s best (iteration {h['iter_num']}{val}); kept as "
+        f"{os.path.basename(kept)}, this branch writes its own {BEST}")
+
+
+def capture_rng():
+    version, state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [version, list(state), gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(rng):
+    version, state, gauss = rng["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        if len(rng["cuda"]) != torch.cuda.device_count():
+            say(f"warning: checkpoint has CUDA RNG for {len(rng['cuda'])} devices, this machine has "
+                f"{torch.cuda.device_count()}; CUDA RNG restored where it can be")
+        for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, i)
+
+
+def seed_rngs(seed):
+    """torch's, Python's and numpy's generators from one seed, so that two runs of the same command
+    agree in all three (and a resume restores all three, capture_rng)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def lineage(ckpt, ckpt_path, out_dir, picked, changed, log=say):
+    """Where a resumed run stands and who it is: the counters its checkpoint holds, its run id, the
+    branch it writes (branch_for) and its list of resumes with this one added, as a dict of
+    train.py's globals."""
+    meta = ckpt.get("metadata") or {}
+    branch = branch_for(out_dir, ckpt, picked)
+    here = os.path.dirname(os.path.realpath(ckpt_path)) == os.path.realpath(out_dir)
+    resumes = list(meta.get("resumes", [])) + [{
+        "iter": ckpt["iter_num"], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "from": os.path.basename(ckpt_path) if here else os.path.abspath(ckpt_path),
+        "branch": branch, "changed": {k: list(v) for k, v in changed.items()}}]
+    log(f"resuming from {ckpt_path} at iteration {ckpt['iter_num']}"
+        + (f", as branch {branch}: later checkpoints of branch {meta.get('branch', 0)} stay as they are"
+           if branch != meta.get("branch", 0) else ""))
+    if changed:
+        log("changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    return dict(iter_num=ckpt["iter_num"], best_val_loss=ckpt["best_val_loss"],
+                train_seconds=meta.get("train_seconds", 0.0), last_eval=meta.get("last_eval"),
+                origin=meta.get("init_from", "resume"),
+                tokens_before=meta.get("tokens_seen"),  # counted, not iter_num * batch: the batch may have changed
+                run_id=meta.get("run_id"), branch=branch, resumes=resumes)
+
+
+def restore_training(ckpt, ckpt_path, model, optimizer, scaler, rank, world_size, fsdp, log=say):
+    """The optimizer, GradScaler and RNG state of the checkpoint into a built (maybe sharded) model's
+    run. The weights went in before sharding, except from a folder resumed under FSDP: each rank
+    then reads its own share (DCP reshards, whatever world size wrote it)."""
+    import distributed
+    if "model" not in ckpt:
+        distributed.load_sharded(ckpt_path, model, optimizer)
+    elif fsdp:
+        distributed.load_full(model, optimizer, ckpt["optimizer"])  # a file (or consolidated folder) into shards
+    else:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    rngs = ckpt.get("rng")
+    if rngs and len(rngs) == world_size:
+        restore_rng(rngs[rank])
+    elif rngs:
+        log(f"note: checkpoint was written by {len(rngs)} rank(s), this run has {world_size}: the data order "
+            f"is exact, dropout's random stream starts afresh")
+    else:
+        log("note: checkpoint has no RNG state (nanoGPT or older file): approximate resume, data order reseeded")

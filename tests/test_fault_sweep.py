@@ -1,0 +1,76 @@
+"""A sample of the fault sweep (bench/fault_sweep.py; README, "Checkpoints"): a short training run with
+checkpoints, its Nth fsync, rename, unlink, openat, write or mkdir on a checkpoint path failing (EIO,
+ENOSPC) or the process killed there (strace -e inject), then: no traceback; exit 0, or 1 with one
+error line; everything under a checkpoint's name loads; what was saved before the fault is still
+there; the same command without faults ends bitwise where the uninterrupted run did.
+
+Points are picked by the call they hit (the sweep's describe(): paths relative to out_dir, pids as
+PID), not by their number, so that they follow the code when its calls move. The whole sweep, every
+point: python bench/fault_sweep.py."""
+import importlib.util
+import os
+
+import pytest
+
+from conftest import ROOT
+
+
+def _load_sweep():
+    """bench/fault_sweep.py as a module (bench/ is not a package, and must not go on sys.path: its
+    checkpoint.py would hide the project's)."""
+    spec = importlib.util.spec_from_file_location("fault_sweep", os.path.join(ROOT, "bench", "fault_sweep.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep = _load_sweep()
+
+# (scenario, rank, syscall family, kind, the call it hits: a regex, which match (0 the first), why)
+POINTS = [
+    ("files", 0, "fsync", "eio", r"^fsync \.ckpt-00000002\.pt\.tmp-PID$", 0, "a periodic file's data"),
+    ("files", 0, "write", "enospc", r"^write \.ckpt-00000004\.pt\.tmp-PID$", 0, "disk full in the middle of a file"),
+    ("files", 0, "rename", "kill", r"-> ckpt\.pt$", 0, "killed as ckpt.pt is replaced"),
+    ("files", 0, "rename", "eio", r"-> ckpt-00000006\.pt$", 0, "the final save's commit fails"),
+    ("files", 0, "rename", "kill", r"-> ckpt-00000006\.pt$", 0, "killed at the final save's commit"),
+    ("files", 0, "unlink", "eio", r"ckpt-00000002\.pt$", 0, "retention cannot delete"),
+    ("files", 0, "unlink", "kill", r"ckpt-00000002\.pt$", 0, "killed as retention deletes"),
+    ("resume", 0, "openat", "eio", r"^openat \.$", 0, "out_dir cannot be read at the start"),
+    ("folders", 0, "rename", "kill", r"-> ckpt-00000004$", 0, "killed at a folder's commit"),
+    ("folders", 1, "fsync", "eio", r"__1_0\.distcp$", 0, "rank 1 cannot write its shard"),
+    ("folders", 0, "unlink", "kill", r"ckpt-00000002", 1, "killed in the middle of deleting a folder"),
+]
+
+
+def _id(p):
+    scenario, rank, family, kind, _, _, why = p
+    return f"{scenario}-r{rank}-{family}-{kind}-{why.replace(' ', '_')}"
+
+
+@pytest.fixture(scope="module")
+def results(shakespeare_char, tmp_path_factory):
+    """Every point above, two at a time, after one clean run of each scenario: {id: Result or the
+    LookupError of a call that the clean run never made}."""
+    work = str(tmp_path_factory.mktemp("sweep"))
+    cleans = sweep.clean_runs(["files", "resume", "folders"], work)
+    found, items = {}, []
+    for p in POINTS:
+        scenario, rank, family, kind, target, which, _ = p
+        try:
+            items.append((_id(p), cleans[scenario], sweep.pick(cleans[scenario], family, kind, target, rank, which)))
+        except LookupError as e:
+            found[_id(p)] = e
+    # rerun=False: a faulted run that ended well is checked without running it again
+    done = sweep.sweep([(c, point) for _, c, point in items], work, jobs=2, rerun=False)
+    found.update({i: r for (i, _, _), r in zip(items, done)})
+    return found, cleans
+
+
+@pytest.mark.parametrize("point", POINTS, ids=_id)
+def test_fault_point(results, point):
+    found, cleans = results
+    r = found[_id(point)]
+    if isinstance(r, LookupError):
+        pytest.fail(str(r))
+    assert r.ok, (f"{r.point.id} ({point[-1]}): " + "; ".join(r.reasons) + f"\n{r.command}\n"
+                  + sweep.summary([r], cleans) + "\n" + r.output[-4000:])
