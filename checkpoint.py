@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from atomicfile import atomic_write, fsync_dir, replace_folder
+from configurator import RunError
 from metrics import say
 from model import GPT, GPTConfig
 
@@ -61,7 +62,7 @@ def new_run_id():
     return secrets.token_hex(4)
 
 
-class CheckpointError(Exception):
+class CheckpointError(RunError):
     """A file that cannot be used as a checkpoint; the message says why in one line."""
 
 

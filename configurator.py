@@ -39,8 +39,26 @@ def fail(message):
 
 
 class UsageError(Exception):
-    """Raised by library code when the command is wrong (a name that names nothing): a script
-    passes its message to fail(), exit 2."""
+    """Raised by library code when the command is wrong (a name that names nothing): exit 2."""
+
+
+class RunError(Exception):
+    """Raised by library code when the command is fine but the files, the machine or the run stop
+    it (CheckpointError, DeviceError, GPT2Error are ones): exit 1."""
+
+
+def one_line_errors():
+    """For scripts: a UsageError or RunError that nobody caught ends the process with its one
+    `error:` line and exit 2 or 1, never a traceback. It installs the process's excepthook."""
+    previous = sys.excepthook
+
+    def hook(kind, e, tb):
+        if not isinstance(e, (UsageError, RunError)):
+            return previous(kind, e, tb)
+        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(2 if isinstance(e, UsageError) else 1)  # the hook cannot choose the exit code otherwise
+    sys.excepthook = hook
 
 
 def first_line(e):
@@ -106,7 +124,7 @@ def check(namespace):
         if namespace.get(key):
             _check_folders(key, namespace[key], may_be_file=key == "to")
     for key in ("resume_from", "ckpt"):  # a checkpoint file (or FSDP's checkpoint folder) named by the command
-        if isinstance(namespace.get(key), str) and namespace[key] and not os.path.exists(namespace[key]):
+        if isinstance(namespace.get(key), str) and namespace[key] and not os.path.lexists(namespace[key]):
             fail(f"{key} {namespace[key]!r}: no such file or folder")
     if namespace.get("bench_dir") and not os.path.isdir(namespace["bench_dir"]):
         fail(f"bench_dir {namespace['bench_dir']!r} is not a folder")

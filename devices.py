@@ -15,11 +15,11 @@ from contextlib import nullcontext
 
 import torch
 
-from configurator import first_line
+from configurator import RunError, first_line
 from metrics import say
 
 
-class DeviceError(Exception):
+class DeviceError(RunError):
     """The device asked for is not on this machine (no CUDA GPU, no such GPU, no MPS)."""
 
 

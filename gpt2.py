@@ -15,11 +15,11 @@ import os
 import torch
 import torch.nn as nn
 
-from configurator import UsageError, first_line
+from configurator import RunError, UsageError, first_line
 from model import GPT, GPTConfig
 
 
-class GPT2Error(Exception):
+class GPT2Error(RunError):
     """GPT-2 weights that cannot be loaded; the message says what was looked for, where, and how to get them."""
 
 

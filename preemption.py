@@ -14,6 +14,8 @@ import re
 import signal
 import time
 
+from configurator import UsageError
+
 
 def _process_start():
     """When this process started (Linux: /proc), so time_limit counts the seconds spent importing
@@ -46,7 +48,7 @@ def parse_duration(text):
         for p in parts:
             seconds = seconds * 60 + int(p)
         return float(seconds)
-    raise ValueError(f"time_limit={text!r} is not a duration: give seconds (3600), 90m, 4h, or H:MM:SS (3:50:00, minutes and seconds below 60)")
+    raise UsageError(f"time_limit={text!r} is not a duration: give seconds (3600), 90m, 4h, or H:MM:SS (3:50:00, minutes and seconds below 60)")
 
 
 class Stopper:

@@ -25,10 +25,10 @@ import checkpointer
 import distributed
 import preemption
 import resume
-from configurator import UsageError, check, check_data, check_fits, config_keys, configure, fail
+from configurator import check, check_data, check_fits, config_keys, configure, fail, one_line_errors
 from dataset import TokenData
-from devices import DeviceError, autocast_context, one_line_out_of_memory, peak_flops_for, pick_device, pick_dtype
-from gpt2 import GPT2Error, load_gpt2
+from devices import autocast_context, one_line_out_of_memory, peak_flops_for, pick_device, pick_dtype
+from gpt2 import load_gpt2
 from metrics import MetricsLog, has_wandb, humanize, say
 from model import GPT, GPTConfig
 
@@ -90,10 +90,8 @@ keys = config_keys(globals())
 sources = configure(globals())  # {key: the config file or --flag that set it}; defaults are absent; values checked
 # -----------------------------------------------------------------------------------------------
 one_line_out_of_memory()  # a batch or model too big for the device: one error line, not a traceback
-try:
-    time_budget = preemption.parse_duration(time_limit)
-except ValueError as e:
-    fail(str(e))
+one_line_errors()  # a library's UsageError (exit 2) or RunError (exit 1, bad files, machine, run): one line
+time_budget = preemption.parse_duration(time_limit)
 if wandb_log and not has_wandb():
     raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb")
 
@@ -120,10 +118,7 @@ def claim(create):
 
 # under torchrun the process group comes first, so that no rank reads a checkpoint before rank 0
 # holds out_dir's lock: a second trainer into a busy out_dir is refused before it opens any file
-try:
-    machine = pick_device(device)  # (`device` itself stays the knob's value, stored in the config)
-except DeviceError as e:
-    raise SystemExit(f"error: {e}")
+machine = pick_device(device)  # (`device` itself stays the knob's value, stored in the config)
 joined = distributed.init(machine, backend) if distributed.under_torchrun() else None
 out_lock = None
 claim(create=False)
@@ -136,20 +131,14 @@ if resume_from and init_from != "resume":
         fail(f"--resume_from continues a checkpoint, but --init_from={init_from!r} asks for a fresh start; "
              f"drop one of them")
     init_from = "resume"  # resume_from implies it
-try:
-    ckpt_path, ckpt = resume.find_start(out_dir, init_from, resume_from, log=log, tensors=False)
-    changed = resume.restore_config(globals(), ckpt, sources, explicit=init_from == "resume", log=log) if ckpt else {}
-except checkpoint.CheckpointError as e:
-    raise SystemExit(f"error: {e}")
+ckpt_path, ckpt = resume.find_start(out_dir, init_from, resume_from, log=log, tensors=False)
+changed = resume.restore_config(globals(), ckpt, sources, explicit=init_from == "resume", log=log) if ckpt else {}
 check({k: globals()[k] for k in keys})  # again: a stored config comes from a file, maybe an old or foreign one
 data = TokenData(dataset)
 check_data(block_size, data.tokens(), dataset)
 vocab_size = data.vocab_size()
 if ckpt is not None:
-    try:
-        resume.check_compatible(ckpt, dataset, vocab_size)
-    except checkpoint.CheckpointError as e:
-        raise SystemExit(f"error: {e}")
+    resume.check_compatible(ckpt, dataset, vocab_size)
 if ckpt and ckpt["iter_num"] >= max_iters and not eval_only:
     log(f"the run is complete: iteration {ckpt['iter_num']} of max_iters={max_iters} ({ckpt_path}); "
         f"raise --max_iters to train longer")
@@ -194,10 +183,7 @@ if ckpt is not None:
     check_fits(model_args, device, world_size if fsdp else 1, batch_size, procs, async_save)
     model = GPT(GPTConfig(**model_args))
     if "model" not in ckpt and not fsdp:  # a checkpoint folder, resumed without FSDP: read it whole
-        try:
-            ckpt["model"], ckpt["optimizer"] = checkpoint.read_shards(ckpt_path, ckpt)
-        except checkpoint.CheckpointError as e:
-            raise SystemExit(f"error: {e}")
+        ckpt["model"], ckpt["optimizer"] = checkpoint.read_shards(ckpt_path, ckpt)
     if "model" in ckpt:  # a folder under FSDP: each rank reads its share once sharded, below
         model.load_state_dict(ckpt["model"])
     globals().update(resume.lineage(ckpt, ckpt_path, out_dir, bool(resume_from), changed, log=log))
@@ -207,12 +193,7 @@ elif init_from == "scratch":
     model = GPT(GPTConfig(**model_args))
 else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder; the shape is theirs
     log(f"loading GPT-2 weights {init_from}...")
-    try:
-        model = load_gpt2(init_from, dropout=dropout)
-    except UsageError as e:
-        fail(str(e))
-    except GPT2Error as e:
-        raise SystemExit(f"error: {e}")
+    model = load_gpt2(init_from, dropout=dropout)
     model_args.update({k: getattr(model.config, k) for k in checkpoint.MODEL_ARGS})
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # e.g. GPT-2's 1024 context cut to 256 for fine-tuning

@@ -3,7 +3,7 @@ What checkpoints cost (README, "Checkpoints"), measured side by side in one run:
 alternate A B A B and each ratio is the median over the pairs, so it holds on a noisy shared machine.
 From the project root:
 
-    python bench/checkpoint.py                    # all three parts, modest sizes (~10 minutes on 2 cores)
+    python bench/checkpoint.py                    # all three parts, sized for about 10 minutes on 2 quiet cores
     python bench/checkpoint.py --parts=save --big # also a state of GPT-2 124M's size (1.5 GB file)
     python bench/checkpoint.py --parts=recipe --pairs=5
     python bench/checkpoint.py --pairs=1 --iters=20 --save_pairs=1 --gpt2_iters=4 --gpt2_block=64  # a smoke run

@@ -485,75 +485,97 @@ def try_point(clean, point, work, timeout=600, keep=False, rerun=True):
     out, trace, logs = fresh_out(clean, folder), os.path.join(folder, "trace"), os.path.join(folder, "logs")
     cmd = scenario.command(out, strace_args([point.syscall], point.inject()), rank=point.rank, trace=trace, logs=logs)
     code, output = run(cmd, timeout)
-    reasons = []
-    # what the fault hit: the n-th call of the syscall in some thread (marked INJECTED for an error)
-    faulted = read_trace(f"{trace}.{point.rank}" if scenario.torchrun else trace) \
-        if os.path.exists(f"{trace}.{point.rank}" if scenario.torchrun else trace) else []
-    hit = [describe(c, out) for c in faulted if c.n == point.n and (c.injected or point.kind == "kill" and c.ret in ("?", None))]
+    # what the fault hit: the n-th call of the syscall in some thread (INJECTED for an error; for a
+    # kill, the call that never returned)
+    trace += f".{point.rank}" if scenario.torchrun else ""
+    hit = [describe(c, out) for c in (read_trace(trace) if os.path.exists(trace) else [])
+           if c.n == point.n and (c.injected or point.kind == "kill" and c.ret in ("?", None))]
     texts = rank_logs(logs) if scenario.torchrun else {0: output}
-    words = "\n".join(texts.values())
-    if code is None:
-        reasons.append(f"hung: still running after {timeout}s")
-    # a rank whose peer was killed may die in a collective (torch's traceback): not counted
-    mine = [t for r, t in texts.items() if not (point.kind == "kill" and r != point.rank and PEER_DIED.search(t))]
-    if "Traceback" in "".join(mine) or ("Traceback" in output and "ChildFailedError" not in output):
-        reasons.append("a traceback: " + _around("".join(mine) if "Traceback" in "".join(mine) else output, "Traceback"))
-    errors = [ln for ln in words.splitlines() if ln.startswith("error:")]
-    if code is not None and point.kind == "kill" and hit:
-        if code not in ((1,) if scenario.torchrun else (-9, 137)):
-            reasons.append(f"exit {code} after a kill")
-    elif code is not None:
-        if code not in (0, 1) or (code == 1 and len(errors) != 1) or (code == 0 and errors):
-            reasons.append(f"exit {code} with {len(errors)} error lines" + (f": {errors}" if errors else ""))
-    # every file or folder under a checkpoint's name loads
-    for name in checkpoint_names(out):
-        try:
-            load(os.path.join(out, name))
-        except Exception as e:
-            reasons.append(f"{name} is under a checkpoint's name but does not load: {type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200] if str(e) else ''}")
-    # what the clean run had announced before the faulted call is still there
-    if point.targets:
-        at = min(c.ts for c in point.targets)
-        every = [c for calls in clean.calls.values() for c in calls]
-        gone = {p for t, p in deleted(every) if t < at}
-        said = [os.path.basename(p) for t, p in announced(every) if t < at and p not in gone]
-        names = checkpoint_names(out)
-        periodic = [n for n in said if _iteration(n) is not None]
-        if periodic:
-            newest = max(periodic, key=_iteration)
-            newer = [n for n in names if (_iteration(n) or -1) > _iteration(newest)]
-            if newest not in names and len(newer) < KEEP_LAST:
-                reasons.append(f"{newest}, saved before the fault, is gone")
-        if "ckpt.pt" in said and "ckpt.pt" not in names:
-            reasons.append("ckpt.pt, saved before the fault, is gone")
-    # the same command without faults finishes where the clean run did, bit for bit
-    again = scenario.command(out)
-    code2, output2 = run(again, timeout) if rerun or code != 0 else (0, "(not run: the faulted run ended well)")
-    if code2 != 0:
-        reasons.append(f"the same command without faults exited {code2}: " + _tail(output2))
-    else:
-        if "Traceback" in output2:
-            reasons.append("a traceback in the run without faults: " + _around(output2, "Traceback"))
-        left = [n for n in os.listdir(out) if TEMPORARY.match(n)] if rerun or code != 0 else []
-        if left:
-            reasons.append(f"temporaries left after the run without faults: {left}")
-        # the final periodic checkpoint; when only its save failed, ckpt.pt of the final eval holds the
-        # same state, and a rerun rightly finds the run complete
-        final = scenario.final_name() if os.path.lexists(os.path.join(out, scenario.final_name())) else "ckpt.pt"
-        try:
-            diff = state_difference(load(os.path.join(out, final)), reference_state(clean))
-            if diff:
-                reasons.append(f"{final} after the run without faults is not the clean run's {scenario.final_name()}: {diff}")
-        except Exception as e:
-            reasons.append(f"no {scenario.final_name()} after the run without faults, and {final} does not load: "
-                           f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    reasons = [*_how_it_ended(point, scenario, code, output, texts, bool(hit), timeout),
+               *_unloadable(out), *_lost(clean, point, out)]
+    code2, output2 = 0, "(not run: the faulted run ended well)"
+    if rerun or code != 0:  # the same command without faults
+        code2, output2 = run(scenario.command(out), timeout)
+        reasons += _rerun_problems(code2, output2, out)
+    if code2 == 0:
+        reasons += _final_difference(clean, out)
     result = Result(point, reasons, hit, shlex.join(cmd), folder,
                     output + "".join(f"\n--- rank {r} ---\n{t}" for r, t in sorted(texts.items()) if scenario.torchrun)
                     + "\n--- the same command without faults ---\n" + output2, time.time() - t0)
     if result.ok and not keep:
         shutil.rmtree(folder, ignore_errors=True)
     return result
+
+
+def _how_it_ended(point, scenario, code, output, texts, hit, timeout):
+    """No traceback; exit 0, or 1 with one error line; killed when the kill was reached."""
+    reasons = [f"hung: still running after {timeout}s"] if code is None else []
+    # a rank whose peer was killed may die in a collective with torch's traceback: not counted
+    mine = "".join(t for r, t in texts.items() if not (point.kind == "kill" and r != point.rank and PEER_DIED.search(t)))
+    if "Traceback" in mine or ("Traceback" in output and "ChildFailedError" not in output):
+        reasons.append("a traceback: " + _around(mine if "Traceback" in mine else output, "Traceback"))
+    errors = [ln for t in texts.values() for ln in t.splitlines() if ln.startswith("error:")]
+    if code is not None and point.kind == "kill" and hit:
+        if code not in ((1,) if scenario.torchrun else (-9, 137)):
+            reasons.append(f"exit {code} after a kill")
+    elif code is not None and (code not in (0, 1) or (code == 1 and len(errors) != 1) or (code == 0 and errors)):
+        reasons.append(f"exit {code} with {len(errors)} error lines" + (f": {errors}" if errors else ""))
+    return reasons
+
+
+def _unloadable(out):
+    """Every file or folder under a checkpoint's name loads."""
+    reasons = []
+    for name in checkpoint_names(out):
+        try:
+            load(os.path.join(out, name))
+        except Exception as e:
+            reasons.append(f"{name} is under a checkpoint's name but does not load: {_one_line(e)}")
+    return reasons
+
+
+def _lost(clean, point, out):
+    """What the clean run had announced before the faulted call is still there."""
+    if not point.targets:
+        return []
+    at = min(c.ts for c in point.targets)
+    every = [c for calls in clean.calls.values() for c in calls]
+    gone = {p for t, p in deleted(every) if t < at}
+    said = [os.path.basename(p) for t, p in announced(every) if t < at and p not in gone]
+    names, reasons = checkpoint_names(out), []
+    periodic = [n for n in said if _iteration(n) is not None]
+    if periodic:
+        newest = max(periodic, key=_iteration)
+        newer = [n for n in names if (_iteration(n) or -1) > _iteration(newest)]
+        if newest not in names and len(newer) < KEEP_LAST:
+            reasons.append(f"{newest}, saved before the fault, is gone")
+    if "ckpt.pt" in said and "ckpt.pt" not in names:
+        reasons.append("ckpt.pt, saved before the fault, is gone")
+    return reasons
+
+
+def _rerun_problems(code, output, out):
+    if code != 0:
+        return [f"the same command without faults exited {code}: " + _tail(output)]
+    reasons = ["a traceback in the run without faults: " + _around(output, "Traceback")] if "Traceback" in output else []
+    left = [n for n in os.listdir(out) if TEMPORARY.match(n)]
+    return reasons + ([f"temporaries left after the run without faults: {left}"] if left else [])
+
+
+def _final_difference(clean, out):
+    """The final periodic checkpoint is bitwise the clean run's. When only its own save failed, ckpt.pt
+    of the final eval holds the same state, and a rerun rightly finds the run complete."""
+    name = clean.scenario.final_name()
+    final = name if os.path.lexists(os.path.join(out, name)) else "ckpt.pt"
+    try:
+        diff = state_difference(load(os.path.join(out, final)), reference_state(clean))
+        return [f"{final} is not the clean run's {name}: {diff}"] if diff else []
+    except Exception as e:
+        return [f"no {name} at the end, and {final} does not load: {_one_line(e)}"]
+
+
+def _one_line(e):
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 def _around(text, word, width=600):

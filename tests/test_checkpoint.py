@@ -104,7 +104,8 @@ def nanogpt_file(path, dataset="shakespeare_char"):
     model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
     opt.step()
     masks = {f"transformer.h.{i}.attn.bias": torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32) for i in range(2)}
-    torch.save({"model": {"_orig_mod." + k: v for k, v in {**model.state_dict(), **masks}.items()}, "optimizer": opt.state_dict(),
+    torch.save({"model": {"_orig_mod." + k: v for k, v in {**model.state_dict(), **masks}.items()},
+                "optimizer": opt.state_dict(),
                 "model_args": args, "iter_num": 500, "best_val_loss": torch.tensor(1.75),
                 # nanoGPT's config as its CPU recipe stores it: its dtype default is float16 on a
                 # machine without bf16 CUDA, backend nccl whatever the device
@@ -219,7 +220,8 @@ FOREIGN = {
     "model={}": (edited(lambda c: {**c, "model": {}}), "model holds 0 tensors, GPT(model_args) has 16"),
     "wte of another shape": (tensors(transformer__wte__weight=torch.zeros(10, 32)),
                              "model's transformer.wte.weight has shape (10, 32), GPT(model_args)'s (65, 32)"),
-    "a tensor GPT lacks": (tensors(lm_head__bias=torch.zeros(65)), "model holds lm_head.bias, which GPT(model_args) has no place"),
+    "a tensor GPT lacks": (tensors(lm_head__bias=torch.zeros(65)),
+                           "model holds lm_head.bias, which GPT(model_args) has no place"),
     "integer weights": (tensors(transformer__wpe__weight=torch.zeros(32, 32, dtype=torch.long)), "holds torch.int64"),
     "n_head=3": (args(n_head=3), "model_args n_embd=32 is not a multiple of n_head=3"),
     "model_args without n_embd": (edited(lambda c: {**c, "model_args": {k: v for k, v in c["model_args"].items()
