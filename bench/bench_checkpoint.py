@@ -3,10 +3,10 @@ What checkpoints cost (README, "Checkpoints"), measured side by side in one run:
 alternate A B A B and each ratio is the median over the pairs, so it holds on a noisy shared machine.
 From the project root:
 
-    python bench/checkpoint.py                    # all three parts, sized for about 10 minutes on 2 quiet cores
-    python bench/checkpoint.py --parts=save --big # also a state of GPT-2 124M's size (1.5 GB file)
-    python bench/checkpoint.py --parts=recipe --pairs=5
-    python bench/checkpoint.py --pairs=1 --iters=20 --save_pairs=1 --gpt2_iters=4 --gpt2_block=64  # a smoke run
+    python bench/bench_checkpoint.py                    # all three parts, sized for about 10 minutes on 2 quiet cores
+    python bench/bench_checkpoint.py --parts=save --big # also a state of GPT-2 124M's size (1.5 GB file)
+    python bench/bench_checkpoint.py --parts=recipe --pairs=5
+    python bench/bench_checkpoint.py --pairs=1 --iters=20 --save_pairs=1 --gpt2_iters=4 --gpt2_block=64  # a smoke run
 
 save:   one checkpoint file written with the call train.py makes (save_file below: one place to adapt)
         against a plain write + fsync of as many bytes to a file in the same folder, for the CPU
