@@ -161,13 +161,6 @@ class Checkpointer:
         folder = self.shards is not None and not best
         background = self.background and not final
         self.settle()  # at most one write in flight
-        if best and self.master and not self.best_claimed:
-            self.best_claimed = True
-            try:
-                resume.keep_others_best(self.out_dir, self.run_id, self.branch, self.resumed_from, log=self.log)
-            except (OSError, CheckpointError) as e:
-                self._failed(path, f"could not keep the other branch's {BEST}: {os_error(e)}", final)
-                return False
         t0 = time.time()
         try:
             if folder:  # every rank writes its shard
@@ -183,6 +176,9 @@ class Checkpointer:
                     else (self.model.state_dict(), self.optimizer.state_dict())
                 if not self.master:
                     return True
+                if best and not self.best_claimed:  # another branch's ckpt.pt is kept, never written over
+                    resume.keep_others_best(self.out_dir, self.run_id, self.branch, self.resumed_from, log=self.log)
+                    self.best_claimed = True  # (if keeping it failed: tried again at the next best)
                 full = dict(state, model=model_sd, optimizer=optim_sd)
                 on_gpu = any(p.is_cuda for p in self.model.parameters())
                 if background or on_gpu:  # training changes the tensors next step: write a copy

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from atomicfile import fsync_dir
-from checkpoint import BEST, KEPT_BEST, CheckpointError, candidates, load, load_latest, read_header, scan
+from checkpoint import BEST, KEPT_BEST, CheckpointError, candidates, load, load_latest, os_error, read_header, scan
 from metrics import say
 
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # config keys that fix the model's shape
@@ -126,7 +126,8 @@ def check_compatible(ckpt, dataset, vocab_size):
 
 def keep_others_best(out_dir, run_id, branch, resumed_from=None, log=say):
     """Before this run first writes ckpt.pt: if the ckpt.pt there belongs to another branch (or run),
-    keep it under KEPT_BEST rather than replace it, and say so. Called once per process."""
+    keep it under KEPT_BEST rather than replace it, and say so. Called before this process first writes
+    ckpt.pt (and again at the next best if keeping it failed)."""
     best = os.path.join(out_dir, BEST)
     if not os.path.exists(best):
         return
@@ -139,8 +140,12 @@ def keep_others_best(out_dir, run_id, branch, resumed_from=None, log=say):
         return
     kept = os.path.join(out_dir, KEPT_BEST.format(h["branch"], h["iter_num"]))
     if not os.path.exists(kept):
-        os.rename(best, kept)  # this run writes ckpt.pt right after; until then sample.py falls back
-        fsync_dir(out_dir)
+        try:
+            os.rename(best, kept)  # this run writes ckpt.pt right after; until then sample.py falls back
+            fsync_dir(out_dir)
+        except OSError as e:
+            raise CheckpointError(f"could not keep branch {h['branch']}'s {BEST} as {os.path.basename(kept)} "
+                                  f"({os_error(e)}), so this branch's {BEST} is not written") from None
     val = f", val loss {h['val_loss']:.4f}" if isinstance(h["val_loss"], float) else ""
     log(f"note: {BEST} held branch {h['branch']}'s best (iteration {h['iter_num']}{val}); kept as "
         f"{os.path.basename(kept)}, this branch writes its own {BEST}")
