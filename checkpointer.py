@@ -34,10 +34,10 @@ import distributed
 import resume
 from atomicfile import TMP_TAG, recover, remove_whole
 from checkpoint import BEST, CheckpointError, os_error
+from configurator import first_line
 from metrics import say
 
 RETRY = (5.0, 300.0)  # seconds before a failed save is tried again: first pause, longest pause
-KEPT_INTACT = checkpoint.KEPT_INTACT
 
 
 def claim(out_dir, create=False):
@@ -140,7 +140,9 @@ class Checkpointer:
         due = (self.interval > 0 and it % self.interval == 0) or (self.keep_every > 0 and it % self.keep_every == 0)
         if self.master:
             now = time.time()
-            due = due or bool(self.period) and now - self.clock >= self.period
+            # a save in flight restarts the clock too: its state is taken, and it is waited for first
+            started = max([self.clock] + [w[-1] for w in (self.pending, self.folder) if w is not None])
+            due = due or bool(self.period) and now - started >= self.period
             due = due or (self.retry_at is not None and now >= self.retry_at)
         return due
 
@@ -194,8 +196,7 @@ class Checkpointer:
             self._failed(path, str(e), final)
             return False
         except Exception as e:  # out of host memory for the snapshot, a gather that failed, ...
-            self._failed(path, f"could not write {path}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
-                         final)
+            self._failed(path, f"could not write {path}: {first_line(e)}", final)
             return False
         self._durable(path, it, val_loss, t0, best, time.time() - t0)
         return True
@@ -233,7 +234,7 @@ class Checkpointer:
             self._failed(path, str(e), False)
             return
         except Exception as e:
-            self._failed(path, f"could not write {path}: {type(e).__name__}: {e}", False)
+            self._failed(path, f"could not write {path}: {first_line(e)}", False)
             return
         self._durable(path, it, val_loss, t0, os.path.basename(path) == BEST, time.time() - t0)
 
@@ -264,7 +265,7 @@ class Checkpointer:
         if final:
             say(f"error: {why}; older checkpoints are intact, and the same command resumes from the newest", err=True)
         else:
-            say(f"warning: {why}; {KEPT_INTACT}", err=True)
+            say(f"warning: {why}; {checkpoint.KEPT_INTACT}", err=True)
             if not os.path.basename(path) == BEST:
                 self.retry_at = time.time() + self.pause
                 self.pause = min(2 * self.pause, RETRY[1])
