@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from atomicfile import atomic_write, fsync_dir, replace_folder
-from configurator import RunError
+from configurator import RunError, cut_line, first_line
 from metrics import say
 from model import GPT, GPTConfig
 
@@ -170,9 +170,9 @@ def _dcp_metadata(folder):
             md = _MetadataUnpickler(f).load()
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{folder}: refused, its .metadata needs arbitrary pickle, which can run code "
-                              f"({_cut(str(e))})") from None
+                              f"({cut_line(str(e))})") from None
     except Exception as e:
-        raise CheckpointError(f"{folder}: unreadable .metadata ({_brief(e)})") from None
+        raise CheckpointError(f"{folder}: unreadable .metadata ({first_line(e)})") from None
     entries = getattr(md, "state_dict_metadata", None)
     if not isinstance(entries, dict) or not all(isinstance(m, TensorStorageMetadata) for m in entries.values()):
         raise CheckpointError(f"{folder}: refused, its .metadata holds entries that are not tensors")
@@ -334,17 +334,6 @@ def _kind(path):
     return kind
 
 
-def _cut(text, limit=160):
-    """The first line of text, cut at a word boundary when it is long (never mid-word)."""
-    text = (text.strip().splitlines() or [""])[0]
-    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
-
-
-def _brief(e):
-    """An exception as a message shows it: its type and the start of its first line."""
-    return f"{type(e).__name__}: {_cut(str(e))}" if str(e).strip() else type(e).__name__
-
-
 def _check_crcs(path):
     """Every record of the zip archive against its CRC-32: torch.save writes them, torch.load never
     checks them, so a flipped byte inside a tensor would load silently. One full read."""
@@ -352,7 +341,7 @@ def _check_crcs(path):
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
     except Exception as e:  # BadZipFile, and EOFError or UnicodeDecodeError from a damaged local header
-        raise CheckpointError(f"{path}: unreadable (a damaged zip archive: {_brief(e)})") from None
+        raise CheckpointError(f"{path}: unreadable (a damaged zip archive: {first_line(e)})") from None
     if bad is not None:
         raise CheckpointError(f"{path}: corrupt (CRC mismatch in {bad})")
 
@@ -575,11 +564,11 @@ def _torch_load(path, map_location="cpu", mmap=False):
     except pickle.UnpicklingError as e:
         # torch's message is a page long; what matters in it is the global it refused to import
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"it names {found.group(1)}" if found else _cut(str(e).strip().splitlines()[-1])
+        what = f"it names {found.group(1)}" if found else cut_line(str(e).strip().splitlines()[-1])
         raise CheckpointError(f"{path}: refused, loading it would need arbitrary pickle, which can run code "
                               f"({what}, not plain data)") from None
     except Exception as e:  # truncated zip, bad magic, unreadable: all mean "not a usable file"
-        raise CheckpointError(f"{path}: unreadable ({_brief(e)})") from None
+        raise CheckpointError(f"{path}: unreadable ({first_line(e)})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a GPT checkpoint (it holds {_show(ckpt)}, not a dict)")
     return ckpt

@@ -61,10 +61,15 @@ def one_line_errors():
     sys.excepthook = hook
 
 
+def cut_line(text, limit=160):
+    """The first line of text, cut at a word boundary when it is long (never mid-word)."""
+    text = (text.strip().splitlines() or [""])[0]
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def first_line(e):
-    """An exception as one short line, for an error message: its type and the first line of its text."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+    """An exception as one short line, for an error message: its type and the start of its first line."""
+    return f"{type(e).__name__}: {cut_line(str(e))}" if str(e).strip() else type(e).__name__
 
 
 def _unknown(key, keys, where):
