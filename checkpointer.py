@@ -24,6 +24,7 @@ rather than as missing files.
 import fcntl
 import os
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -108,6 +109,16 @@ def snapshot(obj, buffers, memo=None, key=()):
     return obj
 
 
+def _yield_to_training():
+    """The background writer runs at the lowest CPU priority (Linux's SCHED_IDLE, which applies per
+    thread): where training keeps every core busy (a CPU run), the write takes the time training leaves
+    idle instead of slowing every thread of the step (README, "Checkpoints"; bench/bench_checkpoint.py)."""
+    try:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux: the writer runs at training's priority
+        pass
+
+
 class Checkpointer:
     def __init__(self, out_dir, *, run_id, branch, keep_last, keep_every, interval, minutes, background,
                  model, optimizer, shards=None, metrics=None, log=say, master=True, resumed_from=None):
@@ -116,7 +127,8 @@ class Checkpointer:
         self.keep_last, self.keep_every, self.interval, self.period = keep_last, keep_every, interval, minutes * 60
         self.background, self.model, self.optimizer, self.shards = background, model, optimizer, shards
         self.metrics, self.log, self.master, self.resumed_from = metrics, log, master, resumed_from
-        self.writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer") if background and master else None
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer", initializer=_yield_to_training) \
+            if background and master else None
         self.buffers = {}
         self.pending = None  # a file being written in the background: (future, path, iteration, val_loss, t0)
         self.folder = None  # a folder being written in the background (every rank): (path, iteration, val_loss, t0)
