@@ -113,6 +113,14 @@ def verified(path):
         return False
 
 
+def python_rng(entry):
+    """The state random.setstate takes, from a checkpoint's rng[rank]["python"]: [version, the 625
+    words as an int64 tensor (one pickled object rather than 625: a save pickles faster), gauss];
+    older files hold the words as a list."""
+    version, state, gauss = entry
+    return version, tuple(state.tolist() if isinstance(state, torch.Tensor) else state), gauss
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoint folders (FSDP): the plain part in state.pt, the tensors in DCP's files
 
@@ -412,8 +420,7 @@ def _plain_problem(ckpt):
         return f"rng is {_show(rngs)}, not a list of the ranks' RNG states"
     for i, r in enumerate(rngs or []):
         try:  # restored into throw-away generators: the process's own stay untouched
-            version, state, gauss = r["python"]
-            random.Random().setstate((version, tuple(state), gauss))
+            random.Random().setstate(python_rng(r["python"]))
             name, keys, pos, has_gauss, cached = r["numpy"]
             np.random.RandomState().set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
             torch.Generator().set_state(r["torch"])

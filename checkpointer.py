@@ -57,7 +57,7 @@ def claim(out_dir, create=False):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "another process"
+            holder = (f.read().strip().splitlines() or ["another process"])[0][:80]
             f.close()
             raise CheckpointError(f"out_dir {out_dir!r} is in use by another training process ({holder}); wait for "
                                   f"it to end, or pick another --out_dir") from None
@@ -75,6 +75,24 @@ def claim(out_dir, create=False):
     except OSError as e:
         raise CheckpointError(f"out_dir {out_dir!r} is not writable ({os_error(e)}); fix its permissions or pick "
                               f"another --out_dir") from None
+
+
+def claim_on_every_rank(out_dir, master, create=False, held=None):
+    """claim() on rank 0 (unless it already holds the lock, `held`), and every rank learns the
+    outcome, so that all stop together rather than die in a collective: rank 0 raises the
+    CheckpointError (busy, not writable), the others exit 1 quietly. Returns the lock's file on rank
+    0 (None elsewhere, or while out_dir does not exist and create is False)."""
+    problem, lock = None, held
+    try:
+        if master and held is None:
+            lock = claim(out_dir, create)
+    except CheckpointError as e:
+        problem = str(e)
+    if distributed.first_problem(problem):
+        if master:
+            raise CheckpointError(problem)
+        raise SystemExit(1)
+    return lock
 
 
 def git_commit():

@@ -55,8 +55,11 @@ def one_line_errors():
     def hook(kind, e, tb):
         if not isinstance(e, (UsageError, RunError)):
             return previous(kind, e, tb)
-        print(f"error: {e}", file=sys.stderr)
-        sys.stderr.flush()
+        # the process's own stderr: torch.distributed's hook (init_process_group wraps ours) reads what
+        # we write to sys.stderr into a buffer, which os._exit would drop
+        err = sys.__stderr__ or sys.stderr
+        print(f"error: {e}", file=err)
+        err.flush()
         os._exit(2 if isinstance(e, UsageError) else 1)  # the hook cannot choose the exit code otherwise
     sys.excepthook = hook
 
@@ -131,6 +134,9 @@ def check(namespace):
     for key in ("resume_from", "ckpt"):  # a checkpoint file (or FSDP's checkpoint folder) named by the command
         if isinstance(namespace.get(key), str) and namespace[key] and not os.path.lexists(namespace[key]):
             fail(f"{key} {namespace[key]!r}: no such file or folder")
+    if namespace.get("parallelism") == "fsdp" and namespace.get("dtype") in ("float16", "fp16"):
+        fail("dtype=float16 needs a gradient scaler, which FSDP here does without: use --dtype=bfloat16 "
+             "(or float32) with --parallelism=fsdp")
     if namespace.get("bench_dir") and not os.path.isdir(namespace["bench_dir"]):
         fail(f"bench_dir {namespace['bench_dir']!r} is not a folder")
 

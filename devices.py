@@ -44,9 +44,10 @@ def pick_device(device):
     return "cpu"
 
 
-def pick_dtype(dtype, device):
+def pick_dtype(dtype, device, log=None):
     """'auto' -> bfloat16 on CUDA that has it, else float16 on CUDA, float32 elsewhere.
-    bf16 autocast on a CPU was 20-40x slower than fp32 on AVX2 and no faster on AVX-512: CPUs get fp32."""
+    bf16 autocast on a CPU was 20-40x slower than fp32 on AVX2 and no faster on AVX-512: CPUs get fp32,
+    and log (if given) warns of another dtype asked for on a CPU."""
     names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
     dtype = names.get(dtype, dtype)
     if dtype == "auto":
@@ -55,6 +56,9 @@ def pick_dtype(dtype, device):
         return "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype={dtype!r} is not one of auto, float32, bfloat16, float16")
+    if log and device == "cpu" and dtype != "float32":
+        log(f"warning: {dtype} on this CPU is much slower than float32 (no bf16/fp16 matrix units); "
+            f"use --dtype=float32 for speed")
     return dtype
 
 

@@ -8,23 +8,21 @@ On one node we put each restart's keys under their own prefix (the restart count
 agent keeps consistent); across nodes the agents' counts can differ, so there the fix is
 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node (README, "Preemptible and scheduled jobs"),
 and a run without it is warned.
+
+FSDP2 and DCP are imported in the functions that use them: importing them adds about a second to
+every start of every script (python -X importtime), and only FSDP runs and checkpoint folders need them.
 """
 import ctypes
 import gc
 import os
+import re
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_optimizer_state_dict,
-                                                     set_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 import checkpoint
 from atomicfile import TMP_TAG
@@ -53,7 +51,27 @@ def init(device, backend, fsdp=False):
         dist.init_process_group(backend=backend)
     else:
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
+    _quiet_when_a_peer_ends(rank)
     return local_rank, world_size, device
+
+
+PEER_ENDED = re.compile(r"Connection (closed|reset) by peer|remote process exited|NCCL communicator was aborted")
+
+
+def _quiet_when_a_peer_ends(rank):
+    """A rank that stops with its one error line (a bad file, an unwritable out_dir) leaves the others
+    in a collective, where torch raises: those ranks then exit 1 with one plain line (not `error:`,
+    so a job's log holds one error line, the one that says why) instead of a traceback each."""
+    previous = sys.excepthook
+
+    def hook(kind, e, tb):
+        if not (isinstance(e, RuntimeError) and PEER_ENDED.search(str(e))):
+            return previous(kind, e, tb)
+        err = sys.__stderr__ or sys.stderr
+        print(f"rank {rank}: stopping, another rank ended (its error line says why)", file=err)
+        err.flush()
+        os._exit(1)
+    sys.excepthook = hook
 
 
 def restart_store(rank, world_size):
@@ -85,6 +103,7 @@ def shard(model, dtype):
     runs and freed after), the root holds the rest, so the tied wte/lm_head weight stays one
     parameter. Parameters, gradients and AdamW state are sharded across ranks. Mixed precision is
     FSDP's own: bf16 weights for compute, fp32 master weights and fp32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     if next(model.parameters()).device.type == "cpu":
         steady_heap()
     mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32) \
@@ -108,7 +127,7 @@ def steady_heap():
 
 def local(t):
     """This rank's part of a parameter (all of it, unsharded)."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if hasattr(t, "to_local") else t  # a DTensor (FSDP's sharded parameter)
 
 
 def param_names(model, optimizer):
@@ -120,6 +139,7 @@ def param_names(model, optimizer):
 def full_state(model, optimizer):
     """The whole model and optimizer state dicts, gathered to rank 0's CPU in torch's single-file format
     (every rank takes part; the others get ({}, None)): ckpt.pt stays one file that sample.py reads."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                      cpu_offload=True))
     if dist.get_rank() != 0:
@@ -130,6 +150,7 @@ def full_state(model, optimizer):
 def load_full(model, optimizer, optimizer_state):
     """A single file's optimizer state (every rank holds it whole) into a sharded optimizer. The file's
     weights went into the model before it was sharded."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     named = checkpoint.optimizer_by_name(optimizer_state, param_names(model, optimizer))
     set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
 
@@ -138,6 +159,7 @@ def _flat(model, optimizer):
     """The sharded tensors as DCP stores them: {'model.NAME': weight, 'optim.NAME.exp_avg': ...}, all
     tensors (DCP would pickle anything else), with a tied weight once; plus the aliases and the
     optimizer's param groups (names and hyperparameters), which go in state.pt."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
     model_sd, optim_sd = get_state_dict(model, optimizer)
     flat, seen, aliases = {}, {}, {}
     for name, t in model_sd.items():
@@ -156,6 +178,8 @@ def _flat(model, optimizer):
 def load_sharded(folder, model, optimizer):
     """Each rank reads its share of a checkpoint folder, whatever world size wrote it (DCP reshards).
     The flat dict's tensors are the state dicts' own, so DCP's in-place load fills both."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
     flat, _, model_sd, optim_sd = _flat(model, optimizer)
     dcp.load(flat, checkpoint_id=folder)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
@@ -172,6 +196,7 @@ class ShardedSaver:
     which runs the main script again, and train.py is a script, as nanoGPT's is."""
 
     def __init__(self, device):
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
         self.group = dist.new_group(backend="gloo")  # the writer's collectives stay off the training group
         # background saves copy the shard into host buffers kept from one save to the next (pinned
         # on a GPU, for fast copies): the memory of one more copy of this rank's share of the state
@@ -186,6 +211,7 @@ class ShardedSaver:
         """Every rank calls this, with nothing in flight. In the foreground it returns once the folder
         is committed, and a failed write raises CheckpointError on rank 0 (only it knows); in the
         background it returns once the shard is staged, and finish() commits it."""
+        import torch.distributed.checkpoint as dcp
         tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_TAG}{self.tag[0]}")
         flat, aliases, _, optim_sd = _flat(model, optimizer)
         plain = dict(plain, aliases=aliases, optimizer_groups=optim_sd["param_groups"])
@@ -211,6 +237,7 @@ class ShardedSaver:
     def _written(write, tmp):
         """Run (or wait for) the DCP write; then the size and CRC-32 of the files this rank wrote (its
         shard; rank 0 also DCP's .metadata), or one line saying why the write failed."""
+        from torch.distributed.checkpoint.api import CheckpointException
         try:
             write()
             rank = dist.get_rank()
@@ -234,6 +261,7 @@ class ShardedSaver:
 
 def _why(e):
     """A failed folder write as one line: the rank and its OS error (DCP gathers every rank's)."""
+    from torch.distributed.checkpoint.api import CheckpointException
     if isinstance(e, CheckpointException) and e.failures:
         r = min(e.failures)
         return f"rank {r}: {checkpoint.os_error(e.failures[r][0])}"
@@ -249,11 +277,16 @@ def any_rank(flags, device):
     return [bool(v) for v in t.tolist()]
 
 
+def every_rank(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a world of one: [obj])."""
+    if not dist.is_initialized():
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
 def first_problem(problem):
     """Every rank's problem (an error line, or None) gathered: the first one, the same on every rank,
     so that all ranks stop on one rank's problem instead of dying in a collective with a traceback."""
-    if not dist.is_initialized():
-        return problem
-    problems = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, problem)
-    return next((p for p in problems if p), None)
+    return next((p for p in every_rank(problem) if p), None)

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from atomicfile import fsync_dir
-from checkpoint import BEST, KEPT_BEST, CheckpointError, candidates, load, load_latest, os_error, read_header, scan
+from checkpoint import (BEST, KEPT_BEST, CheckpointError, candidates, load, load_latest, os_error, python_rng, read_header,
+                        scan)
+from configurator import UsageError
 from metrics import say
 
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # config keys that fix the model's shape
@@ -28,6 +30,17 @@ MACHINE = ("device", "dtype", "backend", "compile")
 
 def same_origin(a, b):
     return a == b or (os.path.isdir(a) and os.path.isdir(b) and os.path.realpath(a) == os.path.realpath(b))
+
+
+def start_mode(init_from, resume_from, sources):
+    """init_from as this start reads it: resume_from implies 'resume' (unless a flag asked for
+    another start, which is an error: UsageError)."""
+    if resume_from and init_from != "resume":
+        if sources.get("init_from", "").startswith("--"):
+            raise UsageError(f"--resume_from continues a checkpoint, but --init_from={init_from!r} asks for a "
+                             f"fresh start; drop one of them")
+        return "resume"
+    return init_from
 
 
 def find_start(out_dir, init_from, resume_from="", log=say, tensors=True):
@@ -155,7 +168,7 @@ def capture_rng():
     version, state, gauss = random.getstate()
     np_state = np.random.get_state()
     return {
-        "python": [version, list(state), gauss],
+        "python": [version, torch.tensor(state, dtype=torch.int64), gauss],  # (see checkpoint.python_rng)
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -163,8 +176,7 @@ def capture_rng():
 
 
 def restore_rng(rng):
-    version, state, gauss = rng["python"]
-    random.setstate((version, tuple(state), gauss))
+    random.setstate(python_rng(rng["python"]))
     name, keys, pos, has_gauss, cached = rng["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(rng["torch"])

@@ -100,37 +100,16 @@ master = rank == 0
 log = say if master else (lambda *a, **k: None)  # a dead pipe or closed terminal never stops a run
 
 
-def claim(create):
-    """out_dir for this process alone (checkpointer.claim, on rank 0, once). Every rank stops with
-    rank 0's one error line (busy, unwritable) rather than dying in a collective."""
-    global out_lock
-    problem = None
-    try:
-        if master and out_lock is None:
-            out_lock = checkpointer.claim(out_dir, create)
-    except checkpoint.CheckpointError as e:
-        problem = f"error: {e}"
-    if distributed.first_problem(problem):
-        if master:
-            say(problem, err=True)
-        sys.exit(1)
-
-
 # under torchrun the process group comes first, so that no rank reads a checkpoint before rank 0
 # holds out_dir's lock: a second trainer into a busy out_dir is refused before it opens any file
 machine = pick_device(device)  # (`device` itself stays the knob's value, stored in the config)
 joined = distributed.init(machine, backend) if distributed.under_torchrun() else None
-out_lock = None
-claim(create=False)
+out_lock = checkpointer.claim_on_every_rank(out_dir, master)
 
 # start or continue. An out_dir that holds a good checkpoint is always continued, whatever init_from
 # says, so the same command run twice (a re-queued job, `make demo` again) carries on instead of
 # starting over; the run's stored config comes back, with config files and flags on top.
-if resume_from and init_from != "resume":
-    if sources.get("init_from", "").startswith("--"):
-        fail(f"--resume_from continues a checkpoint, but --init_from={init_from!r} asks for a fresh start; "
-             f"drop one of them")
-    init_from = "resume"  # resume_from implies it
+init_from = resume.start_mode(init_from, resume_from, sources)
 ckpt_path, ckpt = resume.find_start(out_dir, init_from, resume_from, log=log, tensors=False)
 changed = resume.restore_config(globals(), ckpt, sources, explicit=init_from == "resume", log=log) if ckpt else {}
 check({k: globals()[k] for k in keys})  # again: a stored config comes from a file, maybe an old or foreign one
@@ -149,9 +128,6 @@ stopper = preemption.Stopper(time_budget)  # from here on a signal means "save, 
 # distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE. Under FSDP the periodic checkpoints are
 # folders, every rank writing its shard (distributed.ShardedSaver); ckpt.pt stays one file
 fsdp = parallelism == "fsdp"
-if fsdp and dtype in ("float16", "fp16"):
-    fail("dtype=float16 needs a gradient scaler, which FSDP here does without: use --dtype=bfloat16 "
-         "(or float32) with --parallelism=fsdp")
 local_rank, world_size, device = joined or distributed.init(machine, backend, fsdp)
 grouped = dist.is_initialized()  # ranks that must agree (torchrun, or FSDP alone)
 ddp = grouped and not fsdp
@@ -160,10 +136,7 @@ if gradient_accumulation_steps % world_size:
 accum = gradient_accumulation_steps // world_size  # micro-steps per rank
 procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # training processes on this machine, sharing its memory
 device_type = "cuda" if device.startswith("cuda") else device
-dtype = pick_dtype(dtype, device)
-if device_type == "cpu" and dtype != "float32":
-    log(f"warning: {dtype} on this CPU is much slower than float32 (no bf16/fp16 matrix units); "
-        f"use --dtype=float32 for speed")
+dtype = pick_dtype(dtype, device, log=log)
 ctx = autocast_context(device, "float32" if fsdp else dtype)  # FSDP casts by itself (distributed.shard)
 resume.seed_rngs(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -208,7 +181,7 @@ log(f"device {device}, dtype {dtype}, world size {world_size}, {model.get_num_pa
     f"tokens per iteration {tokens_per_iter:,}")
 # a new out_dir is made only now, so that a start that fails on its config, data or model leaves
 # nothing behind; and an unwritable one is found before training, not at the first save hours later
-claim(create=True)
+out_lock = checkpointer.claim_on_every_rank(out_dir, master, create=True, held=out_lock)
 
 if rank:
     resume.seed_rngs(seed + rank)  # dropout: each rank its own stream (rank 0 goes on with seed's)
@@ -277,9 +250,7 @@ def checkpoint_state(val_loss):
     finite = torch.stack([distributed.local(p).isfinite().all() for p in raw_model.parameters()]).all()
     if distributed.any_rank([not finite], device)[0]:  # (each rank sees only its own shard under FSDP)
         diverged("the model's weights are not finite (nan or inf)", iter_num)
-    rngs = [resume.capture_rng()] * world_size
-    if grouped:
-        dist.all_gather_object(rngs, rngs[0])
+    rngs = distributed.every_rank(resume.capture_rng())
     return dict(
         model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config,
         scaler=scaler.state_dict(), rng=rngs, format_version=checkpoint.FORMAT_VERSION,

@@ -1,7 +1,7 @@
 """configurator.py: config files and --key=value flags, and one clear line for every mistake."""
 import pytest
 
-from conftest import ROOT, run
+from conftest import run
 from configurator import configure
 
 

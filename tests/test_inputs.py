@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import checkpoint
-from conftest import ROOT, TINY, copy_run, run
+from conftest import TINY, copy_run, run
 
 FILE, MISSING = "{tmp}/a-file", "{tmp}/missing"
 

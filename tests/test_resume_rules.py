@@ -5,8 +5,6 @@ import os
 import re
 import signal
 
-import torch
-
 import checkpoint
 from conftest import TINY, contents, copy_run, listing, run, start, wait_for
 from test_checkpoint import nanogpt_file
