@@ -58,7 +58,10 @@ def one_line_errors():
         # the process's own stderr: torch.distributed's hook (init_process_group wraps ours) reads what
         # we write to sys.stderr into a buffer, which os._exit would drop
         err = sys.__stderr__ or sys.stderr
-        print(f"error: {e}", file=err)
+        # under torchrun every rank usually meets the same bad file or value: the job's log then holds
+        # one `error:` line (rank 0's), the others' say which rank they come from
+        rank = os.environ.get("RANK", "0")
+        print(f"{'' if rank == '0' else f'rank {rank}: '}error: {e}", file=err)
         err.flush()
         os._exit(2 if isinstance(e, UsageError) else 1)  # the hook cannot choose the exit code otherwise
     sys.excepthook = hook
