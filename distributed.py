@@ -9,8 +9,8 @@ agent keeps consistent); across nodes the agents' counts can differ, so there th
 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node (README, "Preemptible and scheduled jobs"),
 and a run without it is warned.
 
-FSDP2 and DCP are imported in the functions that use them: importing them adds about a second to
-every start of every script (python -X importtime), and only FSDP runs and checkpoint folders need them.
+FSDP2 and DCP are imported in the functions that use them: importing them adds to every start of
+every script (see python -X importtime), and only FSDP runs and checkpoint folders need them.
 """
 import ctypes
 import gc
