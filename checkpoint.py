@@ -3,12 +3,15 @@ Everything about checkpoint files: atomic save, safe load, finding the newest go
 retention, RNG capture/restore, compatibility checks, and a small inspect CLI:
 
     python checkpoint.py out-shakespeare-char      # list the checkpoints in a folder
-    python checkpoint.py out-shakespeare-char/ckpt.pt   # metadata and model_args of one file
+    python checkpoint.py out-shakespeare-char/ckpt.pt   # one file's metadata: its header only (mmap)
+    python checkpoint.py verify out-shakespeare-char/ckpt.pt   # the same, every CRC checked
 
 A checkpoint is one torch.save'd dict of tensors and plain Python values, so torch.load with
 weights_only=True reads it and a file can never run code when loaded. It keeps nanoGPT's keys
 (model, optimizer, model_args, iter_num, best_val_loss, config) so files move both ways, and adds
-scaler, rng (one entry per rank), format_version and metadata.
+scaler, rng (one entry per rank), format_version, metadata, and what generation needs besides the
+weights: tokenizer (tokenizer.py's record) and data_fingerprint (dataset.TokenData.fingerprint).
+load_weights reads only what sample.py and export.py use: the weights, memory-mapped.
 
 Under FSDP the periodic checkpoints are folders (ckpt-00001000/) written by every rank at once with
 torch.distributed.checkpoint (DCP): each rank's shard of the weights and AdamW state in its own
@@ -38,6 +41,7 @@ import zlib
 import numpy as np
 import torch
 
+import tokenizer
 from atomicfile import atomic_write, fsync_dir, replace_folder
 from configurator import RunError, cut_line, first_line
 from metrics import say
@@ -273,12 +277,13 @@ def optimizer_by_name(optimizer_state, names):
             "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in optimizer_state["param_groups"]]}
 
 
-def read_shards(folder, state):
+def read_shards(folder, state, optimizer=True):
     """The tensors of a verified checkpoint folder, whole, in this process alone (no process group):
-    (model state dict, optimizer state dict in torch's format)."""
+    (model state dict, optimizer state dict in torch's format, or None without optimizer)."""
     import torch.distributed.checkpoint as dcp
     md = _dcp_metadata(folder)
-    flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()}
+    flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()
+            if optimizer or k.startswith("model.")}
     try:
         with warnings.catch_warnings():  # DCP warns that no_dist means one process: it is meant so
             warnings.simplefilter("ignore", UserWarning)
@@ -288,6 +293,8 @@ def read_shards(folder, state):
     model = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
     for alias, name in state.get("aliases", {}).items():  # a tied weight is stored once
         model[alias] = model[name]
+    if not optimizer:
+        return model, None
     optim = {}
     for k, v in flat.items():
         if k.startswith("optim."):
@@ -342,16 +349,41 @@ def _kind(path):
     return kind
 
 
-def _check_crcs(path):
-    """Every record of the zip archive against its CRC-32: torch.save writes them, torch.load never
-    checks them, so a flipped byte inside a tensor would load silently. One full read."""
+def _check_crcs(path, names=None):
+    """Every record of the zip archive (or those in names) against its CRC-32: torch.save writes them,
+    torch.load never checks them, so a flipped byte inside a tensor would load silently. One read of
+    those records, in pieces."""
     try:
         with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()
-    except Exception as e:  # BadZipFile, and EOFError or UnicodeDecodeError from a damaged local header
+            if names is None:
+                bad = zf.testzip()
+            else:
+                for name in names:
+                    bad = name
+                    with zf.open(name) as f:  # zipfile checks the CRC at the end of the record
+                        while f.read(1 << 20):
+                            pass
+                bad = None
+    except zipfile.BadZipFile as e:
+        if names is not None and "CRC" in str(e):
+            raise CheckpointError(f"{path}: corrupt (CRC mismatch in {bad})") from None
+        raise CheckpointError(f"{path}: unreadable (a damaged zip archive: {first_line(e)})") from None
+    except Exception as e:  # EOFError or UnicodeDecodeError from a damaged local header, a missing record
         raise CheckpointError(f"{path}: unreadable (a damaged zip archive: {first_line(e)})") from None
     if bad is not None:
         raise CheckpointError(f"{path}: corrupt (CRC mismatch in {bad})")
+
+
+def _weight_records(path, ckpt):
+    """The zip records that hold the pickle and the model's weights, or None (all of them) when that
+    cannot be told. torch.save names storages data/0, data/1, ... as the pickler first meets them,
+    so when `model` is the dict's first key (ours and nanoGPT's) its storages are the first ones."""
+    if next(iter(ckpt)) != "model":
+        return None
+    storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in ckpt["model"].values()}
+    with zipfile.ZipFile(path) as zf:
+        prefix = zf.namelist()[0].split("/")[0]
+    return [f"{prefix}/data.pkl"] + [f"{prefix}/data/{i}" for i in range(len(storages))]
 
 
 # What a checkpoint holds, judged by check_contents: a file with valid CRCs may still come from another
@@ -412,6 +444,14 @@ def _plain_problem(ckpt):
     for k, ok in META.items():
         if meta and k in meta and not ok(meta[k]):
             return f"metadata {k}={_show(meta[k])} is of the wrong type"
+    if ckpt.get("tokenizer") is not None and _args_problem(ckpt["model_args"]) is None:
+        why = tokenizer.problem(ckpt["tokenizer"], ckpt["model_args"]["vocab_size"])
+        if why:
+            return why
+    prints = ckpt.get("data_fingerprint")
+    if prints is not None and not (isinstance(prints, dict) and all(
+            isinstance(v, list) and len(v) == 2 and _count(v[0]) and isinstance(v[1], str) for v in prints.values())):
+        return "data_fingerprint is not the bins' sizes and hashes"
     scaler = ckpt.get("scaler")
     if scaler and not (isinstance(scaler, dict) and all(_number(scaler.get(k)) for k in SCALER)):
         return "scaler is not a GradScaler's state"
@@ -450,23 +490,12 @@ def _args_problem(args):
     return None
 
 
-class _NoInit(torch.overrides.TorchFunctionMode):
-    """Skips normal_, the random init of GPT's weights: on the meta device torch runs it in Python
-    code that first imports torch._dynamo (2 s), and only the shapes are wanted."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", None) == "normal_":
-            return args[0] if args else kwargs["tensor"]
-        return func(*args, **(kwargs or {}))
-
-
 @functools.lru_cache(maxsize=4)
 def _one_block(n_head, n_embd, block_size, bias, vocab_size):
     """(name, shape) of a one-block GPT's state dict and of its parameters (in the order AdamW's
     groups take them): built on the meta device, so it costs neither memory nor an init."""
-    with torch.device("meta"), _NoInit():
-        gpt = GPT(GPTConfig(n_layer=1, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                            vocab_size=vocab_size))
+    gpt = GPT.skeleton(GPTConfig(n_layer=1, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                                 vocab_size=vocab_size))
     return ([(n, tuple(t.shape)) for n, t in gpt.state_dict().items()],
             [(n, tuple(p.shape)) for n, p in gpt.named_parameters()])
 
@@ -589,10 +618,10 @@ def load(path, map_location="cpu", tensors=True):
     with tensors=True the very dict a single file holds. Both are judged by check_contents."""
     if _kind(path) == "folder":
         ckpt = verify_folder(path)
-        if tensors:
-            ckpt["model"], ckpt["optimizer"] = read_shards(path, ckpt)
-            for k in ("files", "aliases", "optimizer_groups"):  # the folder's own bookkeeping
-                ckpt.pop(k, None)
+        if tensors:  # the weights first, as a file has them (consolidate writes this dict)
+            model, optimizer = read_shards(path, ckpt)
+            ckpt = dict(model=model, optimizer=optimizer, **{k: v for k, v in ckpt.items()
+                                                             if k not in ("files", "aliases", "optimizer_groups")})
         return ckpt
     _check_crcs(path)
     ckpt = _torch_load(path, map_location)
@@ -603,6 +632,35 @@ def load(path, map_location="cpu", tensors=True):
     if isinstance(ckpt["best_val_loss"], torch.Tensor):  # nanoGPT stores a 0-d tensor
         ckpt["best_val_loss"] = ckpt["best_val_loss"].item()
     return ckpt
+
+
+WEIGHTS = ("model", "model_args", "iter_num", "best_val_loss", "config", "tokenizer", "format_version", "metadata")
+
+
+def load_weights(path):
+    """What generation and export read: the weights and the plain values in WEIGHTS, never the
+    optimizer, scaler or RNG. A file's weights are memory-mapped, so they take memory only as they
+    are used, and only the records that hold them (and the pickle) are CRC-checked; a folder is
+    verified in full (its DCP files hold weights and optimizer together) and only its weights are
+    read. Judged by check_contents as load() is; raises CheckpointError."""
+    if _kind(path) == "folder":
+        ckpt = verify_folder(path)
+        ckpt["model"] = read_shards(path, ckpt, optimizer=False)[0]
+    else:
+        ckpt = _torch_load(path, mmap=True)
+        check_contents(ckpt, path)
+        try:
+            names = _weight_records(path, ckpt)
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable ({first_line(e)})") from None
+        _check_crcs(path, names)
+        if any(t.is_meta for t in ckpt["model"].values()):
+            raise CheckpointError(f"{path}: not a GPT checkpoint (its model holds meta tensors: shapes without weights)")
+        ckpt["model"] = {k: t for k, t in strip_prefixes(ckpt["model"]).items() if not MASK.fullmatch(k)}
+    out = {k: ckpt[k] for k in WEIGHTS if k in ckpt}
+    if isinstance(out["best_val_loss"], torch.Tensor):
+        out["best_val_loss"] = out["best_val_loss"].item()
+    return out
 
 
 def read_header(path):
@@ -662,8 +720,10 @@ def candidates(out_dir):
     return [h["path"] for h in heads] + [path for path, _ in bad]
 
 
-def load_latest(out_dir, map_location="cpu", log=say, tensors=True):
-    """The newest checkpoint in out_dir that loads; each bad one is reported in one line."""
+def load_latest(out_dir, map_location="cpu", log=say, tensors=True, load_one=None):
+    """The newest checkpoint in out_dir that loads; each bad one is reported in one line. load_one:
+    how to load it (load_weights, for generation), instead of load(path, map_location, tensors)."""
+    load_one = load_one or (lambda path: load(path, map_location, tensors))
     heads, bad = scan(out_dir)
     for path, why in bad:
         log(f"warning: skipping {why}; left in place, not counted as a checkpoint")
@@ -671,7 +731,7 @@ def load_latest(out_dir, map_location="cpu", log=say, tensors=True):
         raise CheckpointError(f"no checkpoint in {out_dir!r} (looked for {BEST}, ckpt-*.pt and ckpt-*/ folders)")
     for i, h in enumerate(heads):
         try:
-            return h["path"], load(h["path"], map_location, tensors)
+            return h["path"], load_one(h["path"])
         except CheckpointError as e:
             nxt = f"falling back to {os.path.basename(heads[i + 1]['path'])}" if i + 1 < len(heads) else "no older one left"
             log(f"warning: skipping {e}; {nxt}")
@@ -701,7 +761,7 @@ def describe(path):
     """One line: branch, iteration, val loss measured at that iteration, size, time, whether it
     loads, or that it is gone (deleted since it was listed: retention, under a running trainer)."""
     try:
-        ckpt, status = load(path, tensors=False), "ok"  # a folder's CRCs are all checked, its tensors not assembled
+        ckpt, status = inspect(path, crcs=True), "ok"
     except CheckpointError as e:
         ckpt, status = {}, f"BAD: {e}"
     try:
@@ -716,6 +776,19 @@ def describe(path):
     val = f"{val:.4f}" if isinstance(val, float) else "-"
     branch, it = (meta.get("branch", 0), ckpt["iter_num"]) if ckpt else ("-", "-")
     return f"{name:<24} {branch:>6} {it:>8} {val:>9} {_size(path) / 2**20:9.1f} MB  {when}  {status}"
+
+
+def inspect(path, crcs):
+    """The plain values of a checkpoint, judged (check_contents), its tensors never read into memory:
+    a file's are memory-mapped and left alone. crcs: every CRC checked too, in one streaming read
+    (a folder's always are, as load does)."""
+    if _kind(path) == "folder":
+        return load(path, tensors=False)
+    if crcs:
+        _check_crcs(path)
+    ckpt = _torch_load(path, mmap=True)
+    check_contents(ckpt, path)
+    return ckpt
 
 
 def is_folder_checkpoint(path):
@@ -735,7 +808,7 @@ def consolidate(folder, out):
     return ckpt
 
 
-USAGE = "usage: python checkpoint.py OUT_DIR | CHECKPOINT | consolidate FOLDER OUT.pt"
+USAGE = "usage: python checkpoint.py OUT_DIR | CHECKPOINT | verify CHECKPOINT | consolidate FOLDER OUT.pt"
 
 
 def main(argv):
@@ -750,10 +823,11 @@ def main(argv):
         print(f"wrote {argv[2]} (iteration {ckpt['iter_num']}, {os.path.getsize(argv[2]) / 2**20:.1f} MB): "
               f"sample.py, export.py --ckpt and train.py --resume_from read it")
         return
-    if len(argv) != 1:
+    verify = argv[:1] == ["verify"]
+    if len(argv) != 1 + verify:
         print(f"error: {USAGE}", file=sys.stderr)
         sys.exit(2)
-    target = argv[0]
+    target = argv[-1]
     if os.path.isdir(target) and not is_folder_checkpoint(target):
         try:
             files = candidates(target)
@@ -766,7 +840,7 @@ def main(argv):
             print(describe(path))
         return
     try:
-        ckpt = load(target, tensors=False)
+        ckpt = inspect(target, crcs=verify)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     meta = dict(ckpt.get("metadata") or {})
@@ -786,8 +860,17 @@ def main(argv):
     for k, v in meta.items():
         print(f"{k + ':':<15}{v}")
     print(f"exact resume:  {'yes' if 'rng' in ckpt else 'no (no RNG state: resume is approximate)'}")
+    record = ckpt.get("tokenizer")
+    print("tokenizer:     " + ("none inside (nanoGPT's, or older): sample.py uses its dataset's meta.pkl" if record is None
+                                else f"a char vocab of {len(record['itos'])} symbols" if record["kind"] == "char"
+                                else f"BPE {record['name']}"))
     if "files" in ckpt:
         print(f"sharded:       {len(ckpt['files'])} files, each CRC-checked (DCP; consolidate makes one file)")
+    elif not verify:
+        print(f"checked:       its header only (the weights are not read); "
+              f"python checkpoint.py verify {target} checks every byte's CRC")
+    else:
+        print("checked:       every record's CRC")
     print(f"lineage:       began from {meta.get('init_from', '?')}, resumed {len(resumes)} time(s)")
     for r in resumes:  # (written by train.py; shown as found in a file from elsewhere)
         changed = r.get("changed") if isinstance(r.get("changed"), dict) else {}

@@ -211,7 +211,8 @@ class Checkpointer:
                 if best and not self.best_claimed:  # another branch's ckpt.pt is kept, never written over
                     resume.keep_others_best(self.out_dir, self.run_id, self.branch, self.resumed_from, log=self.log)
                     self.best_claimed = True  # (if keeping it failed: tried again at the next best)
-                full = dict(state, model=model_sd, optimizer=optim_sd)
+                # the weights first, as nanoGPT's files have them: checkpoint.load_weights then CRC-checks them alone
+                full = dict(model=model_sd, optimizer=optim_sd, **state)
                 on_gpu = any(p.is_cuda for p in self.model.parameters())
                 if background or on_gpu:  # training changes the tensors next step: write a copy
                     full = snapshot(full, self.buffers)

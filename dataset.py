@@ -18,6 +18,7 @@ Why a pure function: the global batch of iteration t is drawn by a generator see
 state, and 1 rank or 8 ranks (same global batch) see exactly the same sequences. Evaluation draws
 from its own fixed seeds, so it never disturbs training and every eval sees the same batches.
 """
+import hashlib
 import os
 import pickle
 
@@ -28,6 +29,7 @@ from atomicfile import atomic_write
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # keep training and evaluation generators apart
 META = "meta.pkl"
+FINGERPRINT_READS = 64
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -93,6 +95,26 @@ class TokenData:
                                  f"prepare dataset {dataset!r} again")
             # (an empty file cannot be mapped; check_data then says it is too short)
             self.bins[split] = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
+
+    def fingerprint(self):
+        """{split: [size in bytes, a hash]} of the bins, cheap at any size: the hash is of FINGERPRINT_READS
+        pieces of 4 KB spread over each file (a changed corpus changes the size or, almost always, some
+        piece), not of a full read of a 54 GB openwebtext. Checkpoints store it; a resume compares."""
+        out = {}
+        for split in ("train", "val"):
+            path = os.path.join(self.dir, f"{split}.bin")
+            h, size = hashlib.blake2b(digest_size=8), os.path.getsize(path)
+            with open(path, "rb") as f:
+                for k in range(FINGERPRINT_READS):
+                    f.seek(max(0, size - 4096) * k // (FINGERPRINT_READS - 1))
+                    h.update(f.read(4096))
+            out[split] = [size, h.hexdigest()]
+        return out
+
+    def tokenizer(self):
+        """The record of this data's tokenizer (tokenizer.py), as checkpoints store it."""
+        import tokenizer  # here: tokenizer imports this module
+        return tokenizer.of_meta(self.meta)
 
     def tokens(self):
         """{split: number of tokens}, for checking block_size against the data up front."""

@@ -12,6 +12,9 @@ vocab, and sample.py reads that file. The vocab is exported as trained: a padded
 50304 stays 50304 (the 47 extra rows are never a token). The folder also loads back here:
 --init_from=hf-out in train.py and sample.py.
 
+The checkpoint's weights are read alone, memory-mapped, and written one tensor at a time, so an
+export takes about the weights' size in memory, never the whole training state.
+
 --to must be new, empty, or a previous export (it has export.json): that is replaced as a whole (the
 new one is written beside it, then renamed into place), so no file of the old export survives into
 the new one. A folder holding anything else is refused.
@@ -27,14 +30,13 @@ import shutil
 import sys
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 
 import checkpoint
 import dataset
 import tokenizer
 from atomicfile import OLD_TAG, atomic_write, fsync_tree, replace_folder, temp_name
 from configurator import configure, fail
-from gpt2 import from_state_dict, to_hf
+from gpt2 import from_state_dict, save_safetensors, to_hf
 from model import GPTConfig
 
 # -----------------------------------------------------------------------------------------------
@@ -66,34 +68,40 @@ if format == "safetensors" and os.path.exists(to):
         ours = False
     if not ours:
         raise SystemExit(f"error: {to} exists and is not a previous export; pick another --to")
+load = checkpoint.load_weights  # the weights alone, memory-mapped: never the optimizer or the RNG
 try:
     if ckpt:
-        path, state = ckpt, checkpoint.load(ckpt)
+        path, state = ckpt, load(ckpt)
     elif which == "best":
         path = os.path.join(out_dir, checkpoint.BEST)
         if not os.path.exists(path) and checkpoint.candidates(out_dir):
             raise SystemExit(f"error: {path} does not exist (it is written when val loss improves); "
                              f"export the newest checkpoint with --which=latest")
-        state = checkpoint.load(path)
+        state = load(path)
     else:
-        path, state = checkpoint.load_latest(out_dir)
+        path, state = checkpoint.load_latest(out_dir, load_one=load)
+    record, note = tokenizer.of_checkpoint(state, dataset.DATA_DIR, path)
 except checkpoint.CheckpointError as e:
     raise SystemExit(f"error: {e}")
-model_args = {k: state["model_args"][k] for k in checkpoint.MODEL_ARGS if k in state["model_args"]}
+except ValueError as e:  # no tokenizer to be found for a small vocab
+    raise SystemExit(f"error: {e}")
+if note:
+    print(note)
+model_args = {k: state["model_args"][k] for k in checkpoint.MODEL_ARGS}
 model = from_state_dict(GPTConfig(**model_args), state["model"])
 dataset_name = state.get("config", {}).get("dataset") or ""
 iter_num = state.get("iter_num")
-del state  # the optimizer state is twice the model's size: free it before writing
+del state
 print(f"exporting {path} (iteration {iter_num}, {model.get_num_params() / 1e6:.2f}M parameters)")
 
 if format == "safetensors":  # one file: written whole, then renamed into place
-    # safetensors refuses two names for one tensor: lm_head.weight is tied to wte, keep wte
-    weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    blob = save(weights, metadata={"format": "pt", "model_args": json.dumps(model_args),
-                                   "iter_num": str(iter_num), "dataset": dataset_name})
+    # one name per tensor: lm_head.weight is tied to wte, keep wte
+    weights = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    meta = {"format": "pt", "model_args": json.dumps(model_args), "iter_num": str(iter_num), "dataset": dataset_name,
+            "tokenizer": json.dumps(record)}
     try:
         os.makedirs(os.path.dirname(os.path.abspath(to)), exist_ok=True)
-        atomic_write(to, lambda f: f.write(blob))
+        atomic_write(to, lambda f: save_safetensors(weights, f, meta))
     except OSError as e:
         raise SystemExit(f"error: could not write {to}: {checkpoint.os_error(e)}") from None
     print(f"wrote {to}")
@@ -109,18 +117,15 @@ try:
     os.makedirs(tmp)
     hf_config, weights = to_hf(model)
     hf_config.save_pretrained(tmp)
-    # "format": "pt" marks PyTorch tensors, as transformers' own save_pretrained writes it
-    blob = save(weights, metadata={"format": "pt"})
     with open(os.path.join(tmp, "model.safetensors"), "wb") as f:
-        f.write(blob)
+        save_safetensors(weights, f, {"format": "pt"})  # "pt": PyTorch tensors, as transformers writes it
     written = ["config.json", "model.safetensors"]
-    itos = tokenizer.char_vocab(os.path.join(dataset.DATA_DIR, dataset_name, dataset.META)) if dataset_name else None
-    if itos is not None:
-        tokenizer.save_chars(itos, tmp)
+    if record["kind"] == "char":
+        tokenizer.save_chars(record, tmp)
         written.append(tokenizer.CHAR_VOCAB)
         print(f"a character-level run: its vocab goes into {tokenizer.CHAR_VOCAB} (HF has no tokenizer for it)")
-    elif model_args["vocab_size"] < 50257:
-        print(f"no tokenizer written: vocab_size {model_args['vocab_size']} is not GPT-2 BPE's 50257")
+    elif model_args["vocab_size"] < 50257:  # HF's tokenizer would make ids the model does not have
+        print(f"no tokenizer written: vocab_size {model_args['vocab_size']} is smaller than GPT-2 BPE's 50257")
     else:  # GPT-2 BPE: HF's GPT2Tokenizer reads the same two files under its own names
         shutil.copyfile(os.path.join(tokenizer.BPE_DIR, "encoder.json"), os.path.join(tmp, "vocab.json"))
         shutil.copyfile(os.path.join(tokenizer.BPE_DIR, "vocab.bpe"), os.path.join(tmp, "merges.txt"))

@@ -30,8 +30,7 @@ TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "ml
 def from_state_dict(config, state_dict):
     """A GPT that takes state_dict's tensors as its parameters: built on the meta device, so there
     is no random init to wait for and no second copy of the weights in memory."""
-    with torch.device("meta"):
-        model = GPT(config)
+    model = GPT.skeleton(config)
     model.load_state_dict(state_dict, assign=True)
     model.transformer.wte.weight = model.lm_head.weight  # assign gave the tied pair two Parameters
     return model
@@ -130,7 +129,7 @@ def to_hf(model):
     state = {}
     for k, v in model.state_dict().items():
         if k != "lm_head.weight":  # tied to wte: HF ties it back (tie_word_embeddings)
-            state[k] = v.t().contiguous() if k.endswith(TRANSPOSED) else v
+            state[k] = v.t() if k.endswith(TRANSPOSED) else v  # a view: save_safetensors copies one at a time
     if not c.bias:
         # HF's Conv1D and LayerNorm always have a bias. A zero bias adds exactly nothing, so the
         # export computes what our bias-free model does and keeps the standard GPT-2 layout that
@@ -140,3 +139,26 @@ def to_hf(model):
                 w = module.weight
                 state[f"{name}.bias"] = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
     return hf_config, state
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def save_safetensors(tensors, f, metadata):
+    """Write tensors as a safetensors file to the binary file f, one tensor at a time: each is made
+    contiguous (a transposed view is copied) and written, then let go. safetensors' own save builds
+    the whole file in memory first, a second copy of the weights, which is what export.py must not
+    take (a 19 GB gpt2-xl checkpoint). The format is that library's: an 8-byte little-endian length,
+    a JSON header of dtype, shape and byte range per tensor (and __metadata__), padded to 8 bytes,
+    then the bytes; the tests read our files back with safetensors itself."""
+    import json
+    header, offset = {"__metadata__": metadata}, 0
+    for name, t in sorted(tensors.items()):
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    f.write(len(blob).to_bytes(8, "little") + blob)
+    for name, t in sorted(tensors.items()):
+        f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)

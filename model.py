@@ -104,6 +104,13 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @classmethod
+    def skeleton(cls, config):
+        """A GPT on the meta device: every tensor's shape, no memory and no init (to be filled with
+        load_state_dict(..., assign=True), or to read shapes from)."""
+        with torch.device("meta"), _NoInit():
+            return cls(config)
+
     def get_num_params(self, non_embedding=True):
         """Parameters counted once (tied weights too); position embeddings left out by default, as in papers."""
         n = sum(p.numel() for p in self.parameters())
@@ -206,6 +213,16 @@ class GPT(nn.Module):
             else:
                 window = torch.cat((window, nxt), dim=1)
                 logits, _ = self(nxt, cache=cache) if cache is not None else self(window)
+
+
+class _NoInit(torch.overrides.TorchFunctionMode):
+    """Skips normal_, the random init of GPT's weights: on the meta device torch runs it in Python
+    code that first imports torch._dynamo (2 s and 70 MB), and only the shapes are wanted."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) == "normal_":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
 
 
 class KVCache:

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+import tokenizer
 from atomicfile import fsync_dir
 from checkpoint import (BEST, KEPT_BEST, CheckpointError, candidates, load, load_latest, os_error, python_rng, read_header,
                         scan)
@@ -124,17 +125,30 @@ def restore_config(namespace, ckpt, sources, explicit=True, log=say):
             if k in stored and k not in skip and k not in SHAPE and stored[k] != namespace[k]}
 
 
-def check_compatible(ckpt, dataset, vocab_size):
-    """Refuse to resume on other data: another dataset, or a vocab the model does not have."""
+def check_compatible(ckpt, data, vocab_size, log=say):
+    """Refuse to resume on other data: another dataset, a vocab the model does not have, or the same
+    dataset re-prepared with another tokenizer or char mapping (the ids would mean other text). Bins
+    that changed under the same vocab are said in one line, and training goes on with them."""
     problems = []
     saved_dataset = (ckpt.get("config") or {}).get("dataset")
-    if saved_dataset is not None and saved_dataset != dataset:
-        problems.append(f"dataset={dataset!r} but the checkpoint was trained on {saved_dataset!r}")
-    if vocab_size is not None and vocab_size != ckpt["model_args"]["vocab_size"]:
+    if saved_dataset is not None and saved_dataset != data.name:
+        problems.append(f"dataset={data.name!r} but the checkpoint was trained on {saved_dataset!r}")
+    elif ckpt.get("tokenizer") is not None and tokenizer.changes(ckpt["tokenizer"], data.tokenizer()):
+        problems.append(f"{data.dir} was prepared again with another tokenizer since "
+                        f"({tokenizer.changes(ckpt['tokenizer'], data.tokenizer())}); prepare the new text under "
+                        f"another dataset name, or train on it in another out_dir")
+    elif vocab_size is not None and vocab_size != ckpt["model_args"]["vocab_size"]:
         problems.append(f"the dataset's vocab has {vocab_size} tokens but the checkpoint's model has "
                         f"{ckpt['model_args']['vocab_size']}")
     if problems:
         raise CheckpointError("checkpoint does not match this run: " + "; ".join(problems))
+    old, new = ckpt.get("data_fingerprint"), data.fingerprint()
+    changed = [s for s in ("train", "val") if old and old.get(s) != new[s]]
+    if changed:
+        sizes = ", ".join(f"{s}.bin {old[s][0]:,} -> {new[s][0]:,} bytes" if old[s][0] != new[s][0]
+                          else f"{s}.bin: other contents, same size" for s in changed)
+        log(f"note: the data under this run changed since its checkpoint ({sizes}) with the same vocab; "
+            f"training goes on with the new data, so this is not an exact resume")
 
 
 def keep_others_best(out_dir, run_id, branch, resumed_from=None, log=say):

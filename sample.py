@@ -5,6 +5,8 @@ Sample from a trained model (out_dir's ckpt.pt) or from OpenAI's GPT-2 weights.
     python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt
 
+A checkpoint is all it needs: the weights are read alone, memory-mapped (checkpoint.load_weights),
+and the text is decoded with the checkpoint's own tokenizer, so no data/ folder is read.
 Samples are generated with a KV cache, num_samples at a time (up to max_batch), and a lone
 sample is printed as it is generated. Sample i draws from its own generator seeded by (seed, i),
 so it is the same whatever max_batch is.
@@ -17,17 +19,18 @@ import numpy as np
 import torch
 
 import checkpoint
+import tokenizer
 from configurator import UsageError, configure, fail
 from dataset import DATA_DIR
 from devices import DeviceError, autocast_context, one_line_out_of_memory, pick_device, pick_dtype
-from gpt2 import GPT2Error, load_gpt2
-from model import GPT, GPTConfig
-from tokenizer import CHAR_VOCAB, get_codec
+from gpt2 import GPT2Error, from_state_dict, load_gpt2
+from model import GPTConfig
 
 # -----------------------------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (a checkpoint in out_dir) or GPT-2 weights: 'gpt2', ..., 'gpt2-xl', a local HF folder
 out_dir = "out"
-start = "\n"  # the prompt: text, or FILE:path to read it from a file
+start = ""  # the prompt: text, or FILE:path to read it from a file; empty: "\n" (nanoGPT's), or the
+# vocab's first symbol when it has no newline (said on stderr)
 num_samples = 10
 max_new_tokens = 500
 temperature = 0.8  # 1.0 samples the model's distribution as is, lower is more conservative, 0 is greedy
@@ -59,23 +62,25 @@ except DeviceError as e:
 dtype = pick_dtype(dtype, device)
 ctx = autocast_context(device, dtype)
 
-meta_path = None
 if init_from == "resume":
     best = os.path.join(out_dir, checkpoint.BEST)
+    load = checkpoint.load_weights  # the weights alone, memory-mapped: never the optimizer or the RNG
     try:  # ckpt.pt (best val) as in nanoGPT, else the newest checkpoint that loads
-        path, ckpt = best, checkpoint.load(best)
+        path, ckpt = best, load(best)
     except checkpoint.CheckpointError as e:
         if os.path.exists(best):
             print(f"warning: skipping {e}; using the newest checkpoint that loads", file=sys.stderr)
         try:  # (ckpt.pt has been reported just now)
-            path, ckpt = checkpoint.load_latest(out_dir, log=lambda m: best in m or print(m, file=sys.stderr))
+            path, ckpt = checkpoint.load_latest(out_dir, log=lambda m: best in m or print(m, file=sys.stderr), load_one=load)
         except checkpoint.CheckpointError as e:
             raise SystemExit(f"error: {e}")
-    model = GPT(GPTConfig(**{k: ckpt["model_args"][k] for k in checkpoint.MODEL_ARGS if k in ckpt["model_args"]}))
-    model.load_state_dict(ckpt["model"])
-    dataset = ckpt.get("config", {}).get("dataset")
-    if dataset:  # a char-level run keeps its vocab in the dataset's meta.pkl
-        meta_path = os.path.join(DATA_DIR, dataset, "meta.pkl")
+    model = from_state_dict(GPTConfig(**{k: ckpt["model_args"][k] for k in checkpoint.MODEL_ARGS}), ckpt["model"])
+    try:  # the checkpoint's own tokenizer; an older file's comes from its dataset's meta.pkl
+        record, note = tokenizer.of_checkpoint(ckpt, DATA_DIR, path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if note:
+        print(note, file=sys.stderr)
     print(f"sampling from {path} (iteration {ckpt.get('iter_num')})", file=sys.stderr)  # stdout: samples only
     del ckpt
 else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder
@@ -86,24 +91,26 @@ else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder
     except GPT2Error as e:
         raise SystemExit(f"error: {e}")
     print(f"sampling from {init_from}", file=sys.stderr)
-    if os.path.isdir(init_from) and os.path.exists(os.path.join(init_from, CHAR_VOCAB)):
-        meta_path = os.path.join(init_from, CHAR_VOCAB)  # a character-level run's export
-    elif model.config.vocab_size < 50257:
+    record = tokenizer.of_file(os.path.join(init_from, tokenizer.CHAR_VOCAB)) if os.path.isdir(init_from) else None
+    if record is None and model.config.vocab_size < 50257:
         raise SystemExit(f"error: {init_from} holds a model with a vocab of {model.config.vocab_size} tokens and no "
-                         f"tokenizer for it ({CHAR_VOCAB}, which export.py writes for character-level runs)")
+                         f"tokenizer for it ({tokenizer.CHAR_VOCAB}, which export.py writes for character-level runs)")
+    record = record or tokenizer.GPT2
 
 model.eval()
 model.to(device)
 
-codec = get_codec(meta_path)
+codec = tokenizer.codec(record)
 if stop_at_eot and codec.eot is None:
     fail("stop_at_eot=True needs a GPT-2 BPE model; a character vocab has no <|endoftext|>")
-try:
-    start_ids = codec.encode(start)
-except KeyError as e:
-    fail(f"the prompt has a character {e} that is not in the model's vocabulary ({meta_path})")
-if not start_ids:
-    fail("the prompt is empty; give --start=some text")
+if not start:
+    start, why = tokenizer.default_prompt(codec)
+    if why:
+        print(f"note: {why}", file=sys.stderr)
+if not codec.has(start):
+    missing = "".join(sorted({c for c in start if not codec.has(c)}))
+    fail(f"the prompt has characters the model's vocabulary lacks: {missing[:20]!r}")
+start_ids = codec.encode(start)
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
 keep = max(1, round(window_keep * model.config.block_size))
 n_vocab = min(codec.size, model.config.vocab_size)  # a padded vocab's extra rows are no token: never drawn

@@ -1,15 +1,16 @@
 """
-Tokenizers: GPT-2 BPE (tiktoken) built offline from the files shipped in data/gpt2_bpe/, and the
+Tokenizers, and the record of one that a checkpoint carries so that it alone is enough to generate
+from: GPT-2 BPE (tiktoken) built offline from the files shipped in data/gpt2_bpe/, and the
 character vocab that a char dataset's prepare writes to meta.pkl (and export.py, as
 char_vocab.json, into an HF folder, so that the folder samples with its own vocab).
+
+The record (checkpoint key "tokenizer", plain data for weights_only loading):
+    {"kind": "char", "itos": [one string per token id]}          the vocab itself
+    {"kind": "bpe", "name": "gpt2", "sha256": [vocab.bpe's, encoder.json's]}   a name and a fingerprint
 """
 import json
 import os
 from typing import Callable, NamedTuple, Optional
-
-import tiktoken
-from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 
 from dataset import load_meta
 
@@ -18,6 +19,8 @@ CHAR_VOCAB = "char_vocab.json"  # {"itos": [one string per token id]}, beside an
 # the hashes tiktoken itself checks for these two files
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+ENDOFTEXT = "<|endoftext|>"
+GPT2 = {"kind": "bpe", "name": "gpt2", "sha256": [VOCAB_BPE_SHA256, ENCODER_JSON_SHA256]}
 _gpt2 = None
 
 
@@ -26,7 +29,10 @@ def gpt2_encoding():
     tiktoken.get_encoding('gpt2') downloads, so they come first: offline that call would
     only wait on the network and fail. get_encoding is the fallback if the files are gone."""
     global _gpt2
-    if _gpt2 is None:
+    if _gpt2 is None:  # tiktoken is imported here: checkpoints are judged without it (tokenizer.problem)
+        import tiktoken
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+        from tiktoken_ext.openai_public import r50k_pat_str
         encoder_json = os.path.join(BPE_DIR, "encoder.json")
         vocab_bpe = os.path.join(BPE_DIR, "vocab.bpe")
         if os.path.exists(encoder_json) and os.path.exists(vocab_bpe):
@@ -39,15 +45,55 @@ def gpt2_encoding():
     return _gpt2
 
 
-def char_vocab(meta_path):
-    """{id: char} from a dataset's meta.pkl, or None when the dataset is not character-level."""
-    return load_meta(meta_path).get("itos") if meta_path and os.path.exists(meta_path) else None
+def of_meta(meta):
+    """The record of the tokenizer a dataset's meta.pkl describes (dataset.py: no itos means GPT-2 BPE)."""
+    itos = meta.get("itos")
+    if itos is None:
+        return GPT2
+    return {"kind": "char", "itos": [itos[i] for i in range(len(itos))]}
 
 
-def save_chars(itos, folder):
-    """Write a character vocab as plain JSON into folder (an HF export)."""
-    with open(os.path.join(folder, CHAR_VOCAB), "w", encoding="utf-8") as f:
-        json.dump({"itos": [itos[i] for i in range(len(itos))]}, f, ensure_ascii=False)
+def of_file(path):
+    """The record from a dataset's meta.pkl or an export's char_vocab.json; None when there is no file."""
+    if not path or not os.path.exists(path):
+        return None
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            return {"kind": "char", "itos": list(json.load(f)["itos"])}
+    return of_meta(load_meta(path))
+
+
+def problem(record, vocab_size):
+    """What makes a checkpoint's tokenizer record unusable for a model of vocab_size ids, or None."""
+    if not isinstance(record, dict) or record.get("kind") not in ("char", "bpe"):
+        return "tokenizer is not a record of a char vocab or a BPE"
+    if record["kind"] == "bpe":
+        if record.get("name") != "gpt2" or record.get("sha256") != GPT2["sha256"]:
+            return f"tokenizer is the BPE {str(record.get('name'))[:40]!r} with other files than GPT-2's, which this project has"
+        return None
+    itos = record.get("itos")
+    if not (isinstance(itos, list) and itos and all(isinstance(s, str) and s for s in itos)
+            and len(set(itos)) == len(itos)):
+        return "tokenizer's char vocab is not a list of distinct strings"
+    if len(itos) > vocab_size:
+        return f"tokenizer's char vocab has {len(itos)} symbols, more than the model's {vocab_size}"
+    return None
+
+
+def changes(old, new):
+    """How the tokenizer record `new` differs from `old`, in a few words, or None when it does not."""
+    if old == new:
+        return None
+    if old["kind"] != new["kind"]:
+        name = {"char": "a char vocab", "bpe": "GPT-2 BPE"}
+        return f"{name[old['kind']]} before, {name[new['kind']]} now"
+    a, b = old["itos"], new["itos"]
+    moved = [(c, i, b.index(c)) for i, c in enumerate(a) if c in b and b.index(c) != i]
+    gone, added = [c for c in a if c not in b], [c for c in b if c not in a]
+    said = [f"{len(moved)} symbol(s) have other ids ({', '.join(f'{c!r} {i} -> {j}' for c, i, j in moved[:3])})"
+            if moved else "", f"not there now: {''.join(gone[:10])!r}" if gone else "",
+            f"new: {''.join(added[:10])!r}" if added else ""]
+    return "; ".join(s for s in said if s)
 
 
 class Codec(NamedTuple):
@@ -56,21 +102,56 @@ class Codec(NamedTuple):
     token_bytes: Callable[[int], bytes]  # one id -> its bytes (a BPE token may hold part of a character)
     size: int  # ids below this decode to text
     eot: Optional[int]  # <|endoftext|>: GPT-2 BPE only
+    has: Callable[[str], bool]  # whether text encodes (a char vocab lacks most characters)
+
+
+def codec(record):
+    """The Codec of a tokenizer record."""
+    if record["kind"] == "char":
+        itos = dict(enumerate(record["itos"]))
+        stoi = {c: i for i, c in itos.items()}
+        return Codec(lambda s: [stoi[c] for c in s], lambda ids: "".join(itos[i] for i in ids),
+                     lambda i: itos[i].encode("utf-8"), len(itos), None, lambda s: all(c in stoi for c in s))
+    enc = gpt2_encoding()
+    return Codec(lambda s: enc.encode(s, allowed_special={ENDOFTEXT}), enc.decode, enc.decode_single_token_bytes,
+                 enc.n_vocab, enc.eot_token, lambda s: True)
 
 
 def get_codec(vocab_path=None):
     """The Codec of a char vocab (a meta.pkl that has one, or an export's char_vocab.json) when
     it exists, else GPT-2 BPE."""
-    itos = None
-    if vocab_path and vocab_path.endswith(".json") and os.path.exists(vocab_path):
-        with open(vocab_path, encoding="utf-8") as f:
-            itos = dict(enumerate(json.load(f)["itos"]))
-    elif vocab_path:
-        itos = char_vocab(vocab_path)
-    if itos is not None:
-        stoi = {c: i for i, c in itos.items()}
-        return Codec(lambda s: [stoi[c] for c in s], lambda ids: "".join(itos[i] for i in ids),
-                     lambda i: itos[i].encode("utf-8"), len(itos), None)
-    enc = gpt2_encoding()
-    return Codec(lambda s: enc.encode(s, allowed_special={ENDOFTEXT}), enc.decode, enc.decode_single_token_bytes,
-                 enc.n_vocab, enc.eot_token)
+    return codec(of_file(vocab_path) or GPT2)
+
+
+def save_chars(record, folder):
+    """Write a character vocab as plain JSON into folder (an HF export)."""
+    with open(os.path.join(folder, CHAR_VOCAB), "w", encoding="utf-8") as f:
+        json.dump({"itos": record["itos"]}, f, ensure_ascii=False)
+
+
+def default_prompt(c):
+    """nanoGPT's prompt, a newline, when the vocab has it; else its first symbol (a dataset of files
+    without newlines). Returns (prompt, why it is not a newline or None)."""
+    if c.has("\n"):
+        return "\n", None
+    first = c.decode([0])
+    return first, f"no --start given and the vocab has no newline: the prompt is its first symbol, {first!r}"
+
+
+def of_checkpoint(ckpt, data_dir, where):
+    """The tokenizer a checkpoint's model reads and writes: the checkpoint's own record; for a file
+    written before checkpoints carried one (or by nanoGPT), its dataset's meta.pkl or, for a GPT-2
+    sized vocab, GPT-2 BPE, with a note saying so. Returns (record, note or None); raises ValueError
+    when there is nothing to go on (a small vocab and no meta.pkl): never a guess."""
+    if ckpt.get("tokenizer") is not None:
+        return ckpt["tokenizer"], None
+    dataset = (ckpt.get("config") or {}).get("dataset") or ""
+    meta = os.path.join(data_dir, dataset, "meta.pkl") if dataset else None
+    record = of_file(meta)
+    old = f"{where} carries no tokenizer (written by nanoGPT or an older version)"
+    if record is not None and record["kind"] == "char":
+        return record, f"note: {old}: using {meta}"
+    if ckpt["model_args"]["vocab_size"] >= 50257:
+        return GPT2, f"note: {old}: its vocab of {ckpt['model_args']['vocab_size']} is GPT-2's, so GPT-2 BPE"
+    raise ValueError(f"{old}, and its model's vocab of {ckpt['model_args']['vocab_size']} tokens is no GPT-2 BPE: "
+                     f"it needs its dataset's meta.pkl ({meta or 'no dataset named'}), which is not there")

@@ -117,7 +117,8 @@ data = TokenData(dataset)
 check_data(block_size, data.tokens(), dataset)
 vocab_size = data.vocab_size()
 if ckpt is not None:
-    resume.check_compatible(ckpt, dataset, vocab_size)
+    resume.check_compatible(ckpt, data, vocab_size, log=log)
+data_record = dict(tokenizer=data.tokenizer(), data_fingerprint=data.fingerprint())  # a checkpoint samples alone
 if ckpt and ckpt["iter_num"] >= max_iters and not eval_only:
     log(f"the run is complete: iteration {ckpt['iter_num']} of max_iters={max_iters} ({ckpt_path}); "
         f"raise --max_iters to train longer")
@@ -253,7 +254,7 @@ def checkpoint_state(val_loss):
     rngs = distributed.every_rank(resume.capture_rng())
     return dict(
         model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config,
-        scaler=scaler.state_dict(), rng=rngs, format_version=checkpoint.FORMAT_VERSION,
+        scaler=scaler.state_dict(), rng=rngs, format_version=checkpoint.FORMAT_VERSION, **data_record,
         metadata=dict(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), torch_version=str(torch.__version__),
                       world_size=world_size, tokens_seen=tokens_at(iter_num),
                       train_seconds=train_seconds + time.time() - t_start, val_loss=val_loss, last_eval=last_eval,

@@ -6,6 +6,10 @@ Sampling speed, side by side (README, "Performance"). Run from the project root:
     python bench/bench_sample.py char --batch  # ours: 10 samples in one batch vs the same 10 one after another
     python bench/bench_sample.py gpt2 --batch
     python bench/bench_sample.py char --ours=--window_keep=1.0   # ours sliding the window by one token, as nanoGPT
+    python bench/bench_sample.py char --new=240 --top_k=1        # greedy, within the window (prompt + 240 < 256)
+
+Without --batch it also prints the memory bound of batch 1: the bytes of weights one token reads,
+over a copy bandwidth measured in the same process, and each script's tokens/s as a share of it.
 
 nanoGPT is the unmodified copy in ../shared/reference/nanogpt (a benchmark reference only). Both
 scripts sample the same checkpoint with the same prompt, one sample of --new tokens, fp32 on the
@@ -88,18 +92,42 @@ def tiktoken_cache(tmp):
     return env
 
 
+def copy_bandwidth():
+    """Bytes a memory copy moves per second (read + written), the best of 5 copies of 512 MB."""
+    import torch
+    src, dst = torch.ones(2**27), torch.empty(2**27)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def weight_bytes_per_token(shape):
+    """What one token reads at batch 1 in fp32: every weight once (wte as lm_head), one row of wpe."""
+    L, C, V = shape["n_layer"], shape["n_embd"], shape["vocab_size"]
+    per_layer = 12 * C * C + 13 * C  # attention and MLP matrices with their biases, two LayerNorms
+    return 4 * (L * per_layer + V * C + 2 * C + C)
+
+
+SHAPES = {"char": dict(n_layer=6, n_embd=384, vocab_size=65, block_size=256),
+          "gpt2": dict(n_layer=12, n_embd=768, vocab_size=50257, block_size=1024)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("shape", choices=("char", "gpt2"))
     ap.add_argument("--batch", action="store_true", help="ours: 10 samples batched vs one after another")
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--new", type=int, default=500, help="new tokens per sample")
+    ap.add_argument("--top_k", type=int, default=200, help="both scripts' top_k (1: greedy)")
     ap.add_argument("--ours", default="", help="more flags for our sample.py, e.g. --ours=--window_keep=1.0")
     a = ap.parse_args()
     if not os.path.isdir(NANOGPT):
         sys.exit(f"error: nanoGPT's reference copy is not at {os.path.normpath(NANOGPT)}; this benchmark runs "
                  f"from a checkout beside the team's shared/ folder")
-    common = ["--device=cpu", f"--start={PROMPT}", "--seed=1337"]
+    common = ["--device=cpu", f"--start={PROMPT}", "--seed=1337", f"--top_k={a.top_k}"]
     with tempfile.TemporaryDirectory(dir=ROOT, prefix="bench-sample-") as tmp:
         ours_args, ng_args = (char_checkpoint if a.shape == "char" else gpt2_checkpoint)(tmp)
         ours = [sys.executable, os.path.join(ROOT, "sample.py"), *ours_args, *common, "--dtype=float32", *a.ours.split()]
@@ -128,6 +156,12 @@ def main():
         print(f"median tokens/s: {first} {statistics.median(r1):.1f}, {second} {statistics.median(r2):.1f}; "
               f"median ratio {first}/{second}: {statistics.median(ratios):.2f}x (per pair: "
               + ", ".join(f"{r:.2f}" for r in ratios) + ")")
+        if not a.batch:  # batch 1 reads every weight once per token: the memory's speed bounds it
+            bandwidth, per_token = copy_bandwidth(), weight_bytes_per_token(SHAPES[a.shape])
+            bound = bandwidth / per_token
+            print(f"memory bound: {per_token / 2**20:.1f} MB of weights per token at a copy bandwidth of "
+                  f"{bandwidth / 1e9:.1f} GB/s (read + written) = {bound:.1f} tokens/s; {first} reaches "
+                  f"{statistics.median(r1) / bound:.0%} of it, {second} {statistics.median(r2) / bound:.0%}")
 
 
 if __name__ == "__main__":

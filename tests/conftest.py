@@ -110,6 +110,16 @@ def copy_run(src, dst):
     return dst
 
 
+def project_without_data(dst):
+    """The project's scripts and modules copied to dst with no data/ folder: a machine that has the
+    code and a run's out_dir but not the dataset it was trained on."""
+    os.makedirs(dst)
+    for name in os.listdir(ROOT):
+        if name.endswith(".py"):
+            shutil.copyfile(os.path.join(ROOT, name), os.path.join(dst, name))
+    return str(dst)
+
+
 @pytest.fixture(scope="session")
 def shakespeare_char():
     """The char-level bins, prepared once (the text ships with the project)."""

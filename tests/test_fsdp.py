@@ -15,7 +15,7 @@ import torch
 
 import checkpoint
 from atomicfile import TMP_TAG
-from conftest import ROOT, TINY, children, copy_run, run, start, wait_for
+from conftest import ROOT, TINY, children, copy_run, project_without_data, run, start, wait_for
 from metrics import read_rows
 
 ARGS = [*TINY, "--dropout=0.0", "--gradient_accumulation_steps=2", "--eval_interval=5", "--checkpoint_interval=4",
@@ -269,7 +269,7 @@ def test_planted_pickle_in_dcp_metadata_never_runs(fsdp_run, tmp_path):
 def test_consolidated_folder_samples_and_exports(fsdp_run, tmp_path):
     """`checkpoint.py consolidate` gives the file a single process would have written: sample.py prints
     what it prints from ckpt.pt of the same iteration, export.py makes an HF model with the same logits;
-    sample.py also reads a folder directly when out_dir holds nothing else."""
+    sample.py also reads a folder directly when out_dir holds nothing else, without the dataset."""
     from transformers import GPT2LMHeadModel
 
     from model import GPT, GPTConfig
@@ -283,6 +283,11 @@ def test_consolidated_folder_samples_and_exports(fsdp_run, tmp_path):
     only.mkdir()
     os.rename(copy_run(fsdp_run, tmp_path / "c") / "ckpt-00000020", only / "ckpt-00000020")
     assert run("sample.py", f"--out_dir={only}", *sample).stdout == text
+    # a folder carries its tokenizer too: sampled on a copy of the project that has no data/
+    elsewhere = project_without_data(tmp_path / "machine")
+    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={only}", *sample], cwd=elsewhere, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout == text, p.stderr
 
     run("export.py", f"--ckpt={fsdp_run / 'ckpt-00000020'}", f"--to={tmp_path / 'hf'}")
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()

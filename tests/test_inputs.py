@@ -76,8 +76,7 @@ SAMPLE = [
     (["--max_new_tokens=None"], 2, "max_new_tokens in --max_new_tokens=None must be int"),
     (["--init_from=gpt2-foo"], 2, "neither GPT-2 weights"),
     ([f"--out_dir={MISSING}"], 1, "no checkpoint in"),
-    (["--start="], 2, "the prompt is empty"),
-    (["--start=\u00e9t\u00e9"], 2, "not in the model's vocabulary"),
+    (["--start=\u00e9t\u00e9"], 2, "characters the model's vocabulary lacks: '\u00e9'"),
     (["--stop_at_eot=True"], 2, "needs a GPT-2 BPE model"),
     (["--window_keep=1.5"], 2, "window_keep=1.5 must be between 0 and 1"),
     (["--max_batch=0"], 2, "max_batch=0 must be at least 1"),
@@ -165,7 +164,7 @@ def test_bench_bad_input(shakespeare_char, scene, args, words):
 def test_checkpoint_cli_usage(args):
     p = run("checkpoint.py", *args, check=False)
     assert p.returncode == 2 and p.stderr.strip() == \
-        "error: usage: python checkpoint.py OUT_DIR | CHECKPOINT | consolidate FOLDER OUT.pt"
+        "error: usage: python checkpoint.py OUT_DIR | CHECKPOINT | verify CHECKPOINT | consolidate FOLDER OUT.pt"
 
 
 def test_time_limit_too_short_for_one_iteration(shakespeare_char, tmp_path):
