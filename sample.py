@@ -24,7 +24,7 @@ from configurator import UsageError, configure, fail
 from dataset import DATA_DIR
 from devices import DeviceError, autocast_context, one_line_out_of_memory, pick_device, pick_dtype
 from gpt2 import GPT2Error, from_state_dict, load_gpt2
-from model import GPTConfig
+from model import GPTConfig, cpu_decoding_layout
 
 # -----------------------------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (a checkpoint in out_dir) or GPT-2 weights: 'gpt2', ..., 'gpt2-xl', a local HF folder
@@ -99,6 +99,8 @@ else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder
 
 model.eval()
 model.to(device)
+if device == "cpu" and dtype == "float32":  # (under autocast every matmul casts its weights anyway)
+    cpu_decoding_layout(model)
 
 codec = tokenizer.codec(record)
 if stop_at_eot and codec.eot is None:

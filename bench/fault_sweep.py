@@ -23,7 +23,8 @@ torchrun (checkpoint folders); 'resume' continues a finished 4-iteration run to 
    sampled: --writes) and separately `...:signal=KILL:when=N`. Then it checks:
    - no Traceback in the output (not counted: torchrun's own report of a failed worker, and torch's
      traceback of a rank whose peer was killed, "Connection closed by peer");
-   - exit 0, or 1 with exactly one `error:` line; a kill: killed (-9, 137; torchrun exits 1);
+   - exit 0, or 1 with exactly one `error:` line (under torchrun, when one rank alone met the error,
+     its `rank N: error: ...` line); a kill: killed (-9, 137; torchrun exits 1);
    - every file or folder under a checkpoint's name loads (checkpoint.load);
    - the newest periodic checkpoint, and ckpt.pt, announced ("saved ...") before the faulted call in
      the clean run still exist (unless keep_last newer ones replaced the periodic one);
@@ -507,14 +508,21 @@ def try_point(clean, point, work, timeout=600, keep=False, rerun=True):
     return result
 
 
+RANK_ERROR = re.compile(r"^rank \d+: error: ")
+
+
 def _how_it_ended(point, scenario, code, output, texts, hit, timeout):
-    """No traceback; exit 0, or 1 with one error line; killed when the kill was reached."""
+    """No traceback; exit 0, or 1 with one error line (rank 0's, or under torchrun the line of the one
+    rank that met it, 'rank N: error: ...'); killed when the kill was reached."""
     reasons = [f"hung: still running after {timeout}s"] if code is None else []
     # a rank whose peer was killed may die in a collective with torch's traceback: not counted
     mine = "".join(t for r, t in texts.items() if not (point.kind == "kill" and r != point.rank and PEER_DIED.search(t)))
     if "Traceback" in mine or ("Traceback" in output and "ChildFailedError" not in output):
         reasons.append("a traceback: " + _around(mine if "Traceback" in mine else output, "Traceback"))
-    errors = [ln for t in texts.values() for ln in t.splitlines() if ln.startswith("error:")]
+    lines = [ln for t in texts.values() for ln in t.splitlines()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    if not errors:  # an error that one rank alone met (its own EIO) is its line, 'rank N: error: ...'
+        errors = [ln for ln in lines if RANK_ERROR.match(ln)][:1]
     if code is not None and point.kind == "kill" and hit:
         if code not in ((1,) if scenario.torchrun else (-9, 137)):
             reasons.append(f"exit {code} after a kill")
