@@ -349,41 +349,46 @@ def _kind(path):
     return kind
 
 
+STORAGE = re.compile(r"/data/\d+$")  # a tensor storage's record in torch.save's zip archive
+
+
 def _check_crcs(path, names=None):
-    """Every record of the zip archive (or those in names) against its CRC-32: torch.save writes them,
-    torch.load never checks them, so a flipped byte inside a tensor would load silently. One read of
-    those records, in pieces."""
+    """Every record of the zip archive (or those in names: a list, or a test of a name) against its
+    CRC-32: torch.save writes them, torch.load never checks them, so a flipped byte inside a tensor
+    would load silently. One read of those records, in pieces. A record that cannot be read counts
+    as a mismatch, as in zipfile's testzip."""
     try:
         with zipfile.ZipFile(path) as zf:
             if names is None:
                 bad = zf.testzip()
             else:
-                for name in names:
-                    bad = name
-                    with zf.open(name) as f:  # zipfile checks the CRC at the end of the record
-                        while f.read(1 << 20):
-                            pass
-                bad = None
-    except zipfile.BadZipFile as e:
-        if names is not None and "CRC" in str(e):
-            raise CheckpointError(f"{path}: corrupt (CRC mismatch in {bad})") from None
-        raise CheckpointError(f"{path}: unreadable (a damaged zip archive: {first_line(e)})") from None
-    except Exception as e:  # EOFError or UnicodeDecodeError from a damaged local header, a missing record
+                bad = next((n for n in (filter(names, zf.namelist()) if callable(names) else names)
+                            if not _record_ok(zf, n)), None)
+    except Exception as e:  # BadZipFile, and EOFError or UnicodeDecodeError from a damaged local header
         raise CheckpointError(f"{path}: unreadable (a damaged zip archive: {first_line(e)})") from None
     if bad is not None:
         raise CheckpointError(f"{path}: corrupt (CRC mismatch in {bad})")
 
 
+def _record_ok(zf, name):
+    try:
+        with zf.open(name) as f:  # zipfile checks the CRC at the end of the record
+            while f.read(1 << 20):
+                pass
+        return True
+    except zipfile.BadZipFile:
+        return False
+
+
 def _weight_records(path, ckpt):
-    """The zip records that hold the pickle and the model's weights, or None (all of them) when that
-    cannot be told. torch.save names storages data/0, data/1, ... as the pickler first meets them,
+    """The zip records that hold the model's weights, or None (all of them) when that cannot be told. torch.save names storages data/0, data/1, ... as the pickler first meets them,
     so when `model` is the dict's first key (ours and nanoGPT's) its storages are the first ones."""
     if next(iter(ckpt)) != "model":
         return None
     storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in ckpt["model"].values()}
     with zipfile.ZipFile(path) as zf:
         prefix = zf.namelist()[0].split("/")[0]
-    return [f"{prefix}/data.pkl"] + [f"{prefix}/data/{i}" for i in range(len(storages))]
+    return [f"{prefix}/data/{i}" for i in range(len(storages))]
 
 
 # What a checkpoint holds, judged by check_contents: a file with valid CRCs may still come from another
@@ -647,6 +652,7 @@ def load_weights(path):
         ckpt = verify_folder(path)
         ckpt["model"] = read_shards(path, ckpt, optimizer=False)[0]
     else:
+        _check_crcs(path, lambda name: not STORAGE.search(name))  # the pickle and the small records, first
         ckpt = _torch_load(path, mmap=True)
         check_contents(ckpt, path)
         try:
@@ -784,8 +790,7 @@ def inspect(path, crcs):
     (a folder's always are, as load does)."""
     if _kind(path) == "folder":
         return load(path, tensors=False)
-    if crcs:
-        _check_crcs(path)
+    _check_crcs(path, None if crcs else lambda name: not STORAGE.search(name))  # the header's records at least
     ckpt = _torch_load(path, mmap=True)
     check_contents(ckpt, path)
     return ckpt

@@ -7,6 +7,7 @@ Sampling speed, side by side (README, "Performance"). Run from the project root:
     python bench/bench_sample.py gpt2 --batch
     python bench/bench_sample.py char --ours=--window_keep=1.0   # ours sliding the window by one token, as nanoGPT
     python bench/bench_sample.py char --new=240 --top_k=1        # greedy, within the window (prompt + 240 < 256)
+    python bench/bench_sample.py gpt2 --compile --new=200        # static-cache decode step: eager vs torch.compile
 
 Without --batch it also prints the memory bound of batch 1: the bytes of weights one token reads,
 over a copy bandwidth measured in the same process, and each script's tokens/s as a share of it.
@@ -115,6 +116,59 @@ SHAPES = {"char": dict(n_layer=6, n_embd=384, vocab_size=65, block_size=256),
           "gpt2": dict(n_layer=12, n_embd=768, vocab_size=50257, block_size=1024)}
 
 
+def static_step(model, token, pos, K, V):
+    """One token through the model with a static KV cache of block_size positions (K, V: per layer
+    (1, n_head, block_size, head_size)) and a position tensor: the same shapes at every step, which is
+    what torch.compile needs to trace it once. A measurement only: sample.py's cache grows instead."""
+    import torch
+    import torch.nn.functional as F
+    c, t = model.config, model.transformer
+    C, H = c.n_embd, c.n_head
+    x = t.wte(token) + t.wpe(pos)[None, None]
+    mask = (torch.arange(c.block_size) <= pos)[None, None, None, :]
+    for i, block in enumerate(t.h):
+        q, k, v = block.attn.c_attn(block.ln_1(x)).split(C, dim=2)
+        q, k, v = (z.view(1, 1, H, C // H).transpose(1, 2) for z in (q, k, v))
+        K[i].index_copy_(2, pos[None], k)
+        V[i].index_copy_(2, pos[None], v)
+        y = F.scaled_dot_product_attention(q, K[i], V[i], attn_mask=mask)
+        x = x + block.attn.c_proj(y.transpose(1, 2).reshape(1, 1, C))
+        x = x + block.mlp(block.ln_2(x))
+    return model.lm_head(t.ln_f(x))
+
+
+def bench_compile(shape, pairs, new):
+    """Whether torch.compile helps batch-1 decoding here: the static-cache step eager against the same
+    step compiled (compiled once before timing; its compile time is printed), A B A B."""
+    import torch
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SHAPES[shape], n_head=12 if shape == "gpt2" else 6, bias=True, dropout=0.0)).eval()
+    c = model.config
+    compiled = torch.compile(static_step, dynamic=False)
+
+    def rate(step):
+        K = [torch.zeros(1, c.n_head, c.block_size, c.n_embd // c.n_head) for _ in range(c.n_layer)]
+        V = [torch.zeros_like(k) for k in K]
+        tokens = [torch.zeros(1, 1, dtype=torch.long)]
+        t0 = time.perf_counter()
+        for p in range(new):
+            tokens.append(step(model, tokens[-1], torch.tensor(p), K, V)[:, -1].argmax(-1, keepdim=True))
+        return new / (time.perf_counter() - t0), torch.cat(tokens[1:], dim=1)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        _, got = rate(compiled)
+        print(f"compile (and one pass): {time.perf_counter() - t0:.1f} s", flush=True)
+        want = torch.cat(list(model.tokens(torch.zeros(1, 1, dtype=torch.long), new, 0.0)), dim=1)
+        print(f"the compiled static step gives sample.py's greedy tokens: {torch.equal(got, want)}", flush=True)
+        ratios = []
+        for i in range(pairs):
+            (eager, _), (comp, _) = rate(static_step), rate(compiled)
+            ratios.append(comp / eager)
+            print(f"pair {i + 1}: eager {eager:.1f} tokens/s, compiled {comp:.1f} tokens/s, ratio {ratios[-1]:.2f}", flush=True)
+    print(f"median ratio compiled/eager: {statistics.median(ratios):.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("shape", choices=("char", "gpt2"))
@@ -123,7 +177,10 @@ def main():
     ap.add_argument("--new", type=int, default=500, help="new tokens per sample")
     ap.add_argument("--top_k", type=int, default=200, help="both scripts' top_k (1: greedy)")
     ap.add_argument("--ours", default="", help="more flags for our sample.py, e.g. --ours=--window_keep=1.0")
+    ap.add_argument("--compile", action="store_true", help="a static-cache decode step, eager vs torch.compile")
     a = ap.parse_args()
+    if a.compile:
+        return bench_compile(a.shape, a.pairs, min(a.new, SHAPES[a.shape]["block_size"]))
     if not os.path.isdir(NANOGPT):
         sys.exit(f"error: nanoGPT's reference copy is not at {os.path.normpath(NANOGPT)}; this benchmark runs "
                  f"from a checkout beside the team's shared/ folder")
