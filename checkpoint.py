@@ -381,8 +381,9 @@ def _record_ok(zf, name):
 
 
 def _weight_records(path, ckpt):
-    """The zip records that hold the model's weights, or None (all of them) when that cannot be told. torch.save names storages data/0, data/1, ... as the pickler first meets them,
-    so when `model` is the dict's first key (ours and nanoGPT's) its storages are the first ones."""
+    """The zip records that hold the model's weights, or None (all of them) when that cannot be told.
+    torch.save names storages data/0, data/1, ... as the pickler first meets them, so when `model` is
+    the dict's first key (ours and nanoGPT's) its storages are the first ones."""
     if next(iter(ckpt)) != "model":
         return None
     storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in ckpt["model"].values()}
@@ -631,10 +632,16 @@ def load(path, map_location="cpu", tensors=True):
     _check_crcs(path)
     ckpt = _torch_load(path, map_location)
     check_contents(ckpt, path)
+    return _plain_weights(ckpt, path)
+
+
+def _plain_weights(ckpt, path):
+    """A judged file's dict as every reader wants it: real tensors (not meta), plain names (no
+    prefixes, no causal-mask buffers), best_val_loss a float (nanoGPT stores a 0-d tensor)."""
     if any(t.is_meta for t in ckpt["model"].values()):
         raise CheckpointError(f"{path}: not a GPT checkpoint (its model holds meta tensors: shapes without weights)")
     ckpt["model"] = {k: t for k, t in strip_prefixes(ckpt["model"]).items() if not MASK.fullmatch(k)}
-    if isinstance(ckpt["best_val_loss"], torch.Tensor):  # nanoGPT stores a 0-d tensor
+    if isinstance(ckpt["best_val_loss"], torch.Tensor):
         ckpt["best_val_loss"] = ckpt["best_val_loss"].item()
     return ckpt
 
@@ -660,13 +667,8 @@ def load_weights(path):
         except Exception as e:
             raise CheckpointError(f"{path}: unreadable ({first_line(e)})") from None
         _check_crcs(path, names)
-        if any(t.is_meta for t in ckpt["model"].values()):
-            raise CheckpointError(f"{path}: not a GPT checkpoint (its model holds meta tensors: shapes without weights)")
-        ckpt["model"] = {k: t for k, t in strip_prefixes(ckpt["model"]).items() if not MASK.fullmatch(k)}
-    out = {k: ckpt[k] for k in WEIGHTS if k in ckpt}
-    if isinstance(out["best_val_loss"], torch.Tensor):
-        out["best_val_loss"] = out["best_val_loss"].item()
-    return out
+        ckpt = _plain_weights(ckpt, path)
+    return {k: ckpt[k] for k in WEIGHTS if k in ckpt}
 
 
 def read_header(path):

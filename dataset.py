@@ -78,6 +78,8 @@ class TokenData:
         try:
             self.meta = load_meta(meta) if self.meta_path else {}
             dtype = meta_dtype(self.meta)
+            import tokenizer  # here: tokenizer imports this module
+            self.record = tokenizer.of_meta(self.meta)  # what checkpoints store of this data's tokenizer
         except (OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError) as e:
             raise SystemExit(f"error: {meta} cannot be read ({e}); prepare dataset {dataset!r} again")
         self.bins = {}
@@ -113,8 +115,7 @@ class TokenData:
 
     def tokenizer(self):
         """The record of this data's tokenizer (tokenizer.py), as checkpoints store it."""
-        import tokenizer  # here: tokenizer imports this module
-        return tokenizer.of_meta(self.meta)
+        return self.record
 
     def tokens(self):
         """{split: number of tokens}, for checking block_size against the data up front."""

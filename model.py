@@ -218,9 +218,9 @@ class GPT(nn.Module):
 
 def cpu_decoding_layout(model):
     """Batch-1 generation on a CPU reads every weight once per token, and the BLAS's matrix-vector
-    product x @ W.T runs about 1.8x as fast over W stored transposed ((in, out) contiguous) as over
-    nn.Linear's own (out, in) rows (measured on the 2-core CPU; bench/bench_sample.py gives the whole
-    effect). So each Linear's weight gets that layout: the same shape and values, a transposed view
+    product x @ W.T streams W faster stored transposed ((in, out) contiguous) than in nn.Linear's own
+    (out, in) rows (bench/bench_sample.py gives the share of the memory bound that sampling reaches).
+    So each Linear's weight gets that layout: the same shape and values, a transposed view
     of a copy. The old copy's pages, when they are a checkpoint's memory-mapped file (sample.py), are
     handed back one tensor at a time, so memory never holds both copies of the weights."""
     for module in model.modules():
@@ -247,7 +247,7 @@ def _page_out(t):
 
 class _NoInit(torch.overrides.TorchFunctionMode):
     """Skips normal_, the random init of GPT's weights: on the meta device torch runs it in Python
-    code that first imports torch._dynamo (2 s and 70 MB), and only the shapes are wanted."""
+    code that first imports torch._dynamo (seconds, and memory), and only the shapes are wanted."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if getattr(func, "__name__", None) == "normal_":

@@ -133,10 +133,9 @@ def check_compatible(ckpt, data, vocab_size, log=say):
     saved_dataset = (ckpt.get("config") or {}).get("dataset")
     if saved_dataset is not None and saved_dataset != data.name:
         problems.append(f"dataset={data.name!r} but the checkpoint was trained on {saved_dataset!r}")
-    elif ckpt.get("tokenizer") is not None and tokenizer.changes(ckpt["tokenizer"], data.tokenizer()):
-        problems.append(f"{data.dir} was prepared again with another tokenizer since "
-                        f"({tokenizer.changes(ckpt['tokenizer'], data.tokenizer())}); prepare the new text under "
-                        f"another dataset name, or train on it in another out_dir")
+    elif ckpt.get("tokenizer") is not None and (what := tokenizer.changes(ckpt["tokenizer"], data.tokenizer())):
+        problems.append(f"{data.dir} was prepared again with another tokenizer since ({what}); prepare the new "
+                        f"text under another dataset name, or train on it in another out_dir")
     elif vocab_size is not None and vocab_size != ckpt["model_args"]["vocab_size"]:
         problems.append(f"the dataset's vocab has {vocab_size} tokens but the checkpoint's model has "
                         f"{ckpt['model_args']['vocab_size']}")

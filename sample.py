@@ -91,7 +91,10 @@ else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder
     except GPT2Error as e:
         raise SystemExit(f"error: {e}")
     print(f"sampling from {init_from}", file=sys.stderr)
-    record = tokenizer.of_file(os.path.join(init_from, tokenizer.CHAR_VOCAB)) if os.path.isdir(init_from) else None
+    try:
+        record = tokenizer.of_file(os.path.join(init_from, tokenizer.CHAR_VOCAB)) if os.path.isdir(init_from) else None
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     if record is None and model.config.vocab_size < 50257:
         raise SystemExit(f"error: {init_from} holds a model with a vocab of {model.config.vocab_size} tokens and no "
                          f"tokenizer for it ({tokenizer.CHAR_VOCAB}, which export.py writes for character-level runs)")

@@ -50,17 +50,24 @@ def of_meta(meta):
     itos = meta.get("itos")
     if itos is None:
         return GPT2
-    return {"kind": "char", "itos": [itos[i] for i in range(len(itos))]}
+    try:
+        return {"kind": "char", "itos": [itos[i] for i in range(len(itos))]}
+    except (KeyError, TypeError):
+        raise ValueError("its itos is not a vocab of ids 0, 1, 2, ...") from None
 
 
 def of_file(path):
-    """The record from a dataset's meta.pkl or an export's char_vocab.json; None when there is no file."""
+    """The record from a dataset's meta.pkl or an export's char_vocab.json; None when there is no file.
+    Raises ValueError for a file that is not one."""
     if not path or not os.path.exists(path):
         return None
-    if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            return {"kind": "char", "itos": list(json.load(f)["itos"])}
-    return of_meta(load_meta(path))
+    try:
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                return {"kind": "char", "itos": list(json.load(f)["itos"])}
+        return of_meta(load_meta(path))
+    except Exception as e:  # unreadable, not JSON or a pickle of plain data, no itos: one line for the caller
+        raise ValueError(f"{path} is not a vocab file ({type(e).__name__}: {str(e)[:100]})") from None
 
 
 def problem(record, vocab_size):
@@ -88,8 +95,10 @@ def changes(old, new):
         name = {"char": "a char vocab", "bpe": "GPT-2 BPE"}
         return f"{name[old['kind']]} before, {name[new['kind']]} now"
     a, b = old["itos"], new["itos"]
-    moved = [(c, i, b.index(c)) for i, c in enumerate(a) if c in b and b.index(c) != i]
-    gone, added = [c for c in a if c not in b], [c for c in b if c not in a]
+    now = {c: i for i, c in enumerate(b)}
+    moved = [(c, i, now[c]) for i, c in enumerate(a) if c in now and now[c] != i]
+    before = set(a)
+    gone, added = [c for c in a if c not in now], [c for c in b if c not in before]
     said = [f"{len(moved)} symbol(s) have other ids ({', '.join(f'{c!r} {i} -> {j}' for c, i, j in moved[:3])})"
             if moved else "", f"not there now: {''.join(gone[:10])!r}" if gone else "",
             f"new: {''.join(added[:10])!r}" if added else ""]

@@ -3,9 +3,11 @@ copied without its data folder samples and exports the same; data prepared again
 caught on resume; the default prompt works on a vocab without a newline; nanoGPT's files (no vocab
 inside) fall back to meta.pkl with a note; and sample.py, export.py and checkpoint.py read only the
 weights (a damaged optimizer record does not stop them, a damaged weight does)."""
+import json
 import os
 import shutil
 import struct
+import subprocess
 import sys
 import zipfile
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import ROOT, TINY, copy_run, project_without_data, run
+from conftest import ENV, ROOT, TINY, copy_run, project_without_data, run
 from dataset import DATA_DIR
 
 GREEDY = ["--num_samples=1", "--max_new_tokens=40", "--temperature=0", "--device=cpu", "--start=ROMEO"]
@@ -21,8 +23,6 @@ GREEDY = ["--num_samples=1", "--max_new_tokens=40", "--temperature=0", "--device
 
 def script(folder, name, *args, check=True):
     """One of the scripts run from another copy of the project (cwd there): it has no data/."""
-    import subprocess
-    from conftest import ENV
     p = subprocess.run([sys.executable, os.path.join(folder, name), *args], cwd=folder, env=ENV,
                        capture_output=True, text=True, timeout=300)
     if check and p.returncode:
@@ -59,9 +59,12 @@ def test_a_run_copied_without_its_data_folder_samples_and_exports_the_same(train
     script(elsewhere, "export.py", f"--out_dir={out}", f"--to={tmp_path / 'hf'}")
     ckpt = torch.load(os.path.join(trained, "ckpt.pt"), weights_only=True)
     with open(tmp_path / "hf" / "char_vocab.json", encoding="utf-8") as f:
-        import json
         assert json.load(f)["itos"] == ckpt["tokenizer"]["itos"] and len(ckpt["tokenizer"]["itos"]) == 65
     assert script(elsewhere, "sample.py", f"--init_from={tmp_path / 'hf'}", *GREEDY).stdout == here
+    # a damaged vocab file beside the export is one line, not a traceback
+    (tmp_path / "hf" / "char_vocab.json").write_text('{"itos": ', encoding="utf-8")
+    p = script(elsewhere, "sample.py", f"--init_from={tmp_path / 'hf'}", *GREEDY, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and "is not a vocab file" in p.stderr, p.stderr
 
 
 def test_nanogpt_file_without_a_vocab_uses_meta_pkl_with_a_note(trained, tmp_path):
@@ -73,6 +76,14 @@ def test_nanogpt_file_without_a_vocab_uses_meta_pkl_with_a_note(trained, tmp_pat
     p = run("sample.py", f"--out_dir={tmp_path / 'old'}", *GREEDY)
     assert p.stdout == here
     assert "carries no tokenizer" in p.stderr and "shakespeare_char/meta.pkl" in p.stderr
+    # a damaged meta.pkl is one line too
+    (tmp_path / "data" / "broken").mkdir(parents=True)
+    (tmp_path / "data" / "broken" / "meta.pkl").write_bytes(b"\x80\x04not a pickle")
+    old = project_without_data(tmp_path / "machine")
+    shutil.copytree(tmp_path / "data", os.path.join(old, "data"))
+    torch.save(dict(nanogpt, config=dict(nanogpt["config"], dataset="broken")), tmp_path / "old" / "ckpt.pt")
+    p = script(old, "sample.py", f"--out_dir={tmp_path / 'old'}", *GREEDY, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and "is not a vocab file" in p.stderr, p.stderr
     # with neither a vocab inside nor its dataset's meta.pkl: one error line, never GPT-2 BPE guessed
     nanogpt["config"] = dict(nanogpt["config"], dataset=f"gone-{os.getpid()}")
     torch.save(nanogpt, tmp_path / "old" / "ckpt.pt")
