@@ -5,6 +5,7 @@ retention, RNG capture/restore, compatibility checks, and a small inspect CLI:
     python checkpoint.py out-shakespeare-char      # list the checkpoints in a folder
     python checkpoint.py out-shakespeare-char/ckpt.pt   # one file's metadata: its header only (mmap)
     python checkpoint.py verify out-shakespeare-char/ckpt.pt   # the same, every CRC checked
+    python checkpoint.py s3://bucket/run           # a remote_dir's checkpoints, complete or not (remote.py)
 
 A checkpoint is one torch.save'd dict of tensors and plain Python values, so torch.load with
 weights_only=True reads it and a file can never run code when loaded. It keeps nanoGPT's keys
@@ -815,7 +816,7 @@ def consolidate(folder, out):
     return ckpt
 
 
-USAGE = "usage: python checkpoint.py OUT_DIR | CHECKPOINT | verify CHECKPOINT | consolidate FOLDER OUT.pt"
+USAGE = "usage: python checkpoint.py OUT_DIR | REMOTE_DIR | CHECKPOINT | verify CHECKPOINT | consolidate FOLDER OUT.pt"
 
 
 def main(argv):
@@ -835,6 +836,13 @@ def main(argv):
         print(f"error: {USAGE}", file=sys.stderr)
         sys.exit(2)
     target = argv[-1]
+    if "://" in target and not verify:  # a remote_dir: its commit objects, and what no commit names
+        import remote
+        try:
+            print("\n".join(remote.describe(target)))
+        except remote.RemoteError as e:
+            sys.exit(f"error: {e}")
+        return
     if os.path.isdir(target) and not is_folder_checkpoint(target):
         try:
             files = candidates(target)

@@ -41,13 +41,16 @@ from metrics import say
 RETRY = (5.0, 300.0)  # seconds before a failed save is tried again: first pause, longest pause
 
 
-def claim(out_dir, create=False):
+def claim(out_dir, create=False, remote=None):
     """Take out_dir for this training process before anything in it is read: an exclusive lock on
     out_dir/.lock for the life of the process (the OS drops it however the process ends), so a second
     trainer is refused before it opens any checkpoint; then the leftovers of a killed process are
-    cleaned up (atomicfile.recover) and a probe file shows the folder takes writes. Returns the lock's
+    cleaned up (atomicfile.recover) and a probe file shows the folder takes writes; then, with a
+    remote (remote.Remote), a newer checkpoint of remote_dir is downloaded into it. Returns the lock's
     file, or None when out_dir does not exist yet and create is False (there is nothing to read).
-    Raises CheckpointError: busy, or not writable."""
+    Raises CheckpointError: busy, or not writable; RemoteError: remote_dir cannot be read."""
+    if remote is not None and not create and not os.path.isdir(out_dir):
+        create = bool(remote.checkpoints()[0])  # a new machine: out_dir is made to take the download
     if not create and not os.path.isdir(out_dir):
         return None
     try:
@@ -71,28 +74,19 @@ def claim(out_dir, create=False):
             p.flush()
             os.fsync(p.fileno())
         os.remove(probe)
-        return f
     except OSError as e:
         raise CheckpointError(f"out_dir {out_dir!r} is not writable ({os_error(e)}); fix its permissions or pick "
                               f"another --out_dir") from None
+    if remote is not None:
+        remote.restore(out_dir)
+    return f
 
 
-def claim_on_every_rank(out_dir, master, create=False, held=None):
-    """claim() on rank 0 (unless it already holds the lock, `held`), and every rank learns the
-    outcome, so that all stop together rather than die in a collective: rank 0 raises the
-    CheckpointError (busy, not writable), the others exit 1 quietly. Returns the lock's file on rank
-    0 (None elsewhere, or while out_dir does not exist and create is False)."""
-    problem, lock = None, held
-    try:
-        if master and held is None:
-            lock = claim(out_dir, create)
-    except CheckpointError as e:
-        problem = str(e)
-    if distributed.first_problem(problem):
-        if master:
-            raise CheckpointError(problem)
-        raise SystemExit(1)
-    return lock
+def claim_on_every_rank(out_dir, master, create=False, held=None, remote=None):
+    """claim() on rank 0 (unless it already holds the lock, `held`), every rank stopping with it if it
+    fails (distributed.on_rank0). Returns the lock's file on rank 0 (None elsewhere, or while out_dir
+    does not exist and create is False)."""
+    return distributed.on_rank0(lambda: held if held is not None else claim(out_dir, create, remote), master)
 
 
 def git_commit():
@@ -139,12 +133,16 @@ def _yield_to_training():
 
 class Checkpointer:
     def __init__(self, out_dir, *, run_id, branch, keep_last, keep_every, interval, minutes, background,
-                 model, optimizer, shards=None, metrics=None, log=say, master=True, resumed_from=None):
-        """shards: a distributed.ShardedSaver under FSDP (periodic checkpoints are then folders)."""
+                 model, optimizer, shards=None, metrics=None, log=say, master=True, resumed_from=None, remote=None,
+                 remote_wait=0.0):
+        """shards: a distributed.ShardedSaver under FSDP (periodic checkpoints are then folders).
+        remote: a remote.Uploader (rank 0), handed every checkpoint once it is durable here; close()
+        waits up to remote_wait seconds for it."""
         self.out_dir, self.run_id, self.branch = out_dir, run_id, branch
         self.keep_last, self.keep_every, self.interval, self.period = keep_last, keep_every, interval, minutes * 60
         self.background, self.model, self.optimizer, self.shards = background, model, optimizer, shards
         self.metrics, self.log, self.master, self.resumed_from = metrics, log, master, resumed_from
+        self.remote, self.remote_wait = remote, remote_wait
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer", initializer=_yield_to_training) \
             if background and master else None
         self.buffers = {}
@@ -175,6 +173,12 @@ class Checkpointer:
             due = due or bool(self.period) and now - started >= self.period
             due = due or (self.retry_at is not None and now >= self.retry_at)
         return due
+
+    def stop_seconds(self):
+        """What a stop needs after its last step (time_limit leaves room for it): the save, and the copy
+        to remote_dir up to remote_wait."""
+        upload = min(self.remote.seconds, self.remote_wait) if self.remote is not None else 0.0
+        return self.save_seconds + upload
 
     def writing(self):
         """A folder is being written in the background on this rank (train.py OR-s it over ranks)."""
@@ -249,12 +253,17 @@ class Checkpointer:
             self._settle_folder()
 
     def close(self):
-        """At the end: the write in flight reaches the disk before the process goes."""
+        """At the end: the write in flight reaches the disk before the process goes, and the copy to
+        remote_dir gets up to remote_wait seconds; one line says whether the newest one reached it."""
         if self.pending is not None or self.folder is not None:
             self.log("waiting for the background checkpoint write to finish")
         self.settle()
         if self.writer is not None:
             self.writer.shutdown()
+        if self.remote is not None:
+            ok, line = self.remote.finish(self.remote_wait)
+            if line:
+                self.log(line) if ok else say(line, err=True)
 
     def _settle_file(self):
         future, path, it, val_loss, t0 = self.pending
@@ -286,6 +295,12 @@ class Checkpointer:
         self.log(f"saved {path}" + (f" (val loss {val_loss:.4f})" if best and val_loss is not None else ""))
         if self.metrics is not None:
             self.metrics.event(it, "checkpoint", path=path, val_loss=val_loss)
+        if self.remote is not None:  # before retention can delete it: the Uploader holds its files open
+            try:
+                self.remote.push(path, dict(iter_num=it, run_id=self.run_id, branch=self.branch,
+                                            kind="best" if best else "periodic", val_loss=val_loss))
+            except OSError as e:
+                say(f"warning: could not open {path} to copy it to remote_dir ({os_error(e)})", err=True)
         if best:
             return
         self.clock, self.retry_at, self.pause = t0, None, RETRY[0]

@@ -97,7 +97,7 @@ def _coerce(key, value, default, where):
 AT_LEAST_1 = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_size", "gradient_accumulation_steps",
               "eval_interval", "log_interval", "eval_iters", "keep_last", "num_samples", "max_new_tokens",
               "timed_steps", "max_batch", "num_proc", "windows")
-AT_LEAST_0 = ("max_iters", "warmup_iters", "lr_decay_iters", "checkpoint_interval", "keep_every",
+AT_LEAST_0 = ("remote_wait", "max_iters", "warmup_iters", "lr_decay_iters", "checkpoint_interval", "keep_every",
               "checkpoint_minutes", "warmup_steps", "learning_rate", "min_lr", "weight_decay", "grad_clip",
               "peak_flops", "temperature", "top_k")
 RANGES = {**{k: (1, None) for k in AT_LEAST_1}, **{k: (0, None) for k in AT_LEAST_0},
@@ -131,11 +131,12 @@ def check(namespace):
     if "n_embd" in namespace and "n_head" in namespace and namespace["n_embd"] % namespace["n_head"]:
         fail(f"n_embd={namespace['n_embd']} must be a multiple of n_head={namespace['n_head']} "
              f"(each head gets n_embd/n_head dimensions)")
-    for key in ("out_dir", "to"):  # a file where a folder should be can never work
-        if namespace.get(key):
+    for key in ("out_dir", "to", "remote_dir"):  # a file where a folder should be can never work
+        if namespace.get(key) and "://" not in namespace[key]:
             _check_folders(key, namespace[key], may_be_file=key == "to")
     for key in ("resume_from", "ckpt"):  # a checkpoint file (or FSDP's checkpoint folder) named by the command
-        if isinstance(namespace.get(key), str) and namespace[key] and not os.path.lexists(namespace[key]):
+        if isinstance(namespace.get(key), str) and namespace[key] and "://" not in namespace[key] and \
+                not os.path.lexists(namespace[key]):
             fail(f"{key} {namespace[key]!r}: no such file or folder")
     if namespace.get("parallelism") == "fsdp" and namespace.get("dtype") in ("float16", "fp16"):
         fail("dtype=float16 needs a gradient scaler, which FSDP here does without: use --dtype=bfloat16 "

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 import checkpoint
 from atomicfile import TMP_TAG
+from configurator import RunError
 from metrics import say
 
 
@@ -284,6 +285,23 @@ def every_rank(obj):
     objs = [None] * dist.get_world_size()
     dist.all_gather_object(objs, obj)
     return objs
+
+
+def on_rank0(fn, master):
+    """fn() on rank 0, and every rank learns whether it raised a RunError (a busy out_dir, a wrong
+    remote_dir), so that all stop together rather than die in a collective: rank 0 raises it, the
+    others exit 1 quietly. Returns fn's result on rank 0, None elsewhere."""
+    problem, result = None, None
+    try:
+        if master:
+            result = fn()
+    except RunError as e:
+        problem = e
+    if first_problem(str(problem) if problem else None):
+        if master:
+            raise problem
+        raise SystemExit(1)
+    return result
 
 
 def first_problem(problem):

@@ -33,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 
 import checkpoint
 import dataset
+import remote
 import tokenizer
 from atomicfile import OLD_TAG, atomic_write, fsync_tree, replace_folder, temp_name
 from configurator import configure, fail
@@ -70,6 +71,11 @@ if format == "safetensors" and os.path.exists(to):
         raise SystemExit(f"error: {to} exists and is not a previous export; pick another --to")
 load = checkpoint.load_weights  # the weights alone, memory-mapped: never the optimizer or the RNG
 try:
+    if remote.is_remote(ckpt):  # one checkpoint of a remote_dir, by name: cached locally, verified
+        folder, name = ckpt.rstrip("/").rsplit("/", 1)
+        ckpt = os.path.join(remote.Remote(folder).fetch(name), name)
+    elif remote.is_remote(out_dir):
+        out_dir = remote.Remote(out_dir).fetch(which)
     if ckpt:
         path, state = ckpt, load(ckpt)
     elif which == "best":
@@ -81,7 +87,7 @@ try:
     else:
         path, state = checkpoint.load_latest(out_dir, load_one=load)
     record, note = tokenizer.of_checkpoint(state, dataset.DATA_DIR, path)
-except checkpoint.CheckpointError as e:
+except (checkpoint.CheckpointError, remote.RemoteError) as e:
     raise SystemExit(f"error: {e}")
 except ValueError as e:  # no tokenizer to be found for a small vocab
     raise SystemExit(f"error: {e}")

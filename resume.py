@@ -24,7 +24,7 @@ from metrics import say
 
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # config keys that fix the model's shape
 # never taken from a stored config: where and how this process starts, and its own time budget
-NOT_RESTORED = ("out_dir", "init_from", "resume_from", "eval_only", "time_limit")
+NOT_RESTORED = ("out_dir", "remote_dir", "init_from", "resume_from", "eval_only", "time_limit")
 # nanoGPT stores what its machine had here (its dtype default depends on the GPU), not a user's choice
 MACHINE = ("device", "dtype", "backend", "compile")
 

