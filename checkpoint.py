@@ -215,6 +215,11 @@ def _folder_state(folder):
     return state
 
 
+def folder_files(folder):
+    """{file name: [size, CRC-32]} of a checkpoint folder's files, as its state.pt lists them."""
+    return _folder_state(folder)["files"]
+
+
 def _check_folder(folder, state, md):
     """check_contents for a folder, its tensors judged by the names, shapes and dtypes DCP's metadata
     gives them (as meta tensors: nothing is read or allocated)."""

@@ -121,7 +121,7 @@ def snapshot(obj, buffers, memo=None, key=()):
     return obj
 
 
-def _yield_to_training():
+def yield_to_training():
     """The background writer runs at the lowest CPU priority (Linux's SCHED_IDLE, which applies per
     thread): where training keeps every core busy (a CPU run), the write takes the time training leaves
     idle instead of slowing every thread of the step (README, "Checkpoints"; bench/bench_checkpoint.py)."""
@@ -136,14 +136,14 @@ class Checkpointer:
                  model, optimizer, shards=None, metrics=None, log=say, master=True, resumed_from=None, remote=None,
                  remote_wait=0.0):
         """shards: a distributed.ShardedSaver under FSDP (periodic checkpoints are then folders).
-        remote: a remote.Uploader (rank 0), handed every checkpoint once it is durable here; close()
-        waits up to remote_wait seconds for it."""
+        remote: a remote.Uploader (rank 0; under FSDP every rank, for its own shards), handed every
+        checkpoint once it is durable here; close() waits up to remote_wait seconds for it."""
         self.out_dir, self.run_id, self.branch = out_dir, run_id, branch
         self.keep_last, self.keep_every, self.interval, self.period = keep_last, keep_every, interval, minutes * 60
         self.background, self.model, self.optimizer, self.shards = background, model, optimizer, shards
         self.metrics, self.log, self.master, self.resumed_from = metrics, log, master, resumed_from
         self.remote, self.remote_wait = remote, remote_wait
-        self.writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer", initializer=_yield_to_training) \
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer", initializer=yield_to_training) \
             if background and master else None
         self.buffers = {}
         self.pending = None  # a file being written in the background: (future, path, iteration, val_loss, t0)
@@ -200,13 +200,15 @@ class Checkpointer:
         t0 = time.time()
         try:
             if folder:  # every rank writes its shard
-                self.shards.save(state, path, self.model, self.optimizer, background)
+                try:
+                    self.shards.save(state, path, self.model, self.optimizer, background)
+                except CheckpointError as e:  # (raised on rank 0 only, which alone knows)
+                    return self._folder_done(path, it, val_loss, t0, str(e))
                 if background:
                     self.folder = (path, it, val_loss, t0)
                     self.log(f"writing {path}")
                     return True
-                if not self.master:
-                    return True
+                return self._folder_done(path, it, val_loss, t0)
             else:  # a file, written by rank 0; under FSDP the whole state is gathered to it first
                 model_sd, optim_sd = distributed.full_state(self.model, self.optimizer) if self.shards is not None \
                     else (self.model.state_dict(), self.optimizer.state_dict())
@@ -284,23 +286,42 @@ class Checkpointer:
         try:
             self.shards.finish()  # every rank; raises on rank 0 if any rank's write failed
         except CheckpointError as e:
-            self._failed(path, str(e), False)
+            self._folder_done(path, it, val_loss, t0, str(e))
             return
-        if self.master:
-            self._durable(path, it, val_loss, t0, False, time.time() - t0)
+        self._folder_done(path, it, val_loss, t0)
 
-    def _durable(self, path, it, val_loss, t0, best, seconds):
+    def _folder_done(self, path, it, val_loss, t0, problem=None):
+        """Every rank at once, when a folder's write has ended (problem: why it failed, on rank 0).
+        With remote_dir, every rank hands its own shard files to its Uploader, all under one data
+        prefix that rank 0 picks; rank 0 adds the rest and writes the commit. Returns success."""
+        prefix = None
+        if self.remote is not None:
+            prefix = distributed.from_rank0(self.remote.new_prefix(it) if problem is None else None, self.shards.group)
+        if problem is not None:
+            self._failed(path, problem, False)
+            return False
+        if prefix is not None:
+            self._push(path, it, val_loss, False, prefix)
+        if self.master:
+            self._durable(path, it, val_loss, t0, False, time.time() - t0, pushed=True)
+        return True
+
+    def _push(self, path, it, val_loss, best, prefix=None):
+        """Hand a durable checkpoint to the Uploader, before retention can delete it (it opens the files)."""
+        try:
+            self.remote.push(path, dict(iter_num=it, run_id=self.run_id, branch=self.branch,
+                                        kind="best" if best else "periodic", val_loss=val_loss), prefix)
+        except OSError as e:
+            say(f"warning: could not open {path} to copy it to remote_dir ({os_error(e)})", err=True)
+
+    def _durable(self, path, it, val_loss, t0, best, seconds, pushed=False):
         """The checkpoint is on disk: announce it, restart the clock, apply retention."""
         self.save_seconds = seconds
         self.log(f"saved {path}" + (f" (val loss {val_loss:.4f})" if best and val_loss is not None else ""))
         if self.metrics is not None:
             self.metrics.event(it, "checkpoint", path=path, val_loss=val_loss)
-        if self.remote is not None:  # before retention can delete it: the Uploader holds its files open
-            try:
-                self.remote.push(path, dict(iter_num=it, run_id=self.run_id, branch=self.branch,
-                                            kind="best" if best else "periodic", val_loss=val_loss))
-            except OSError as e:
-                say(f"warning: could not open {path} to copy it to remote_dir ({os_error(e)})", err=True)
+        if self.remote is not None and not pushed:
+            self._push(path, it, val_loss, best)
         if best:
             return
         self.clock, self.retry_at, self.pause = t0, None, RETRY[0]

@@ -287,6 +287,15 @@ def every_rank(obj):
     return objs
 
 
+def from_rank0(obj, group=None):
+    """Rank 0's obj on every rank (a world of one: obj)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
 def on_rank0(fn, master):
     """fn() on rank 0, and every rank learns whether it raised a RunError (a busy out_dir, a wrong
     remote_dir), so that all stop together rather than die in a collective: rank 0 raises it, the

@@ -2,7 +2,8 @@
 The remote copy (README, "Lose the machine, not the run"). out_dir is the fast local tier, with
 every guarantee; remote_dir, an fsspec URL (s3://bucket/run, gs://..., az://..., file:///mnt/disk/run
 or a plain path on another disk), is the durable one. Every checkpoint that is durable in out_dir
-is copied there by one background thread (Uploader), with metrics.jsonl; a start whose out_dir lacks
+is copied there by one background thread (Uploader; under FSDP one per rank, each copying its own
+shards), with metrics.jsonl; a start whose out_dir lacks
 remote_dir's newest complete checkpoint downloads it first (Remote.restore), so the same command on
 a new machine continues the run.
 
@@ -34,8 +35,9 @@ import threading
 import time
 import zlib
 
-from atomicfile import atomic_write, fsync_dir, fsync_tree, remove_whole, replace_folder, temp_name
-from checkpoint import BEST, NAMES, rank, scan
+from atomicfile import atomic_write, fsync_dir, remove_whole, replace_folder, temp_name
+from checkpoint import BEST, NAMES, folder_files, rank, scan
+from checkpointer import yield_to_training
 from configurator import RunError, first_line
 from metrics import say
 
@@ -45,7 +47,11 @@ METRICS = "metrics.jsonl"
 FORMAT = 1
 PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
 # a dead endpoint is found in seconds, not minutes; the Uploader retries by itself (RETRY)
-S3_OPTIONS = dict(config_kwargs=dict(connect_timeout=5, read_timeout=60, retries=dict(max_attempts=3, mode="standard")))
+# the payload is not SHA-256 hashed for the signature (a second pass over every byte, also over plain
+# http): botocore's CRC checksum on each request and the commit's CRCs guard the bytes
+S3_OPTIONS = dict(config_kwargs=dict(connect_timeout=5, read_timeout=60, retries=dict(max_attempts=3, mode="standard"),
+                                     s3=dict(payload_signing_enabled=False)))
+OTHERS_WAIT = 600.0  # seconds rank 0 waits for the other ranks' shards of a folder before it tries again
 RETRY = (2.0, 60.0)  # seconds before a failed upload is tried again: first pause, longest pause
 CHUNK = 8 << 20
 PART = 16 << 20  # bytes per part of a multipart upload: a 100 MB checkpoint goes up in 7 parallel parts
@@ -68,14 +74,20 @@ def is_remote(path):
     return isinstance(path, str) and "://" in path
 
 
-def open_files(path):
-    """[(name relative to path's folder, descriptor)] for a checkpoint file or each file of a folder,
-    opened now: the Uploader reads these, so local retention may delete the checkpoint meanwhile."""
+def open_files(path, mine=lambda name: True):
+    """[(name relative to path's folder, descriptor)] for a checkpoint file or each file of a folder
+    that `mine` takes, opened now: the Uploader reads these, so local retention may delete the
+    checkpoint meanwhile."""
     name = os.path.basename(path)
     if not os.path.isdir(path):
         return [(name, os.open(path, os.O_RDONLY))]
     return [(f"{name}/{f}", os.open(os.path.join(path, f), os.O_RDONLY)) for f in sorted(os.listdir(path))
-            if os.path.isfile(os.path.join(path, f))]
+            if mine(f) and os.path.isfile(os.path.join(path, f))]
+
+
+def new_prefix(it):
+    """A data prefix no upload has used: each upload of a checkpoint gets its own."""
+    return f"{DATA}/{it:08d}-{secrets.token_hex(4)}"
 
 
 def close_files(files):
@@ -104,6 +116,8 @@ class Remote:
     def why(self, e):
         """What to fix, for an error of the backend."""
         text = first_line(e)
+        if isinstance(e, PermissionError) and self.local:
+            return f"permission denied ({text}): make the folder writable by this user, or pick another"
         if isinstance(e, PermissionError):
             return (f"access refused ({text}): check the credentials (for S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                     f"or ~/.aws/) and that they may put, get, list and delete objects under {self.url}")
@@ -191,13 +205,42 @@ class Remote:
         return sorted(good, key=rank, reverse=True), bad, leftovers
 
     # -- writing -----------------------------------------------------------------------------------
-    def upload(self, files, header):
+    def upload(self, files, header, prefix=None, others=None, abandon=lambda: False):
         """Copy one checkpoint ([(relative name, open descriptor)], see open_files) under a new data
-        prefix, check each object's size there, then write its commit object (header: iter_num,
-        run_id, branch, kind, val_loss) and delete the data of the commit it replaces. Returns the
-        commit. Raises what the backend raises; nothing is visible until the commit is written."""
+        prefix (or `prefix`), check each object's size there, then write its commit object (header:
+        iter_num, run_id, branch, kind, val_loss) and delete the data of the commit it replaces.
+        others: {relative name: [size, crc]} of objects other ranks upload under the same prefix (a
+        folder's shards): the commit waits until they are all there, unless abandon() says a newer
+        checkpoint is waiting. Returns the commit. Raises what the backend raises; nothing is
+        visible until the commit is written."""
         name = files[0][0].split("/")[0]
-        prefix = f"{DATA}/{header['iter_num']:08d}-{secrets.token_hex(4)}"
+        prefix = prefix or new_prefix(header["iter_num"])
+        objects = self.put_objects(files, prefix)
+        deadline = time.time() + OTHERS_WAIT
+        for rel, (size, crc) in (others or {}).items():
+            while True:
+                try:
+                    if self.fs.info(self.key(prefix, rel), refresh=True)["size"] == size:
+                        break
+                except FileNotFoundError:
+                    pass
+                if abandon() or time.time() > deadline:
+                    raise OSError(f"{rel}, another rank's part, did not arrive")
+                time.sleep(0.5)
+            objects[rel] = [size, crc]
+        try:
+            old = self._read_commit(name)
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            old = None
+        commit = dict(format=FORMAT, name=name, data=prefix, objects=objects, written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      **{k: header.get(k) for k in ("iter_num", "run_id", "branch", "kind", "val_loss")})
+        self._put_small(name + COMMIT, json.dumps(commit).encode())
+        if old is not None and old["data"] != prefix:
+            self.fs.rm(self.key(old["data"]), recursive=True)
+        return commit
+
+    def put_objects(self, files, prefix):
+        """The files under prefix, each one's size checked there: {relative name: [size, crc]}."""
         objects = {}
         for rel, fd in files:
             size, crc = crc_of(fd)
@@ -213,16 +256,7 @@ class Remote:
             if got != size:
                 raise OSError(f"{rel}: {got} bytes arrived of {size}")
             objects[rel] = [size, crc]
-        try:
-            old = self._read_commit(name)
-        except (FileNotFoundError, ValueError, UnicodeDecodeError):
-            old = None
-        commit = dict(format=FORMAT, name=name, data=prefix, objects=objects, written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                      **{k: header.get(k) for k in ("iter_num", "run_id", "branch", "kind", "val_loss")})
-        self._put_small(name + COMMIT, json.dumps(commit).encode())
-        if old is not None and old["data"] != prefix:
-            self.fs.rm(self.key(old["data"]), recursive=True)
-        return commit
+        return objects
 
     def _put_small(self, name, data):
         """One small object, whole or absent: a PUT is atomic on an object store; a file is renamed in."""
@@ -271,10 +305,11 @@ class Remote:
             for rel, (size, crc) in commit["objects"].items():
                 local = os.path.join(tmp, rel.split("/", 1)[1]) if folder else tmp
                 os.makedirs(os.path.dirname(local), exist_ok=True)
-                self.fs.get_file(self.key(commit["data"], rel), local)
-                fd = os.open(local, os.O_RDONLY)
+                fd = os.open(local, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 try:
+                    self._get(self.key(commit["data"], rel), fd, size)
                     got = crc_of(fd)
+                    os.fsync(fd)
                 finally:
                     os.close(fd)
                 if got != (size, crc):
@@ -282,11 +317,9 @@ class Remote:
                     theirs = f"{size} bytes" if got[0] != size else f"{crc:08x}"
                     raise RemoteError(f"{rel} in remote_dir is damaged ({what}, its commit says {theirs})")
             if folder:
-                fsync_tree(tmp)
+                fsync_dir(tmp)
                 replace_folder(tmp, final)
             else:
-                with open(tmp, "rb") as f:
-                    os.fsync(f.fileno())
                 os.replace(tmp, final)
                 fsync_dir(dest_dir)
         except RemoteError:
@@ -298,6 +331,29 @@ class Remote:
                 remove_whole(tmp)
         return final
 
+    def _get(self, key, fd, size):
+        """An object into an open file: from an object store in PART-sized ranges fetched in parallel
+        (one GET stream is slower than the parts of a multipart upload), else copied whole."""
+        if self.local or size <= PART:
+            os.ftruncate(fd, 0)
+            with self.fs.open(key, "rb") as src:
+                while chunk := src.read(CHUNK):
+                    os.write(fd, chunk)
+            return
+        import asyncio
+        from fsspec.asyn import sync
+        os.ftruncate(fd, size)
+        gate = asyncio.Semaphore(8)
+
+        async def part(start):
+            async with gate:
+                os.pwrite(fd, await self.fs._cat_file(key, start=start, end=min(start + PART, size)), start)
+
+        async def every_part():
+            await asyncio.gather(*(part(start) for start in range(0, size, PART)))
+
+        sync(self.fs.loop, every_part)
+
     def restore(self, out_dir, log=say):
         """At start, out_dir held (checkpointer.claim): when remote_dir's newest complete checkpoint is
         newer than anything readable in out_dir, or out_dir has none, download it (metrics.jsonl too,
@@ -307,7 +363,7 @@ class Remote:
         heads, _ = scan(out_dir)
         local = heads[0] if heads else None
         for name, why in bad:
-            log(f"warning: remote_dir's {name} is not complete ({why}); not used")
+            say(f"warning: remote_dir's {name} is not complete ({why}); not used", err=True)
         for i, c in enumerate(good):
             if local is not None and rank(c) <= rank(local):
                 return None
@@ -319,7 +375,7 @@ class Remote:
                 path = self.download(c, out_dir)
             except RemoteError as e:
                 nxt = f"trying {good[i + 1]['name']}" if i + 1 < len(good) else "no older complete one left"
-                log(f"warning: skipping remote_dir's {c['name']}: {e}; {nxt}")
+                say(f"warning: skipping remote_dir's {c['name']}: {e}; {nxt}", err=True)
                 continue
             mb = sum(size for size, _ in c["objects"].values()) / 2**20
             log(f"downloaded {c['name']} (iteration {c['iter_num']}, {mb:.1f} MB in {time.time() - t0:.1f}s) from "
@@ -393,23 +449,45 @@ class Uploader:
     waiting (keep_every's are all copied). A failure is one warning line for the whole outage, then
     retries with backoff (RETRY) while training goes on; the first success after it says so. After
     each periodic commit, remote retention: this run's and branch's periodic checkpoints beyond the
-    newest keep_last (and not kept by keep_every) are deleted. Runs on rank 0 only."""
+    newest keep_last (and not kept by keep_every) are deleted. Runs on rank 0, and under FSDP on
+    every rank: a folder's shards go up from the rank that wrote them (rank r: __r_*.distcp), under
+    the prefix rank 0 picked, and rank 0 writes the commit once they are all there."""
 
-    def __init__(self, remote, out_dir, *, run_id, branch, keep_last, keep_every, log=say):
+    def __init__(self, remote, out_dir, *, run_id, branch, keep_last, keep_every, rank=0, log=say):
         self.remote, self.out_dir, self.run_id, self.branch = remote, out_dir, run_id, branch
-        self.keep_last, self.keep_every, self.log = keep_last, keep_every, log
+        self.keep_last, self.keep_every, self.rank, self.log = keep_last, keep_every, rank, log
         self.cv = threading.Condition()
         self.queue, self.current = [], None  # jobs: dict(header, files)
         self.newest = None  # header of the newest checkpoint handed over
         self.done = None  # header of the newest checkpoint complete in remote_dir
         self.outage, self.pause = None, RETRY[0]
         self.seconds = 0.0  # the last upload's duration: time_limit leaves room for one
-        threading.Thread(target=self._run, name="remote-upload", daemon=True).start()
+        if not remote.local:  # fsspec's I/O thread (the requests, their signing) too takes only idle CPU time
+            from fsspec.asyn import sync
 
-    def push(self, path, header):
-        """Hand over a checkpoint just made durable (its files are opened now)."""
+            async def idle():
+                yield_to_training()
+            sync(remote.fs.loop, idle)
+        threading.Thread(target=self._run, name="remote-upload", daemon=True).start()  # (a daemon: never holds up an exit)
+
+    def new_prefix(self, it):
+        return new_prefix(it)
+
+    def push(self, path, header, prefix=None):
+        """Hand over a checkpoint just made durable (its files are opened now). prefix: a folder's data
+        prefix, the same on every rank, each rank copying its own files of it."""
         header = dict(header, name=os.path.basename(path))
-        job = dict(header=header, files=open_files(path))
+        others = None
+        if prefix is None:
+            files = open_files(path)
+        else:
+            def mine(f):
+                return f.startswith(f"__{self.rank}_") or (self.rank == 0 and not f.startswith("__"))
+            files = open_files(path, mine)
+            if self.rank == 0:  # state.pt names every rank's file with its size and CRC
+                others = {f"{header['name']}/{f}": list(v) for f, v in folder_files(path).items()
+                          if not mine(f)}
+        job = dict(header=header, files=files, prefix=prefix, others=others)
         with self.cv:
             for old in [j for j in self.queue if self._replaces(job, j)]:
                 self.queue.remove(old)
@@ -427,6 +505,7 @@ class Uploader:
         return not kept
 
     def _run(self):
+        yield_to_training()  # its CRCs take the CPU time training leaves idle (the network I/O is fsspec's thread)
         first = True
         while True:
             with self.cv:
@@ -434,15 +513,19 @@ class Uploader:
                     self.cv.wait()
                 self.current = job = self.queue.pop(0)
             try:
-                if first:  # a killed upload's leftovers, once per run, before the first new data
+                if first and not self.rank:  # a killed upload's leftovers, once per run, before the first new data
                     self.remote.clean(self.remote.checkpoints()[2])
                     first = False
                 t0 = time.time()
-                self.remote.upload(job["files"], job["header"])
+                if self.rank:  # a folder's shards of this rank; rank 0 commits them
+                    self.remote.put_objects(job["files"], job["prefix"])
+                else:
+                    self.remote.upload(job["files"], job["header"], job["prefix"], job["others"], abandon=lambda: any(
+                        self._replaces(j, job) for j in self.queue))
+                    if job["header"]["kind"] == "periodic":
+                        self._retain(job["header"])
+                    self.remote.copy_metrics(self.out_dir)
                 self.seconds = time.time() - t0
-                if job["header"]["kind"] == "periodic":
-                    self._retain(job["header"])
-                self.remote.copy_metrics(self.out_dir)
             except Exception as e:
                 with self.cv:
                     if self.outage is None:

@@ -308,8 +308,9 @@ ck = checkpointer.Checkpointer(out_dir, run_id=run_id, branch=branch, keep_last=
                                model=raw_model, optimizer=optimizer, metrics=metrics, log=log, master=master,
                                shards=distributed.ShardedSaver(device) if fsdp else None,
                                resumed_from=ckpt_path, remote_wait=remote_wait,
-                               remote=remote_copy.Uploader(remote, out_dir, run_id=run_id, branch=branch, keep_last=keep_last,
-                                                           keep_every=keep_every, log=log) if remote else None)
+                               remote=remote_copy.Uploader(remote or remote_copy.Remote(remote_dir), out_dir, run_id=run_id,
+                                                           branch=branch, keep_last=keep_last, keep_every=keep_every,
+                                                           rank=rank, log=log) if remote_dir and (master or fsdp) else None)
 dt, final_failed, lossf = 0.0, False, 0.0
 while True:
     # one all-reduce per iteration: a signal, time_limit or due checkpoint on any rank counts on every rank

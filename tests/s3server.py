@@ -30,8 +30,10 @@ def _free_port():
 
 
 class S3Server:
-    def __init__(self, folder):
-        self.folder = folder
+    def __init__(self, folder, idle=False):
+        """idle: at the lowest CPU priority (SCHED_IDLE), as a server on another machine takes none of
+        training's CPU time (bench/bench_remote.py)."""
+        self.folder, self.idle = folder, idle
         os.makedirs(folder, exist_ok=True)
         self.weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
         self.ports = [_free_port() for _ in range(4)]
@@ -58,7 +60,8 @@ class S3Server:
              "-s3", f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
              f"-s3.config={self.ids}", "-s3.autoCreateBucket=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
              "-master.telemetry=false"],
-            stdout=open(os.path.join(self.folder, "weed.log"), "ab"), stderr=subprocess.STDOUT)
+            stdout=open(os.path.join(self.folder, "weed.log"), "ab"), stderr=subprocess.STDOUT,
+            preexec_fn=(lambda: os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))) if self.idle else None)
         deadline = time.time() + 60
         while True:  # ready once a bucket can be listed
             try:

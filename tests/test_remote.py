@@ -209,11 +209,20 @@ def test_wrong_remote_configuration_is_one_line_before_training(s3, shakespeare_
     assert "iter " not in p.stdout and not out.exists()  # before any training, nothing made
 
 
-def test_sample_and_export_read_a_remote_out_dir(s3, shakespeare_char, tmp_path):
+def test_remote_retention_another_run_and_sample_and_export(s3, shakespeare_char, tmp_path):
+    """keep_last applies in the bucket too; an out_dir of another run is refused; sample.py and
+    export.py read a remote out_dir through a verified cache."""
     env = dict(s3.env(), XDG_CACHE_HOME=str(tmp_path / "cache"))
     remote = f"s3://{s3.bucket('runs')}/{tmp_path.name}"
     run("train.py", *TINY, f"--out_dir={tmp_path / 'out'}", f"--remote_dir={remote}", "--max_iters=6",
-        "--eval_interval=3", env=env)
+        "--eval_interval=3", "--checkpoint_interval=2", "--keep_last=1", env=env)
+    listing = run("checkpoint.py", remote, env=env).stdout
+    assert re.findall(r"^(ckpt\S*)", listing, re.M) == ["ckpt-00000006.pt", "ckpt.pt"], listing
+    other = tmp_path / "other"
+    run("train.py", *TINY, f"--out_dir={other}", "--max_iters=2")
+    p = run("train.py", *TINY, f"--out_dir={other}", f"--remote_dir={remote}", "--max_iters=4", env=env, check=False)
+    assert p.returncode == 1 and "error: " in p.stderr and "give this run its own remote_dir" in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1 and "iter " not in p.stdout
     p = run("sample.py", f"--out_dir={remote}", "--device=cpu", "--num_samples=1", "--max_new_tokens=20", env=env)
     assert "downloading ckpt.pt (iteration 6)" in p.stderr and len(p.stdout.strip()) > 0
     again = run("sample.py", f"--out_dir={remote}", "--device=cpu", "--num_samples=1", "--max_new_tokens=20", env=env)
