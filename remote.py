@@ -307,8 +307,7 @@ class Remote:
                 os.makedirs(os.path.dirname(local), exist_ok=True)
                 fd = os.open(local, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 try:
-                    self._get(self.key(commit["data"], rel), fd, size)
-                    got = crc_of(fd)
+                    got = self._get(self.key(commit["data"], rel), fd, size)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -332,27 +331,38 @@ class Remote:
         return final
 
     def _get(self, key, fd, size):
-        """An object into an open file: from an object store in PART-sized ranges fetched in parallel
-        (one GET stream is slower than the parts of a multipart upload), else copied whole."""
+        """An object into an open file. Returns (bytes, CRC-32) of what arrived, counted as it arrives
+        (no second pass over the file). From an object store it comes in PART-sized ranges fetched in
+        parallel (one GET stream is slower than a multipart upload's parts), each sent on its way to
+        the disk once counted, so the fsync after it is short."""
         if self.local or size <= PART:
-            os.ftruncate(fd, 0)
+            crc, n = 0, 0
             with self.fs.open(key, "rb") as src:
                 while chunk := src.read(CHUNK):
                     os.write(fd, chunk)
-            return
+                    crc, n = zlib.crc32(chunk, crc), n + len(chunk)
+            return n, crc
         import asyncio
         from fsspec.asyn import sync
         os.ftruncate(fd, size)
-        gate = asyncio.Semaphore(8)
+        gate, early, counted = asyncio.Semaphore(8), {}, [0, 0]  # parts ahead of the count; [bytes, CRC] so far
 
         async def part(start):
             async with gate:
-                os.pwrite(fd, await self.fs._cat_file(key, start=start, end=min(start + PART, size)), start)
+                data = await self.fs._cat_file(key, start=start, end=min(start + PART, size))
+            os.pwrite(fd, data, start)
+            early[start] = data
+            while counted[0] in early:  # the CRC runs over the parts in order
+                data = early.pop(counted[0])
+                counted[1] = zlib.crc32(data, counted[1])
+                os.posix_fadvise(fd, counted[0], len(data), os.POSIX_FADV_DONTNEED)  # (starts its writeback)
+                counted[0] += len(data)
 
         async def every_part():
             await asyncio.gather(*(part(start) for start in range(0, size, PART)))
 
         sync(self.fs.loop, every_part)
+        return tuple(counted)
 
     def restore(self, out_dir, log=say):
         """At start, out_dir held (checkpointer.claim): when remote_dir's newest complete checkpoint is

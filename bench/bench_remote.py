@@ -1,6 +1,6 @@
 """
 What the remote copy costs (README, "Lose the machine, not the run"), measured side by side against a
-real S3 server on this machine (SeaweedFS on loopback, tests/s3server.py): variants alternate A B A B
+real S3 server on this machine (SeaweedFS on loopback, tests/s3server.py): variants alternate A B B A
 and each ratio is the median over the pairs. From the project root:
 
     python bench/bench_remote.py                      # all parts, about 10 minutes on 2 quiet cores
@@ -94,8 +94,8 @@ def bench_cost(s3, folder, pairs, args, label, target=1.02):
         fs = s3.fs()
         if fs.exists(remote_dir[5:]):
             fs.rm(remote_dir[5:], recursive=True)
-        runs = {}
-        for variant, extra in (("without", []), ("with", [f"--remote_dir={remote_dir}"])):
+        runs, order = {}, [("without", []), ("with", [f"--remote_dir={remote_dir}"])]
+        for variant, extra in order if i % 2 == 0 else order[::-1]:  # A B, then B A: no side always goes first
             wall, arrived, _, _ = train([*args, *extra], folder)
             span = arrived[max(arrived)] - arrived[min(arrived)]
             runs[variant] = (span, wall - span)  # (training, the end: last save, and the last upload's wait)

@@ -154,36 +154,45 @@ def test_a_flipped_byte_in_the_bucket_is_skipped_for_the_previous_checkpoint(s3,
 
 
 def test_server_lost_mid_run_costs_one_line_and_the_final_checkpoint_arrives(s3, shakespeare_char, tmp_path):
-    """The S3 server killed under a running trainer: one warning line, training goes on, a stop waits
-    at most remote_wait and says the newest checkpoint is local only; with the server back, the next
-    run's checkpoints reach the bucket again and a run's end says so."""
+    """The S3 server killed under a running trainer: one warning line, training goes on; the server
+    back: the run says so, and its final checkpoint reaches the bucket. Killed again before a stop:
+    the stop waits at most remote_wait and says the newest checkpoint is in out_dir only."""
     bucket, env = s3.bucket("runs"), s3.env()
     remote = f"s3://{bucket}/{tmp_path.name}"
     out = tmp_path / "out"
     command = [*TINY, "--eval_interval=100000", "--checkpoint_interval=20", f"--out_dir={out}", f"--remote_dir={remote}",
                "--remote_wait=3", "--max_iters=100000"]
-    proc, seen = start(*command, env=env), []
-    wait_for(proc, r"saved .*ckpt-00000020\.pt", seen)
-    s3.kill()
-    try:
-        wait_for(proc, r"could not copy ckpt-\d{8}\.pt", seen)
-        later = int(re.findall(r"saved .*ckpt-(\d{8})\.pt", "".join(seen))[-1]) + 100
-        wait_for(proc, rf"saved .*ckpt-{later:08d}\.pt", seen)  # training went on, saving locally
-        t0 = time.time()
-        proc.send_signal(signal.SIGTERM)
-        output = "".join(seen) + proc.communicate(timeout=120)[0]
-        assert proc.returncode == 0, output
-        assert time.time() - t0 < 30
-    finally:
-        s3.start()
-    warned = [line for line in output.splitlines() if "could not copy" in line]
-    assert len(warned) == 1 and "training goes on" in warned[0], output  # one line for the outage, not one per retry
-    last = int(re.findall(r"saved .*ckpt-(\d{8})\.pt", output)[-1])  # the stop's
-    assert re.search(rf"warning: ckpt-{last:08d}\.pt \(iteration {last}\) did not reach remote_dir .* within "
-                     rf"remote_wait=3s.*it is in out_dir only", output), output
-    # the server is back: the same command continues and its checkpoints arrive
-    p = run("train.py", *command[:-1], f"--max_iters={last + 20}", env=env)
-    assert f"remote_dir {remote} holds the newest checkpoint (ckpt-{last + 20:08d}.pt, iteration {last + 20})" in p.stdout
+
+    def saved(lines):
+        return int(re.findall(r"saved .*ckpt-(\d{8})\.pt", "".join(lines))[-1])
+
+    for server_back in (True, False):
+        proc, seen = start(*command, env=env), []
+        wait_for(proc, r"saved .*ckpt-\d{8}\.pt", seen)
+        s3.kill()
+        try:
+            wait_for(proc, r"could not copy ckpt-\d{8}\.pt", seen)
+            wait_for(proc, rf"saved .*ckpt-{saved(seen) + 100:08d}\.pt", seen)  # training went on, saving locally
+            if server_back:
+                s3.start()
+                wait_for(proc, r"remote_dir reachable again: ckpt-\d{8}\.pt copied", seen)
+            t0 = time.time()
+            proc.send_signal(signal.SIGTERM)
+            output = "".join(seen) + proc.communicate(timeout=120)[0]
+            assert proc.returncode == 0, output
+            assert time.time() - t0 < 30
+        finally:
+            if proc.poll() is None or not server_back:
+                s3.start()
+        warned = [line for line in output.splitlines() if "could not copy" in line]
+        assert len(warned) == 1 and "training goes on" in warned[0], output  # one line for the outage, not one per retry
+        last = saved([output])  # the stop's checkpoint
+        if server_back:
+            assert f"remote_dir {remote} holds the newest checkpoint (ckpt-{last:08d}.pt, iteration {last})" in output
+            assert re.search(rf"^ckpt-{last:08d}\.pt .* complete$", run("checkpoint.py", remote, env=env).stdout, re.M)
+        else:
+            assert re.search(rf"warning: ckpt-{last:08d}\.pt \(iteration {last}\) did not reach remote_dir .* within "
+                             rf"remote_wait=3s.*it is in out_dir only", output), output
 
 
 @pytest.mark.parametrize("case", ["credentials", "bucket", "endpoint", "read-only", "backend"])
