@@ -37,7 +37,6 @@ import zlib
 
 from atomicfile import atomic_write, fsync_dir, remove_whole, replace_folder, temp_name
 from checkpoint import BEST, NAMES, folder_files, rank, scan
-from checkpointer import yield_to_training
 from configurator import RunError, first_line
 from metrics import say
 
@@ -67,6 +66,16 @@ def crc_of(fd):
     while chunk := os.pread(fd, CHUNK, size):
         crc, size = zlib.crc32(chunk, crc), size + len(chunk)
     return size, crc
+
+
+def lower_priority():
+    """This thread at nice 19 (Linux's niceness applies per thread): it takes a small share of a CPU
+    that training keeps busy, so the copy keeps up without slowing training. Not SCHED_IDLE, as the
+    local writer uses: a CPU run leaves no idle time, and the remote copy would never get there."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
 
 
 def is_remote(path):
@@ -472,12 +481,12 @@ class Uploader:
         self.done = None  # header of the newest checkpoint complete in remote_dir
         self.outage, self.pause = None, RETRY[0]
         self.seconds = 0.0  # the last upload's duration: time_limit leaves room for one
-        if not remote.local:  # fsspec's I/O thread (the requests, their signing) too takes only idle CPU time
+        if not remote.local:  # fsspec's I/O thread (the requests) at the same low priority
             from fsspec.asyn import sync
 
-            async def idle():
-                yield_to_training()
-            sync(remote.fs.loop, idle)
+            async def low():
+                lower_priority()
+            sync(remote.fs.loop, low)
         threading.Thread(target=self._run, name="remote-upload", daemon=True).start()  # (a daemon: never holds up an exit)
 
     def new_prefix(self, it):
@@ -515,7 +524,7 @@ class Uploader:
         return not kept
 
     def _run(self):
-        yield_to_training()  # its CRCs take the CPU time training leaves idle (the network I/O is fsspec's thread)
+        lower_priority()  # its CRCs (the network I/O is fsspec's thread)
         first = True
         while True:
             with self.cv:
