@@ -182,7 +182,13 @@ class Remote:
     def checkpoints(self):
         """(complete commits newest first, [(name, why)] for the incomplete or damaged ones, {data
         prefix: bytes} of uploads that no commit names). Complete: every object its commit names is
-        there with its size (the CRCs are checked when it is downloaded)."""
+        there with its size (the CRCs are checked when it is downloaded). Raises RemoteError."""
+        try:
+            return self._checkpoints()
+        except Exception as e:  # the store went away since the probe, a listing refused, ...
+            raise RemoteError(f"cannot list remote_dir {self.url}: {self.why(e)}") from None
+
+    def _checkpoints(self):
         objects = self._objects()
         good, bad, named = [], [], set()
         for key in sorted(objects):
@@ -405,6 +411,8 @@ class Remote:
                     self.fs.get_file(self.key(METRICS), os.path.join(out_dir, METRICS))
                 except FileNotFoundError:
                     pass
+                except Exception as e:  # the checkpoint is what matters; the curve starts afresh
+                    say(f"warning: could not download remote_dir's {METRICS} ({self.why(e)})", err=True)
             return path
         return None
 
