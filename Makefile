@@ -11,6 +11,10 @@ DEMO_CONFIG = $(shell $(PY) -c "import torch; print('config/train_shakespeare_ch
 	$(PY) -m pip install -q -r requirements.txt
 	touch .venv/ok
 
+.venv/test-ok: .venv/ok requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch .venv/test-ok
+
 data/shakespeare_char/train.bin: .venv/ok data/shakespeare_char/prepare.py
 	$(PY) data/shakespeare_char/prepare.py
 
@@ -24,7 +28,7 @@ demo: .venv/ok data/shakespeare_char/train.bin
 # two workers, one test file each (a file's fixtures are shared by its tests); the data is
 # prepared first so that workers never race to write it; a test that hangs fails after 10 minutes
 # instead of holding the suite
-test: .venv/ok data/shakespeare_char/train.bin
+test: .venv/test-ok data/shakespeare_char/train.bin
 	$(PY) -m pytest -q -n 2 --dist loadfile --timeout=600 tests
 
 clean:

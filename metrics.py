@@ -11,11 +11,18 @@ with "iter". Rows are appended and flushed as they are written, by rank 0 only. 
 from iteration k redoes the work after k, so on resume the rows of that work (train rows from k
 on, eval and event rows after k) are marked "superseded": true; the rows not so marked read as
 one run, with no iteration twice and none missing. A line torn by a crash is dropped.
+
+wandb gets the same rows, into one wandb run per run (its id is the run's id). A resumed run
+first sends the rows of metrics.jsonl that the wandb run does not hold yet (an offline run
+loses the records it had not written out when the process was killed), then logs live only the
+steps past what it holds, so every step is there once.
 """
 import importlib.util
 import json
+import glob
 import math
 import os
+import struct
 import sys
 import time
 
@@ -85,6 +92,34 @@ def has_wandb():
     return importlib.util.find_spec("wandb") is not None
 
 
+def wandb_offline_steps(out_dir, run_id):
+    """The history steps that the offline wandb runs of this id in out_dir/wandb hold, oldest run
+    first (wandb names their folders by start time), read from
+    their run-<id>.wandb files: a 7-byte header, then 32 KiB blocks of records, each a 7-byte header
+    (crc, length, type) and a piece of one protobuf Record (wandb writes them; `wandb sync` sends them)."""
+    from wandb.proto.wandb_internal_pb2 import Record
+    steps = []
+    for path in sorted(glob.glob(os.path.join(out_dir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        pos, record = 7, b""
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if kind == 0 or pos + 7 + length > len(data):  # the end, or a record cut short by a kill
+                break
+            record += data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):  # a whole record, or the last piece of one
+                r = Record.FromString(record)
+                if r.WhichOneof("record_type") == "history":
+                    steps.append(r.history.step.num)
+                record = b""
+    return steps
+
+
 class MetricsLog:
     """Appends rows to out_dir/metrics.jsonl and, given wandb's settings (project, name, config, id),
     logs them to that wandb run too. A
@@ -100,29 +135,38 @@ class MetricsLog:
         self.wandb = None
         if self.path is None:
             return
+        self.held = -1  # the last step the wandb run held when this process started
         if wandb:  # the run's own id: a resumed run continues the same wandb run; its files in out_dir
             import wandb as wandb_lib
+            offline = max(wandb_offline_steps(out_dir, wandb["id"]), default=-1)
             self.wandb = wandb_lib.init(**wandb, resume="allow", dir=out_dir)
+            self.held = max(offline, getattr(self.wandb, "step", 0) - 1)  # online: the server says
         try:
-            self._settle(resumed_at)
+            rows = self._settle(resumed_at)
             self.file = open(self.path, "a", encoding="utf-8")
         except OSError as e:
             say(f"warning: {self.path} cannot be written ({e.strerror or e}); training goes on without it", err=True)
+            rows = []
+        if self.wandb is not None and resumed_at is not None:  # what the wandb run lost, from the file
+            for r in rows:
+                if not r.get("superseded") and r["kind"] != "event" and r["iter"] > self.held:
+                    self._send(r["kind"], r["iter"], r)
 
     def _settle(self, k):
         """Before appending: mark the rows that this start redoes as superseded, and drop a torn
         last line, rewriting the file atomically (temp file, fsync, rename) when anything changes."""
         if not os.path.exists(self.path):
-            return
+            return []
         with open(self.path, encoding="utf-8", errors="replace") as f:
             text = f.read()
         rows = _rows(text)
         stale = [r for r in rows if not r.get("superseded") and redone(r, k)]
         if not stale and (not text or text.endswith("\n")):
-            return
+            return rows
         for r in stale:
             r["superseded"] = True
         atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+        return rows
 
     def row(self, kind, it, **fields):
         # strict JSON has no NaN or Infinity: a diverged loss is written as null
@@ -135,9 +179,15 @@ class MetricsLog:
             except OSError as e:
                 say(f"warning: {self.path} cannot be written ({e.strerror or e}); training goes on without it", err=True)
                 self.file = None
-        # a resumed run redoes steps that wandb has seen (and would drop, warning each time)
-        if self.wandb is not None and kind != "event" and it >= getattr(self.wandb, "step", 0):
-            self.wandb.log({f"{kind}/{k}": v for k, v in fields.items() if isinstance(v, (int, float))}, step=it)
+        # a resumed run redoes steps that the wandb run may hold: the same values again, which a
+        # server would drop (warning each time) and an offline run would hold twice
+        if self.wandb is not None and kind != "event" and it > self.held:
+            self._send(kind, it, fields)
+
+    def _send(self, kind, it, fields):
+        skip = ("kind", "iter", "time", "superseded")
+        self.wandb.log({f"{kind}/{k}": v for k, v in fields.items()
+                        if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=it)
 
     def event(self, it, event, **fields):
         self.row("event", it, event=event, tokens=self.tokens_at(it), **fields)

@@ -10,7 +10,7 @@ import pytest
 from matplotlib.image import imread
 
 from conftest import TINY, run, start, wait_for
-from metrics import METRICS, read_rows
+from metrics import METRICS, read_rows, wandb_offline_steps
 
 ARGS = [*TINY, "--max_iters=40", "--eval_interval=10", "--checkpoint_interval=10", "--dropout=0.1"]
 
@@ -90,11 +90,18 @@ def test_plot_without_metrics_is_one_line(tmp_path):
     assert p.returncode == 1 and p.stderr.strip().endswith("has no train or eval rows yet")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (it is optional)")
-def test_wandb_offline_resume_keeps_the_run(shakespeare_char, tmp_path):
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (make test installs it)")
+def test_wandb_offline_run_killed_and_resumed_is_one_run_with_each_step_once(shakespeare_char, tmp_path):
     out = tmp_path / "run"
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    run("train.py", *ARGS, f"--out_dir={out}", "--max_iters=20", "--wandb_log=True", env=env)
+    p = start(*ARGS, f"--out_dir={out}", "--max_iters=100000", "--wandb_log=True", env=env)
+    wait_for(p, r"^saved \S+ckpt-00000020\.pt")
+    wait_for(p, r"^iter 24:")  # steps past the checkpoint, sent to wandb, which the resume redoes
+    p.send_signal(signal.SIGKILL)
+    p.wait()
     run("train.py", *ARGS, f"--out_dir={out}", "--wandb_log=True", env=env)
-    runs = [d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]  # wandb's files: in out_dir
+    runs = sorted(d for d in os.listdir(out / "wandb") if d.startswith("offline-run-"))  # wandb's files: in out_dir
     assert len(runs) == 2 and len({d.rsplit("-", 1)[1] for d in runs}) == 1  # one wandb run id, continued
+    # every step once, in order: the steps the killed process had not written out (wandb writes
+    # whole 32 KiB blocks) are sent again from metrics.jsonl, the redone ones are not sent twice
+    assert wandb_offline_steps(str(out), runs[0].rsplit("-", 1)[1]) == list(range(41))
