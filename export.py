@@ -29,16 +29,8 @@ import os
 import shutil
 import sys
 
-from safetensors import SafetensorError, safe_open
-
-import checkpoint
-import dataset
-import remote
-import tokenizer
 from atomicfile import OLD_TAG, atomic_write, fsync_tree, replace_folder, temp_name
 from configurator import configure, fail
-from gpt2 import from_state_dict, save_safetensors, to_hf
-from model import GPTConfig
 
 # -----------------------------------------------------------------------------------------------
 out_dir = "out"
@@ -61,6 +53,17 @@ if format == "hf" and os.path.exists(to):
         names = sorted(os.listdir(to))
         raise SystemExit(f"error: {to} holds other files ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}), "
                          f"not a previous export; export into a new or empty folder")
+
+# torch and what uses it (seconds to import) only now: a wrong flag or --to is refused at once
+from safetensors import SafetensorError, safe_open  # noqa: E402
+
+import checkpoint  # noqa: E402
+import dataset  # noqa: E402
+import remote  # noqa: E402
+import tokenizer  # noqa: E402
+from gpt2 import from_state_dict, save_safetensors, to_hf  # noqa: E402
+from model import GPTConfig  # noqa: E402
+
 if format == "safetensors" and os.path.exists(to):
     try:
         with safe_open(to, "pt") as f:

@@ -15,17 +15,7 @@ import codecs
 import os
 import sys
 
-import numpy as np
-import torch
-
-import checkpoint
-import remote
-import tokenizer
 from configurator import UsageError, configure, fail
-from dataset import DATA_DIR
-from devices import DeviceError, autocast_context, one_line_out_of_memory, pick_device, pick_dtype
-from gpt2 import GPT2Error, from_state_dict, load_gpt2
-from model import GPTConfig, cpu_decoding_layout
 
 # -----------------------------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (a checkpoint in out_dir) or GPT-2 weights: 'gpt2', ..., 'gpt2-xl', a local HF folder
@@ -47,14 +37,27 @@ device = "auto"
 dtype = "auto"
 configure(globals())
 # -----------------------------------------------------------------------------------------------
-one_line_out_of_memory("lower max_batch (the KV cache grows with it) or max_new_tokens")
-sys.stdout.reconfigure(errors="replace")  # a console that cannot show a character gets a '?', not a traceback
 if start.startswith("FILE:"):
     try:
         with open(start[5:], encoding="utf-8") as f:
             start = f.read()
     except (OSError, UnicodeDecodeError) as e:
         fail(f"cannot read the prompt file {start[5:]!r} ({getattr(e, 'strerror', None) or e})")
+
+# torch and what uses it (seconds to import) only now: a wrong flag is refused at once
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import checkpoint  # noqa: E402
+import remote  # noqa: E402
+import tokenizer  # noqa: E402
+from dataset import DATA_DIR  # noqa: E402
+from devices import DeviceError, autocast_context, one_line_out_of_memory, pick_device, pick_dtype  # noqa: E402
+from gpt2 import GPT2Error, from_state_dict, load_gpt2  # noqa: E402
+from model import GPTConfig, cpu_decoding_layout  # noqa: E402
+
+one_line_out_of_memory("lower max_batch (the KV cache grows with it) or max_new_tokens")
+sys.stdout.reconfigure(errors="replace")  # a console that cannot show a character gets a '?', not a traceback
 
 try:
     device = pick_device(device)

@@ -16,22 +16,9 @@ import os
 import sys
 import time
 
-import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-
-import checkpoint
-import checkpointer
-import distributed
 import preemption
-import remote as remote_copy
-import resume
 from configurator import check, check_data, check_fits, config_keys, configure, fail, one_line_errors
-from dataset import TokenData
-from devices import autocast_context, one_line_out_of_memory, peak_flops_for, pick_device, pick_dtype
-from gpt2 import load_gpt2
 from metrics import MetricsLog, has_wandb, humanize, say
-from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------------------------
 # default config: GPT-2 124M on OpenWebText
@@ -93,6 +80,21 @@ peak_flops = 0.0  # FLOP/s that MFU is measured against; 0: data-sheet peak for 
 keys = config_keys(globals())
 sources = configure(globals())  # {key: the config file or --flag that set it}; defaults are absent; values checked
 # -----------------------------------------------------------------------------------------------
+# torch and what uses it (seconds to import) only now: a wrong flag or config file is refused at once
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+import checkpoint  # noqa: E402
+import checkpointer  # noqa: E402
+import distributed  # noqa: E402
+import remote as remote_copy  # noqa: E402
+import resume  # noqa: E402
+from dataset import TokenData  # noqa: E402
+from devices import autocast_context, one_line_out_of_memory, peak_flops_for, pick_device, pick_dtype  # noqa: E402
+from gpt2 import load_gpt2  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
 one_line_out_of_memory()  # a batch or model too big for the device: one error line, not a traceback
 one_line_errors()  # a library's UsageError (exit 2) or RunError (exit 1, bad files, machine, run): one line
 time_budget = preemption.parse_duration(time_limit)

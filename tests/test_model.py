@@ -136,4 +136,6 @@ def test_the_cpu_memory_estimate_covers_a_real_training_step(shape, batch):
                        text=True, env=dict(ENV, PYTHONPATH=ROOT), check=True)
     measured = int(p.stdout)
     estimate = 16 * n_params(shape) + activation_bytes(shape, batch) + STEP_OVERHEAD
-    assert measured <= estimate <= 2 * measured, (measured, estimate)
+    # the upper bound is loose: where malloc keeps freed attention matrices depends on the machine
+    # (configurator.py's table), and the estimate must cover the worst seen
+    assert measured <= estimate <= 2.5 * measured, (measured, estimate)
