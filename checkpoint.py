@@ -678,7 +678,7 @@ def load_weights(path):
 
 
 def read_header(path):
-    """What ranks a file, read without its tensors (mmap: ~10 ms for a 400 MB file): iteration,
+    """What ranks a file, read without its tensors (memory-mapped: the tensors are never read): iteration,
     run id, branch, kind, val loss. Its contents are judged (check_contents: shapes, not values);
     only load() checks the CRCs."""
     if _kind(path) == "folder":
@@ -753,7 +753,7 @@ def load_latest(out_dir, map_location="cpu", log=say, tensors=True, load_one=Non
 
 
 # ---------------------------------------------------------------------------------------------
-# resume rules (README, "Checkpoints")
+# resume rules (docs/checkpoints.md)
 
 # ---------------------------------------------------------------------------------------------
 # RNG state as plain data (so weights_only loading reads it)

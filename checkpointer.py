@@ -1,5 +1,5 @@
 """
-One owner for every save of a run (README, "Checkpoints"). train.py makes one Checkpointer and, on
+One owner for every save of a run (docs/checkpoints.md). train.py makes one Checkpointer and, on
 every rank, at one safe point of each iteration, asks it whether a save is due, hands it the state
 and lets it finish what is in flight; at the end it waits for it. The Checkpointer owns:
 
@@ -124,7 +124,7 @@ def snapshot(obj, buffers, memo=None, key=()):
 def yield_to_training():
     """The background writer runs at the lowest CPU priority (Linux's SCHED_IDLE, which applies per
     thread): where training keeps every core busy (a CPU run), the write takes the time training leaves
-    idle instead of slowing every thread of the step (README, "Checkpoints"; bench/bench_checkpoint.py)."""
+    idle instead of slowing every thread of the step (docs/checkpoints.md; bench/bench_checkpoint.py)."""
     try:
         os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):  # not Linux: the writer runs at training's priority

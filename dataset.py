@@ -89,7 +89,7 @@ class TokenData:
                 what = "does not exist" if not os.path.isdir(self.dir) else f"has no {split}.bin"
                 ready = sorted(d for d in os.listdir(data_dir) if os.path.exists(os.path.join(data_dir, d, "val.bin")))
                 hint = f"run: python {prepare}" if os.path.exists(prepare) else \
-                    f"prepare it first (see README); prepared here: {', '.join(ready) or 'none'}"
+                    f"prepare it first (docs/data.md); prepared here: {', '.join(ready) or 'none'}"
                 raise SystemExit(f"error: dataset {dataset!r} ({self.dir}) {what}; {hint}")
             # memmap keeps a 9 GB openwebtext bin on disk; opened once, not per batch
             if os.path.getsize(path) % dtype.itemsize:

@@ -6,7 +6,7 @@ TCPStore with the workers for the whole job, so a restarted group finds the dead
 (addresses, NCCL ids) still there: gloo then dials a dead port and fails the restart, or hangs.
 On one node we put each restart's keys under their own prefix (the restart count, which a single
 agent keeps consistent); across nodes the agents' counts can differ, so there the fix is
-TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node (README, "Preemptible and scheduled jobs"),
+TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node (docs/preemption.md),
 and a run without it is warned.
 
 FSDP2 and DCP are imported in the functions that use them: importing them adds to every start of
@@ -118,7 +118,7 @@ def shard(model, dtype):
 def steady_heap():
     """On a CPU, FSDP allocates and frees every block's gathered weights and gradients at every step.
     glibc raises its mmap threshold each time such a buffer is freed, so the next ones come from
-    the heap, which does not shrink: a rank's RSS grew to about DDP's (README, Multi-GPU). A fixed
+    the heap, which does not shrink: a rank's RSS grew to about DDP's (docs/distributed.md). A fixed
     threshold (1 MB) keeps big buffers in mmap, returned to the OS when freed. glibc only."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD

@@ -58,7 +58,7 @@ def _hf_load(load, name, **kwargs):
     if constants.HF_HUB_OFFLINE:
         raise GPT2Error(f"GPT-2 weights {name!r} are not in the Hugging Face cache {cache} "
                         f"and HF_HUB_OFFLINE is set; {how}")
-    # from_pretrained retries an unreachable Hub for ~25 s; one request without retries
+    # from_pretrained retries an unreachable Hub for a while; one request without retries
     # (timeout HF_HUB_ETAG_TIMEOUT, 10 s by default) tells at once
     try:
         get_hf_file_metadata(hf_hub_url(name, "config.json"))
@@ -103,7 +103,7 @@ def load_gpt2(name_or_folder, dropout=None):
     del hf
     # HF's tensors are still mostly on disk (safetensors maps the file). Each is copied into our
     # layout and dropped, so there are never more than two copies of the weights, HF's and ours
-    # (gpt2-large: peak RSS 2.07x the fp32 weights, half of it the mapped file, freed at return)
+    # (one of them the mapped file, freed at return)
     state = {}
     for k in list(hf_state):
         t = hf_state.pop(k)

@@ -1,6 +1,6 @@
 """
 When a run must stop and save: signals and a wall-clock budget (time_limit). train.py asks between
-iterations and during evaluation; handlers only set a flag (README, "Preemptible and scheduled jobs").
+iterations and during evaluation; handlers only set a flag (docs/preemption.md).
 The bound on the work a crash can lose (checkpoint_minutes) is the Checkpointer's clock.
 
 SIGTERM (preemption, Kubernetes, torchrun), SIGHUP (a closed terminal, a dropped ssh session),

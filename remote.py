@@ -1,5 +1,5 @@
 """
-The remote copy (README, "Lose the machine, not the run"). out_dir is the fast local tier, with
+The remote copy (docs/remote.md). out_dir is the fast local tier, with
 every guarantee; remote_dir, an fsspec URL (s3://bucket/run, gs://..., az://..., file:///mnt/disk/run
 or a plain path on another disk), is the durable one. Every checkpoint that is durable in out_dir
 is copied there by one background thread (Uploader; under FSDP one per rank, each copying its own

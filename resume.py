@@ -1,6 +1,6 @@
 """
 The resume policy: which checkpoint a start continues, which config wins, branches, and what a
-resume restores (README, "Checkpoints"). checkpoint.py reads and judges the files; this module decides.
+resume restores (docs/checkpoints.md). checkpoint.py reads and judges the files; this module decides.
 
 - The same command twice continues the run: a start into an out_dir holding a good checkpoint
   resumes it, and nothing ever overwrites another run's files.

@@ -9,7 +9,7 @@ Train a GPT, on one CPU or GPU or on many GPUs and nodes with DDP or FSDP2.
 The globals below are the config: config files and --key=value flags override them (configurator.py).
 A run checkpoints every checkpoint_interval iterations, on SIGTERM/SIGINT and at the end. An out_dir
 that holds a good checkpoint is always continued, with the config stored in it, so the same command
-run again carries on exactly where the run was (see README, "Checkpoints").
+run again carries on exactly where the run was (see docs/checkpoints.md).
 """
 import math
 import os
@@ -38,7 +38,7 @@ resume_from = ""  # resume from this file rather than the newest good one in out
 async_save = False  # a background thread writes checkpoints; training stalls only to copy the state
 checkpoint_minutes = 0.0  # also checkpoint when this many minutes passed since the last one (0: off)
 time_limit = ""  # this process's wall-clock budget ('3:50:00', '90m', seconds): checkpoint and exit 0 in time
-# the remote copy (README, "Lose the machine, not the run"); like out_dir, part of the command, never restored
+# the remote copy (docs/remote.md); like out_dir, part of the command, never restored
 remote_dir = ""  # a durable copy of every checkpoint: an fsspec URL (s3://bucket/run, gs://..., file:///mnt/disk/run)
 remote_wait = 60.0  # seconds the end of a run (a stop signal, time_limit) waits for the copy in flight to remote_dir
 # wandb logging (out_dir/metrics.jsonl is always written; plot.py draws it)

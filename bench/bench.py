@@ -3,7 +3,7 @@ Measure training speed (ms/iter, tokens/s, MFU) on any device, CPU included:
 
     python bench/bench.py --device=cpu --compile=False --batch_size=12 --block_size=64 --n_layer=4 --n_head=4 --n_embd=128
     python bench/bench.py --profile=True          # also writes a torch profiler trace to bench_trace.json
-    python bench/bench.py --mode=checkpoint       # checkpoint save (sync and async), load, size; see README
+    python bench/bench.py --mode=checkpoint       # checkpoint save (sync and async), load, size; see docs/performance.md
 
 Warm-up steps first (allocations, compilation), then timed steps; the median is reported.
 """

@@ -1,5 +1,5 @@
 """
-What checkpoints cost (README, "Checkpoints"), measured side by side in one run: the variants
+What checkpoints cost (docs/checkpoints.md), measured side by side in one run: the variants
 alternate A B A B and each ratio is the median over the pairs, so it holds on a noisy shared machine.
 From the project root:
 

@@ -1,5 +1,5 @@
 """
-DDP against FSDP on 2 ranks for GPT-2 124M's shape (README, "Multi-GPU and multi-node"): each rank's
+DDP against FSDP on 2 ranks for GPT-2 124M's shape (docs/distributed.md): each rank's
 peak RSS in training, and checkpoint save times: rank 0 writing one file (DDP, and every checkpoint
 before FSDP), every rank writing its shard of a DCP folder, and the stall of a background (async) save.
 

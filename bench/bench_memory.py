@@ -1,5 +1,5 @@
 """
-Peak memory of reading a checkpoint (README, "Sampling"): sample.py, export.py and checkpoint.py
+Peak memory of reading a checkpoint (docs/sampling.md): sample.py, export.py and checkpoint.py
 read only the weights, memory-mapped, never the optimizer and RNG. From the project root:
 
     python bench/bench_memory.py              # a 57M-parameter char model (8 x 768), and gpt2-medium's shape

@@ -1,5 +1,5 @@
 """
-Data-prepare speed and memory against the tokenizer's own limit (README, "Performance"). From the
+Data-prepare speed and memory against the tokenizer's own limit (docs/performance.md). From the
 project root:
 
     python bench/bench_prepare.py                      # a 200 MB corpus, 1 and 2 threads, 3 pairs each

@@ -1,5 +1,5 @@
 """
-What the remote copy costs (README, "Lose the machine, not the run"), measured side by side against a
+What the remote copy costs (docs/remote.md), measured side by side against a
 real S3 server on this machine (SeaweedFS on loopback, tests/s3server.py): variants alternate A B B A
 and each ratio is the median over the pairs. From the project root:
 

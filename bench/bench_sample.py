@@ -1,5 +1,5 @@
 """
-Sampling speed, side by side (README, "Performance"). Run from the project root:
+Sampling speed, side by side (docs/performance.md). Run from the project root:
 
     python bench/bench_sample.py char          # ours vs nanoGPT's sample.py: 6 layers, 384 wide, block 256, vocab 65
     python bench/bench_sample.py gpt2          # ours vs nanoGPT's sample.py: GPT-2 124M's shape, random weights

@@ -1,5 +1,5 @@
 """
-How fast a run stops and comes back (README, "Preemptible and scheduled jobs"). Every argument is
+How fast a run stops and comes back (docs/preemption.md). Every argument is
 passed to train.py, which runs in a fresh temp out_dir each round:
 
     python bench/bench_stop.py config/train_shakespeare_char_cpu.py            # the CPU recipe

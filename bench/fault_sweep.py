@@ -1,5 +1,5 @@
 """
-The fault sweep (README, "Checkpoints"): as SQLite fails its Nth I/O call for every N, every
+The fault sweep (docs/checkpoints.md): as SQLite fails its Nth I/O call for every N, every
 failure point of a short training run's save and load paths is tried, one at a time, and what is
 left on disk is checked after each. From the project root:
 

@@ -1,6 +1,6 @@
 # fine-tune GPT-2 XL (1.5B) on tiny Shakespeare in GPT-2 BPE tokens: nanoGPT's recipe, minutes on
 # one A100/H100-class GPU. First: python data/shakespeare/prepare.py; the weights come from the
-# Hugging Face cache (see README, "Fine-tuning GPT-2"). A smaller GPU: --init_from=gpt2-medium etc.
+# Hugging Face cache (docs/gpt2.md). A smaller GPU: --init_from=gpt2-medium etc.
 
 out_dir = "out-shakespeare"
 eval_interval = 5

@@ -1,4 +1,4 @@
-"""A checkpoint is all that generation needs (README, "Sampling"): it carries its tokenizer, so a run
+"""A checkpoint is all that generation needs (docs/sampling.md): it carries its tokenizer, so a run
 copied without its data folder samples and exports the same; data prepared again under a run is
 caught on resume; the default prompt works on a vocab without a newline; nanoGPT's files (no vocab
 inside) fall back to meta.pkl with a note; and sample.py, export.py and checkpoint.py read only the

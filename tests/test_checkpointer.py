@@ -94,7 +94,7 @@ def test_checkpoint_minutes_under_torchrun_saves_once_a_period(shakespeare_char,
 
 
 def test_second_trainer_is_refused_before_it_opens_a_checkpoint(shakespeare_char, tmp_path):
-    """README: a second training process into a folder in use stops at once. It must not read (let
+    """docs/checkpoints.md: a second training process into a folder in use stops at once. It must not read (let
     alone load) the running job's checkpoints or metrics first: strace lists every file it opens."""
     out = tmp_path / "run"
     first = start(*ARGS, f"--out_dir={out}", "--max_iters=100000", "--checkpoint_interval=5", "--keep_last=2")
@@ -234,7 +234,7 @@ def test_an_undeletable_old_file_is_a_warning(trained, tmp_path):
 
 
 def test_another_branchs_best_that_cannot_be_moved_is_a_warning(trained, tmp_path):
-    """README, branches: resume_from an older file starts branch 1, which keeps branch 0's ckpt.pt under
+    """docs/checkpoints.md, branches: resume_from an older file starts branch 1, which keeps branch 0's ckpt.pt under
     another name before it writes its own. That rename fails (EIO): one warning, the run goes on and
     exits 0, and branch 0's best file is still on disk, under either name."""
     out = copy_run(Path(trained), tmp_path / "run")

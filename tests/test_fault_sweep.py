@@ -1,4 +1,4 @@
-"""A sample of the fault sweep (bench/fault_sweep.py; README, "Checkpoints"): a short training run with
+"""A sample of the fault sweep (bench/fault_sweep.py; docs/checkpoints.md): a short training run with
 checkpoints, its Nth fsync, rename, unlink, openat, write or mkdir on a checkpoint path failing (EIO,
 ENOSPC) or the process killed there (strace -e inject), then: no traceback; exit 0, or 1 with one
 error line; everything under a checkpoint's name loads; what was saved before the fault is still

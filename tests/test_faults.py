@@ -1,4 +1,4 @@
-"""Faults recover by themselves (README, "Preemptible and scheduled jobs"): a dead stdout never stops
+"""Faults recover by themselves (docs/preemption.md): a dead stdout never stops
 a run, every stop signal saves, a second Ctrl-C during a save exits at once, an eval in progress is
 abandoned for a quick save, time_limit stops in time (by the run's own clock), checkpoint_minutes bounds
 what a kill -9 loses, torchrun restarts crashed workers, and failed writes (real EFBIG, real ENOSPC, a real

@@ -60,7 +60,7 @@ TRAIN = [  # flags, exit code, words the error line holds
     ([f"--resume_from={MISSING}.pt"], 2, "resume_from '{tmp}/missing.pt': no such file"),
     (["--learning_rate=nan"], 2, "learning_rate=nan must be a finite number"),
     (["--init_from=resume", f"--out_dir={MISSING}"], 1, "no checkpoint in"),
-    (["--dataset=_no_such_data"], 1, "does not exist; prepare it first (see README); prepared here: "),
+    (["--dataset=_no_such_data"], 1, "does not exist; prepare it first (docs/data.md); prepared here: "),
 ]
 if not torch.cuda.is_available():
     TRAIN.append((["--device=cuda"], 1, "no CUDA GPU is visible"))

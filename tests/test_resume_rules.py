@@ -1,4 +1,4 @@
-"""The run around the files (README, "Checkpoints"): resume restores the stored config, the same
+"""The run around the files (docs/checkpoints.md): resume restores the stored config, the same
 command continues a run, the newest file is read from contents, retention never trades a good file
 for a bad one, branches keep each other's files, and each file's val loss is its own."""
 import os
@@ -14,7 +14,7 @@ ARGS = [*TINY, "--eval_interval=4", "--checkpoint_interval=4", "--keep_last=50"]
 
 
 def test_readme_sequence_with_the_config_file(shakespeare_char, tmp_path):
-    """README: train with the CPU flags on top of the GPU config file, then carry on with the config
+    """README's commands: train with the CPU flags on top of the GPU config file, then carry on with the config
     file alone. The file's shape is ignored with a note; its other values apply and are listed."""
     out = f"--out_dir={tmp_path}"
     # the README's commands, with fewer iterations and eval batches
