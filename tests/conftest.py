@@ -129,9 +129,10 @@ def shakespeare_char():
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(shakespeare_char, tmp_path_factory):
-    """A finished tiny char-level run: checkpoints at 5 and 10, and ckpt.pt (one per test module)."""
+    """A finished tiny char-level run: checkpoints at 5 and 10, and ckpt.pt (one per test worker: tests
+    copy it before they change anything)."""
     out = tmp_path_factory.mktemp("trained")
     run("train.py", *TINY, f"--out_dir={out}", "--max_iters=10", "--eval_interval=5", "--checkpoint_interval=5")
     return str(out)
