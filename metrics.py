@@ -138,7 +138,12 @@ class MetricsLog:
         self.held = -1  # the last step the wandb run held when this process started
         if wandb:  # the run's own id: a resumed run continues the same wandb run; its files in out_dir
             import wandb as wandb_lib
-            offline = max(wandb_offline_steps(out_dir, wandb["id"]), default=-1)
+            try:
+                offline = max(wandb_offline_steps(out_dir, wandb["id"]), default=-1)
+            except Exception as e:  # a file of another wandb version: resend rather than stop the run
+                say(f"warning: cannot read the offline wandb runs in {out_dir}/wandb ({e}); "
+                    f"the rows of metrics.jsonl are sent again", err=True)
+                offline = -1
             self.wandb = wandb_lib.init(**wandb, resume="allow", dir=out_dir)
             self.held = max(offline, getattr(self.wandb, "step", 0) - 1)  # online: the server says
         try:
