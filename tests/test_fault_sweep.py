@@ -26,17 +26,18 @@ def _load_sweep():
 
 sweep = _load_sweep()
 
-# (scenario, rank, syscall family, kind, the call it hits: a regex, which match (0 the first), why)
+# (scenario, rank, syscall family, kind, the call it hits: a regex, which match (0 the first), why).
+# Points that a test of their own already holds are left to it: a write failing midway
+# (test_faults.py::test_failed_writes_efbig), retention that cannot delete
+# (test_checkpointer.py::test_an_undeletable_old_file_is_a_warning), a kill in the middle of a
+# folder's delete (test_checkpointer.py::test_kill_in_the_middle_of_a_folder_delete)
 POINTS = [
-    ("files", 0, "write", "enospc", r"^write \.ckpt-00000004\.pt\.tmp-PID$", 0, "disk full in the middle of a file"),
     ("files", 0, "rename", "kill", r"-> ckpt\.pt$", 0, "killed as ckpt.pt is replaced"),
     ("files", 0, "rename", "eio", r"-> ckpt-00000006\.pt$", 0, "the final save's commit fails"),
     ("files", 0, "rename", "kill", r"-> ckpt-00000006\.pt$", 0, "killed at the final save's commit"),
-    ("files", 0, "unlink", "eio", r"ckpt-00000002\.pt$", 0, "retention cannot delete"),
     ("files", 0, "unlink", "kill", r"ckpt-00000002\.pt$", 0, "killed as retention deletes"),
     ("resume", 0, "openat", "eio", r"^openat \.$", 0, "out_dir cannot be read at the start"),
     ("folders", 1, "fsync", "eio", r"__1_0\.distcp$", 0, "rank 1 cannot write its shard"),
-    ("folders", 0, "unlink", "kill", r"ckpt-00000002", 1, "killed in the middle of deleting a folder"),
     # rank 0's error line used to vanish (torch's excepthook buffers stderr; os._exit dropped it) and
     # rank 1 died in a collective with a traceback (found by the full sweep)
     ("folders", 0, "openat", "eio", r"^openat \.$", 3, "out_dir cannot be listed as the checkpointer starts"),
