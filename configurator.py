@@ -238,6 +238,7 @@ def _size(n):
 # Every estimate is over every measurement, and at most 2x the lowest. Under bf16 autocast
 # the saved tensors measured 0.66x (layers), 1.1x (logits), 0.93x (attention) of fp32's: the fp32
 # figure is used for every dtype.
+MMAP_THRESHOLD = 32 * 2**20  # glibc's largest: a freed block under it stays in the process's heap
 STEP_OVERHEAD = 128 * 2**20  # the first step's kernels and thread pools (82 MiB for a 1,472-parameter model)
 
 
@@ -255,7 +256,8 @@ def activation_bytes(model_args, batch_size):
     floats = tokens * (32 * L * d + 5 * V)  # the layers' saved tensors and gradients; logits, log-softmax, theirs
     if model_args.get("dropout", 0.0) > 0:  # attention's dropout runs the math path: the whole matrix per layer
         matrix = batch_size * H * T * T
-        floats += ((10 * L + 4) if 4 * matrix < 32 * 2**20 else (6 * L + 2)) * matrix
+        kept = 10 * L + 4 if 4 * matrix < MMAP_THRESHOLD else 6 * L + 2  # freed ones stay in the heap
+        floats += kept * matrix
     return 4 * floats
 
 
