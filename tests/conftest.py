@@ -1,3 +1,4 @@
+import atexit
 import os
 import re
 import shutil
@@ -7,6 +8,8 @@ import sys
 import time
 
 import pytest
+
+import forkserver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -21,30 +24,54 @@ TINY = ["--device=cpu", "--compile=False", "--dataset=shakespeare_char", "--n_la
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 
-def run(script, *args, env=None, timeout=300, check=True, prefix=(), **popen):
-    """Run one of the project's scripts as a user would, in a fresh process (prefix: a command that
-    runs it, such as setpriv; popen: e.g. a preexec_fn that sets a resource limit)."""
-    full_env = dict(ENV, **(env or {}))
-    proc = subprocess.run([*prefix, sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout, **popen)
+# Scripts run in children of a fork server that has imported torch once (tests/forkserver.py says
+# why and how): a real process per script, without two seconds of imports each. A fresh interpreter
+# instead wherever a fork could differ from one: a command prefix (strace, setpriv), torchrun, Popen
+# options such as preexec_fn, a variable that torch or Python read when they start, or TEST_EXEC=1.
+READ_AT_START = re.compile(r"(OMP|MKL|KMP|GOMP|TORCH|PYTORCH|CUDA|LD|PYTHON|MALLOC)_")
+SERVER = []
+
+
+def popen(script, args, env=None, launcher=None, **options):
+    """A project script (a path in the project) as a child process, with Popen's interface.
+    launcher: the command that runs it (the default: this Python)."""
+    script, full_env = os.path.join(ROOT, script), dict(ENV, **(env or {}))
+    if (launcher or set(options) - {"stdout", "stderr", "text"} or os.environ.get("TEST_EXEC") == "1"
+            or any(READ_AT_START.match(k) for k in env or {})):
+        return subprocess.Popen([*(launcher or [sys.executable]), script, *args], cwd=ROOT, env=full_env, **options)
+    if not SERVER:
+        SERVER.append(forkserver.Server(ENV))
+        atexit.register(SERVER[0].close)
+    return SERVER[0].popen(script, args, ROOT, full_env, **options)
+
+
+def run(script, *args, env=None, timeout=300, check=True, prefix=(), **popen_options):
+    """Run one of the project's scripts as a user would, in a process of its own (prefix: a command
+    that runs it, such as setpriv; popen_options: e.g. a preexec_fn that sets a resource limit)."""
+    proc = popen(script, args, env, [*prefix, sys.executable] if prefix else None, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_options)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
     if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
+        raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}\n{stdout}\n{stderr}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 STARTED = []
 
 
-def start(*args, torchrun=None, env=None, **popen):
+def start(*args, torchrun=None, env=None, **popen_options):
     """train.py as a background job, stdout piped (stderr with it unless told otherwise). torchrun:
     a list of torchrun flags, to launch it under torchrun (--standalone unless the flags say --nnodes)."""
-    launcher = [sys.executable]
+    launcher = None
     if torchrun is not None:
-        launcher += ["-m", "torch.distributed.run", *([] if any(f.startswith("--nnodes") for f in torchrun)
-                                                      else ["--standalone"]), *torchrun]
-    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, **popen}
-    proc = subprocess.Popen([*launcher, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=dict(ENV, **(env or {})),
-                            text=True, **popen)
+        launcher = [sys.executable, "-m", "torch.distributed.run",
+                    *([] if any(f.startswith("--nnodes") for f in torchrun) else ["--standalone"]), *torchrun]
+    proc = popen("train.py", args, env, launcher,
+                 **{"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, **popen_options})
     STARTED.append(proc)
     return proc
 
