@@ -32,23 +32,24 @@ READ_AT_START = re.compile(r"(OMP|MKL|KMP|GOMP|TORCH|PYTORCH|CUDA|LD|PYTHON|MALL
 SERVER = []
 
 
-def popen(script, args, env=None, launcher=None, **options):
-    """A project script (a path in the project) as a child process, with Popen's interface.
+def popen(script, args, env=None, launcher=None, cwd=ROOT, **options):
+    """A script (a path in the project, or absolute) as a child process, with Popen's interface.
     launcher: the command that runs it (the default: this Python)."""
     script, full_env = os.path.join(ROOT, script), dict(ENV, **(env or {}))
     if (launcher or set(options) - {"stdout", "stderr", "text"} or os.environ.get("TEST_EXEC") == "1"
             or any(READ_AT_START.match(k) for k in env or {})):
-        return subprocess.Popen([*(launcher or [sys.executable]), script, *args], cwd=ROOT, env=full_env, **options)
+        return subprocess.Popen([*(launcher or [sys.executable]), script, *args], cwd=cwd, env=full_env, **options)
     if not SERVER:
         SERVER.append(forkserver.Server(ENV))
         atexit.register(SERVER[0].close)
-    return SERVER[0].popen(script, args, ROOT, full_env, **options)
+    return SERVER[0].popen(script, args, cwd, full_env, **options)
 
 
-def run(script, *args, env=None, timeout=300, check=True, prefix=(), **popen_options):
+def run(script, *args, env=None, timeout=300, check=True, prefix=(), cwd=ROOT, **popen_options):
     """Run one of the project's scripts as a user would, in a process of its own (prefix: a command
     that runs it, such as setpriv; popen_options: e.g. a preexec_fn that sets a resource limit)."""
-    proc = popen(script, args, env, [*prefix, sys.executable] if prefix else None, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_options)
+    proc = popen(script, args, env, [*prefix, sys.executable] if prefix else None, cwd, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, text=True, **popen_options)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

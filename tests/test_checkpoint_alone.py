@@ -7,15 +7,13 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 import zipfile
 
 import pytest
 import torch
 
 import checkpoint
-from conftest import ENV, ROOT, TINY, copy_run, project_without_data, run
+from conftest import ROOT, TINY, copy_run, project_without_data, run
 from dataset import DATA_DIR
 
 GREEDY = ["--num_samples=1", "--max_new_tokens=40", "--temperature=0", "--device=cpu", "--start=ROMEO"]
@@ -23,11 +21,7 @@ GREEDY = ["--num_samples=1", "--max_new_tokens=40", "--temperature=0", "--device
 
 def script(folder, name, *args, check=True):
     """One of the scripts run from another copy of the project (cwd there): it has no data/."""
-    p = subprocess.run([sys.executable, os.path.join(folder, name), *args], cwd=folder, env=ENV,
-                       capture_output=True, text=True, timeout=300)
-    if check and p.returncode:
-        raise AssertionError(f"{name} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
-    return p
+    return run(os.path.join(folder, name), *args, cwd=folder, check=check)
 
 
 def record_data_offset(path, index):

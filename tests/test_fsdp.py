@@ -285,9 +285,7 @@ def test_consolidated_folder_samples_and_exports(fsdp_run, tmp_path):
     assert run("sample.py", f"--out_dir={only}", *sample).stdout == text
     # a folder carries its tokenizer too: sampled on a copy of the project that has no data/
     elsewhere = project_without_data(tmp_path / "machine")
-    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={only}", *sample], cwd=elsewhere, capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 0 and p.stdout == text, p.stderr
+    assert run(os.path.join(elsewhere, "sample.py"), f"--out_dir={only}", *sample, cwd=elsewhere).stdout == text
 
     run("export.py", f"--ckpt={fsdp_run / 'ckpt-00000020'}", f"--to={tmp_path / 'hf'}")
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()

@@ -7,13 +7,12 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import time
 
 import pytest
 
 import checkpoint
-from conftest import ROOT, TINY, run, start, wait_for
+from conftest import TINY, run, start, wait_for
 from metrics import read_rows
 from s3server import READER, S3Server
 from test_fsdp import assert_bitwise as assert_bitwise_folders, assert_close
@@ -58,7 +57,7 @@ def test_new_machine_continues_from_the_remote_copy_bitwise(s3, reference, tmp_p
     assert f"remote_dir {remote} holds the newest checkpoint (ckpt-00000006.pt, iteration 6)" in first
     shutil.rmtree(out)
     second = run("train.py", *command, f"--max_iters={N}", env=env).stdout
-    assert f"downloaded ckpt-00000006.pt (iteration 6," in second and "out_dir had no checkpoint" in second
+    assert "downloaded ckpt-00000006.pt (iteration 6," in second and "out_dir had no checkpoint" in second
     assert "resuming from" in second and "at iteration 6" in second
     assert_same_state(checkpoint.load(str(out / "ckpt-00000012.pt")), checkpoint.load(str(reference / "ckpt-00000012.pt")))
     ours, ref = curve(out), curve(reference)
