@@ -2,11 +2,12 @@
 script a test runs.
 
 Every train.py a test starts spends about two seconds importing torch and torch._dynamo (which
-AdamW's constructor imports) before its first step; the suite starts hundreds of them. Here that
-import is paid once per test worker, and each script then runs in a forked child: a real process of
-its own (its own pid, signals, files, exit status) running the real script as __main__, with the
-test's arguments, environment, working directory and stdin/stdout/stderr. Nothing of the project is
-imported here, so a script run from a copy of the project imports that copy's modules.
+AdamW's constructor imports) before its first step, more than a tiny run trains, and most tests
+start several. Here that import is paid once per test worker, and each script runs in a forked
+child: a process of its own (its own pid, signals, files, exit status) running the real script as
+__main__, with the test's arguments, environment, working directory and stdin/stdout/stderr. Nothing
+of the project is imported here, so a script run from a copy of the project imports that copy's
+modules.
 
 conftest.py talks to it and falls back to a fresh interpreter wherever a fork could differ from one
 (a command prefix such as strace, torchrun, a preexec_fn, environment variables that torch or Python
