@@ -33,9 +33,33 @@ def config_keys(namespace):
     return [k for k, v in namespace.items() if not k.startswith("_") and isinstance(v, PLAIN)]
 
 
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+def error_line(message, err=None):
+    """Prints a command's one `error:` line to err (sys.stderr), and returns err. Under torchrun every
+    rank usually meets the same bad file or value: the job's log then holds one `error:` line (rank
+    0's), the others' say which rank they come from."""
+    err = err or sys.stderr
+    rank = os.environ.get("RANK", "0")
+    # one write, newline included: ranks sharing a pipe never splice their lines (print writes twice)
+    err.write(f"{'' if rank == '0' else f'rank {rank}: '}error: {message}\n")
+    return err
+
+
+def exit_now(code, err):
+    """os._exit, output flushed first: once a process group is up, interpreter shutdown destroys
+    gloo's threads under them, which aborts some ranks at random (SIGABRT, "terminate called without
+    an active exception") and turns an exit 1 or 2 into a crash in torchrun's report."""
+    for stream in (sys.stdout, err):
+        stream.flush()
+    os._exit(code)
+
+
+def fail(message, code=2):
+    """The command is wrong (2) or the files or machine stop it (1): its error line, then exit."""
+    err = error_line(message)
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        exit_now(code, err)
+    sys.exit(code)
 
 
 class UsageError(Exception):
@@ -57,13 +81,8 @@ def one_line_errors():
             return previous(kind, e, tb)
         # the process's own stderr: torch.distributed's hook (init_process_group wraps ours) reads what
         # we write to sys.stderr into a buffer, which os._exit would drop
-        err = sys.__stderr__ or sys.stderr
-        # under torchrun every rank usually meets the same bad file or value: the job's log then holds
-        # one `error:` line (rank 0's), the others' say which rank they come from
-        rank = os.environ.get("RANK", "0")
-        print(f"{'' if rank == '0' else f'rank {rank}: '}error: {e}", file=err)
-        err.flush()
-        os._exit(2 if isinstance(e, UsageError) else 1)  # the hook cannot choose the exit code otherwise
+        err = error_line(e, sys.__stderr__ or sys.stderr)
+        exit_now(2 if isinstance(e, UsageError) else 1, err)  # a hook cannot set the exit code otherwise
     sys.excepthook = hook
 
 

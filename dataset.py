@@ -25,6 +25,7 @@ import pickle
 import numpy as np
 
 from atomicfile import atomic_write
+from configurator import RunError
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # keep training and evaluation generators apart
@@ -81,7 +82,7 @@ class TokenData:
             import tokenizer  # here: tokenizer imports this module
             self.record = tokenizer.of_meta(self.meta)  # what checkpoints store of this data's tokenizer
         except (OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError) as e:
-            raise SystemExit(f"error: {meta} cannot be read ({e}); prepare dataset {dataset!r} again")
+            raise RunError(f"{meta} cannot be read ({e}); prepare dataset {dataset!r} again")
         self.bins = {}
         for split in ("train", "val"):
             path = os.path.join(self.dir, f"{split}.bin")
@@ -90,10 +91,10 @@ class TokenData:
                 ready = sorted(d for d in os.listdir(data_dir) if os.path.exists(os.path.join(data_dir, d, "val.bin")))
                 hint = f"run: python {prepare}" if os.path.exists(prepare) else \
                     f"prepare it first (docs/data.md); prepared here: {', '.join(ready) or 'none'}"
-                raise SystemExit(f"error: dataset {dataset!r} ({self.dir}) {what}; {hint}")
+                raise RunError(f"dataset {dataset!r} ({self.dir}) {what}; {hint}")
             # memmap keeps a 9 GB openwebtext bin on disk; opened once, not per batch
             if os.path.getsize(path) % dtype.itemsize:
-                raise SystemExit(f"error: {path} is not a whole number of {dtype} ids; "
+                raise RunError(f"{path} is not a whole number of {dtype} ids; "
                                  f"prepare dataset {dataset!r} again")
             # (an empty file cannot be mapped; check_data then says it is too short)
             self.bins[split] = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)

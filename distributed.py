@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 import checkpoint
 from atomicfile import TMP_TAG
-from configurator import RunError
+from configurator import RunError, exit_now
 from metrics import say
 
 
@@ -69,9 +69,8 @@ def _quiet_when_a_peer_ends(rank):
         if not (isinstance(e, RuntimeError) and PEER_ENDED.search(str(e))):
             return previous(kind, e, tb)
         err = sys.__stderr__ or sys.stderr
-        print(f"rank {rank}: stopping, another rank ended (its error line says why)", file=err)
-        err.flush()
-        os._exit(1)
+        err.write(f"rank {rank}: stopping, another rank ended (its error line says why)\n")  # one write
+        exit_now(1, err)
     sys.excepthook = hook
 
 

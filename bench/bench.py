@@ -20,7 +20,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # (private:
 sys.path.insert(0, _ROOT)  # the project's modules, when run as python bench/bench.py
 import checkpoint  # noqa: E402
 from checkpointer import snapshot  # noqa: E402
-from configurator import check_data, configure  # noqa: E402
+from configurator import check_data, configure, one_line_errors  # noqa: E402
 from dataset import TokenData  # noqa: E402
 from devices import (DeviceError, autocast_context, one_line_out_of_memory, peak_flops_for, pick_device,  # noqa: E402
                      pick_dtype)
@@ -51,6 +51,7 @@ bench_dir = ""  # checkpoint mode: folder to write into (default: a temp folder 
 configure(globals())
 # -----------------------------------------------------------------------------------------------
 one_line_out_of_memory()
+one_line_errors()  # dataset.TokenData's RunError (a missing or damaged dataset): one line
 
 torch.manual_seed(seed)
 try:

@@ -557,12 +557,12 @@ def origin_of(spec):
 
 def run(work):
     """work(), with every way it can fail as one line: exit 2 for a wrong command, 1 otherwise."""
-    from configurator import fail
+    from configurator import RunError, fail
     try:
         work()
     except UsageError as e:
         fail(str(e))
-    except PrepareError as e:
+    except (PrepareError, RunError) as e:  # RunError: dataset.TokenData's word on a dataset --check reads
         sys.exit(f"error: {e}")
     except OSError as e:  # a full disk, a file that cannot be read: what is on disk resumes with the same command
         sys.exit(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}; "

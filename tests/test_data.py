@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from configurator import RunError
 from dataset import TokenData, load_meta
 from tokenizer import get_codec, gpt2_encoding
 
@@ -82,7 +83,7 @@ def test_batches_are_a_pure_function_of_seed_and_iteration(shakespeare_char):
 def test_missing_dataset_names_prepare_script(tmp_path):
     (tmp_path / "shakespeare_char").mkdir()
     (tmp_path / "shakespeare_char" / "prepare.py").write_text("")
-    with pytest.raises(SystemExit, match="has no train.bin; run: python .*prepare.py"):
+    with pytest.raises(RunError, match="has no train.bin; run: python .*prepare.py"):
         TokenData("shakespeare_char", data_dir=str(tmp_path))
-    with pytest.raises(SystemExit, match="'nope'.*does not exist"):
+    with pytest.raises(RunError, match="'nope'.*does not exist"):
         TokenData("nope", data_dir=str(tmp_path))

@@ -198,6 +198,24 @@ def test_torchrun_into_a_busy_or_unwritable_out_dir_is_one_line(fsdp_run, tmp_pa
     assert first.returncode == 0
 
 
+@pytest.mark.parametrize("bad, code, words", [
+    (["--dataset=_no_such_data"], 1, "dataset '_no_such_data' ("),  # dataset.py's RunError
+    (["--block_size=111540"], 2, "block_size=111540 is too long for dataset 'shakespeare_char'"),  # fail()
+])
+def test_a_bad_input_met_by_every_rank_is_one_error_line(shakespeare_char, tmp_path, bad, code, words):
+    """Met once the process group is up, on every rank: rank 0's line is the job's one `error:` line,
+    the others say which rank they are, and each rank exits with the code (its interpreter shutdown,
+    with gloo's threads alive, used to abort some ranks: SIGABRT in torchrun's report)."""
+    proc = start(*TINY, f"--out_dir={tmp_path}", *bad, torchrun=["--nproc_per_node=4"])
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, output  # torchrun's, for any failed worker
+    said = [line for line in output.splitlines() if "error: " in line]
+    assert len([line for line in said if line.startswith("error: ")]) == 1 and words in said[0], output
+    assert sorted(line.split(":")[0] for line in said if not line.startswith("error: ")) == \
+        ["rank 1", "rank 2", "rank 3"], output
+    assert "terminate called" not in output and "SIGABRT" not in output and f"exitcode  : {code} (pid" in output
+
+
 DAMAGE = {
     "flipped byte in a shard": (lambda f: _flip(f / "__1_0.distcp"), "corrupt (CRC mismatch in __1_0.distcp)"),
     "truncated shard": (lambda f: _truncate(f / "__0_0.distcp"), "corrupt (__0_0.distcp has"),
