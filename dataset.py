@@ -95,7 +95,7 @@ class TokenData:
             # memmap keeps a 9 GB openwebtext bin on disk; opened once, not per batch
             if os.path.getsize(path) % dtype.itemsize:
                 raise RunError(f"{path} is not a whole number of {dtype} ids; "
-                                 f"prepare dataset {dataset!r} again")
+                               f"prepare dataset {dataset!r} again")
             # (an empty file cannot be mapped; check_data then says it is too short)
             self.bins[split] = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
 
