@@ -1,4 +1,5 @@
 import atexit
+import functools
 import os
 import re
 import shutil
@@ -28,8 +29,15 @@ ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 # why and how): a real process per script, without two seconds of imports each. A fresh interpreter
 # instead wherever a fork could differ from one: a command prefix (strace, setpriv), torchrun, Popen
 # options such as preexec_fn, a variable that torch or Python read when they start, or TEST_EXEC=1.
-READ_AT_START = re.compile(r"(OMP|MKL|KMP|GOMP|TORCH|PYTORCH|CUDA|LD|PYTHON|MALLOC)_")
-SERVER = []
+READ_AT_START = re.compile(r"(OMP|MKL|KMP|GOMP|TORCH|PYTHON|PYTORCH|CUDA|LD|MALLOC)_")
+
+
+@functools.cache
+def server():
+    """This test worker's fork server, started on first use."""
+    started = forkserver.Server(ENV)
+    atexit.register(started.close)
+    return started
 
 
 def popen(script, args, env=None, launcher=None, cwd=ROOT, **options):
@@ -39,10 +47,7 @@ def popen(script, args, env=None, launcher=None, cwd=ROOT, **options):
     if (launcher or set(options) - {"stdout", "stderr", "text"} or os.environ.get("TEST_EXEC") == "1"
             or any(READ_AT_START.match(k) for k in env or {})):
         return subprocess.Popen([*(launcher or [sys.executable]), script, *args], cwd=cwd, env=full_env, **options)
-    if not SERVER:
-        SERVER.append(forkserver.Server(ENV))
-        atexit.register(SERVER[0].close)
-    return SERVER[0].popen(script, args, cwd, full_env, **options)
+    return server().popen(script, args, cwd, full_env, **options)
 
 
 def run(script, *args, env=None, timeout=300, check=True, prefix=(), cwd=ROOT, **popen_options):

@@ -38,7 +38,7 @@ def serve(path):
     import torch._dynamo  # noqa: F401
 
     # What is imported lives as long as the process: out of the collector's sight, a child's
-    # collections (and its exit, 0.9 s -> 0.3 s) do not walk it, nor copy every page they touch
+    # collections (its exit's among them) neither walk it nor copy every page they touch
     gc.freeze()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path)
@@ -55,12 +55,11 @@ def serve(path):
         if 0 in ready and not os.read(0, 1):
             sys.exit(0)
         if wake_r in ready:
-            while True:
-                try:
-                    if not os.read(wake_r, 512):
-                        break
-                except BlockingIOError:
-                    break
+            try:
+                while os.read(wake_r, 512):  # drained: the children are reaped below
+                    pass
+            except BlockingIOError:
+                pass
         if listener in ready:
             conn, _ = listener.accept()
             msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
@@ -120,7 +119,8 @@ class Forked:
 
     def __init__(self, path, script, args, cwd, env, stdout, stderr, text):
         self.args = [sys.executable, script, *args]
-        self.returncode, self.stdout, self.stderr, self._readers = None, None, None, None
+        self.returncode, self.stdout, self.stderr = None, None, None
+        self._readers, self._output = None, {}  # communicate()'s threads and what they read
         ours = []  # fds opened here for the child, closed once sent
 
         def fd_for(spec, inherit, name):
@@ -169,7 +169,6 @@ class Forked:
         """Reads stdout and stderr to their ends (in threads, as a child may fill either pipe),
         then waits; a timeout leaves the reading going for the next call, as Popen's does."""
         if self._readers is None:
-            self._output = {}
             self._readers = [threading.Thread(target=lambda n=n, f=f: self._output.__setitem__(n, f.read()),
                                               daemon=True) for n, f in (("stdout", self.stdout), ("stderr", self.stderr)) if f]
             for t in self._readers:

@@ -204,15 +204,16 @@ def test_torchrun_into_a_busy_or_unwritable_out_dir_is_one_line(fsdp_run, tmp_pa
 ])
 def test_a_bad_input_met_by_every_rank_is_one_error_line(shakespeare_char, tmp_path, bad, code, words):
     """Met once the process group is up, on every rank: rank 0's line is the job's one `error:` line,
-    the others say which rank they are, and each rank exits with the code (its interpreter shutdown,
-    with gloo's threads alive, used to abort some ranks: SIGABRT in torchrun's report)."""
+    the others say which rank they are, each line whole, and a rank exits with the code (its
+    interpreter shutdown, with gloo's threads alive, used to abort some ranks: SIGABRT in torchrun's
+    report). torchrun ends the other ranks (SIGTERM) once the first one exits, so which ranks get to
+    write their line before that is a race: none of them is required."""
     proc = start(*TINY, f"--out_dir={tmp_path}", *bad, torchrun=["--nproc_per_node=4"])
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 1, output  # torchrun's, for any failed worker
     said = [line for line in output.splitlines() if "error: " in line]
-    assert len([line for line in said if line.startswith("error: ")]) == 1 and words in said[0], output
-    assert sorted(line.split(":")[0] for line in said if not line.startswith("error: ")) == \
-        ["rank 1", "rank 2", "rank 3"], output
+    assert said and all(re.fullmatch(rf"(rank [123]: )?error: {re.escape(words)}.*", line) for line in said), output
+    assert len([line for line in said if line.startswith("error: ")]) <= 1, output
     assert "terminate called" not in output and "SIGABRT" not in output and f"exitcode  : {code} (pid" in output
 
 
