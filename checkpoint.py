@@ -6,6 +6,7 @@ retention, RNG capture/restore, compatibility checks, and a small inspect CLI:
     python checkpoint.py out-shakespeare-char/ckpt.pt   # one file's metadata: its header only (mmap)
     python checkpoint.py verify out-shakespeare-char/ckpt.pt   # the same, every CRC checked
     python checkpoint.py s3://bucket/run           # a remote_dir's checkpoints, complete or not (remote.py)
+    python checkpoint.py verify s3://bucket/run    # the same, every object read back and CRC-checked
 
 A checkpoint is one torch.save'd dict of tensors and plain Python values, so torch.load with
 weights_only=True reads it and a file can never run code when loaded. It keeps nanoGPT's keys
@@ -821,7 +822,8 @@ def consolidate(folder, out):
     return ckpt
 
 
-USAGE = "usage: python checkpoint.py OUT_DIR | REMOTE_DIR | CHECKPOINT | verify CHECKPOINT | consolidate FOLDER OUT.pt"
+USAGE = ("usage: python checkpoint.py OUT_DIR | REMOTE_DIR | CHECKPOINT | verify CHECKPOINT | verify REMOTE_DIR | "
+         "consolidate FOLDER OUT.pt")
 
 
 def main(argv):
@@ -841,12 +843,15 @@ def main(argv):
         print(f"error: {USAGE}", file=sys.stderr)
         sys.exit(2)
     target = argv[-1]
-    if "://" in target and not verify:  # a remote_dir: its commit objects, and what no commit names
-        import remote
+    if "://" in target:  # a remote_dir: its commit objects (verify: every object's CRC read back)
+        import remote  # (remote imports this module: imported here, for this command only)
         try:
-            print("\n".join(remote.describe(target)))
+            lines, ok = remote.describe(target, verify)
         except remote.RemoteError as e:
             sys.exit(f"error: {e}")
+        print("\n".join(lines))
+        if not ok:
+            sys.exit(1)
         return
     if os.path.isdir(target) and not is_folder_checkpoint(target):
         try:

@@ -50,7 +50,7 @@ def claim(out_dir, create=False, remote=None):
     file, or None when out_dir does not exist yet and create is False (there is nothing to read).
     Raises CheckpointError: busy, or not writable; RemoteError: remote_dir cannot be read."""
     if remote is not None and not create and not os.path.isdir(out_dir):
-        create = bool(remote.checkpoints()[0])  # a new machine: out_dir is made to take the download
+        create = bool(remote.checkpoints().good)  # a new machine: out_dir is made to take the download
     if not create and not os.path.isdir(out_dir):
         return None
     try:
@@ -254,16 +254,17 @@ class Checkpointer:
         if self.folder is not None:
             self._settle_folder()
 
-    def close(self):
+    def close(self, interrupted=lambda: False):
         """At the end: the write in flight reaches the disk before the process goes, and the copy to
-        remote_dir gets up to remote_wait seconds; one line says whether the newest one reached it."""
+        remote_dir gets up to remote_wait seconds (less once interrupted() is true: a stop signal);
+        one line says whether the newest one reached it."""
         if self.pending is not None or self.folder is not None:
             self.log("waiting for the background checkpoint write to finish")
         self.settle()
         if self.writer is not None:
             self.writer.shutdown()
         if self.remote is not None:
-            ok, line = self.remote.finish(self.remote_wait)
+            ok, line = self.remote.finish(self.remote_wait, interrupted)
             if line:
                 self.log(line) if ok else say(line, err=True)
 

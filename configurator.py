@@ -115,7 +115,7 @@ def _coerce(key, value, default, where):
 # (lowest, highest) allowed for numeric knobs, None for no bound; a float must also be finite
 AT_LEAST_1 = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_size", "gradient_accumulation_steps",
               "eval_interval", "log_interval", "eval_iters", "keep_last", "num_samples", "max_new_tokens",
-              "timed_steps", "max_batch", "num_proc", "windows")
+              "timed_steps", "max_batch", "num_proc", "windows", "remote_lease")
 AT_LEAST_0 = ("remote_wait", "max_iters", "warmup_iters", "lr_decay_iters", "checkpoint_interval", "keep_every",
               "checkpoint_minutes", "warmup_steps", "learning_rate", "min_lr", "weight_decay", "grad_clip",
               "peak_flops", "temperature", "top_k")
@@ -150,6 +150,10 @@ def check(namespace):
     if "n_embd" in namespace and "n_head" in namespace and namespace["n_embd"] % namespace["n_head"]:
         fail(f"n_embd={namespace['n_embd']} must be a multiple of n_head={namespace['n_head']} "
              f"(each head gets n_embd/n_head dimensions)")
+    if isinstance(namespace.get("remote_dir"), str) and namespace["remote_dir"]:
+        problem = url_problem(namespace["remote_dir"])
+        if problem:
+            fail(f"remote_dir {namespace['remote_dir']!r} {problem}")
     for key in ("out_dir", "to", "remote_dir"):  # a file where a folder should be can never work
         if namespace.get(key) and "://" not in namespace[key]:
             _check_folders(key, namespace[key], may_be_file=key == "to")
@@ -162,6 +166,34 @@ def check(namespace):
              "(or float32) with --parallelism=fsdp")
     if namespace.get("bench_dir") and not os.path.isdir(namespace["bench_dir"]):
         fail(f"bench_dir {namespace['bench_dir']!r} is not a folder")
+
+
+# remote_dir's protocols: object stores and disks that keep what they are given. Others that fsspec
+# knows (zip://, http://, memory://, ...) are refused: a "durable copy" there is none, or cannot work
+PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "file")
+URL = re.compile(r"([a-z][a-z0-9+.-]*)://(.*)", re.I)
+
+
+def url_problem(url):
+    """Why url cannot be a remote_dir (None if it can): a well-formed URL of a known protocol with a
+    bucket (s3://bucket/run), file:///absolute/path, or an absolute path. `s3:/x`, `s3:x`, `s3//x`
+    and `s3://` (an unset $BUCKET) would otherwise be folders under the current directory."""
+    m = URL.fullmatch(url)
+    if m is None:
+        if not os.path.isabs(url):
+            return ("is neither a URL (s3://bucket/run, gs://..., az://..., file:///path) nor an absolute "
+                    "path; a relative one would put the durable copy on this machine's disk")
+        return None
+    protocol, rest = m.group(1).lower(), m.group(2)
+    if protocol not in PROTOCOLS:
+        return (f"uses {protocol}://, which cannot hold a remote copy; use one of "
+                f"{', '.join(p + '://' for p in PROTOCOLS)} or an absolute path")
+    if protocol == "file":
+        return None if rest.startswith("/") else "must be file:///absolute/path (three slashes)"
+    bucket = rest.split("/", 1)[0]
+    if not bucket or bucket in (".", ".."):
+        return f"names no bucket: give {protocol}://BUCKET/PATH (is a variable in the command empty?)"
+    return None
 
 
 def _check_folders(key, path, may_be_file):

@@ -6,8 +6,8 @@ The bound on the work a crash can lose (checkpoint_minutes) is the Checkpointer'
 SIGTERM (preemption, Kubernetes, torchrun), SIGHUP (a closed terminal, a dropped ssh session),
 SIGUSR1 (Slurm's --signal=USR1@secs warning) and SIGINT (Ctrl-C) all mean: stop at the next safe
 point, checkpoint, exit 0 (130 for SIGINT). A second Ctrl-C leaves at once, which is safe because
-no checkpoint file is ever half-written; other repeated signals are ignored, so a save under way
-finishes.
+no checkpoint file is ever half-written; other repeated signals are counted (a save under way
+finishes), and cut short the end-of-run wait for the remote copy (train.py).
 """
 import os
 import re
@@ -53,12 +53,16 @@ def parse_duration(text):
 
 class Stopper:
     def __init__(self, time_limit=0.0):
-        self.signum = None
+        self.signum = None  # the first stop signal
+        self.last = None  # the newest one
+        self.count = 0
         self.time_limit = time_limit
         for s in SIGNALS:
             signal.signal(s, self._on_signal)
 
     def _on_signal(self, signum, frame):
+        self.count += 1
+        self.last = signum
         if self.signum is not None:
             if signum == signal.SIGINT:  # the second Ctrl-C: leave now, even from inside a save
                 try:
@@ -75,7 +79,7 @@ class Stopper:
 
     @property
     def exit_code(self):
-        return 130 if self.signum == signal.SIGINT else 0
+        return 130 if self.last == signal.SIGINT else 0
 
     def out_of_time(self, step_seconds, save_seconds):
         """True when one more step and a save (with room to spare) would overrun time_limit."""

@@ -1,26 +1,27 @@
 """
-The remote copy (docs/remote.md). out_dir is the fast local tier, with
-every guarantee; remote_dir, an fsspec URL (s3://bucket/run, gs://..., az://..., file:///mnt/disk/run
-or a plain path on another disk), is the durable one. Every checkpoint that is durable in out_dir
-is copied there by one background thread (Uploader; under FSDP one per rank, each copying its own
-shards), with metrics.jsonl; a start whose out_dir lacks
-remote_dir's newest complete checkpoint downloads it first (Remote.restore), so the same command on
-a new machine continues the run.
+The remote copy (docs/remote.md). out_dir is the fast local tier, with every guarantee; remote_dir,
+an fsspec URL (s3://bucket/run, gs://..., az://..., file:///mnt/disk/run or an absolute path on
+another disk), is the durable one. Every checkpoint that is durable in out_dir is copied there by
+one background thread (Uploader; under FSDP one per rank, each copying its own shards), with
+metrics.jsonl; a start whose out_dir lacks remote_dir's newest complete checkpoint downloads it
+first (Remote.restore), so the same command on a new machine continues the run.
 
-Object stores have no rename, so a remote checkpoint is made complete by a commit object written
-after all of its data:
+What a run writes in remote_dir, and nothing else:
 
-    remote_dir/ckpt-00000200.pt.commit      JSON: iteration, run id, branch, kind, and the size and
-                                            CRC-32 of every data object; written last
-    remote_dir/data/00000200-1a2b3c4d/...   the data: the file (ckpt-00000200.pt) or each file of a
-                                            folder (ckpt-00000200/state.pt, ...), under a new prefix
-    remote_dir/metrics.jsonl                the run's metrics, copied after each commit
+    ckpt-00000200.pt.commit          JSON: iteration, run id, branch, kind, and the size and CRC-32
+                                     of every data object; written last: the checkpoint is complete
+    data/00000200-1a2b3c4d.0.intent  JSON: run id, this start's token, rank; written before the data
+    data/00000200-1a2b3c4d/...       the data, under a new prefix per upload
+    metrics.jsonl                    the run's metrics, copied after each commit
+    lease.json                       run id, host, pid; refreshed while the run lives
 
-Each upload writes under a new prefix, so replacing ckpt.pt never touches the bytes an older commit
-names; a prefix that no commit names is a killed upload's, and is deleted when the next run with
-this remote_dir starts. A download checks each object's size and CRC against its commit before the
-checkpoint appears in out_dir, whole or not at all. One run writes to a remote_dir at a time, as to
-an out_dir (whose lock cannot reach another machine).
+A run owns what it can prove it wrote: a commit with its run id, or a prefix that an intent of its
+own names. Leftovers of a killed upload are found by that intent (and only when an earlier start
+wrote it), never by the absence of a commit, so another run's objects, a commit of a format this
+code cannot read and unrelated files are never deleted or replaced. A start refuses a remote_dir
+that holds another run, or only things that are not a run's. The lease keeps a second live run
+out: a start finds it fresh and stops with one line; a lease of a process that ended on this host
+is taken over at once, one of another host after `lease` seconds without a refresh (a lost machine).
 
 Credentials, region and endpoint come from each backend's own environment and files (for S3:
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ~/.aws/), never from a knob, so they are
@@ -29,21 +30,29 @@ never stored in a checkpoint.
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 import threading
 import time
 import zlib
+from dataclasses import dataclass, field
 
 from atomicfile import atomic_write, fsync_dir, remove_whole, replace_folder, temp_name
-from checkpoint import BEST, NAMES, folder_files, rank, scan
-from configurator import RunError, first_line
+from checkpoint import BEST, KEPT_BEST, NAMES, folder_files, rank, scan
+from configurator import RunError, first_line, url_problem
 from metrics import say
 
 COMMIT = ".commit"
+INTENT = ".intent"
 DATA = "data"
 METRICS = "metrics.jsonl"
+LEASE = "lease.json"
 FORMAT = 1
+PREFIX = re.compile(rf"{DATA}/(\d{{8}}-[0-9a-f]{{8}})")  # a data prefix of ours: iteration, random
+INTENT_NAME = re.compile(rf"{PREFIX.pattern}\.(\d+){re.escape(INTENT)}")
+KINDS = ("periodic", "best", "kept")
 PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
 # a dead endpoint is found in seconds, not minutes; the Uploader retries by itself (RETRY)
 # the payload is not SHA-256 hashed for the signature (a second pass over every byte, also over plain
@@ -54,6 +63,7 @@ OTHERS_WAIT = 600.0  # seconds rank 0 waits for the other ranks' shards of a fol
 RETRY = (2.0, 60.0)  # seconds before a failed upload is tried again: first pause, longest pause
 CHUNK = 8 << 20
 PART = 16 << 20  # bytes per part of a multipart upload: a 100 MB checkpoint goes up in 7 parallel parts
+HOST = socket.gethostname()
 
 
 class RemoteError(RunError):
@@ -104,9 +114,54 @@ def close_files(files):
         os.close(fd)
 
 
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def judge_commit(c, name):
+    """A commit object read from remote_dir, judged before anything uses it: the commit, or ValueError
+    saying what is wrong. Its data prefix must be one of ours and every object a safe relative name
+    under the checkpoint's own name, with an integer size and CRC."""
+    if not isinstance(c, dict) or c.get("format") != FORMAT:
+        raise ValueError(f"format {c.get('format') if isinstance(c, dict) else '?'!r}, not {FORMAT}")
+    c.setdefault("branch", 0)
+    problems = [k for k, ok in (
+        ("name", c.get("name") == name), ("iter_num", _is_int(c.get("iter_num"))), ("branch", _is_int(c["branch"])),
+        ("kind", c.get("kind") in KINDS), ("data", isinstance(c.get("data"), str) and PREFIX.fullmatch(c["data"])),
+        ("run_id", c.get("run_id") is None or isinstance(c.get("run_id"), str)),
+        ("val_loss", c.get("val_loss") is None or isinstance(c.get("val_loss"), (int, float))),
+        ("objects", isinstance(c.get("objects"), dict) and c["objects"] and all(
+            isinstance(rel, str) and (rel == name or rel.startswith(name + "/")) and ".." not in rel.split("/")
+            and isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v)
+            for rel, v in c["objects"].items()))) if not ok]
+    if problems:
+        raise ValueError(f"bad {', '.join(problems)}")
+    return c
+
+
+@dataclass
+class Listing:
+    """What remote_dir holds, each object judged. good: complete commits, newest first; bad: [(name,
+    why)] of commits that are damaged or incomplete; intents: {data prefix: [intent]}; lease: the
+    lease or None; foreign: keys that are no run's of this format (never touched); leftovers: {data
+    prefix: bytes} of uploads that no commit names; runs: the run ids its commits, intents and
+    lease name."""
+    good: list = field(default_factory=list)
+    bad: list = field(default_factory=list)
+    intents: dict = field(default_factory=dict)
+    lease: dict = None
+    foreign: list = field(default_factory=list)
+    leftovers: dict = field(default_factory=dict)
+    runs: set = field(default_factory=set)
+    committed: set = field(default_factory=set)  # data prefixes that a commit names
+
+
 class Remote:
     def __init__(self, url):
         import fsspec
+        problem = url_problem(url)
+        if problem:
+            raise RemoteError(f"remote_dir {url!r} {problem}")
         self.url = url.rstrip("/")
         protocol = url.split("://", 1)[0] if "://" in url else "file"
         try:
@@ -129,7 +184,8 @@ class Remote:
             return f"permission denied ({text}): make the folder writable by this user, or pick another"
         if isinstance(e, PermissionError):
             return (f"access refused ({text}): check the credentials (for S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                    f"or ~/.aws/) and that they may put, get, list and delete objects under {self.url}")
+                    f"or ~/.aws/) and that they may put, get, list and delete objects under {self.url} "
+                    f"(docs/remote.md, Minimal S3 permissions)")
         if isinstance(e, FileNotFoundError) and not self.local:
             return f"the bucket does not exist ({text}): create it, or fix the name in remote_dir"
         if isinstance(e, (ConnectionError, TimeoutError)) or "connect" in type(e).__name__.lower() or \
@@ -141,9 +197,10 @@ class Remote:
 
     # -- checks ----------------------------------------------------------------------------------
     def probe(self):
-        """A small object written, read back and deleted, and the folder listed: a bucket that does not
-        exist, wrong credentials, no permission or an unreachable endpoint is found now, in seconds,
-        rather than at the first upload hours in. Raises RemoteError."""
+        """Every kind of call a run makes, tried now on a small object: put, head, get, list, delete
+        and (S3) the listing of unfinished multipart uploads under the run's prefix. A bucket that
+        does not exist, wrong credentials, a missing permission or an unreachable endpoint is found
+        in seconds, not at the first upload hours in. Raises RemoteError."""
         probe = self.key(f".probe-{secrets.token_hex(4)}")
         step = "write to"
         try:
@@ -151,85 +208,232 @@ class Remote:
                 os.makedirs(self.root, exist_ok=True)
             self.fs.pipe_file(probe, b"probe")
             step = "read from"
-            if self.fs.cat_file(probe) != b"probe":
+            if self.fs.cat_file(probe) != b"probe" or self.fs.info(probe)["size"] != 5:
                 raise OSError("the probe object read back other bytes")
-            step = "delete in"
-            self.fs.rm_file(probe)
             step = "list"
             self.fs.ls(self.root, detail=False)
+            self.unfinished(f"{DATA}/")
+            step = "delete in"
+            self.fs.rm_file(probe)
         except Exception as e:
             raise RemoteError(f"cannot {step} remote_dir {self.url}: {self.why(e)}") from None
 
+    def probe_read(self):
+        try:
+            self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            raise RemoteError(f"no checkpoint in remote_dir {self.url} (nothing is there)") from None
+        except Exception as e:
+            raise RemoteError(f"cannot list remote_dir {self.url}: {self.why(e)}") from None
+
     # -- what is there -------------------------------------------------------------------------
     def _objects(self):
-        """{key below root: size} of everything under remote_dir, listed afresh."""
+        """{key below root: info} of everything under remote_dir, listed afresh."""
         self.fs.invalidate_cache()
         if self.local and not os.path.isdir(self.root):
             return {}
         found = self.fs.find(self.root, detail=True)
         root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
-        return {k[len(root):]: v.get("size") for k, v in found.items() if k.startswith(root)}
+        return {k[len(root):]: v for k, v in found.items() if k.startswith(root)}
 
-    def _read_commit(self, name):
-        c = json.loads(self.fs.cat_file(self.key(name + COMMIT)))
-        if not (isinstance(c, dict) and c.get("format") == FORMAT and c.get("name") == name and
-                isinstance(c.get("objects"), dict) and isinstance(c.get("iter_num"), int) and
-                isinstance(c.get("data"), str) and c["data"].startswith(DATA + "/")):
-            raise ValueError("not a commit object of this format")
-        c.setdefault("branch", 0)
-        return c
+    def _read_json(self, key):
+        return json.loads(self.fs.cat_file(self.key(key)))
+
+    def read_commit(self, name):
+        """The judged commit object of a checkpoint name, or FileNotFoundError / ValueError."""
+        try:
+            c = self._read_json(name + COMMIT)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"not JSON ({first_line(e)})") from None
+        return judge_commit(c, name)
 
     def checkpoints(self):
-        """(complete commits newest first, [(name, why)] for the incomplete or damaged ones, {data
-        prefix: bytes} of uploads that no commit names). Complete: every object its commit names is
-        there with its size (the CRCs are checked when it is downloaded). Raises RemoteError."""
+        """The Listing of remote_dir. Complete: every object its commit names is there with its size
+        (the CRCs are checked when it is downloaded). Raises RemoteError."""
         try:
-            return self._checkpoints()
+            return self._listing()
         except Exception as e:  # the store went away since the probe, a listing refused, ...
             raise RemoteError(f"cannot list remote_dir {self.url}: {self.why(e)}") from None
 
-    def _checkpoints(self):
+    def _listing(self):
         objects = self._objects()
-        good, bad, named = [], [], set()
+        out, named, ours = Listing(), set(), set()
         for key in sorted(objects):
-            if "/" in key or not key.endswith(COMMIT) or not NAMES.match(key[:-len(COMMIT)]):
-                continue
             name = key[:-len(COMMIT)]
-            try:
-                c = self._read_commit(name)
-            except FileNotFoundError:
-                continue  # deleted since listed (retention)
-            except (ValueError, UnicodeDecodeError) as e:
-                bad.append((name, f"its commit object is damaged ({first_line(e)})"))
+            if "/" in key or not key.endswith(COMMIT) or not NAMES.match(name):
                 continue
+            try:
+                c = self.read_commit(name)
+            except FileNotFoundError:
+                ours.add(key)  # deleted since listed (retention)
+                continue
+            except Exception as e:  # judged, never trusted: one bad object costs only itself
+                if isinstance(e, ValueError) and str(e).startswith("format"):
+                    continue  # another format's: not ours to judge or touch
+                out.bad.append((name, f"its commit object is damaged ({first_line(e)})"))
+                ours.add(key)
+                continue
+            ours.add(key)
             named.add(c["data"])
+            out.runs.add(c["run_id"])
             missing = [rel for rel, (size, _) in c["objects"].items()
-                       if objects.get(f"{c['data']}/{rel}") != size]
+                       if (objects.get(f"{c['data']}/{rel}") or {}).get("size") != size]
             if missing:
                 rel = missing[0]
-                got = objects.get(f"{c['data']}/{rel}")
-                bad.append((name, f"{rel} is " + ("missing" if got is None else f"{got} bytes, its commit says "
-                                                                                f"{c['objects'][rel][0]}")))
+                got = (objects.get(f"{c['data']}/{rel}") or {}).get("size")
+                out.bad.append((name, f"{rel} is " + ("missing" if got is None else
+                                                      f"{got} bytes, its commit says {c['objects'][rel][0]}")))
             else:
-                good.append(c)
-        leftovers = {}
-        for key, size in objects.items():
-            parts = key.split("/")
-            if len(parts) > 2 and parts[0] == DATA and f"{DATA}/{parts[1]}" not in named:
-                leftovers[f"{DATA}/{parts[1]}"] = leftovers.get(f"{DATA}/{parts[1]}", 0) + (size or 0)
-        return sorted(good, key=rank, reverse=True), bad, leftovers
+                out.good.append(c)
+        for key in objects:
+            m = INTENT_NAME.fullmatch(key)
+            if m is None:
+                continue
+            try:
+                intent = self._read_json(key)
+                assert isinstance(intent, dict) and intent.get("prefix") == f"{DATA}/{m.group(1)}"
+                assert isinstance(intent.get("run_id"), str) and isinstance(intent.get("attempt"), str)
+            except FileNotFoundError:
+                continue
+            except Exception:
+                continue  # not an intent of ours: foreign
+            intent["key"] = key
+            out.intents.setdefault(intent["prefix"], []).append(intent)
+            out.runs.add(intent["run_id"])
+            ours.add(key)
+        if LEASE in objects:
+            try:
+                lease = self._read_json(LEASE)
+                if isinstance(lease, dict) and isinstance(lease.get("run_id"), str):
+                    out.lease = dict(lease, mtime=mtime(objects[LEASE]))
+                    out.runs.add(lease["run_id"])
+                    ours.add(LEASE)
+            except FileNotFoundError:
+                pass
+            except Exception:
+                pass  # not a lease of ours: foreign
+        if out.runs and METRICS in objects:
+            ours.add(METRICS)
+        for key, info in objects.items():
+            m = PREFIX.match(key)
+            prefix = m.group(0) if m and key.startswith(m.group(0) + "/") else None
+            if prefix in named:
+                continue
+            if prefix in out.intents:
+                out.leftovers[prefix] = out.leftovers.get(prefix, 0) + (info.get("size") or 0)
+            elif key not in ours and not key.startswith(".probe-"):
+                out.foreign.append(key)
+        for prefix in out.intents:  # an intent whose data never arrived is a leftover too
+            if prefix not in named:
+                out.leftovers.setdefault(prefix, 0)
+        out.committed = named
+        out.runs.discard(None)
+        out.good.sort(key=rank, reverse=True)
+        return out
+
+    def owner_problem(self, listing, run_id):
+        """Why a run with this id (None: a run not started yet) may not write to remote_dir, or None."""
+        others = sorted(listing.runs - {run_id})
+        if run_id is not None and others:
+            return (f"remote_dir {self.url} holds run {others[0]}, out_dir holds run {run_id}: one remote_dir "
+                    f"holds one run; give this run its own remote_dir (or continue run {others[0]} in its own "
+                    f"out_dir)")
+        if len(others) > 1:
+            return (f"remote_dir {self.url} holds more than one run ({', '.join(others)}): give this run its "
+                    f"own remote_dir")
+        if not listing.runs and listing.foreign:
+            return (f"remote_dir {self.url} is not empty and holds no run ({len(listing.foreign)} other objects, "
+                    f"e.g. {listing.foreign[0]!r}): give this run an empty or new remote_dir (a subfolder); "
+                    f"nothing of it is touched")
+        return None
+
+    # -- the lease: one live writer --------------------------------------------------------------
+    def now(self):
+        """The store's clock, as the modification time of an object written now: a lease's age is
+        then read on one clock, whatever the machines' clocks say."""
+        key = self.key(f".probe-{secrets.token_hex(4)}")
+        self.fs.pipe_file(key, b"clock")
+        try:
+            return mtime(self.fs.info(key))
+        finally:
+            self.fs.rm_file(key)
+
+    def take_lease(self, run_id, attempt, bound, log=say):
+        """Hold remote_dir for this process: refuse it (RemoteError) while another live process holds
+        it. A lease of this host's process that has ended is taken over at once; another host's after
+        `bound` seconds without a refresh (a lost machine), waiting for that when it is this very run
+        (a re-queued job on a new machine). Raises RemoteError."""
+        mine = dict(format=FORMAT, run_id=run_id, attempt=attempt, host=HOST, pid=os.getpid(),
+                    since=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        try:
+            waited = False
+            while True:
+                lease = self.checkpoints().lease
+                if lease is None or lease.get("attempt") == attempt:
+                    break
+                age = self.now() - lease["mtime"]
+                who = (f"run {lease['run_id']} (host {lease.get('host')}, pid {lease.get('pid')}, refreshed "
+                       f"{age:.0f}s ago)")
+                if age > bound:
+                    log(f"note: taking over remote_dir's lease of {who}: not refreshed for longer than "
+                        f"remote_lease={bound:g}s, so its machine is taken for lost")
+                    break
+                if lease.get("host") == HOST and not alive(lease.get("pid")):
+                    break  # a process of this host that has ended (killed): nothing else writes
+                if lease["run_id"] != run_id or waited:
+                    raise RemoteError(f"remote_dir {self.url} is in use by {who}: one live run writes to a "
+                                      f"remote_dir; stop that one, or give this run its own remote_dir"
+                                      + (" (a lost machine's lease lapses remote_lease seconds after its "
+                                         "last refresh)" if lease["run_id"] == run_id else ""))
+                log(f"note: remote_dir is held by this run's process on host {lease.get('host')} (pid "
+                    f"{lease.get('pid')}, refreshed {age:.0f}s ago); waiting up to {bound - age + 1:.0f}s for it "
+                    f"to lapse, as a lost machine's does")
+                seen = lease["mtime"]
+                deadline = time.time() + bound - age + 1
+                while time.time() < deadline:
+                    time.sleep(min(2.0, bound / 4))
+                    now = self.checkpoints().lease
+                    if now is None or now["mtime"] != seen:
+                        break
+                waited = True
+            self._put_small(LEASE, json.dumps(mine).encode())
+        except RemoteError:
+            raise
+        except Exception as e:
+            raise RemoteError(f"cannot take remote_dir's lease ({self.url}): {self.why(e)}") from None
+
+    def lease_holder(self, attempt):
+        """None while this process holds the lease, else who took it (one line). Raises what the
+        backend raises."""
+        try:
+            lease = self._read_json(LEASE)
+        except FileNotFoundError:
+            return "nobody (lease.json was deleted)"
+        if not isinstance(lease, dict) or lease.get("attempt") != attempt:
+            return (f"run {lease.get('run_id')} on host {lease.get('host')} (pid {lease.get('pid')})"
+                    if isinstance(lease, dict) else "an object that is not a lease")
+        return None
 
     # -- writing -----------------------------------------------------------------------------------
-    def upload(self, files, header, prefix=None, others=None, abandon=lambda: False):
+    def intent(self, prefix, run_id, attempt, rank=0):
+        """Before any data goes under prefix: the record that proves it is this run's (a leftover of
+        a killed upload is recognised by it, and deleted by a later start of the run)."""
+        self._put_small(f"{prefix}.{rank}{INTENT}", json.dumps(dict(
+            format=FORMAT, prefix=prefix, run_id=run_id, attempt=attempt, rank=rank, host=HOST,
+            pid=os.getpid())).encode())
+
+    def upload(self, files, header, attempt, prefix=None, others=None, abandon=lambda: False):
         """Copy one checkpoint ([(relative name, open descriptor)], see open_files) under a new data
         prefix (or `prefix`), check each object's size there, then write its commit object (header:
-        iter_num, run_id, branch, kind, val_loss) and delete the data of the commit it replaces.
-        others: {relative name: [size, crc]} of objects other ranks upload under the same prefix (a
-        folder's shards): the commit waits until they are all there, unless abandon() says a newer
-        checkpoint is waiting. Returns the commit. Raises what the backend raises; nothing is
-        visible until the commit is written."""
+        iter_num, run_id, branch, kind, val_loss). others: {relative name: [size, crc]} of objects
+        other ranks upload under the same prefix (a folder's shards): the commit waits until they
+        are all there, unless abandon() says a newer checkpoint is waiting. A commit it replaces is
+        this run's and branch's (its data is then deleted), or another branch's ckpt.pt (kept under
+        KEPT_BEST's name); anything else is refused. Returns the commit. Raises what the backend
+        raises; nothing is visible until the commit is written."""
         name = files[0][0].split("/")[0]
         prefix = prefix or new_prefix(header["iter_num"])
+        self.intent(prefix, header["run_id"], attempt)
         objects = self.put_objects(files, prefix)
         deadline = time.time() + OTHERS_WAIT
         for rel, (size, crc) in (others or {}).items():
@@ -244,14 +448,28 @@ class Remote:
                 time.sleep(0.5)
             objects[rel] = [size, crc]
         try:
-            old = self._read_commit(name)
-        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            old = self.read_commit(name)
+        except FileNotFoundError:
             old = None
+        except ValueError:
+            raise RemoteError(f"remote_dir's {name}{COMMIT} is not a commit of this run's format; it is left "
+                              f"as it is and {name} is not copied") from None
+        if old is not None and old["run_id"] not in (header["run_id"], None):
+            raise RemoteError(f"remote_dir's {name} belongs to run {old['run_id']}, not this run "
+                              f"({header['run_id']}); it is not written over")
+        if old is not None and old["branch"] != header["branch"] and name == BEST:
+            kept = KEPT_BEST.format(old["branch"], old["iter_num"])
+            self._put_small(kept + COMMIT, json.dumps(dict(old, name=kept, kind="kept",
+                                                           objects={kept + rel[len(name):]: v for rel, v in
+                                                                    old["objects"].items()})).encode())
+            old = None  # its data is named by the kept commit now
         commit = dict(format=FORMAT, name=name, data=prefix, objects=objects, written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                       **{k: header.get(k) for k in ("iter_num", "run_id", "branch", "kind", "val_loss")})
         self._put_small(name + COMMIT, json.dumps(commit).encode())
+        for key in self.fs.glob(self.key(f"{prefix}.*{INTENT}")):  # the commit proves it ours from now on
+            self.fs.rm_file(key)
         if old is not None and old["data"] != prefix:
-            self.fs.rm(self.key(old["data"]), recursive=True)
+            self.drop(old["data"])
         return commit
 
     def put_objects(self, files, prefix):
@@ -277,6 +495,7 @@ class Remote:
         """One small object, whole or absent: a PUT is atomic on an object store; a file is renamed in."""
         key = self.key(name)
         if self.local:
+            os.makedirs(os.path.dirname(key), exist_ok=True)
             atomic_write(key, lambda f: f.write(data))
         else:
             self.fs.pipe_file(key, data)
@@ -284,20 +503,47 @@ class Remote:
     def delete(self, commit):
         """The commit object first (the checkpoint is invisible from then on), then its data."""
         self.fs.rm_file(self.key(commit["name"] + COMMIT))
-        self.fs.rm(self.key(commit["data"]), recursive=True)
+        self.drop(commit["data"])
 
-    def clean(self, leftovers):
-        """Delete the data of uploads that no commit names (a killed upload's), and on S3 the parts
-        of multipart uploads under remote_dir that were never completed."""
-        for prefix in leftovers:
+    def drop(self, prefix):
+        """A data prefix of this run's: its objects, the parts of its unfinished multipart uploads, then
+        its intents (last: a kill midway leaves the record that lets the next start finish the job)."""
+        if self.fs.exists(self.key(prefix)):
             self.fs.rm(self.key(prefix), recursive=True)
-        if "s3" in self.fs.protocol:
+        for up in self.unfinished(prefix + "/"):
             from fsspec.asyn import sync
-            bucket, _, path = self.root.partition("/")
-            for up in sync(self.fs.loop, self.fs._list_multipart_uploads, bucket):
-                if up["Key"].startswith(path + "/" + DATA + "/"):
-                    sync(self.fs.loop, self.fs._call_s3, "abort_multipart_upload", Bucket=bucket, Key=up["Key"],
-                         UploadId=up["UploadId"])
+            sync(self.fs.loop, self.fs._call_s3, "abort_multipart_upload", Bucket=self.root.split("/")[0],
+                 Key=up["Key"], UploadId=up["UploadId"])
+        for key in self.fs.glob(self.key(f"{prefix}.*{INTENT}")):
+            self.fs.rm_file(key)
+
+    def unfinished(self, below):
+        """S3's unfinished multipart uploads whose keys start with remote_dir/below, every page of
+        them (none elsewhere). Asked with that prefix only: a policy may allow no wider listing."""
+        if self.local or "s3" not in self.fs.protocol:
+            return []
+        from fsspec.asyn import sync
+        bucket, _, path = self.root.partition("/")
+        ask, found = dict(Bucket=bucket, Prefix=f"{path}/{below}" if path else below), []
+        while True:
+            page = sync(self.fs.loop, self.fs._call_s3, "list_multipart_uploads", **ask)
+            found += page.get("Uploads", [])
+            if not page.get("IsTruncated"):
+                return found
+            ask.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))
+
+    def clean(self, listing, run_id, attempt):
+        """Delete the leftovers of this run's killed uploads: prefixes that an intent of this run,
+        written by an earlier start, names and no commit does (and the intents of committed ones).
+        Never anything else: not this start's uploads in flight, not another run's."""
+        for prefix, intents in listing.intents.items():
+            if not all(i["run_id"] == run_id and i["attempt"] != attempt for i in intents):
+                continue
+            if prefix in listing.committed:
+                for i in intents:
+                    self.fs.rm_file(self.key(i["key"]))
+            else:
+                self.drop(prefix)
 
     def copy_metrics(self, out_dir):
         """metrics.jsonl up to its last whole line (a row may be half-written while it is read)."""
@@ -307,6 +553,11 @@ class Remote:
         except FileNotFoundError:
             return
         self._put_small(METRICS, data[:data.rfind(b"\n") + 1])
+
+    def release(self, attempt):
+        """Give the lease up at the end of the run (only while it is still this process's)."""
+        if self.lease_holder(attempt) is None:
+            self.fs.rm_file(self.key(LEASE))
 
     # -- reading -----------------------------------------------------------------------------------
     def download(self, commit, dest_dir):
@@ -327,9 +578,7 @@ class Remote:
                 finally:
                     os.close(fd)
                 if got != (size, crc):
-                    what = f"{got[0]} bytes" if got[0] != size else f"CRC-32 {got[1]:08x}"
-                    theirs = f"{size} bytes" if got[0] != size else f"{crc:08x}"
-                    raise RemoteError(f"{rel} in remote_dir is damaged ({what}, its commit says {theirs})")
+                    raise RemoteError(damage(rel, got, size, crc))
             if folder:
                 fsync_dir(tmp)
                 replace_folder(tmp, final)
@@ -344,6 +593,17 @@ class Remote:
             if os.path.lexists(tmp):
                 remove_whole(tmp)
         return final
+
+    def verify(self, commit):
+        """Each object of a commit read back and its size and CRC compared: None, or what is wrong."""
+        for rel, (size, crc) in commit["objects"].items():
+            got, n = 0, 0
+            with self.fs.open(self.key(commit["data"], rel), "rb") as src:
+                while chunk := src.read(CHUNK):
+                    got, n = zlib.crc32(chunk, got), n + len(chunk)
+            if (n, got) != (size, crc):
+                return damage(rel, (n, got), size, crc)
+        return None
 
     def _get(self, key, fd, size):
         """An object into an open file. Returns (bytes, CRC-32) of what arrived, counted as it arrives
@@ -380,21 +640,24 @@ class Remote:
         return tuple(counted)
 
     def restore(self, out_dir, log=say):
-        """At start, out_dir held (checkpointer.claim): when remote_dir's newest complete checkpoint is
-        newer than anything readable in out_dir, or out_dir has none, download it (metrics.jsonl too,
-        when out_dir has none), so the resume that follows continues from it. A damaged one is skipped
-        with one line, and the previous complete one tried. Returns the path downloaded, or None."""
-        good, bad, _ = self.checkpoints()
+        """At start, out_dir held (checkpointer.claim): remote_dir judged first (RemoteError when it
+        holds another run than out_dir, several runs, or only things that are no run's); then, when
+        its newest complete checkpoint is newer than anything readable in out_dir, or out_dir has
+        none, download it (metrics.jsonl too, when out_dir has none), so the resume that follows
+        continues from it. A damaged one is skipped with one line, and the previous complete one
+        tried. Returns the path downloaded, or None."""
+        listing = self.checkpoints()
         heads, _ = scan(out_dir)
         local = heads[0] if heads else None
-        for name, why in bad:
+        problem = self.owner_problem(listing, local["run_id"] if local else None)
+        if problem:
+            raise RemoteError(problem)
+        for name, why in listing.bad:
             say(f"warning: remote_dir's {name} is not complete ({why}); not used", err=True)
+        good = listing.good
         for i, c in enumerate(good):
             if local is not None and rank(c) <= rank(local):
                 return None
-            if local is not None and None not in (local["run_id"], c["run_id"]) and local["run_id"] != c["run_id"]:
-                raise RemoteError(f"out_dir {out_dir!r} holds run {local['run_id']}, remote_dir {self.url} holds "
-                                  f"run {c['run_id']}: give this run its own remote_dir (or its own out_dir)")
             t0 = time.time()
             try:
                 path = self.download(c, out_dir)
@@ -407,8 +670,9 @@ class Remote:
                 f"{self.url}: " + ("out_dir had no checkpoint" if local is None else
                                    f"newer than out_dir's {os.path.basename(local['path'])}"))
             if not os.path.exists(os.path.join(out_dir, METRICS)):
-                try:
-                    self.fs.get_file(self.key(METRICS), os.path.join(out_dir, METRICS))
+                try:  # whole or absent, as every file in out_dir
+                    data = self.fs.cat_file(self.key(METRICS))
+                    atomic_write(os.path.join(out_dir, METRICS), lambda f: f.write(data))
                 except FileNotFoundError:
                     pass
                 except Exception as e:  # the checkpoint is what matters; the curve starts afresh
@@ -422,7 +686,8 @@ class Remote:
         ('latest'), or the one of that name. Kept in a cache folder (XDG_CACHE_HOME or ~/.cache) and
         downloaded only when remote_dir's commit differs from the cached one. Raises RemoteError."""
         self.probe_read()
-        good, bad, _ = self.checkpoints()
+        listing = self.checkpoints()
+        good, bad = listing.good, listing.bad
         if not good:
             why = f" ({bad[0][0]}: {bad[0][1]})" if bad else ""
             raise RemoteError(f"no complete checkpoint in remote_dir {self.url}{why}")
@@ -435,29 +700,47 @@ class Remote:
                 raise RemoteError(f"remote_dir {self.url} has no complete checkpoint named {which!r}")
         cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanogpt-remote",
                              hashlib.blake2b(self.url.encode(), digest_size=8).hexdigest())
-        os.makedirs(cache, exist_ok=True)
-        marker = os.path.join(cache, pick["name"] + COMMIT)
         try:
-            with open(marker) as f:
-                fresh = json.load(f).get("data") == pick["data"] and os.path.exists(os.path.join(cache, pick["name"]))
-        except (OSError, ValueError):
-            fresh = False
-        for other in os.listdir(cache):  # one checkpoint in the folder: the one asked for
-            if other != pick["name"] and NAMES.match(other):
-                remove_whole(os.path.join(cache, other))
-        if not fresh:
-            log(f"downloading {pick['name']} (iteration {pick['iter_num']}) from {self.url} into {cache}")
-            self.download(pick, cache)
-            atomic_write(marker, lambda f: f.write(json.dumps(pick).encode()))
+            os.makedirs(cache, exist_ok=True)
+            marker = os.path.join(cache, pick["name"] + COMMIT)
+            try:
+                with open(marker) as f:
+                    fresh = json.load(f).get("data") == pick["data"] and os.path.exists(os.path.join(cache, pick["name"]))
+            except (OSError, ValueError):
+                fresh = False
+            for other in os.listdir(cache):  # one checkpoint in the folder: the one asked for
+                if other != pick["name"] and NAMES.match(other):
+                    remove_whole(os.path.join(cache, other))
+            if not fresh:
+                log(f"downloading {pick['name']} (iteration {pick['iter_num']}) from {self.url} into {cache}")
+                self.download(pick, cache)
+                atomic_write(marker, lambda f: f.write(json.dumps(pick).encode()))
+        except OSError as e:
+            raise RemoteError(f"cannot use the cache folder {cache} ({first_line(e)}): set XDG_CACHE_HOME to a "
+                              f"writable folder") from None
         return cache
 
-    def probe_read(self):
-        try:
-            self.fs.ls(self.root, detail=False)
-        except FileNotFoundError:
-            raise RemoteError(f"no checkpoint in remote_dir {self.url} (nothing is there)") from None
-        except Exception as e:
-            raise RemoteError(f"cannot list remote_dir {self.url}: {self.why(e)}") from None
+
+def damage(rel, got, size, crc):
+    what = f"{got[0]} bytes" if got[0] != size else f"CRC-32 {got[1]:08x}"
+    theirs = f"{size} bytes" if got[0] != size else f"{crc:08x}"
+    return f"{rel} in remote_dir is damaged ({what}, its commit says {theirs})"
+
+
+def mtime(info):
+    """An object's modification time (seconds) from fsspec's info: local files and S3 name it apart."""
+    t = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+    return t.timestamp() if hasattr(t, "timestamp") else float(t)
+
+
+def alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True  # another user's process, or no pid: taken as alive
+    return True
 
 
 def connect(url, out_dir):
@@ -478,17 +761,27 @@ class Uploader:
     each periodic commit, remote retention: this run's and branch's periodic checkpoints beyond the
     newest keep_last (and not kept by keep_every) are deleted. Runs on rank 0, and under FSDP on
     every rank: a folder's shards go up from the rank that wrote them (rank r: __r_*.distcp), under
-    the prefix rank 0 picked, and rank 0 writes the commit once they are all there."""
+    the prefix rank 0 picked, and rank 0 writes the commit once they are all there.
 
-    def __init__(self, remote, out_dir, *, run_id, branch, keep_last, keep_every, rank=0, log=say):
+    attempt: this start's token, the same on every rank (intents carry it, so that the leftovers of
+    an earlier start are told from this start's uploads in flight). lease: on rank 0, seconds after
+    which an unrefreshed lease lapses; a second thread refreshes it every quarter of that, and a
+    lease found taken stops this process's copying with one line."""
+
+    def __init__(self, remote, out_dir, *, run_id, branch, keep_last, keep_every, attempt, lease=0.0, rank=0,
+                 log=say):
         self.remote, self.out_dir, self.run_id, self.branch = remote, out_dir, run_id, branch
         self.keep_last, self.keep_every, self.rank, self.log = keep_last, keep_every, rank, log
+        self.attempt, self.lease = attempt, lease
         self.cv = threading.Condition()
         self.queue, self.current = [], None  # jobs: dict(header, files)
         self.newest = None  # header of the newest checkpoint handed over
         self.done = None  # header of the newest checkpoint complete in remote_dir
         self.outage, self.pause = None, RETRY[0]
+        self.lost = None  # who took the lease: this process copies nothing more
+        self.warned = set()  # retention and metrics warnings said once each
         self.seconds = 0.0  # the last upload's duration: time_limit leaves room for one
+        self.closed = threading.Event()
         if not remote.local:  # fsspec's I/O thread (the requests) at the same low priority
             from fsspec.asyn import sync
 
@@ -496,6 +789,8 @@ class Uploader:
                 lower_priority()
             sync(remote.fs.loop, low)
         threading.Thread(target=self._run, name="remote-upload", daemon=True).start()  # (a daemon: never holds up an exit)
+        if lease and not rank:
+            threading.Thread(target=self._keep_lease, name="remote-lease", daemon=True).start()
 
     def new_prefix(self, it):
         return new_prefix(it)
@@ -531,6 +826,34 @@ class Uploader:
         kept = self.keep_every and b["kind"] == "periodic" and b["iter_num"] % self.keep_every == 0
         return not kept
 
+    def _keep_lease(self):
+        """Refresh the lease every quarter of its bound; a store that cannot be reached is the
+        uploader's outage to report, and is tried again next round."""
+        while not self.closed.wait(self.lease / 4):
+            try:
+                self._check_lease()
+                if self.lost is None:
+                    self.remote._put_small(LEASE, json.dumps(dict(
+                        format=FORMAT, run_id=self.run_id, attempt=self.attempt, host=HOST, pid=os.getpid(),
+                        refreshed=time.strftime("%Y-%m-%dT%H:%M:%S%z"))).encode())
+            except Exception:
+                pass
+            if self.lost is not None:
+                return
+
+    def _check_lease(self):
+        if self.lost is None and self.lease and not self.rank:
+            holder = self.remote.lease_holder(self.attempt)
+            if holder is not None:
+                with self.cv:
+                    self.lost = holder
+                    say(f"warning: remote_dir {self.remote.url} was taken over by {holder}: this process copies "
+                        f"nothing more there (its checkpoints stay in out_dir)", err=True)
+                    for job in self.queue:
+                        close_files(job["files"])
+                    self.queue.clear()
+                    self.cv.notify_all()
+
     def _run(self):
         lower_priority()  # its CRCs (the network I/O is fsspec's thread)
         first = True
@@ -540,21 +863,27 @@ class Uploader:
                     self.cv.wait()
                 self.current = job = self.queue.pop(0)
             try:
-                if first and not self.rank:  # a killed upload's leftovers, once per run, before the first new data
-                    self.remote.clean(self.remote.checkpoints()[2])
-                    first = False
                 t0 = time.time()
                 if self.rank:  # a folder's shards of this rank; rank 0 commits them
+                    self.remote.intent(job["prefix"], self.run_id, self.attempt, self.rank)
                     self.remote.put_objects(job["files"], job["prefix"])
                 else:
-                    self.remote.upload(job["files"], job["header"], job["prefix"], job["others"], abandon=lambda: any(
-                        self._replaces(j, job) for j in self.queue))
-                    if job["header"]["kind"] == "periodic":
-                        self._retain(job["header"])
-                    self.remote.copy_metrics(self.out_dir)
+                    self._check_lease()
+                    if self.lost is not None:
+                        raise RemoteError(f"remote_dir was taken over by {self.lost}")
+                    if first:  # an earlier start's leftovers, once, before the first new data
+                        self.remote.clean(self.remote.checkpoints(), self.run_id, self.attempt)
+                        first = False
+                    self.remote.upload(job["files"], job["header"], self.attempt, job["prefix"], job["others"],
+                                       abandon=lambda: any(self._replaces(j, job) for j in self.queue))
                 self.seconds = time.time() - t0
             except Exception as e:
                 with self.cv:
+                    if self.lost is not None:
+                        close_files(job["files"])
+                        self.current = None
+                        self.cv.notify_all()
+                        continue
                     if self.outage is None:
                         self.outage = first_line(e) if isinstance(e, RemoteError) else self.remote.why(e)
                         say(f"warning: could not copy {job['header']['name']} to remote_dir {self.remote.url} "
@@ -576,57 +905,100 @@ class Uploader:
                 self.outage, self.pause = None, RETRY[0]
                 if self.done is None or rank(job["header"]) >= rank(self.done):
                     self.done = job["header"]
+            if not self.rank:  # the copy is complete: what follows is housekeeping, its failure a warning
+                self._after(job["header"])
+            with self.cv:
                 self.current = None
                 self.cv.notify_all()
 
+    def _after(self, header):
+        """Remote retention and metrics.jsonl after a commit. A failure is one warning (said once per
+        kind) and is tried again after the next commit; it never makes the checkpoint go up again."""
+        for what, step in (("apply keep_last in", lambda: self._retain(header)),
+                           (f"copy {METRICS} to", lambda: self.remote.copy_metrics(self.out_dir))):
+            try:
+                step()
+            except Exception as e:
+                if what not in self.warned:
+                    self.warned.add(what)
+                    say(f"warning: could not {what} remote_dir {self.remote.url} ({self.remote.why(e)}); "
+                        f"tried again after the next copy", err=True)
+
     def _retain(self, newest):
-        good, _, _ = self.remote.checkpoints()
-        mine = [c for c in good if c.get("kind") == "periodic" and c.get("run_id") == self.run_id and
-                c["branch"] == self.branch and not (self.keep_every and c["iter_num"] % self.keep_every == 0)]
+        if newest["kind"] != "periodic":
+            return
+        mine = [c for c in self.remote.checkpoints().good if c["kind"] == "periodic" and
+                c["run_id"] == self.run_id and c["branch"] == self.branch and
+                not (self.keep_every and c["iter_num"] % self.keep_every == 0)]
         for c in mine[self.keep_last:]:
             if rank(c) < rank(newest):
                 self.remote.delete(c)
 
-    def finish(self, bound):
-        """At the end of a run or at a stop: wait up to `bound` seconds for what is waiting or in flight.
-        Returns (True, line) when the newest checkpoint handed over is complete in remote_dir, else
-        (False, line) saying what is lost if this machine is."""
-        if self.newest is None:
-            return True, None
+    def finish(self, bound, interrupted=lambda: False):
+        """At the end of a run or at a stop: wait up to `bound` seconds for what is waiting or in flight
+        (less if interrupted() turns true: a stop signal), then give the lease up. Returns (True,
+        line) when the newest checkpoint handed over is complete in remote_dir, else (False, line)
+        saying what is lost if this machine is."""
         deadline = time.time() + bound
+        cut = False
         with self.cv:
             if self.queue or self.current:
                 self.log(f"waiting up to {bound:g}s (remote_wait) for the copy to remote_dir")
             while (self.queue or self.current) and time.time() < deadline:
-                self.cv.wait(timeout=max(0.01, min(1.0, deadline - time.time())))
+                if interrupted():
+                    cut = True
+                    break
+                self.cv.wait(timeout=max(0.01, min(0.5, deadline - time.time())))
             newest, done = self.newest, self.done
-            ok = done is not None and rank(done) >= rank(newest)
-        if ok:
+        self.closed.set()
+        if self.lease and not self.rank and self.lost is None:
+            try:
+                self.remote.release(self.attempt)
+            except Exception:
+                pass  # it lapses by itself after remote_lease seconds
+        if newest is None:
+            return True, None
+        if done is not None and rank(done) >= rank(newest):
             return True, f"remote_dir {self.remote.url} holds the newest checkpoint ({newest['name']}, iteration {newest['iter_num']})"
-        why = f" ({self.outage})" if self.outage else ""
+        why = f" ({self.outage})" if self.outage else f" (taken over by {self.lost})" if self.lost else ""
         has = f"its newest complete one is {done['name']} (iteration {done['iter_num']})" if done else \
             "it has nothing of this process's"
+        when = "the wait was cut short by a signal" if cut else f"within remote_wait={bound:g}s"
         return False, (f"warning: {newest['name']} (iteration {newest['iter_num']}) did not reach remote_dir "
-                       f"{self.remote.url} within remote_wait={bound:g}s{why}; it is in out_dir only, and {has}")
+                       f"{self.remote.url} {when}{why}; it is in out_dir only, and {has}")
 
 
-def describe(url):
-    """checkpoint.py's listing of a remote_dir: one line per checkpoint, complete or not and why,
-    and the leftovers of killed uploads."""
+def describe(url, verify=False):
+    """checkpoint.py's listing of a remote_dir: one line per checkpoint, complete or not and why, the
+    leftovers of killed uploads and what is not a run's. verify: every object of the complete ones
+    read back and its CRC checked. Returns (lines, whether every checkpoint is complete and sound)."""
     remote = Remote(url)
     remote.probe_read()
-    good, bad, leftovers = remote.checkpoints()
-    if not good and not bad and not leftovers:
+    listing = remote.checkpoints()
+    if not listing.good and not listing.bad and not listing.leftovers and not listing.foreign:
         raise RemoteError(f"no checkpoint in remote_dir {url!r}")
+    ok = not listing.bad
     lines = [f"{'checkpoint (newest first)':<26} {'branch':>6} {'iter':>8} {'val loss':>9} {'size':>12}  {'written':<24}  status"]
-    for c in good:
+    for c in listing.good:
         val = f"{c['val_loss']:.4f}" if isinstance(c.get("val_loss"), float) else "-"
         mb = sum(size for size, _ in c["objects"].values()) / 2**20
-        lines.append(f"{c['name']:<26} {c['branch']:>6} {c['iter_num']:>8} {val:>9} {mb:9.1f} MB  {c.get('written', '?'):<24}  "
-                     f"complete")
-    for name, why in bad:
+        status = "complete"
+        if verify:
+            try:
+                problem = remote.verify(c)
+            except Exception as e:
+                problem = f"cannot be read ({remote.why(e)})"
+            status = f"BAD: {problem}" if problem else "complete, every CRC checked"
+            ok = ok and problem is None
+        lines.append(f"{c['name']:<26} {c['branch']:>6} {c['iter_num']:>8} {val:>9} {mb:9.1f} MB  "
+                     f"{c.get('written', '?'):<24}  {status}")
+    for name, why in listing.bad:
         lines.append(f"{name:<26} {'-':>6} {'-':>8} {'-':>9} {'-':>12}  {'-':<24}  INCOMPLETE: {why}")
-    for prefix, size in sorted(leftovers.items()):
+    for prefix, size in sorted(listing.leftovers.items()):
         lines.append(f"{prefix:<26} {'-':>6} {'-':>8} {'-':>9} {size / 2**20:9.1f} MB  {'-':<24}  no commit object: an "
-                     f"upload in progress or killed (removed when the next run starts)")
-    return lines
+                     f"upload in progress or killed (removed by the run's next start)")
+    for key in sorted(listing.foreign)[:20]:
+        lines.append(f"{key:<26} {'-':>6} {'-':>8} {'-':>9} {'-':>12}  {'-':<24}  not ours: never touched")
+    if len(listing.foreign) > 20:
+        lines.append(f"... and {len(listing.foreign) - 20} more objects that are not ours")
+    return lines, ok

@@ -24,7 +24,7 @@ from metrics import say
 
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # config keys that fix the model's shape
 # never taken from a stored config: where and how this process starts, and its own time budget
-NOT_RESTORED = ("out_dir", "remote_dir", "init_from", "resume_from", "eval_only", "time_limit")
+NOT_RESTORED = ("out_dir", "remote_dir", "remote_lease", "init_from", "resume_from", "eval_only", "time_limit")
 # nanoGPT stores what its machine had here (its dtype default depends on the GPU), not a user's choice
 MACHINE = ("device", "dtype", "backend", "compile")
 
@@ -89,16 +89,23 @@ def branch_for(out_dir, ckpt, picked):
     return b
 
 
-def restore_config(namespace, ckpt, sources, explicit=True, log=say):
+def restore_config(namespace, ckpt, sources, knobs, explicit=True, log=say):
     """The config of a resumed run: train.py defaults < the checkpoint's stored config < config
-    files < --flags (`sources` says which keys a file or flag set). The model's shape is always
+    files < --flags (`sources` says which keys a file or flag set). Only knobs (train.py's config
+    keys) come back: a stored key that is not one (a foreign or doctored file naming `master`, say)
+    is ignored with one note, never written into the script. The model's shape is always
     the checkpoint's: another value from a config file gets a note when the resume was asked for
     (explicit: init_from='resume'), from a --flag, or on an implicit continuation, an error (then
     it is another run's command). Returns {key: (stored, now)} for each knob that differs."""
     stored, args = ckpt.get("config") or {}, ckpt["model_args"]
     skip = NOT_RESTORED + (() if "format_version" in ckpt else MACHINE)
+    ignored = sorted(k for k in stored if k not in knobs)
+    if ignored:
+        log(f"note: the checkpoint's config holds {', '.join(map(repr, ignored[:5]))}"
+            f"{' ...' if len(ignored) > 5 else ''}, which {'is' if len(ignored) == 1 else 'are'} not a knob of "
+            f"train.py; ignored")
     for k, v in stored.items():
-        if k in namespace and k not in sources and k not in skip and k not in SHAPE:
+        if k in knobs and k not in sources and k not in skip and k not in SHAPE:
             default = namespace[k]
             if type(v) is type(default) or default is None or (isinstance(default, float) and type(v) is int):
                 namespace[k] = float(v) if isinstance(default, float) and type(v) is int else v

@@ -41,6 +41,7 @@ time_limit = ""  # this process's wall-clock budget ('3:50:00', '90m', seconds):
 # the remote copy (docs/remote.md); like out_dir, part of the command, never restored
 remote_dir = ""  # a durable copy of every checkpoint: an fsspec URL (s3://bucket/run, gs://..., file:///mnt/disk/run)
 remote_wait = 60.0  # seconds the end of a run (a stop signal, time_limit) waits for the copy in flight to remote_dir
+remote_lease = 120.0  # seconds without a refresh after which a lost machine's hold on remote_dir lapses
 # wandb logging (out_dir/metrics.jsonl is always written; plot.py draws it)
 wandb_log = False
 wandb_project = "owt"
@@ -121,7 +122,7 @@ out_lock = checkpointer.claim_on_every_rank(out_dir, master, remote=remote)
 # starting over; the run's stored config comes back, with config files and flags on top.
 init_from = resume.start_mode(init_from, resume_from, sources)
 ckpt_path, ckpt = resume.find_start(out_dir, init_from, resume_from, log=log, tensors=False)
-changed = resume.restore_config(globals(), ckpt, sources, explicit=init_from == "resume", log=log) if ckpt else {}
+changed = resume.restore_config(globals(), ckpt, sources, keys, explicit=init_from == "resume", log=log) if ckpt else {}
 check({k: globals()[k] for k in keys})  # again: a stored config comes from a file, maybe an old or foreign one
 data = TokenData(dataset)
 check_data(block_size, data.tokens(), dataset)
@@ -304,6 +305,11 @@ metrics.event(start_iter, "start", params=raw_model.get_num_params(), model_args
               dataset=dataset, world_size=world_size, tokens_per_iter=tokens_per_iter, max_iters=max_iters)
 if ckpt_path:
     metrics.event(start_iter, "resume", path=ckpt_path, branch=branch)
+# the remote copy: one live writer per remote_dir (a lease that rank 0 holds and refreshes), and this
+# start's token on every rank, which tells an earlier start's leftovers from this one's uploads
+if remote_dir:
+    attempt = distributed.from_rank0(checkpoint.new_run_id() if master else None)
+    distributed.on_rank0(lambda: remote.take_lease(run_id, attempt, remote_lease, log=log), master)
 # every save of the run, on every rank: what is due, the writers, retention, announcements, failures
 ck = checkpointer.Checkpointer(out_dir, run_id=run_id, branch=branch, keep_last=keep_last, keep_every=keep_every,
                                interval=checkpoint_interval, minutes=checkpoint_minutes, background=async_save,
@@ -312,7 +318,8 @@ ck = checkpointer.Checkpointer(out_dir, run_id=run_id, branch=branch, keep_last=
                                resumed_from=ckpt_path, remote_wait=remote_wait,
                                remote=remote_copy.Uploader(remote or remote_copy.Remote(remote_dir), out_dir, run_id=run_id,
                                                            branch=branch, keep_last=keep_last, keep_every=keep_every,
-                                                           rank=rank, log=log) if remote_dir and (master or fsdp) else None)
+                                                           attempt=attempt, lease=remote_lease, rank=rank,
+                                                           log=log) if remote_dir and (master or fsdp) else None)
 dt, final_failed, lossf = 0.0, False, 0.0
 while True:
     # one all-reduce per iteration: a signal, time_limit or due checkpoint on any rank counts on every rank
@@ -392,7 +399,8 @@ while True:
         log(f"iter {iter_num - 1}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_iter / dt:,.0f} tok/s, "
             f"mfu {mfu * 100:.2f}%, lr {lr:.2e}, eta {humanize(recent * (max_iters - iter_num))}")
 
-ck.close()  # a background write reaches the disk before the process ends
+signals = stopper.count
+ck.close(interrupted=lambda: stopper.count > signals)  # a background write reaches the disk before the process ends
 if step_times:
     steady = sorted(step_times[min(10, len(step_times) // 2):])  # past the warm-up steps
     log(f"done at iteration {iter_num}: median {steady[len(steady) // 2] * 1000:.2f} ms/iter, "
@@ -402,6 +410,8 @@ model = None  # the DDP wrapper holds the process group: let it go before the gr
 distributed.teardown()
 if final_failed:
     sys.exit(1)
+if stopper.count > signals:  # a stop signal cut the wait for the copy short
+    sys.exit(stopper.exit_code)
 if stop:
     if iter_num > start_iter:
         log(f"checkpoint saved at iteration {iter_num}; the same command (or --init_from=resume) continues the run")
