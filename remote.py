@@ -157,6 +157,8 @@ class Listing:
 
 
 class Remote:
+    hold = None  # (attempt, bound): restore() takes the lease with these (connect)
+
     def __init__(self, url):
         import fsspec
         problem = url_problem(url)
@@ -304,9 +306,9 @@ class Remote:
         if LEASE in objects:
             try:
                 lease = self._read_json(LEASE)
-                if isinstance(lease, dict) and isinstance(lease.get("run_id"), str):
+                if isinstance(lease, dict) and isinstance(lease.get("attempt"), str):
                     out.lease = dict(lease, mtime=mtime(objects[LEASE]))
-                    out.runs.add(lease["run_id"])
+                    out.runs.add(lease.get("run_id"))
                     ours.add(LEASE)
             except FileNotFoundError:
                 pass
@@ -335,7 +337,7 @@ class Remote:
         """Why a run with this id (None: a run not started yet) may not write to remote_dir, or None."""
         others = sorted(listing.runs - {run_id})
         if run_id is not None and others:
-            return (f"remote_dir {self.url} holds run {others[0]}, out_dir holds run {run_id}: one remote_dir "
+            return (f"remote_dir {self.url} holds run {others[0]}, this run is {run_id}: one remote_dir "
                     f"holds one run; give this run its own remote_dir (or continue run {others[0]} in its own "
                     f"out_dir)")
         if len(others) > 1:
@@ -359,44 +361,48 @@ class Remote:
             self.fs.rm_file(key)
 
     def take_lease(self, run_id, attempt, bound, log=say):
-        """Hold remote_dir for this process: refuse it (RemoteError) while another live process holds
-        it. A lease of this host's process that has ended is taken over at once; another host's after
+        """Hold remote_dir for this process: refuse it (RemoteError) when it holds another run, or
+        while another live process holds it. A lease of this host's process that has ended is taken over at once; another host's after
         `bound` seconds without a refresh (a lost machine), waiting for that when it is this very run
         (a re-queued job on a new machine). Raises RemoteError."""
-        mine = dict(format=FORMAT, run_id=run_id, attempt=attempt, host=HOST, pid=os.getpid(),
-                    since=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        mine = lease_record(run_id, attempt, bound)
         try:
             waited = False
             while True:
-                lease = self.checkpoints().lease
+                listing = self.checkpoints()
+                problem = self.owner_problem(listing, run_id)
+                if problem:
+                    raise RemoteError(problem)
+                lease = listing.lease
                 if lease is None or lease.get("attempt") == attempt:
                     break
                 age = self.now() - lease["mtime"]
-                who = (f"run {lease['run_id']} (host {lease.get('host')}, pid {lease.get('pid')}, refreshed "
+                lapse = lease["bound"] if isinstance(lease.get("bound"), (int, float)) else bound  # the holder's
+                who = (f"run {lease.get('run_id')} (host {lease.get('host')}, pid {lease.get('pid')}, refreshed "
                        f"{age:.0f}s ago)")
-                if age > bound:
+                if age > lapse:
                     log(f"note: taking over remote_dir's lease of {who}: not refreshed for longer than "
-                        f"remote_lease={bound:g}s, so its machine is taken for lost")
+                        f"its remote_lease={lapse:g}s, so its machine is taken for lost")
                     break
                 if lease.get("host") == HOST and not alive(lease.get("pid")):
                     break  # a process of this host that has ended (killed): nothing else writes
-                if lease["run_id"] != run_id or waited:
+                if lease.get("run_id") != run_id or waited:
                     raise RemoteError(f"remote_dir {self.url} is in use by {who}: one live run writes to a "
                                       f"remote_dir; stop that one, or give this run its own remote_dir"
                                       + (" (a lost machine's lease lapses remote_lease seconds after its "
-                                         "last refresh)" if lease["run_id"] == run_id else ""))
+                                         "last refresh)" if lease.get("run_id") == run_id else ""))
                 log(f"note: remote_dir is held by this run's process on host {lease.get('host')} (pid "
-                    f"{lease.get('pid')}, refreshed {age:.0f}s ago); waiting up to {bound - age + 1:.0f}s for it "
+                    f"{lease.get('pid')}, refreshed {age:.0f}s ago); waiting up to {lapse - age + 1:.0f}s for it "
                     f"to lapse, as a lost machine's does")
                 seen = lease["mtime"]
-                deadline = time.time() + bound - age + 1
+                deadline = time.time() + lapse - age + 1
                 while time.time() < deadline:
-                    time.sleep(min(2.0, bound / 4))
+                    time.sleep(min(2.0, lapse / 8))
                     now = self.checkpoints().lease
                     if now is None or now["mtime"] != seen:
                         break
                 waited = True
-            self._put_small(LEASE, json.dumps(mine).encode())
+            self._put_small(LEASE, mine)
         except RemoteError:
             raise
         except Exception as e:
@@ -652,6 +658,8 @@ class Remote:
         problem = self.owner_problem(listing, local["run_id"] if local else None)
         if problem:
             raise RemoteError(problem)
+        if self.hold is not None:  # before anything is downloaded: a second live run stops here
+            self.take_lease(local["run_id"] if local else next(iter(listing.runs), None), *self.hold, log=log)
         for name, why in listing.bad:
             say(f"warning: remote_dir's {name} is not complete ({why}); not used", err=True)
         good = listing.good
@@ -733,6 +741,12 @@ def mtime(info):
     return t.timestamp() if hasattr(t, "timestamp") else float(t)
 
 
+def lease_record(run_id, attempt, bound):
+    """The lease's bytes: who holds remote_dir, and after how long without a refresh it lapses."""
+    return json.dumps(dict(format=FORMAT, run_id=run_id, attempt=attempt, host=HOST, pid=os.getpid(),
+                           bound=bound, written=time.strftime("%Y-%m-%dT%H:%M:%S%z"))).encode()
+
+
 def alive(pid):
     try:
         os.kill(int(pid), 0)
@@ -743,10 +757,12 @@ def alive(pid):
     return True
 
 
-def connect(url, out_dir):
+def connect(url, out_dir, attempt, bound):
     """A checked Remote for train.py (probe), or RemoteError: a backend that is not installed, a
-    wrong bucket, credentials, permission or endpoint, or remote_dir being out_dir itself."""
+    wrong bucket, credentials, permission or endpoint, or remote_dir being out_dir itself. attempt,
+    bound: this start's token and remote_lease, for the lease that restore() takes."""
     remote = Remote(url)
+    remote.hold = (attempt, bound)
     if remote.local and os.path.realpath(remote.root) == os.path.realpath(out_dir):
         raise RemoteError(f"remote_dir {url!r} is out_dir itself: the durable copy must be elsewhere")
     remote.probe()
@@ -833,9 +849,7 @@ class Uploader:
             try:
                 self._check_lease()
                 if self.lost is None:
-                    self.remote._put_small(LEASE, json.dumps(dict(
-                        format=FORMAT, run_id=self.run_id, attempt=self.attempt, host=HOST, pid=os.getpid(),
-                        refreshed=time.strftime("%Y-%m-%dT%H:%M:%S%z"))).encode())
+                    self.remote._put_small(LEASE, lease_record(self.run_id, self.attempt, self.lease))
             except Exception:
                 pass
             if self.lost is not None:
@@ -951,7 +965,7 @@ class Uploader:
                 self.cv.wait(timeout=max(0.01, min(0.5, deadline - time.time())))
             newest, done = self.newest, self.done
         self.closed.set()
-        if self.lease and not self.rank and self.lost is None:
+        if self.lease and not self.rank and self.lost is None and self.outage is None:
             try:
                 self.remote.release(self.attempt)
             except Exception:

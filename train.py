@@ -111,10 +111,14 @@ log = say if master else (lambda *a, **k: None)  # a dead pipe or closed termina
 # holds out_dir's lock: a second trainer into a busy out_dir is refused before it opens any file
 machine = pick_device(device)  # (`device` itself stays the knob's value, stored in the config)
 joined = distributed.init(machine, backend) if distributed.under_torchrun() else None
-# remote_dir is tried now (a probe object written, read and deleted): a wrong bucket, credentials or
-# endpoint is one error line in seconds, not a failed upload hours in. A newer checkpoint there than
-# in out_dir (a new machine: out_dir empty) is downloaded into out_dir once it is held
-remote = distributed.on_rank0(lambda: remote_copy.connect(remote_dir, out_dir), master) if remote_dir else None
+# remote_dir is tried now (every kind of call it will get, on a probe object): a wrong bucket,
+# credentials or endpoint is one error line in seconds, not a failed upload hours in. A newer
+# checkpoint there than in out_dir (a new machine: out_dir empty) is downloaded into out_dir once it
+# is held. One live run writes to a remote_dir: rank 0 takes its lease (remote.py) with this start's
+# token, which every rank shares
+attempt = distributed.from_rank0(checkpoint.new_run_id() if master else None) if remote_dir else None
+remote = distributed.on_rank0(lambda: remote_copy.connect(remote_dir, out_dir, attempt, remote_lease),
+                              master) if remote_dir else None
 out_lock = checkpointer.claim_on_every_rank(out_dir, master, remote=remote)
 
 # start or continue. An out_dir that holds a good checkpoint is always continued, whatever init_from
@@ -305,10 +309,7 @@ metrics.event(start_iter, "start", params=raw_model.get_num_params(), model_args
               dataset=dataset, world_size=world_size, tokens_per_iter=tokens_per_iter, max_iters=max_iters)
 if ckpt_path:
     metrics.event(start_iter, "resume", path=ckpt_path, branch=branch)
-# the remote copy: one live writer per remote_dir (a lease that rank 0 holds and refreshes), and this
-# start's token on every rank, which tells an earlier start's leftovers from this one's uploads
-if remote_dir:
-    attempt = distributed.from_rank0(checkpoint.new_run_id() if master else None)
+if remote_dir:  # the lease names this run now (a new run had no id when it was taken)
     distributed.on_rank0(lambda: remote.take_lease(run_id, attempt, remote_lease, log=log), master)
 # every save of the run, on every rank: what is due, the writers, retention, announcements, failures
 ck = checkpointer.Checkpointer(out_dir, run_id=run_id, branch=branch, keep_last=keep_last, keep_every=keep_every,

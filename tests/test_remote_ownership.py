@@ -1,0 +1,263 @@
+"""A remote_dir holds one run and the run touches only what it wrote (remote.py, docs/remote.md):
+malformed URLs, foreign files, another run's copy, two live writers, doctored commits and stored
+configs, a signal during the end-of-run wait, CRCs read back from the store."""
+import json
+import os
+import re
+import shutil
+import signal
+import time
+
+import pytest
+import torch
+
+import checkpoint
+import remote as remote_copy
+from conftest import TINY, run, start, wait_for
+from s3server import S3Server
+
+ARGS = [*TINY, "--eval_interval=4", "--checkpoint_interval=2", "--keep_last=2"]
+
+
+def tree(folder):
+    """{relative path: bytes} of every file under folder."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                found[os.path.relpath(path, folder)] = fh.read()
+    return found
+
+
+def one_error(p, code=1):
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == code and len(lines) == 1 and lines[0].startswith("error: "), (p.returncode, p.stdout,
+                                                                                         p.stderr)
+    assert "iter " not in p.stdout
+    return lines[0]
+
+
+@pytest.mark.parametrize("url", ["s3:/runs/x", "s3:runs/x", "s3//runs/x", "s3://", "s3:///x", "ftp://host/x",
+                                 "zip://a.zip", "reference://x", "file://relative/x", "some/relative/dir"])
+def test_a_malformed_remote_dir_is_one_line_and_makes_nothing(shakespeare_char, tmp_path, url):
+    """Before: `s3:/runs/x` made a folder `s3:` under the current directory and reported the run safe
+    in a "remote" copy on the same disk; ftp:// ended in a traceback."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    p = run("train.py", *TINY, f"--out_dir={tmp_path / 'out'}", f"--remote_dir={url}", "--max_iters=2", cwd=str(work),
+            check=False)
+    line = one_error(p, code=2)
+    assert "remote_dir" in line and url in line
+    assert os.listdir(work) == [] and not (tmp_path / "out").exists()
+
+
+def test_other_files_are_refused_before_a_run_and_never_touched_beside_one(shakespeare_char, tmp_path):
+    """A remote_dir holding someone's files and no run is refused with one line; files that come
+    into a run's remote_dir later (photos, a commit of a newer format and its data) are listed as not
+    ours and are still there, byte for byte, after the run's uploads, retention and cleanup."""
+    disk = tmp_path / "backup"
+    (disk / "data" / "photos").mkdir(parents=True)
+    (disk / "data" / "photos" / "2019.jpg").write_bytes(b"\xff\xd8 a photo")
+    (disk / "notes.txt").write_text("mine")
+    before = tree(disk)
+    out = tmp_path / "out"
+    p = run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir=file://{disk}", "--max_iters=4", check=False)
+    line = one_error(p)
+    assert "not empty and holds no run" in line and "data/photos/2019.jpg" in line or "notes.txt" in line, line
+    assert tree(disk) == before
+
+    remote = f"file://{tmp_path / 'run-copy'}"
+    run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir={remote}", "--max_iters=4")
+    copy = tmp_path / "run-copy"
+    (copy / "data" / "photos").mkdir()
+    (copy / "data" / "photos" / "2019.jpg").write_bytes(b"\xff\xd8 a photo")
+    (copy / "ckpt-00000099.pt.commit").write_text(json.dumps(dict(format=2, name="ckpt-00000099.pt",
+                                                                  data="data/00000099-0badf00d")))
+    (copy / "data" / "00000099-0badf00d").mkdir()
+    (copy / "data" / "00000099-0badf00d" / "ckpt-00000099.pt").write_bytes(b"a newer format's bytes")
+    (copy / "data" / "00000007-12345678").mkdir()  # no commit, no intent: not provably ours
+    (copy / "data" / "00000007-12345678" / "x").write_bytes(b"someone's")
+    foreign = {k: v for k, v in tree(copy).items() if "photos" in k or "0badf00d" in k or "00000099" in k
+               or "12345678" in k}
+    assert len(foreign) == 4
+    listing = run("checkpoint.py", remote).stdout
+    for key in ("data/photos/2019.jpg", "ckpt-00000099.pt.commit", "data/00000007-12345678/x"):
+        assert re.search(rf"^{re.escape(key)} .*not ours: never touched$", listing, re.M), listing
+    run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir={remote}", "--max_iters=10")
+    after = tree(copy)
+    assert {k: after.get(k) for k in foreign} == foreign
+    assert "ckpt-00000010.pt.commit" in after
+
+
+def test_another_runs_copy_is_never_written_over(shakespeare_char, tmp_path):
+    """Run Y's remote copy at iteration 4; run X's out_dir at iteration 8 (newer) given Y's remote_dir:
+    one line naming both run ids; Y's copy unchanged. Before: X's commits replaced Y's."""
+    remote = tmp_path / "y-remote"
+    run("train.py", *ARGS, f"--out_dir={tmp_path / 'y'}", f"--remote_dir=file://{remote}", "--max_iters=4")
+    run("train.py", *ARGS, f"--out_dir={tmp_path / 'x'}", "--max_iters=8")
+    x = checkpoint.read_header(str(tmp_path / "x" / "ckpt-00000008.pt"))["run_id"]
+    y = checkpoint.read_header(str(tmp_path / "y" / "ckpt-00000004.pt"))["run_id"]
+    before = tree(remote)
+    p = run("train.py", *ARGS, f"--out_dir={tmp_path / 'x'}", f"--remote_dir=file://{remote}", "--max_iters=10",
+            check=False)
+    line = one_error(p)
+    assert x in line and y in line and "one remote_dir holds one run" in line
+    assert tree(remote) == before
+
+
+def test_two_live_runs_on_one_remote_dir(shakespeare_char, tmp_path):
+    """A second live run on a remote_dir is refused with one line naming the first: another run at
+    once; the same run (its out_dir copied to a second machine) once it has seen the first refresh
+    its lease. A lease that a lost machine left is taken over once it lapses, with one note. Before:
+    both wrote, and both said the remote_dir held their newest checkpoint."""
+    remote = f"file://{tmp_path / 'remote'}"
+    first = start(*ARGS, f"--out_dir={tmp_path / 'a'}", f"--remote_dir={remote}", "--max_iters=100000",
+                  "--remote_lease=4", "--eval_interval=1000")
+    seen = []
+    wait_for(first, r"saved .*ckpt-00000004\.pt", seen)
+    lease = json.loads((tmp_path / "remote" / "lease.json").read_text())
+    p = run("train.py", *ARGS, f"--out_dir={tmp_path / 'b'}", f"--remote_dir={remote}", "--max_iters=6", check=False)
+    line = one_error(p)
+    assert lease["run_id"] in line  # (in use, or: holds run X, this run is Y)
+    shutil.copytree(tmp_path / "a", tmp_path / "a-copy", ignore=shutil.ignore_patterns(".lock"))
+    p = run("train.py", *ARGS, f"--out_dir={tmp_path / 'a-copy'}", f"--remote_dir={remote}", "--max_iters=100000",
+            check=False)
+    assert "waiting up to" in p.stdout
+    line = one_error(p)
+    assert f"in use by run {lease['run_id']}" in line
+    first.send_signal(signal.SIGTERM)
+    rest = first.communicate(timeout=60)[0]
+    assert first.returncode == 0
+    last = int(re.findall(r"saved .*ckpt-(\d{8})\.pt", rest)[-1])
+    assert not (tmp_path / "remote" / "lease.json").exists()  # given up at the end
+
+    # a lost machine's lease: another host, refreshed long ago
+    (tmp_path / "remote" / "lease.json").write_text(json.dumps(dict(
+        format=1, run_id=lease["run_id"], attempt="feedf00d", host="a-lost-machine", pid=1, bound=120)))
+    os.utime(tmp_path / "remote" / "lease.json", (time.time() - 600,) * 2)
+    p = run("train.py", *ARGS, f"--out_dir={tmp_path / 'a'}", f"--remote_dir={remote}", f"--max_iters={last + 2}")
+    assert "taking over remote_dir's lease of run" in p.stdout and "host a-lost-machine" in p.stdout
+    assert f"holds the newest checkpoint (ckpt-{last + 2:08d}.pt" in p.stdout
+
+
+def test_stored_config_restores_knobs_only(trained, tmp_path):
+    """A checkpoint whose stored config names train.py's own variables (master=False would have
+    switched saving off, ckpt_path would have pointed the run elsewhere) resumes with one note and
+    writes its checkpoints."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    path = str(out / "ckpt-00000010.pt")
+    ckpt = checkpoint.load(path)
+    ckpt["config"].update(master=False, rank=3, ckpt_path="/nowhere")
+    checkpoint.save(ckpt, path)
+    os.remove(out / "ckpt.pt")
+    p = run("train.py", *TINY, f"--out_dir={out}", "--max_iters=14", "--checkpoint_interval=2")
+    assert "'ckpt_path', 'master', 'rank'" in p.stdout and "not a knob of train.py; ignored" in p.stdout
+    assert (out / "ckpt-00000014.pt").exists() and (out / "ckpt-00000012.pt").exists()
+
+
+def test_a_malformed_commit_is_one_line_and_skipped(shakespeare_char, tmp_path):
+    """Commit objects whose objects are not pairs, whose branch is a string or whose data points
+    outside data/ are each listed as damaged and skipped; train.py, sample.py and checkpoint.py still
+    use the complete ones. Before: the whole listing failed (train.py, sample.py and export.py refused
+    the remote_dir) or a TypeError traceback came out of restore()."""
+    disk = tmp_path / "remote"
+    out = tmp_path / "out"
+    remote = f"file://{disk}"
+    run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir={remote}", "--max_iters=8", "--keep_every=2")
+    periodic = sorted(p.name[:-len(".commit")] for p in disk.glob("ckpt-*.pt.commit"))
+    assert len(periodic) >= 3, periodic  # (a newer one waiting replaces an older one not yet copied)
+    doctored = periodic[-3:]
+    for name, change in zip(doctored, (dict(objects={"x": [1, 2, 3]}), dict(branch="x"), dict(data="../../etc"))):
+        c = json.loads((disk / f"{name}.commit").read_text())
+        c.update(change)
+        (disk / f"{name}.commit").write_text(json.dumps(c))
+    listing = run("checkpoint.py", remote, check=False)
+    assert listing.returncode == 1
+    for name in doctored:
+        assert re.search(rf"^{name} .*INCOMPLETE: its commit object is damaged", listing.stdout, re.M), listing.stdout
+    assert re.search(r"^ckpt\.pt .* complete$", listing.stdout, re.M)
+    shutil.rmtree(out)
+    p = run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir={remote}", "--max_iters=10")
+    assert "downloaded ckpt.pt (iteration 8" in p.stdout and p.stderr.count("is not complete") == 3
+    s = run("sample.py", f"--out_dir={remote}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5",
+            env=dict(XDG_CACHE_HOME=str(tmp_path / "cache")))
+    assert s.stdout.strip()
+
+
+def test_fsdp_shards_of_other_ranks_survive_rank0s_first_cleanup(tmp_path):
+    """Under FSDP, rank 1 may upload its shards of a folder before rank 0 starts its first job, whose
+    cleanup used to delete every prefix no commit names: rank 1's shards went, and rank 0 waited
+    OTHERS_WAIT for them. Here rank 1's Uploader finishes first, for real, then rank 0's."""
+    folder = tmp_path / "out" / "ckpt-00000004"
+    folder.mkdir(parents=True)
+    (folder / "__0_0.distcp").write_bytes(b"rank zero's shard")
+    (folder / "__1_0.distcp").write_bytes(b"rank one's shard")
+    files = {n: list(checkpoint.crc32(str(folder / n))) for n in ("__0_0.distcp", "__1_0.distcp")}
+    torch.save(dict(files=files, aliases={}, optimizer_groups=[]), folder / "state.pt")
+    remote = remote_copy.Remote(f"file://{tmp_path / 'remote'}")
+    prefix = remote_copy.new_prefix(4)
+    header = dict(iter_num=4, run_id="0123abcd", branch=0, kind="periodic", val_loss=None)
+    one = remote_copy.Uploader(remote, str(tmp_path / "out"), run_id="0123abcd", branch=0, keep_last=3, keep_every=0,
+                               attempt="aaaa0000", rank=1)
+    one.push(str(folder), header, prefix)
+    one.finish(30)
+    zero = remote_copy.Uploader(remote, str(tmp_path / "out"), run_id="0123abcd", branch=0, keep_last=3,
+                                keep_every=0, attempt="aaaa0000", rank=0)
+    zero.push(str(folder), header, prefix)
+    ok, line = zero.finish(30)
+    assert ok, line
+    c = remote.checkpoints().good[0]
+    assert c["name"] == "ckpt-00000004" and "ckpt-00000004/__1_0.distcp" in c["objects"]
+    assert remote.verify(c) is None
+
+
+def test_verify_reads_every_remote_object_back(shakespeare_char, tmp_path):
+    """`checkpoint.py verify REMOTE` reads each complete checkpoint's objects and checks their CRCs:
+    a flipped byte (same size) is BAD there and exit 1, while the listing by sizes says complete."""
+    disk = tmp_path / "remote"
+    run("train.py", *ARGS, f"--out_dir={tmp_path / 'out'}", f"--remote_dir=file://{disk}", "--max_iters=4")
+    good = run("checkpoint.py", "verify", f"file://{disk}").stdout
+    assert re.search(r"^ckpt-00000004\.pt .* complete, every CRC checked$", good, re.M), good
+    c = json.loads((disk / "ckpt-00000004.pt.commit").read_text())
+    data = disk / c["data"] / "ckpt-00000004.pt"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    assert re.search(r"^ckpt-00000004\.pt .* complete$", run("checkpoint.py", f"file://{disk}").stdout, re.M)
+    p = run("checkpoint.py", "verify", f"file://{disk}", check=False)
+    assert p.returncode == 1 and re.search(r"^ckpt-00000004\.pt .* BAD: .*damaged \(CRC-32", p.stdout, re.M), p.stdout
+
+
+def test_an_unusable_cache_folder_is_one_line(shakespeare_char, tmp_path):
+    disk = tmp_path / "remote"
+    run("train.py", *ARGS, f"--out_dir={tmp_path / 'out'}", f"--remote_dir=file://{disk}", "--max_iters=4")
+    (tmp_path / "cache").write_text("a file, not a folder")
+    p = run("sample.py", f"--out_dir=file://{disk}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5",
+            env=dict(XDG_CACHE_HOME=str(tmp_path / "cache")), check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith("error: ") and \
+        "Traceback" not in p.stderr and "XDG_CACHE_HOME" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_a_signal_cuts_the_end_of_run_wait_for_the_copy(shakespeare_char, tmp_path, sig, code):
+    """The store gone, a run that ends waits up to remote_wait for its copy; a stop signal then ends
+    the wait with one line saying what did not reach remote_dir, and the signal's exit code. Before:
+    the signal was ignored without a word and the run exited 0 after the whole wait."""
+    s3 = S3Server(str(tmp_path / "s3"))
+    try:
+        remote = f"s3://{s3.bucket('runs')}/run"
+        proc, seen = start(*TINY, f"--out_dir={tmp_path / 'out'}", f"--remote_dir={remote}", "--max_iters=30",
+                           "--checkpoint_interval=10", "--eval_interval=1000", "--remote_wait=300", env=s3.env()), []
+        wait_for(proc, r"saved .*ckpt-00000010\.pt", seen)
+        s3.kill()
+        wait_for(proc, r"waiting up to 300s \(remote_wait\)", seen)
+        t0 = time.time()
+        proc.send_signal(sig)
+        output = "".join(seen) + proc.communicate(timeout=60)[0]
+        assert time.time() - t0 < 20 and proc.returncode == code, output
+        assert re.search(r"warning: ckpt-00000030\.pt \(iteration 30\) did not reach remote_dir .* the wait was cut "
+                         r"short by a signal", output), output
+    finally:
+        s3.kill()
