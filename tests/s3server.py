@@ -12,6 +12,21 @@ import time
 
 KEY, SECRET = "AKIDTESTRUN", "secret-of-the-test-run"
 READER = ("AKIDREADONLY", "secret-of-the-reader")  # may read and list, not write
+# The least a run needs (docs/remote.md, "Minimal S3 permissions"): SeaweedFS's Read, Write and List,
+# each scoped to one run's remote_dir, s3://runner/runs/gpt2 ("Write:runner/runs/gpt2/*"), no Admin,
+# no Tagging; refused on any other prefix or bucket (tests/s3calls.py measured what each action
+# allows). Like the documented AWS policy's s3:prefix condition, it may list only with a Prefix under
+# runs/gpt2/, in-progress multipart uploads included.
+RUNNER = ("AKIDRUNNERONLY", "secret-of-the-runner")
+RUNNER_BUCKET, RUNNER_DIR = "runner", "runs/gpt2"
+RUNNER_ACTIONS = ("Read", "Write", "List")
+# RUNNER less one of its actions: {"Write": (key, secret), ...}
+LACKING = {a: (f"AKIDRUNNERNO{a.upper()}", f"secret-of-the-runner-without-{a.lower()}") for a in RUNNER_ACTIONS}
+
+
+def scoped(*actions):
+    """SeaweedFS identity actions on RUNNER's remote_dir only."""
+    return [f"{a}:{RUNNER_BUCKET}/{RUNNER_DIR}/*" for a in actions]
 
 
 def _free_port():
@@ -30,9 +45,10 @@ def _free_port():
 
 
 class S3Server:
-    def __init__(self, folder, idle=False):
+    def __init__(self, folder, idle=False, identities=()):
         """idle: at the lowest CPU priority (SCHED_IDLE), as a server on another machine takes none of
-        training's CPU time (bench/bench_remote.py)."""
+        training's CPU time (bench/bench_remote.py). identities: more entries for the identities file
+        (tests/s3calls.py tries one action at a time)."""
         self.folder, self.idle = folder, idle
         os.makedirs(folder, exist_ok=True)
         self.weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
@@ -44,7 +60,12 @@ class S3Server:
                 {"name": "run", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
                  "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
                 {"name": "reader", "credentials": [{"accessKey": READER[0], "secretKey": READER[1]}],
-                 "actions": ["Read", "List"]}]}, f)
+                 "actions": ["Read", "List"]},
+                {"name": "runner", "credentials": [{"accessKey": RUNNER[0], "secretKey": RUNNER[1]}],
+                 "actions": scoped(*RUNNER_ACTIONS)},
+                *[{"name": f"runner-without-{a.lower()}", "credentials": [{"accessKey": k, "secretKey": secret}],
+                   "actions": scoped(*(b for b in RUNNER_ACTIONS if b != a))} for a, (k, secret) in LACKING.items()],
+                *identities]}, f)
         self.proc = None
         self.start()
 
