@@ -174,7 +174,8 @@ class Remote:
         except ValueError as e:  # a protocol fsspec does not know
             raise RemoteError(f"remote_dir {url!r}: {first_line(e)}") from None
         self.root = root.rstrip("/")
-        self.local = "file" in ([self.fs.protocol] if isinstance(self.fs.protocol, str) else list(self.fs.protocol))
+        protocols = [self.fs.protocol] if isinstance(self.fs.protocol, str) else list(self.fs.protocol)
+        self.local, self.s3 = "file" in protocols, "s3" in protocols
 
     def key(self, *parts):
         return "/".join((self.root,) + parts)
@@ -200,7 +201,7 @@ class Remote:
     # -- checks ----------------------------------------------------------------------------------
     def probe(self):
         """Every kind of call a run makes, tried now on a small object: put, head, get, list, delete
-        and (S3) the listing of unfinished multipart uploads under the run's prefix. A bucket that
+        and (S3) a multipart upload begun, listed under the run's prefix and aborted. A bucket that
         does not exist, wrong credentials, a missing permission or an unreachable endpoint is found
         in seconds, not at the first upload hours in. Raises RemoteError."""
         probe = self.key(f".probe-{secrets.token_hex(4)}")
@@ -214,7 +215,14 @@ class Remote:
                 raise OSError("the probe object read back other bytes")
             step = "list"
             self.fs.ls(self.root, detail=False)
-            self.unfinished(f"{DATA}/")
+            if self.s3:  # what cleaning up a killed upload takes: its parts listed and aborted
+                from fsspec.asyn import sync
+                bucket, _, key = probe.partition("/")
+                up = sync(self.fs.loop, self.fs._call_s3, "create_multipart_upload", Bucket=bucket, Key=key)
+                self.unfinished(probe[len(self.root) + 1:])
+                step = "abort an upload in"
+                sync(self.fs.loop, self.fs._call_s3, "abort_multipart_upload", Bucket=bucket, Key=key,
+                     UploadId=up["UploadId"])
             step = "delete in"
             self.fs.rm_file(probe)
         except Exception as e:
@@ -234,7 +242,12 @@ class Remote:
         self.fs.invalidate_cache()
         if self.local and not os.path.isdir(self.root):
             return {}
-        found = self.fs.find(self.root, detail=True)
+        if self.s3:  # one listing under the prefix: find() would also HEAD the prefix's own key, which a
+            from fsspec.asyn import sync  # policy scoped to the prefix (docs/remote.md) refuses
+            found = {e["name"]: e for e in sync(self.fs.loop, self.fs._lsdir, self.root, delimiter="")
+                     if e.get("type") == "file"}
+        else:
+            found = self.fs.find(self.root, detail=True)
         root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
         return {k[len(root):]: v for k, v in found.items() if k.startswith(root)}
 
@@ -526,7 +539,7 @@ class Remote:
     def unfinished(self, below):
         """S3's unfinished multipart uploads whose keys start with remote_dir/below, every page of
         them (none elsewhere). Asked with that prefix only: a policy may allow no wider listing."""
-        if self.local or "s3" not in self.fs.protocol:
+        if not self.s3:
             return []
         from fsspec.asyn import sync
         bucket, _, path = self.root.partition("/")

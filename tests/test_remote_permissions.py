@@ -4,6 +4,7 @@ remote_dir only, s3://runner/runs/gpt2 (s3server.RUNNER), as the documented poli
 refused on another prefix or bucket; a whole run with those credentials copies its checkpoints
 without a warning; credentials lacking any one of them are one error line before training, because
 the start-up probe tries every kind of call the run will make."""
+import json
 import re
 
 import pytest
@@ -72,21 +73,32 @@ def test_a_run_with_the_minimal_permissions_copies_every_checkpoint_without_a_wa
     from fsspec.asyn import sync
     name, remote, env = RUNNER_DIR, REMOTE, s3.env(*RUNNER)
     admin = s3.fs()
-    left = sync(admin.loop, admin._call_s3, "create_multipart_upload", Bucket=RUNNER_BUCKET,
-                Key=f"{name}/data/00000001-0badf00d/ckpt-00000001.pt")["UploadId"]  # as a killed run leaves it
     big = [*TINY, "--n_layer=4", "--n_embd=256", "--n_head=4", "--eval_interval=1000"]  # a ~40 MB checkpoint
-    p = run("train.py", *big, f"--out_dir={tmp_path / 'out'}", f"--remote_dir={remote}", "--max_iters=6",
-            "--checkpoint_interval=2", "--keep_last=1", "--remote_wait=30", env=env, check=False)
+    command = [*big, f"--out_dir={tmp_path / 'out'}", f"--remote_dir={remote}", "--checkpoint_interval=2",
+               "--keep_last=1", "--remote_wait=30"]
+    run("train.py", *command, "--max_iters=2", env=env)
+    run_id = json.loads(admin.cat_file(f"{RUNNER_BUCKET}/{name}/ckpt-00000002.pt.commit"))["run_id"]
+
+    def upload_in_progress(prefix):
+        return sync(admin.loop, admin._call_s3, "create_multipart_upload", Bucket=RUNNER_BUCKET,
+                    Key=f"{name}/{prefix}/ckpt-00000001.pt")["UploadId"]
+    # a killed start's upload: its intent names it (remote.py), so the run's next start aborts it;
+    # one with no intent is not provably the run's, and stays
+    left, foreign = upload_in_progress("data/00000001-0badf00d"), upload_in_progress("data/00000001-12345678")
+    admin.pipe_file(f"{RUNNER_BUCKET}/{name}/data/00000001-0badf00d.0.intent", json.dumps(dict(
+        format=1, prefix="data/00000001-0badf00d", run_id=run_id, attempt="0ld0ld00", rank=0)).encode())
+    p = run("train.py", *command, "--max_iters=6", env=env, check=False)
     output = p.stdout + p.stderr
     assert p.returncode == 0, output
     warnings = [line for line in output.splitlines() if "warning" in line.lower() or line.startswith("error")]
     assert not warnings, output
     assert f"remote_dir {remote} holds the newest checkpoint (ckpt-00000006.pt, iteration 6)" in p.stdout, output
-    assert left not in [u["UploadId"] for u in _uploads(s3, f"{name}/")]  # aborted by the run
+    uploads = [u["UploadId"] for u in _uploads(s3, f"{name}/")]
+    assert left not in uploads and foreign in uploads  # the run's leftover aborted, the other one left alone
     listing = run("checkpoint.py", remote, env=env).stdout
     assert re.search(r"^ckpt-00000006\.pt .* complete$", listing, re.M), listing
     assert not re.search(r"^ckpt-0000000[24]\.pt", listing, re.M), listing  # keep_last=1, in the bucket too
-    assert "no commit object" not in listing, listing
+    assert "no commit object" not in listing and "0badf00d" not in listing, listing
     sizes = [size for c in listing.splitlines() if (size := re.search(r"(\d+\.\d) MB", c))]
     assert sizes and float(sizes[0].group(1)) > 16, listing  # went up in parts
 
