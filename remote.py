@@ -121,7 +121,8 @@ def _is_int(v):
 def judge_commit(c, name):
     """A commit object read from remote_dir, judged before anything uses it: the commit, or ValueError
     saying what is wrong. Its data prefix must be one of ours and every object a safe relative name
-    under the checkpoint's own name, with an integer size and CRC."""
+    under a checkpoint's name (its own, or the one it had before it was kept under another), with an
+    integer size and CRC."""
     if not isinstance(c, dict) or c.get("format") != FORMAT:
         raise ValueError(f"format {c.get('format') if isinstance(c, dict) else '?'!r}, not {FORMAT}")
     c.setdefault("branch", 0)
@@ -131,7 +132,7 @@ def judge_commit(c, name):
         ("run_id", c.get("run_id") is None or isinstance(c.get("run_id"), str)),
         ("val_loss", c.get("val_loss") is None or isinstance(c.get("val_loss"), (int, float))),
         ("objects", isinstance(c.get("objects"), dict) and c["objects"] and all(
-            isinstance(rel, str) and (rel == name or rel.startswith(name + "/")) and ".." not in rel.split("/")
+            isinstance(rel, str) and NAMES.match(rel.split("/")[0]) and ".." not in rel.split("/")
             and isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v)
             for rel, v in c["objects"].items()))) if not ok]
     if problems:
@@ -478,9 +479,7 @@ class Remote:
                               f"({header['run_id']}); it is not written over")
         if old is not None and old["branch"] != header["branch"] and name == BEST:
             kept = KEPT_BEST.format(old["branch"], old["iter_num"])
-            self._put_small(kept + COMMIT, json.dumps(dict(old, name=kept, kind="kept",
-                                                           objects={kept + rel[len(name):]: v for rel, v in
-                                                                    old["objects"].items()})).encode())
+            self._put_small(kept + COMMIT, json.dumps(dict(old, name=kept, kind="kept")).encode())
             old = None  # its data is named by the kept commit now
         commit = dict(format=FORMAT, name=name, data=prefix, objects=objects, written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                       **{k: header.get(k) for k in ("iter_num", "run_id", "branch", "kind", "val_loss")})

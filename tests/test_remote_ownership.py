@@ -261,3 +261,22 @@ def test_a_signal_cuts_the_end_of_run_wait_for_the_copy(shakespeare_char, tmp_pa
                          r"short by a signal", output), output
     finally:
         s3.kill()
+
+
+def test_a_branch_keeps_the_other_branchs_best_in_the_remote_too(shakespeare_char, tmp_path):
+    """A resume by hand from an older file is a new branch; its ckpt.pt keeps branch 0's under
+    ckpt-best-b0-N.pt in out_dir, and now in remote_dir too. Before: branch 1's commit replaced
+    branch 0's ckpt.pt in the remote and deleted its data."""
+    out, disk = tmp_path / "out", tmp_path / "remote"
+    command = [*ARGS, f"--out_dir={out}", f"--remote_dir=file://{disk}", "--keep_last=10"]
+    run("train.py", *command, "--max_iters=8")
+    best0 = json.loads((disk / "ckpt.pt.commit").read_text())
+    assert best0["branch"] == 0 and best0["iter_num"] == 8
+    p = run("train.py", *command, f"--resume_from={out / 'ckpt-00000004.pt'}", "--max_iters=6")
+    assert "as branch 1" in p.stdout and "holds the newest checkpoint" in p.stdout
+    kept = json.loads((disk / "ckpt-best-b0-00000008.pt.commit").read_text())
+    assert kept["data"] == best0["data"] and kept["kind"] == "kept"
+    assert json.loads((disk / "ckpt.pt.commit").read_text())["branch"] == 1
+    listing = run("checkpoint.py", "verify", f"file://{disk}").stdout
+    assert re.search(r"^ckpt-best-b0-00000008\.pt .* complete, every CRC checked$", listing, re.M), listing
+    assert re.search(r"^ckpt\.pt +1 +6 .* complete, every CRC checked$", listing, re.M), listing
