@@ -573,9 +573,13 @@ class Remote:
         self._put_small(METRICS, data[:data.rfind(b"\n") + 1])
 
     def release(self, attempt):
-        """Give the lease up at the end of the run (only while it is still this process's)."""
-        if self.lease_holder(attempt) is None:
-            self.fs.rm_file(self.key(LEASE))
+        """Give the lease up at the end of the run (only while it is still this process's). A failure
+        is silent: the lease lapses by itself, remote_lease seconds after its last refresh."""
+        try:
+            if self.lease_holder(attempt) is None:
+                self.fs.rm_file(self.key(LEASE))
+        except Exception:
+            pass
 
     # -- reading -----------------------------------------------------------------------------------
     def download(self, commit, dest_dir):
@@ -978,10 +982,7 @@ class Uploader:
             newest, done = self.newest, self.done
         self.closed.set()
         if self.lease and not self.rank and self.lost is None and self.outage is None:
-            try:
-                self.remote.release(self.attempt)
-            except Exception:
-                pass  # it lapses by itself after remote_lease seconds
+            self.remote.release(self.attempt)
         if newest is None:
             return True, None
         if done is not None and rank(done) >= rank(newest):

@@ -137,6 +137,8 @@ data_record = dict(tokenizer=data.tokenizer(), data_fingerprint=data.fingerprint
 if ckpt and ckpt["iter_num"] >= max_iters and not eval_only:
     log(f"the run is complete: iteration {ckpt['iter_num']} of max_iters={max_iters} ({ckpt_path}); "
         f"raise --max_iters to train longer")
+    if remote is not None:
+        remote.release(attempt)
     sys.exit(0)
 config = {k: globals()[k] for k in keys}  # plain values, stored in every checkpoint
 stopper = preemption.Stopper(time_budget)  # from here on a signal means "save, then exit"

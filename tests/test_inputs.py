@@ -164,7 +164,8 @@ def test_bench_bad_input(shakespeare_char, scene, args, words):
 def test_checkpoint_cli_usage(args):
     p = run("checkpoint.py", *args, check=False)
     assert p.returncode == 2 and p.stderr.strip() == \
-        "error: usage: python checkpoint.py OUT_DIR | REMOTE_DIR | CHECKPOINT | verify CHECKPOINT | consolidate FOLDER OUT.pt"
+        "error: usage: python checkpoint.py OUT_DIR | REMOTE_DIR | CHECKPOINT | verify CHECKPOINT | verify REMOTE_DIR | " \
+        "consolidate FOLDER OUT.pt"
 
 
 def test_time_limit_too_short_for_one_iteration(shakespeare_char, tmp_path):
