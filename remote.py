@@ -483,6 +483,8 @@ class Remote:
             old = None  # its data is named by the kept commit now
         commit = dict(format=FORMAT, name=name, data=prefix, objects=objects, written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                       **{k: header.get(k) for k in ("iter_num", "run_id", "branch", "kind", "val_loss")})
+        if old is not None and old["data"] != prefix:  # once replaced, only an intent proves its data ours
+            self.intent(old["data"], header["run_id"], attempt)
         self._put_small(name + COMMIT, json.dumps(commit).encode())
         for key in self.fs.glob(self.key(f"{prefix}.*{INTENT}")):  # the commit proves it ours from now on
             self.fs.rm_file(key)
@@ -518,8 +520,10 @@ class Remote:
         else:
             self.fs.pipe_file(key, data)
 
-    def delete(self, commit):
-        """The commit object first (the checkpoint is invisible from then on), then its data."""
+    def delete(self, commit, attempt):
+        """An intent for its data, then the commit object (the checkpoint is invisible from then on),
+        then its data: a failure or a kill midway leaves data that the run's next start deletes."""
+        self.intent(commit["data"], commit["run_id"], attempt)
         self.fs.rm_file(self.key(commit["name"] + COMMIT))
         self.drop(commit["data"])
 
@@ -962,7 +966,7 @@ class Uploader:
                 not (self.keep_every and c["iter_num"] % self.keep_every == 0)]
         for c in mine[self.keep_last:]:
             if rank(c) < rank(newest):
-                self.remote.delete(c)
+                self.remote.delete(c, self.attempt)
 
     def finish(self, bound, interrupted=lambda: False):
         """At the end of a run or at a stop: wait up to `bound` seconds for what is waiting or in flight

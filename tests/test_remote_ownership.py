@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import time
 
 import pytest
@@ -280,3 +281,30 @@ def test_a_branch_keeps_the_other_branchs_best_in_the_remote_too(shakespeare_cha
     listing = run("checkpoint.py", "verify", f"file://{disk}").stdout
     assert re.search(r"^ckpt-best-b0-00000008\.pt .* complete, every CRC checked$", listing, re.M), listing
     assert re.search(r"^ckpt\.pt +1 +6 .* complete, every CRC checked$", listing, re.M), listing
+
+
+def test_a_retention_failure_in_the_remote_is_a_warning_not_a_lost_copy(shakespeare_char, tmp_path):
+    """Remote retention that cannot delete an old checkpoint's data (an immutable folder: chattr +i)
+    is one warning; the checkpoint just copied counts as copied (not uploaded again, and the end says
+    the remote holds it); the next start, once the folder can be deleted, removes what is left, which
+    an intent written before the delete proves the run's. Before: the copy was retried as a failed
+    upload and the end said it did not reach remote_dir."""
+    if shutil.which("chattr") is None:
+        pytest.skip("no chattr")
+    disk = tmp_path / "remote"
+    command = [*TINY, "--eval_interval=1000", "--checkpoint_interval=2", "--keep_last=1", f"--out_dir={tmp_path / 'out'}",
+               f"--remote_dir=file://{disk}", "--remote_wait=20"]
+    run("train.py", *command, "--max_iters=2")
+    old = disk / json.loads((disk / "ckpt-00000002.pt.commit").read_text())["data"]
+    if subprocess.run(["chattr", "+i", str(old)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        p = run("train.py", *command, "--max_iters=4")
+    finally:
+        subprocess.run(["chattr", "-i", str(old)], check=True)
+    assert p.stderr.count("could not apply keep_last in remote_dir") == 1, p.stderr
+    assert "could not copy" not in p.stderr and "did not reach" not in p.stderr, p.stderr
+    assert "holds the newest checkpoint (ckpt-00000004.pt, iteration 4)" in p.stdout
+    assert old.exists() and not (disk / "ckpt-00000002.pt.commit").exists()
+    run("train.py", *command, "--max_iters=6")
+    assert not old.exists() and not list(disk.glob("data/*.intent"))
