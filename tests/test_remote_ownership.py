@@ -308,3 +308,22 @@ def test_a_retention_failure_in_the_remote_is_a_warning_not_a_lost_copy(shakespe
     assert old.exists() and not (disk / "ckpt-00000002.pt.commit").exists()
     run("train.py", *command, "--max_iters=6")
     assert not old.exists() and not list(disk.glob("data/*.intent"))
+
+
+def test_metrics_come_down_whole_or_not_at_all(shakespeare_char, tmp_path):
+    """A new machine's start downloads metrics.jsonl with the checkpoint; killed as the file is written
+    in out_dir, it leaves no partial metrics.jsonl (which the next start would then keep, and the
+    curve of the first machine would be lost). Before: it was written straight into out_dir."""
+    from test_faults import traced
+    disk, out = tmp_path / "remote", tmp_path / "out"
+    command = [*ARGS, f"--out_dir={out}", f"--remote_dir=file://{disk}"]
+    run("train.py", *command, "--max_iters=4")
+    shutil.rmtree(out)
+    out.mkdir()
+    p = run("train.py", *command, "--max_iters=6", check=False, prefix=traced(
+        "-P", str(out / "metrics.jsonl"), "-e", "trace=write,pwrite64,sendfile,copy_file_range",
+        "-e", "inject=write,pwrite64,sendfile,copy_file_range:signal=KILL:when=1"))
+    assert p.returncode in (0, 137, -9), p.stdout + p.stderr
+    if (out / "metrics.jsonl").exists():
+        rows = (out / "metrics.jsonl").read_bytes()
+        assert rows.startswith((disk / "metrics.jsonl").read_bytes()[:200]) and rows.endswith(b"\n")
