@@ -1,6 +1,6 @@
 """
-Everything about checkpoint files: atomic save, safe load, finding the newest good one,
-retention, RNG capture/restore, compatibility checks, and a small inspect CLI:
+Checkpoint files and folders: atomic save, safe load, content checks, finding the newest good one,
+and a small inspect CLI (retention is the Checkpointer's, RNG capture and the resume rules resume.py's):
 
     python checkpoint.py out-shakespeare-char      # list the checkpoints in a folder
     python checkpoint.py out-shakespeare-char/ckpt.pt   # one file's metadata: its header only (mmap)
@@ -752,12 +752,6 @@ def load_latest(out_dir, map_location="cpu", log=say, tensors=True, load_one=Non
             log(f"warning: skipping {e}; {nxt}")
     raise CheckpointError(f"none of the {len(heads) + len(bad)} checkpoint(s) in {out_dir!r} loads (see warnings above)")
 
-
-# ---------------------------------------------------------------------------------------------
-# resume rules (docs/checkpoints.md)
-
-# ---------------------------------------------------------------------------------------------
-# RNG state as plain data (so weights_only loading reads it)
 
 # ---------------------------------------------------------------------------------------------
 # inspect CLI
