@@ -64,6 +64,7 @@ RETRY = (2.0, 60.0)  # seconds before a failed upload is tried again: first paus
 CHUNK = 8 << 20
 PART = 16 << 20  # bytes per part of a multipart upload: a 100 MB checkpoint goes up in 7 parallel parts
 HOST = socket.gethostname()
+LOST = threading.Lock()
 
 
 class RemoteError(RunError):
@@ -159,6 +160,8 @@ class Listing:
 
 class Remote:
     hold = None  # (attempt, bound): restore() takes the lease with these (connect)
+    held = None  # (run_id, attempt, bound) once this process holds the lease
+    lost = None  # who took the lease from this process: it copies nothing more
 
     def __init__(self, url):
         import fsspec
@@ -358,9 +361,10 @@ class Remote:
             return (f"remote_dir {self.url} holds more than one run ({', '.join(others)}): give this run its "
                     f"own remote_dir")
         if not listing.runs and listing.foreign:
-            return (f"remote_dir {self.url} is not empty and holds no run ({len(listing.foreign)} other objects, "
-                    f"e.g. {listing.foreign[0]!r}): give this run an empty or new remote_dir (a subfolder); "
-                    f"nothing of it is touched")
+            n = len(listing.foreign)
+            return (f"remote_dir {self.url} is not empty and holds no run ({n} other object{'s' * (n > 1)}, "
+                    f"e.g. {sorted(listing.foreign)[0]!r}): give this run an empty or new remote_dir (a "
+                    f"subfolder); nothing of it is touched")
         return None
 
     # -- the lease: one live writer --------------------------------------------------------------
@@ -376,9 +380,10 @@ class Remote:
 
     def take_lease(self, run_id, attempt, bound, log=say):
         """Hold remote_dir for this process: refuse it (RemoteError) when it holds another run, or
-        while another live process holds it. A lease of this host's process that has ended is taken over at once; another host's after
-        `bound` seconds without a refresh (a lost machine), waiting for that when it is this very run
-        (a re-queued job on a new machine). Raises RemoteError."""
+        while another live process holds it. A lease of this host's process that has ended is taken
+        over at once; another host's after its bound without a refresh (a lost machine), waiting for
+        that when it is this very run (a re-queued job on a new machine). Once held, a thread rewrites
+        it every bound/4 seconds (again with this run id, when a new run learns its own)."""
         mine = lease_record(run_id, attempt, bound)
         try:
             waited = False
@@ -417,22 +422,56 @@ class Remote:
                         break
                 waited = True
             self._put_small(LEASE, mine)
+            first, self.held = self.held is None, (run_id, attempt, bound)
+            if first:
+                threading.Thread(target=self._keep_lease, name="remote-lease", daemon=True).start()
         except RemoteError:
             raise
         except Exception as e:
             raise RemoteError(f"cannot take remote_dir's lease ({self.url}): {self.why(e)}") from None
 
-    def lease_holder(self, attempt):
-        """None while this process holds the lease, else who took it (one line). Raises what the
-        backend raises."""
+    def check_lease(self):
+        """Who took the lease from this process (one line, said once as a warning), or None while it
+        holds it (or holds none). Raises what the backend raises."""
+        held = self.held
+        if held is None or self.lost is not None:
+            return self.lost
         try:
             lease = self._read_json(LEASE)
         except FileNotFoundError:
-            return "nobody (lease.json was deleted)"
-        if not isinstance(lease, dict) or lease.get("attempt") != attempt:
-            return (f"run {lease.get('run_id')} on host {lease.get('host')} (pid {lease.get('pid')})"
-                    if isinstance(lease, dict) else "an object that is not a lease")
-        return None
+            lease = "nobody (its lease.json was deleted)"
+        with LOST:  # (the uploader and the lease's thread both ask)
+            if self.lost is not None or (isinstance(lease, dict) and lease.get("attempt") == held[1]):
+                return self.lost
+            self.lost = (f"run {lease.get('run_id')} on host {lease.get('host')} (pid {lease.get('pid')})"
+                         if isinstance(lease, dict) else str(lease))
+            say(f"warning: remote_dir {self.url} was taken over by {self.lost}: this process copies nothing "
+                f"more there (its checkpoints stay in out_dir)", err=True)
+            return self.lost
+
+    def _keep_lease(self):
+        """Rewrite the lease every quarter of its bound while this process holds it. A store that
+        cannot be reached is the uploader's outage to report; tried again next round."""
+        while self.held is not None and self.lost is None:
+            time.sleep(self.held[2] / 4)
+            try:
+                if self.held is not None and self.check_lease() is None:
+                    self._put_small(LEASE, lease_record(*self.held))
+            except Exception:
+                pass
+
+    def release(self, reachable=True):
+        """Give the lease up at the end of the run (only while it is still this process's). A failure,
+        or a store known unreachable, costs nothing: the lease lapses by itself after its bound."""
+        held, self.held = self.held, None
+        if held is None or not reachable or self.lost is not None:
+            return
+        try:
+            lease = self._read_json(LEASE)
+            if isinstance(lease, dict) and lease.get("attempt") == held[1]:
+                self.fs.rm_file(self.key(LEASE))
+        except Exception:
+            pass
 
     # -- writing -----------------------------------------------------------------------------------
     def intent(self, prefix, run_id, attempt, rank=0):
@@ -575,15 +614,6 @@ class Remote:
         except FileNotFoundError:
             return
         self._put_small(METRICS, data[:data.rfind(b"\n") + 1])
-
-    def release(self, attempt):
-        """Give the lease up at the end of the run (only while it is still this process's). A failure
-        is silent: the lease lapses by itself, remote_lease seconds after its last refresh."""
-        try:
-            if self.lease_holder(attempt) is None:
-                self.fs.rm_file(self.key(LEASE))
-        except Exception:
-            pass
 
     # -- reading -----------------------------------------------------------------------------------
     def download(self, commit, dest_dir):
@@ -786,6 +816,9 @@ def connect(url, out_dir, attempt, bound):
     if remote.local and os.path.realpath(remote.root) == os.path.realpath(out_dir):
         raise RemoteError(f"remote_dir {url!r} is out_dir itself: the durable copy must be elsewhere")
     remote.probe()
+    problem = remote.owner_problem(remote.checkpoints(), None)  # (out_dir's run is judged once it is held)
+    if problem:
+        raise RemoteError(problem)
     return remote
 
 
@@ -800,24 +833,20 @@ class Uploader:
     the prefix rank 0 picked, and rank 0 writes the commit once they are all there.
 
     attempt: this start's token, the same on every rank (intents carry it, so that the leftovers of
-    an earlier start are told from this start's uploads in flight). lease: on rank 0, seconds after
-    which an unrefreshed lease lapses; a second thread refreshes it every quarter of that, and a
-    lease found taken stops this process's copying with one line."""
+    an earlier start are told from this start's uploads in flight). On rank 0 the remote holds the
+    lease (Remote.take_lease): one found taken stops this process's copying with one line."""
 
-    def __init__(self, remote, out_dir, *, run_id, branch, keep_last, keep_every, attempt, lease=0.0, rank=0,
-                 log=say):
+    def __init__(self, remote, out_dir, *, run_id, branch, keep_last, keep_every, attempt, rank=0, log=say):
         self.remote, self.out_dir, self.run_id, self.branch = remote, out_dir, run_id, branch
         self.keep_last, self.keep_every, self.rank, self.log = keep_last, keep_every, rank, log
-        self.attempt, self.lease = attempt, lease
+        self.attempt = attempt
         self.cv = threading.Condition()
         self.queue, self.current = [], None  # jobs: dict(header, files)
         self.newest = None  # header of the newest checkpoint handed over
         self.done = None  # header of the newest checkpoint complete in remote_dir
         self.outage, self.pause = None, RETRY[0]
-        self.lost = None  # who took the lease: this process copies nothing more
         self.warned = set()  # retention and metrics warnings said once each
         self.seconds = 0.0  # the last upload's duration: time_limit leaves room for one
-        self.closed = threading.Event()
         if not remote.local:  # fsspec's I/O thread (the requests) at the same low priority
             from fsspec.asyn import sync
 
@@ -825,8 +854,6 @@ class Uploader:
                 lower_priority()
             sync(remote.fs.loop, low)
         threading.Thread(target=self._run, name="remote-upload", daemon=True).start()  # (a daemon: never holds up an exit)
-        if lease and not rank:
-            threading.Thread(target=self._keep_lease, name="remote-lease", daemon=True).start()
 
     def new_prefix(self, it):
         return new_prefix(it)
@@ -862,32 +889,6 @@ class Uploader:
         kept = self.keep_every and b["kind"] == "periodic" and b["iter_num"] % self.keep_every == 0
         return not kept
 
-    def _keep_lease(self):
-        """Refresh the lease every quarter of its bound; a store that cannot be reached is the
-        uploader's outage to report, and is tried again next round."""
-        while not self.closed.wait(self.lease / 4):
-            try:
-                self._check_lease()
-                if self.lost is None:
-                    self.remote._put_small(LEASE, lease_record(self.run_id, self.attempt, self.lease))
-            except Exception:
-                pass
-            if self.lost is not None:
-                return
-
-    def _check_lease(self):
-        if self.lost is None and self.lease and not self.rank:
-            holder = self.remote.lease_holder(self.attempt)
-            if holder is not None:
-                with self.cv:
-                    self.lost = holder
-                    say(f"warning: remote_dir {self.remote.url} was taken over by {holder}: this process copies "
-                        f"nothing more there (its checkpoints stay in out_dir)", err=True)
-                    for job in self.queue:
-                        close_files(job["files"])
-                    self.queue.clear()
-                    self.cv.notify_all()
-
     def _run(self):
         lower_priority()  # its CRCs (the network I/O is fsspec's thread)
         first = True
@@ -902,9 +903,8 @@ class Uploader:
                     self.remote.intent(job["prefix"], self.run_id, self.attempt, self.rank)
                     self.remote.put_objects(job["files"], job["prefix"])
                 else:
-                    self._check_lease()
-                    if self.lost is not None:
-                        raise RemoteError(f"remote_dir was taken over by {self.lost}")
+                    if self.remote.check_lease() is not None:
+                        raise RemoteError(f"remote_dir was taken over by {self.remote.lost}")
                     if first:  # an earlier start's leftovers, once, before the first new data
                         self.remote.clean(self.remote.checkpoints(), self.run_id, self.attempt)
                         first = False
@@ -913,8 +913,10 @@ class Uploader:
                 self.seconds = time.time() - t0
             except Exception as e:
                 with self.cv:
-                    if self.lost is not None:
-                        close_files(job["files"])
+                    if self.remote.lost is not None:  # nothing more is copied: every job is dropped
+                        for j in [job] + self.queue:
+                            close_files(j["files"])
+                        self.queue.clear()
                         self.current = None
                         self.cv.notify_all()
                         continue
@@ -984,14 +986,13 @@ class Uploader:
                     break
                 self.cv.wait(timeout=max(0.01, min(0.5, deadline - time.time())))
             newest, done = self.newest, self.done
-        self.closed.set()
-        if self.lease and not self.rank and self.lost is None and self.outage is None:
-            self.remote.release(self.attempt)
+        if not self.rank:
+            self.remote.release(reachable=self.outage is None)
         if newest is None:
             return True, None
         if done is not None and rank(done) >= rank(newest):
             return True, f"remote_dir {self.remote.url} holds the newest checkpoint ({newest['name']}, iteration {newest['iter_num']})"
-        why = f" ({self.outage})" if self.outage else f" (taken over by {self.lost})" if self.lost else ""
+        why = f" ({self.outage})" if self.outage else f" (taken over by {self.remote.lost})" if self.remote.lost else ""
         has = f"its newest complete one is {done['name']} (iteration {done['iter_num']})" if done else \
             "it has nothing of this process's"
         when = "the wait was cut short by a signal" if cut else f"within remote_wait={bound:g}s"

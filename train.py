@@ -138,7 +138,7 @@ if ckpt and ckpt["iter_num"] >= max_iters and not eval_only:
     log(f"the run is complete: iteration {ckpt['iter_num']} of max_iters={max_iters} ({ckpt_path}); "
         f"raise --max_iters to train longer")
     if remote is not None:
-        remote.release(attempt)
+        remote.release()
     sys.exit(0)
 config = {k: globals()[k] for k in keys}  # plain values, stored in every checkpoint
 stopper = preemption.Stopper(time_budget)  # from here on a signal means "save, then exit"
@@ -199,6 +199,8 @@ log(f"device {device}, dtype {dtype}, world size {world_size}, {model.get_num_pa
     f"tokens per iteration {tokens_per_iter:,}")
 # a new out_dir is made only now, so that a start that fails on its config, data or model leaves
 # nothing behind; and an unwritable one is found before training, not at the first save hours later
+if remote_dir:  # the lease names this run now (a new run had no id when out_dir was claimed)
+    distributed.on_rank0(lambda: remote.take_lease(run_id, attempt, remote_lease, log=log), master)
 out_lock = checkpointer.claim_on_every_rank(out_dir, master, create=True, held=out_lock)
 
 if rank:
@@ -311,8 +313,6 @@ metrics.event(start_iter, "start", params=raw_model.get_num_params(), model_args
               dataset=dataset, world_size=world_size, tokens_per_iter=tokens_per_iter, max_iters=max_iters)
 if ckpt_path:
     metrics.event(start_iter, "resume", path=ckpt_path, branch=branch)
-if remote_dir:  # the lease names this run now (a new run had no id when it was taken)
-    distributed.on_rank0(lambda: remote.take_lease(run_id, attempt, remote_lease, log=log), master)
 # every save of the run, on every rank: what is due, the writers, retention, announcements, failures
 ck = checkpointer.Checkpointer(out_dir, run_id=run_id, branch=branch, keep_last=keep_last, keep_every=keep_every,
                                interval=checkpoint_interval, minutes=checkpoint_minutes, background=async_save,
@@ -321,7 +321,7 @@ ck = checkpointer.Checkpointer(out_dir, run_id=run_id, branch=branch, keep_last=
                                resumed_from=ckpt_path, remote_wait=remote_wait,
                                remote=remote_copy.Uploader(remote or remote_copy.Remote(remote_dir), out_dir, run_id=run_id,
                                                            branch=branch, keep_last=keep_last, keep_every=keep_every,
-                                                           attempt=attempt, lease=remote_lease, rank=rank,
+                                                           attempt=attempt, rank=rank,
                                                            log=log) if remote_dir and (master or fsdp) else None)
 dt, final_failed, lossf = 0.0, False, 0.0
 while True:

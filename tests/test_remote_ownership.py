@@ -114,7 +114,7 @@ def test_two_live_runs_on_one_remote_dir(shakespeare_char, tmp_path):
     both wrote, and both said the remote_dir held their newest checkpoint."""
     remote = f"file://{tmp_path / 'remote'}"
     first = start(*ARGS, f"--out_dir={tmp_path / 'a'}", f"--remote_dir={remote}", "--max_iters=100000",
-                  "--remote_lease=4", "--eval_interval=1000")
+                  "--remote_lease=10", "--eval_interval=1000")
     seen = []
     wait_for(first, r"saved .*ckpt-00000004\.pt", seen)
     lease = json.loads((tmp_path / "remote" / "lease.json").read_text())
@@ -327,3 +327,25 @@ def test_metrics_come_down_whole_or_not_at_all(shakespeare_char, tmp_path):
     if (out / "metrics.jsonl").exists():
         rows = (out / "metrics.jsonl").read_bytes()
         assert rows.startswith((disk / "metrics.jsonl").read_bytes()[:200]) and rows.endswith(b"\n")
+
+
+def test_a_process_whose_lease_was_taken_copies_nothing_more(shakespeare_char, tmp_path):
+    """A live run whose lease another process took (its machine cut off from the store for longer
+    than remote_lease, say) says so once and writes nothing more to remote_dir; its end says its
+    newest checkpoint did not reach it."""
+    disk = tmp_path / "remote"
+    proc, seen = start(*ARGS, f"--out_dir={tmp_path / 'out'}", f"--remote_dir=file://{disk}", "--max_iters=100000",
+                       "--remote_lease=2", "--eval_interval=1000", "--checkpoint_interval=20"), []
+    wait_for(proc, r"saved .*ckpt-00000040\.pt", seen)
+    lease = json.loads((disk / "lease.json").read_text())
+    (disk / "lease.json").write_text(json.dumps(dict(lease, attempt="another1", host="elsewhere", pid=1)))
+    wait_for(proc, r"was taken over by run .* on host elsewhere", seen)
+    commits = sorted(p.name for p in disk.glob("*.commit"))
+    wait_for(proc, r"saved .*ckpt-\d{8}\.pt", seen)
+    wait_for(proc, r"saved .*ckpt-\d{8}\.pt", seen)
+    proc.send_signal(signal.SIGTERM)
+    output = "".join(seen) + proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and output.count("was taken over") == 1, output
+    assert re.search(r"did not reach remote_dir .*\(taken over by run", output), output
+    assert sorted(p.name for p in disk.glob("*.commit")) == commits
+    assert json.loads((disk / "lease.json").read_text())["attempt"] == "another1"  # not given up: not ours
