@@ -296,3 +296,20 @@ def test_listing_while_a_run_deletes_files_and_bad_links(shakespeare_char, tmp_p
     assert not broken, f"{len(broken)} of {len(results)} listings failed; the first:\n{broken[0]['err']}"
     for r in results[-2:]:
         assert re.search(r"^ckpt\.pt\s.*\bbad\b", r["out"], re.M | re.I), r["out"]
+
+
+def test_a_folder_that_cannot_be_read_for_remote_dir_is_a_warning(shakespeare_char, tmp_path):
+    """remote_dir takes a folder once it is durable here: its state.pt is read again then (the files it
+    names). That read failing (EIO, at the second open of state.pt: the first one is the upload's own
+    handle) skips the copy with one warning; the save itself was whole, is announced, and training
+    goes on."""
+    out = tmp_path / "run"
+    state = out / "ckpt-00000004" / "state.pt"
+    p = run("train.py", *ARGS, f"--out_dir={out}", "--parallelism=fsdp", "--max_iters=6", "--checkpoint_interval=4",
+            f"--remote_dir=file://{tmp_path / 'remote'}", check=False,
+            prefix=traced("-P", str(state), "-e", "trace=openat", "-e", "inject=openat:error=EIO:when=2"))
+    assert p.returncode == 0 and no_traceback(p.stdout, p.stderr), p.stdout[-2000:] + p.stderr
+    assert re.search(rf"^saved {re.escape(str(out / 'ckpt-00000004'))}$", p.stdout, re.M), p.stdout
+    assert p.stderr.strip().startswith(f"warning: could not open {out / 'ckpt-00000004'} to copy it to remote_dir")
+    assert only_warnings(p.stderr) and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert_whole(out)
