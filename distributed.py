@@ -200,8 +200,10 @@ class ShardedSaver:
         self.group = dist.new_group(backend="gloo")  # the writer's collectives stay off the training group
         # background saves copy the shard into host buffers kept from one save to the next (pinned
         # on a GPU, for fast copies): the memory of one more copy of this rank's share of the state
-        self.stager = DefaultStager(StagingOptions(use_pinned_memory=device.startswith("cuda"), use_shared_memory=False,
-                                                   use_async_staging=False, use_non_blocking_copy=False))
+        options = StagingOptions(use_pinned_memory=device.startswith("cuda"), use_shared_memory=False,
+                                 use_async_staging=False, use_non_blocking_copy=False)
+        self.new_stager = lambda: DefaultStager(options)
+        self.stager = self.new_stager()
         self.pool = ThreadPoolExecutor(1)
         self.pending = None
         self.tag = [os.getpid()]
@@ -222,6 +224,9 @@ class ShardedSaver:
                 flat = self.stager.stage(flat)
         except Exception as e:  # out of host memory on this rank alone: the others must not wait in DCP for it
             why = _why(e)
+            if background:  # the buffers the failed copy took go back to training
+                self.stager.close()
+                self.stager = self.new_stager()
         self._agree(why, tmp, path)
         write = lambda: dcp.save(flat, checkpoint_id=tmp, process_group=self.group)  # noqa: E731
         if background:
