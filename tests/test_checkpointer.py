@@ -313,3 +313,20 @@ def test_a_folder_that_cannot_be_read_for_remote_dir_is_a_warning(shakespeare_ch
     assert p.stderr.strip().startswith(f"warning: could not open {out / 'ckpt-00000004'} to copy it to remote_dir")
     assert only_warnings(p.stderr) and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert_whole(out)
+
+
+def test_kill_in_the_delete_of_a_replaced_folder(folders, tmp_path):
+    """A folder written again over a damaged one of the same iteration steps the old one aside
+    ('.NAME.old-PID'), then deletes it through a temporary name; kill -9 at the first file of that
+    delete (the first unlinkat of the run). The next start removes the leftover: nothing but .lock is
+    left under a hidden name, and every folder under a checkpoint's name is whole."""
+    out = copy_run(folders, tmp_path / "run")
+    os.remove(out / "ckpt.pt")  # else the fall-back would be ckpt.pt, of iteration 8 too
+    flip_a_byte(out / "ckpt-00000008" / "__0_0.distcp")  # so the run goes back to 4 and writes 8 again
+    same = [f"--out_dir={out}", "--max_iters=12"]
+    p = run("train.py", *same, check=False, prefix=traced("-e", "trace=unlinkat", "-e", "inject=unlinkat:signal=KILL:when=1"))
+    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    assert [n for n in os.listdir(out) if ".old-" in n], "the kill was to land in the delete of the old folder"
+    run("train.py", *same)
+    assert [n for n in os.listdir(out) if n.startswith(".")] == [".lock"]
+    assert_whole(out)
