@@ -325,20 +325,20 @@ def on_rank0(fn, master):
     """fn() on rank 0, and every rank learns whether it raised a RunError (a busy out_dir, a wrong
     remote_dir), so that all stop together rather than die in a collective: rank 0 raises it, the
     others exit 1 quietly. Returns fn's result on rank 0, None elsewhere."""
+    return on_every_rank(fn if master else lambda: None)
+
+
+def on_every_rank(fn):
+    """fn() on every rank, and every rank learns whether it raised a RunError on any rank: the first
+    rank that did raises it (its one line), the others exit 1 quietly. Returns fn's result."""
     problem, result = None, None
     try:
-        if master:
-            result = fn()
+        result = fn()
     except RunError as e:
         problem = e
-    if first_problem(str(problem) if problem else None):
-        if master:
+    failed = [r for r, p in enumerate(every_rank(str(problem) if problem else None)) if p]
+    if failed:
+        if failed[0] == (dist.get_rank() if dist.is_initialized() else 0):
             raise problem
         raise SystemExit(1)
     return result
-
-
-def first_problem(problem):
-    """Every rank's problem (an error line, or None) gathered: the first one, the same on every rank,
-    so that all ranks stop on one rank's problem instead of dying in a collective with a traceback."""
-    return next((p for p in every_rank(problem) if p), None)

@@ -6,7 +6,6 @@ import pickle
 import re
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import torch
 
 import checkpoint
 from atomicfile import TMP_TAG
-from conftest import ROOT, STARTED, TINY, children, copy_run, popen, project_without_data, run, start, wait_for
+from conftest import ROOT, TINY, children, copy_run, outcomes, project_without_data, ranks, run, start, wait_for
 from metrics import read_rows
 
 ARGS = [*TINY, "--dropout=0.0", "--gradient_accumulation_steps=2", "--eval_interval=5", "--checkpoint_interval=4",
@@ -181,29 +180,6 @@ def test_failed_folder_write_is_one_line_and_training_goes_on(shakespeare_char, 
     checkpoint.verify_folder(m.group(2))
     assert not [n for n in os.listdir(out) if TMP_TAG in n]  # failed saves left nothing behind
     assert "CheckpointException" not in "".join(seen) and "[rank0]: Traceback" not in "".join(seen)
-
-
-def ranks(n, *args, **popen_options):
-    """train.py as the n ranks of one job, given what torchrun gives its workers (RANK, WORLD_SIZE,
-    MASTER_ADDR, ...) but without torchrun, which ends the other ranks once one exits: each rank's own
-    exit code and lines are seen. Returns the processes, rank 0 first (stdout and stderr piped)."""
-    with socket.socket() as s:  # a free port for the group's store
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for r in range(n):
-        env = dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), GROUP_RANK="0")
-        procs.append(popen("train.py", args, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           **popen_options))
-        STARTED.append(procs[-1])
-    return procs
-
-
-def outcomes(procs, timeout=120):
-    """[(exit code, stdout, stderr)] of each rank; a rank that waits forever fails the test."""
-    done = [p.communicate(timeout=timeout) for p in procs]
-    return [(p.returncode, out, err) for p, (out, err) in zip(procs, done)]
 
 
 @pytest.fixture
