@@ -113,19 +113,30 @@ def test_second_trainer_is_refused_before_it_opens_a_checkpoint(shakespeare_char
 
 
 def test_async_save_announces_only_files_on_disk(shakespeare_char, small_tmpfs):
-    """A 1.2 MB tmpfs holds three checkpoints; background writes after that fail with ENOSPC. Every
-    `saved PATH` line and every checkpoint event in metrics.jsonl names a file that is on disk, whole,
-    and of that event's iteration: nothing is announced before it is durable, nor for a failed write."""
+    """A 1.2 MB tmpfs holds three checkpoints; background writes after that fail with ENOSPC. Each
+    fsync is held 0.3 s (strace), so a write takes longer than the iterations between saves. At the
+    moment each `saved PATH` line is read, PATH is on disk, whole, and of its iteration: nothing is
+    announced before it is durable, nor for a failed write; metrics.jsonl's events say the same."""
     out = small_tmpfs / "run"
-    p = run("train.py", *ARGS, f"--out_dir={out}", "--max_iters=30", "--checkpoint_interval=5", "--eval_interval=10",
-            "--async_save=True", check=False)
-    assert p.returncode in (0, 1) and no_traceback(p.stdout, p.stderr), p.stderr
-    assert "No space left on device" in p.stderr  # the disk did fill up
-    for path in re.findall(r"^saved (\S+)", p.stdout, re.M):
-        assert loads(path), f"announced 'saved {path}', which is not on disk whole"
-    events = checkpoint_events(out)
-    assert events
-    newest = {r["path"]: r["iter"] for r in events}  # the last event for each path
+    proc = start_traced(traced("-e", "trace=fsync", "-e", "inject=fsync:delay_enter=300ms"), *ARGS,
+                        f"--out_dir={out}", "--max_iters=30", "--checkpoint_interval=5", "--eval_interval=10",
+                        "--async_save=True")
+    seen, step, announced = [], 0, 0
+    for line in proc.stdout:  # read as the run prints it
+        seen.append(line)
+        if m := re.match(r"^step (\d+):", line):
+            step = int(m.group(1))
+        if m := re.match(r"^saved (\S+)", line):
+            announced += 1
+            path = m.group(1)
+            assert loads(path), f"announced {line.strip()!r}, but it is not on disk whole yet"
+            it = checkpoint.load(path)["iter_num"]
+            assert it == (step if os.path.basename(path) == "ckpt.pt" else int(path[-len("00000000.pt"):-3])), line
+    proc.wait(timeout=60)
+    said = "".join(seen)
+    assert proc.returncode in (0, 1) and no_traceback(said), said
+    assert announced and "No space left on device" in said, said  # saves were announced, and the disk did fill up
+    newest = {r["path"]: r["iter"] for r in checkpoint_events(out)}  # the last event for each path
     for path, it in newest.items():
         assert loads(path) and checkpoint.load(path)["iter_num"] == it, \
             f"a checkpoint event for {path} at iteration {it}, which never reached the disk"
