@@ -194,12 +194,13 @@ def test_kill_between_the_renames_of_a_folder_replace(folders, tmp_path):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.001)
     seen.append(proc.communicate(timeout=60)[0])
-    assert killed or proc.returncode == 0, "".join(seen)
+    # the kill landed, mid-replace: the run never announced the new 8, and the old one is aside
+    assert killed and proc.returncode != 0 and "saved" not in "".join(seen), "".join(seen)
+    assert [n for n in os.listdir(out) if ".old-" in n], os.listdir(out)
     assert_whole(out)
     p = run("train.py", *same)
     assert not re.search(r"^warning:", p.stdout + p.stderr, re.M), p.stdout + p.stderr
-    if killed:
-        assert run_starts(out)[-1] == 8, "the whole folder of iteration 8 was lost in the kill"
+    assert run_starts(out)[-1] == 8, "the whole folder of iteration 8 was lost in the kill"
     assert_whole(out)
 
 
