@@ -94,7 +94,13 @@ def replace_folder(tmp, path):
 def recover(folder):
     """At start, before anything in `folder` is read: temporaries of a process that was killed
     mid-write or mid-delete are removed, and a folder that was being replaced when the process died
-    is put back under its name if its replacement never arrived."""
+    is put back under its name if its replacement never arrived. Temporaries go first: an old folder
+    killed mid-delete is one ('..NAME.old-PID.tmp-PID-del'), never an old folder to put back."""
+    for tmp in glob.glob(os.path.join(glob.escape(folder), f".*{TMP_TAG}*")):
+        if os.path.isdir(tmp) and not os.path.islink(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.lexists(tmp):
+            os.remove(tmp)
     for old in glob.glob(os.path.join(glob.escape(folder), f".*{OLD_TAG}*")):
         name = os.path.basename(old)[1:].rsplit(OLD_TAG, 1)[0]
         target = os.path.join(folder, name)
@@ -103,8 +109,3 @@ def recover(folder):
         else:
             os.rename(old, target)
             fsync_dir(folder)
-    for tmp in glob.glob(os.path.join(glob.escape(folder), f".*{TMP_TAG}*")):
-        if os.path.isdir(tmp) and not os.path.islink(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.lexists(tmp):
-            os.remove(tmp)

@@ -150,7 +150,7 @@ def commit_folder(tmp, path, state, files):
         atomic_save(dict(state, files=files), os.path.join(tmp, STATE))
         fsync_dir(tmp)
         replace_folder(tmp, path)
-    except OSError as e:
+    except Exception as e:  # OSError, and torch.save's RuntimeError on a short write (a full disk, a file-size limit)
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write {path}: {os_error(e)}") from None
 

@@ -192,7 +192,14 @@ class Checkpointer:
     def save(self, state, it, val_loss=None, best=False, final=False):
         """Write a checkpoint of iteration `it`: ckpt.pt (best=True), else a periodic one. Every rank calls
         it at the same point (FSDP gathers or shards the state; the plain `state` is the same everywhere).
-        Returns False if it failed, True otherwise (for a background save: started)."""
+        Returns False if it failed, True otherwise (for a background save: started); for a final save,
+        the same answer on every rank, so that all of them exit alike."""
+        ok = self._save(state, it, val_loss, best, final)
+        if final and self.shards is None:  # a file: rank 0 alone knows how its write went (folders agree)
+            ok = distributed.from_rank0(ok)
+        return ok
+
+    def _save(self, state, it, val_loss, best, final):
         path = self.path(it, best)
         folder = self.shards is not None and not best
         background = self.background and not final
@@ -202,8 +209,8 @@ class Checkpointer:
             if folder:  # every rank writes its shard
                 try:
                     self.shards.save(state, path, self.model, self.optimizer, background)
-                except CheckpointError as e:  # (raised on rank 0 only, which alone knows)
-                    return self._folder_done(path, it, val_loss, t0, str(e))
+                except CheckpointError as e:  # (raised on every rank alike)
+                    return self._folder_done(path, it, val_loss, t0, str(e), final)
                 if background:
                     self.folder = (path, it, val_loss, t0)
                     self.log(f"writing {path}")
@@ -285,21 +292,22 @@ class Checkpointer:
         path, it, val_loss, t0 = self.folder
         self.folder = None
         try:
-            self.shards.finish()  # every rank; raises on rank 0 if any rank's write failed
+            self.shards.finish()  # every rank; raises on every rank if any rank's write failed
         except CheckpointError as e:
             self._folder_done(path, it, val_loss, t0, str(e))
             return
         self._folder_done(path, it, val_loss, t0)
 
-    def _folder_done(self, path, it, val_loss, t0, problem=None):
-        """Every rank at once, when a folder's write has ended (problem: why it failed, on rank 0).
+    def _folder_done(self, path, it, val_loss, t0, problem=None, final=False):
+        """Every rank at once, when a folder's write has ended (problem: why it failed, on every rank).
         With remote_dir, every rank hands its own shard files to its Uploader, all under one data
         prefix that rank 0 picks; rank 0 adds the rest and writes the commit. Returns success."""
         prefix = None
         if self.remote is not None:
             prefix = distributed.from_rank0(self.remote.new_prefix(it) if problem is None else None, self.shards.group)
         if problem is not None:
-            self._failed(path, problem, False)
+            if self.master:  # (one line for the job)
+                self._failed(path, problem, final)
             return False
         if prefix is not None:
             self._push(path, it, val_loss, False, prefix)
@@ -312,7 +320,7 @@ class Checkpointer:
         try:
             self.remote.push(path, dict(iter_num=it, run_id=self.run_id, branch=self.branch,
                                         kind="best" if best else "periodic", val_loss=val_loss), prefix)
-        except OSError as e:
+        except Exception as e:  # an OSError opening it, a CheckpointError reading its state.pt: the copy is skipped
             say(f"warning: could not open {path} to copy it to remote_dir ({os_error(e)})", err=True)
 
     def _durable(self, path, it, val_loss, t0, best, seconds, pushed=False):

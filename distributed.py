@@ -200,8 +200,10 @@ class ShardedSaver:
         self.group = dist.new_group(backend="gloo")  # the writer's collectives stay off the training group
         # background saves copy the shard into host buffers kept from one save to the next (pinned
         # on a GPU, for fast copies): the memory of one more copy of this rank's share of the state
-        self.stager = DefaultStager(StagingOptions(use_pinned_memory=device.startswith("cuda"), use_shared_memory=False,
-                                                   use_async_staging=False, use_non_blocking_copy=False))
+        options = StagingOptions(use_pinned_memory=device.startswith("cuda"), use_shared_memory=False,
+                                 use_async_staging=False, use_non_blocking_copy=False)
+        self.new_stager = lambda: DefaultStager(options)
+        self.stager = self.new_stager()
         self.pool = ThreadPoolExecutor(1)
         self.pending = None
         self.tag = [os.getpid()]
@@ -209,25 +211,35 @@ class ShardedSaver:
 
     def save(self, plain, path, model, optimizer, background=False):
         """Every rank calls this, with nothing in flight. In the foreground it returns once the folder
-        is committed, and a failed write raises CheckpointError on rank 0 (only it knows); in the
-        background it returns once the shard is staged, and finish() commits it."""
+        is committed; in the background once the shard is staged, and finish() commits it. A failure
+        on any rank (the state, the staging copy, the write, the commit) raises CheckpointError on
+        every rank: the ranks agree before each step that waits for all of them."""
         import torch.distributed.checkpoint as dcp
         tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_TAG}{self.tag[0]}")
-        flat, aliases, _, optim_sd = _flat(model, optimizer)
-        plain = dict(plain, aliases=aliases, optimizer_groups=optim_sd["param_groups"])
+        why = None
+        try:
+            flat, aliases, _, optim_sd = _flat(model, optimizer)
+            plain = dict(plain, aliases=aliases, optimizer_groups=optim_sd["param_groups"])
+            if background:  # host copies (the only stall), which training cannot change under the write
+                flat = self.stager.stage(flat)
+        except Exception as e:  # out of host memory on this rank alone: the others must not wait in DCP for it
+            why = _why(e)
+            if background:  # the buffers the failed copy took go back to training
+                self.stager.close()
+                self.stager = self.new_stager()
+        self._agree(why, tmp, path)
+        write = lambda: dcp.save(flat, checkpoint_id=tmp, process_group=self.group)  # noqa: E731
         if background:
-            future = dcp.async_save(flat, checkpoint_id=tmp, process_group=self.group, async_stager=self.stager)
-            self.pending = (self.pool.submit(self._written, future.result, tmp), tmp, path, plain)
+            self.pending = (self.pool.submit(self._written, write, tmp), tmp, path, plain)
         else:
-            files = self._written(lambda: dcp.save(flat, checkpoint_id=tmp, process_group=self.group), tmp)
-            self._commit(files, tmp, path, plain)
+            self._commit(self._written(write, tmp), tmp, path, plain)
 
     def busy(self):
         return self.pending is not None and not self.pending[0].done()
 
     def finish(self):
         """Commit the save in flight, waiting for its writes if need be. Every rank calls it at once;
-        raises CheckpointError on rank 0 if the write failed on any rank."""
+        raises CheckpointError on every rank if the write failed on any rank."""
         if self.pending is not None:
             task, *rest = self.pending
             self.pending = None
@@ -235,8 +247,8 @@ class ShardedSaver:
 
     @staticmethod
     def _written(write, tmp):
-        """Run (or wait for) the DCP write; then the size and CRC-32 of the files this rank wrote (its
-        shard; rank 0 also DCP's .metadata), or one line saying why the write failed."""
+        """Run the DCP write; then the size and CRC-32 of the files this rank wrote (its shard; rank 0
+        also DCP's .metadata), or one line saying why the write failed."""
         from torch.distributed.checkpoint.api import CheckpointException
         try:
             write()
@@ -246,17 +258,31 @@ class ShardedSaver:
         except (Exception, CheckpointException) as e:  # (DCP's is a BaseException)
             return _why(e)
 
-    def _commit(self, files, tmp, path, plain):
-        """files: this rank's {name: [size, crc]}, or why its write failed."""
+    def _agree(self, mine, tmp, path):
+        """Every rank's outcome (a str says why it failed) gathered: if any rank failed, every rank
+        raises CheckpointError with the first one's line (rank 0 removes the temp folder)."""
         every = [None] * dist.get_world_size()
-        dist.all_gather_object(every, files, group=self.group)
-        if dist.get_rank() != 0:
-            return
-        failed = [e for e in every if not isinstance(e, dict)]
+        dist.all_gather_object(every, mine, group=self.group)
+        failed = [e for e in every if isinstance(e, str)]
         if failed:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if dist.get_rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise checkpoint.CheckpointError(f"could not write {path} ({failed[0].splitlines()[0][:200]})")
-        checkpoint.commit_folder(tmp, path, plain, {n: c for f in every for n, c in f.items()})
+        return every
+
+    def _commit(self, files, tmp, path, plain):
+        """files: this rank's {name: [size, crc]}, or why its write failed. Rank 0 commits the folder,
+        and every rank learns how that went."""
+        every = self._agree(files, tmp, path)
+        why = None
+        if dist.get_rank() == 0:
+            try:
+                checkpoint.commit_folder(tmp, path, plain, {n: c for f in every for n, c in f.items()})
+            except checkpoint.CheckpointError as e:
+                why = str(e)
+        why = from_rank0(why, self.group)
+        if why:
+            raise checkpoint.CheckpointError(why)
 
 
 def _why(e):
@@ -299,20 +325,20 @@ def on_rank0(fn, master):
     """fn() on rank 0, and every rank learns whether it raised a RunError (a busy out_dir, a wrong
     remote_dir), so that all stop together rather than die in a collective: rank 0 raises it, the
     others exit 1 quietly. Returns fn's result on rank 0, None elsewhere."""
+    return on_every_rank(fn if master else lambda: None)
+
+
+def on_every_rank(fn):
+    """fn() on every rank, and every rank learns whether it raised a RunError on any rank: the first
+    rank that did raises it (its one line), the others exit 1 quietly. Returns fn's result."""
     problem, result = None, None
     try:
-        if master:
-            result = fn()
+        result = fn()
     except RunError as e:
         problem = e
-    if first_problem(str(problem) if problem else None):
-        if master:
+    failed = [r for r, p in enumerate(every_rank(str(problem) if problem else None)) if p]
+    if failed:
+        if failed[0] == (dist.get_rank() if dist.is_initialized() else 0):
             raise problem
         raise SystemExit(1)
     return result
-
-
-def first_problem(problem):
-    """Every rank's problem (an error line, or None) gathered: the first one, the same on every rank,
-    so that all ranks stop on one rank's problem instead of dying in a collective with a traceback."""
-    return next((p for p in every_rank(problem) if p), None)

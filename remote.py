@@ -869,9 +869,13 @@ class Uploader:
             def mine(f):
                 return f.startswith(f"__{self.rank}_") or (self.rank == 0 and not f.startswith("__"))
             files = open_files(path, mine)
-            if self.rank == 0:  # state.pt names every rank's file with its size and CRC
-                others = {f"{header['name']}/{f}": list(v) for f, v in folder_files(path).items()
-                          if not mine(f)}
+            try:
+                if self.rank == 0:  # state.pt names every rank's file with its size and CRC
+                    others = {f"{header['name']}/{f}": list(v) for f, v in folder_files(path).items()
+                              if not mine(f)}
+            except BaseException:
+                close_files(files)
+                raise
         job = dict(header=header, files=files, prefix=prefix, others=others)
         with self.cv:
             for old in [j for j in self.queue if self._replaces(job, j)]:

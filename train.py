@@ -125,7 +125,12 @@ out_lock = checkpointer.claim_on_every_rank(out_dir, master, remote=remote)
 # says, so the same command run twice (a re-queued job, `make demo` again) carries on instead of
 # starting over; the run's stored config comes back, with config files and flags on top.
 init_from = resume.start_mode(init_from, resume_from, sources)
-ckpt_path, ckpt = resume.find_start(out_dir, init_from, resume_from, log=log, tensors=False)
+# rank 0 alone picks the checkpoint (or the error), the others read that very file: ranks that chose on
+# their own could start from different iterations (a read error on one of them, a stale listing)
+ckpt_path, ckpt = distributed.on_rank0(lambda: resume.find_start(out_dir, init_from, resume_from, log=log,
+                                                                 tensors=False), master) or (None, None)
+ckpt_path = distributed.from_rank0(ckpt_path)
+ckpt = distributed.on_every_rank(lambda: ckpt if master or not ckpt_path else checkpoint.load(ckpt_path, tensors=False))
 changed = resume.restore_config(globals(), ckpt, sources, keys, explicit=init_from == "resume", log=log) if ckpt else {}
 check({k: globals()[k] for k in keys})  # again: a stored config comes from a file, maybe an old or foreign one
 data = TokenData(dataset)

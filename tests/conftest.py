@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -80,6 +81,31 @@ def start(*args, torchrun=None, env=None, **popen_options):
                  **{"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, **popen_options})
     STARTED.append(proc)
     return proc
+
+
+def ranks(n, *args, prefix=None, **popen_options):
+    """train.py as the n ranks of one job, given what torchrun gives its workers (RANK, WORLD_SIZE,
+    MASTER_ADDR, ...) but without torchrun, which ends the other ranks once one exits: each rank's own
+    exit code and lines are seen. prefix: {rank: a command that runs that rank (strace)}. Returns the
+    processes, rank 0 first (stdout and stderr piped)."""
+    with socket.socket() as s:  # a free port for the group's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for r in range(n):
+        env = dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), GROUP_RANK="0")
+        launcher = [*prefix[r], sys.executable] if r in (prefix or {}) else None
+        procs.append(popen("train.py", args, env, launcher, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           **popen_options))
+        STARTED.append(procs[-1])
+    return procs
+
+
+def outcomes(procs, timeout=120):
+    """[(exit code, stdout, stderr)] of each rank; a rank that waits forever fails the test."""
+    done = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, done)]
 
 
 def children(pid):

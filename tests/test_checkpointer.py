@@ -113,19 +113,30 @@ def test_second_trainer_is_refused_before_it_opens_a_checkpoint(shakespeare_char
 
 
 def test_async_save_announces_only_files_on_disk(shakespeare_char, small_tmpfs):
-    """A 1.2 MB tmpfs holds three checkpoints; background writes after that fail with ENOSPC. Every
-    `saved PATH` line and every checkpoint event in metrics.jsonl names a file that is on disk, whole,
-    and of that event's iteration: nothing is announced before it is durable, nor for a failed write."""
+    """A 1.2 MB tmpfs holds three checkpoints; background writes after that fail with ENOSPC. Each
+    fsync is held 0.3 s (strace), so a write takes longer than the iterations between saves. At the
+    moment each `saved PATH` line is read, PATH is on disk, whole, and of its iteration: nothing is
+    announced before it is durable, nor for a failed write; metrics.jsonl's events say the same."""
     out = small_tmpfs / "run"
-    p = run("train.py", *ARGS, f"--out_dir={out}", "--max_iters=30", "--checkpoint_interval=5", "--eval_interval=10",
-            "--async_save=True", check=False)
-    assert p.returncode in (0, 1) and no_traceback(p.stdout, p.stderr), p.stderr
-    assert "No space left on device" in p.stderr  # the disk did fill up
-    for path in re.findall(r"^saved (\S+)", p.stdout, re.M):
-        assert loads(path), f"announced 'saved {path}', which is not on disk whole"
-    events = checkpoint_events(out)
-    assert events
-    newest = {r["path"]: r["iter"] for r in events}  # the last event for each path
+    proc = start_traced(traced("-e", "trace=fsync", "-e", "inject=fsync:delay_enter=300ms"), *ARGS,
+                        f"--out_dir={out}", "--max_iters=30", "--checkpoint_interval=5", "--eval_interval=10",
+                        "--async_save=True")
+    seen, step, announced = [], 0, 0
+    for line in proc.stdout:  # read as the run prints it
+        seen.append(line)
+        if m := re.match(r"^step (\d+):", line):
+            step = int(m.group(1))
+        if m := re.match(r"^saved (\S+)", line):
+            announced += 1
+            path = m.group(1)
+            assert loads(path), f"announced {line.strip()!r}, but it is not on disk whole yet"
+            it = checkpoint.load(path)["iter_num"]
+            assert it == (step if os.path.basename(path) == "ckpt.pt" else int(path[-len("00000000.pt"):-3])), line
+    proc.wait(timeout=60)
+    said = "".join(seen)
+    assert proc.returncode in (0, 1) and no_traceback(said), said
+    assert announced and "No space left on device" in said, said  # saves were announced, and the disk did fill up
+    newest = {r["path"]: r["iter"] for r in checkpoint_events(out)}  # the last event for each path
     for path, it in newest.items():
         assert loads(path) and checkpoint.load(path)["iter_num"] == it, \
             f"a checkpoint event for {path} at iteration {it}, which never reached the disk"
@@ -183,12 +194,13 @@ def test_kill_between_the_renames_of_a_folder_replace(folders, tmp_path):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.001)
     seen.append(proc.communicate(timeout=60)[0])
-    assert killed or proc.returncode == 0, "".join(seen)
+    # the kill landed, mid-replace: the run never announced the new 8, and the old one is aside
+    assert killed and proc.returncode != 0 and "saved" not in "".join(seen), "".join(seen)
+    assert [n for n in os.listdir(out) if ".old-" in n], os.listdir(out)
     assert_whole(out)
     p = run("train.py", *same)
     assert not re.search(r"^warning:", p.stdout + p.stderr, re.M), p.stdout + p.stderr
-    if killed:
-        assert run_starts(out)[-1] == 8, "the whole folder of iteration 8 was lost in the kill"
+    assert run_starts(out)[-1] == 8, "the whole folder of iteration 8 was lost in the kill"
     assert_whole(out)
 
 
@@ -296,3 +308,37 @@ def test_listing_while_a_run_deletes_files_and_bad_links(shakespeare_char, tmp_p
     assert not broken, f"{len(broken)} of {len(results)} listings failed; the first:\n{broken[0]['err']}"
     for r in results[-2:]:
         assert re.search(r"^ckpt\.pt\s.*\bbad\b", r["out"], re.M | re.I), r["out"]
+
+
+def test_a_folder_that_cannot_be_read_for_remote_dir_is_a_warning(shakespeare_char, tmp_path):
+    """remote_dir takes a folder once it is durable here: its state.pt is read again then (the files it
+    names). That read failing (EIO, at the second open of state.pt: the first one is the upload's own
+    handle) skips the copy with one warning; the save itself was whole, is announced, and training
+    goes on."""
+    out = tmp_path / "run"
+    state = out / "ckpt-00000004" / "state.pt"
+    p = run("train.py", *ARGS, f"--out_dir={out}", "--parallelism=fsdp", "--max_iters=6", "--checkpoint_interval=4",
+            f"--remote_dir=file://{tmp_path / 'remote'}", check=False,
+            prefix=traced("-P", str(state), "-e", "trace=openat", "-e", "inject=openat:error=EIO:when=2"))
+    assert p.returncode == 0 and no_traceback(p.stdout, p.stderr), p.stdout[-2000:] + p.stderr
+    assert re.search(rf"^saved {re.escape(str(out / 'ckpt-00000004'))}$", p.stdout, re.M), p.stdout
+    assert p.stderr.strip().startswith(f"warning: could not open {out / 'ckpt-00000004'} to copy it to remote_dir")
+    assert only_warnings(p.stderr) and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert_whole(out)
+
+
+def test_kill_in_the_delete_of_a_replaced_folder(folders, tmp_path):
+    """A folder written again over a damaged one of the same iteration steps the old one aside
+    ('.NAME.old-PID'), then deletes it through a temporary name; kill -9 at the first file of that
+    delete (the first unlinkat of the run). The next start removes the leftover: nothing but .lock is
+    left under a hidden name, and every folder under a checkpoint's name is whole."""
+    out = copy_run(folders, tmp_path / "run")
+    os.remove(out / "ckpt.pt")  # else the fall-back would be ckpt.pt, of iteration 8 too
+    flip_a_byte(out / "ckpt-00000008" / "__0_0.distcp")  # so the run goes back to 4 and writes 8 again
+    same = [f"--out_dir={out}", "--max_iters=12"]
+    p = run("train.py", *same, check=False, prefix=traced("-e", "trace=unlinkat", "-e", "inject=unlinkat:signal=KILL:when=1"))
+    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    assert [n for n in os.listdir(out) if ".old-" in n], "the kill was to land in the delete of the old folder"
+    run("train.py", *same)
+    assert [n for n in os.listdir(out) if n.startswith(".")] == [".lock"]
+    assert_whole(out)

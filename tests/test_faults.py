@@ -13,12 +13,13 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 import checkpoint
 from atomicfile import TMP_TAG
-from conftest import ENV, ROOT, STARTED, TINY, children, contents, listing, run, start, wait_for
+from conftest import ENV, ROOT, STARTED, TINY, children, contents, copy_run, listing, outcomes, ranks, run, start, wait_for
 from metrics import read_rows
 from test_resume import assert_same_state
 
@@ -319,3 +320,21 @@ def test_two_nodes_restart_with_the_store_fix(shakespeare_char, tmp_path):
     outputs = [first.communicate(timeout=300)[0], second.communicate(timeout=300)[0]]
     assert first.returncode == 0 and second.returncode == 0, outputs
     assert "warning: with --max-restarts on several nodes, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in "".join(outputs)
+
+
+def test_ranks_resume_from_the_file_rank_0_picked(trained, tmp_path):
+    """2 ranks continue a run whose newest file (10) rank 1 alone cannot read (EIO at every open of it:
+    strace on rank 1 only). Rank 0 picks the checkpoint; rank 1 reads that very file, never an older one
+    of its own choice, which would train the ranks from different iterations: both ranks stop with exit
+    1, the job with one error line (rank 1's, naming the file), no traceback, no rank left waiting."""
+    out = copy_run(Path(trained), tmp_path / "run")
+    os.remove(out / "ckpt.pt")  # (of iteration 10 too)
+    newest = out / checkpoint.PERIODIC.format(10)
+    job = ranks(2, *ARGS, "--gradient_accumulation_steps=2", f"--out_dir={out}", "--max_iters=15",
+                prefix={1: traced("-P", str(newest), "-e", "trace=openat", "-e", "inject=openat:error=EIO")})
+    results = outcomes(job, timeout=90)
+    said = "".join(o + e for _, o, e in results)
+    assert [rc for rc, _, _ in results] == [1, 1], said
+    errors = [ln for ln in said.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and errors[0].startswith("rank 1: error: ") and str(newest) in errors[0], said
+    assert "Traceback" not in said and "iter 10:" not in said, said
