@@ -180,8 +180,12 @@ def load_sharded(folder, model, optimizer):
     The flat dict's tensors are the state dicts' own, so DCP's in-place load fills both."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.api import CheckpointException
     flat, _, model_sd, optim_sd = _flat(model, optimizer)
-    dcp.load(flat, checkpoint_id=folder)
+    try:  # DCP gathers every rank's failure and raises it on all of them: one line each, the same
+        dcp.load(flat, checkpoint_id=folder)
+    except (Exception, CheckpointException) as e:  # (DCP's is a BaseException)
+        raise checkpoint.CheckpointError(f"could not read {folder} ({_why(e)})") from None
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
 

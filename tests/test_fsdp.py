@@ -2,6 +2,7 @@
 one process, folders written by every rank and committed whole, resume across world sizes and
 between DDP files and FSDP folders, damage found by CRC, consolidation for sample.py and export.py."""
 import os
+import shutil
 import pickle
 import re
 import resource
@@ -377,3 +378,24 @@ def test_consolidated_folder_samples_and_exports(fsdp_run, tmp_path):
     piped = subprocess.run(f"{sys.executable} checkpoint.py {fsdp_run} | head -1", shell=True, cwd=ROOT,
                            capture_output=True, text=True)  # the reader leaves early: no traceback
     assert piped.stdout.startswith("file (newest first)") and piped.stderr == ""
+
+
+def test_a_shard_one_rank_cannot_read_at_resume_is_one_line_on_every_rank(fsdp_run, tmp_path):
+    """Rank 1 cannot read its shard when DCP loads the folder (EIO from the second open of it on: the
+    first is the CRC check, which passes): every rank stops with exit 1 and one `error:` line naming
+    the folder, no traceback, none left waiting. Before: DCP's CheckpointException (a BaseException)
+    came out of every rank as a traceback."""
+    from test_faults import traced
+    out = copy_run(fsdp_run, tmp_path / "run")
+    for name in os.listdir(out):
+        if name.startswith("ckpt") and name != checkpoint.PERIODIC.format(N)[:-3]:
+            shutil.rmtree(out / name) if (out / name).is_dir() else os.remove(out / name)
+    shard = out / checkpoint.PERIODIC.format(N)[:-3] / "__1_0.distcp"
+    job = ranks(2, *ARGS, "--parallelism=fsdp", f"--out_dir={out}", f"--max_iters={N + 4}",
+                prefix={1: traced("-P", str(shard), "-e", "trace=openat", "-e", "inject=openat:error=EIO:when=2+")})
+    results = outcomes(job, timeout=120)
+    said = "".join(o + e for _, o, e in results)
+    assert [rc for rc, _, _ in results] == [1, 1], said
+    errors = [ln for ln in said.splitlines() if "error:" in ln]
+    assert errors and all("ckpt-00000020" in ln for ln in errors), said
+    assert "Traceback" not in said and f"iter {N}:" not in said, said
