@@ -21,6 +21,7 @@ At most one write is in flight. A save that comes due while one is still being w
 it: every due checkpoint is written, and a disk slower than the interval shows as a training stall
 rather than as missing files.
 """
+import errno
 import fcntl
 import os
 import subprocess
@@ -39,6 +40,10 @@ from configurator import first_line
 from metrics import say
 
 RETRY = (5.0, 300.0)  # seconds before a failed save is tried again: first pause, longest pause
+# periodic saves that may fail in a row before the run stops (exit 1): a full disk or a dead mount
+# does not mend itself while training goes on, and hours of training with nothing saved is worse
+# than a stop that a scheduler or a person sees (docs/preemption.md, failed writes)
+FAILURES = 5
 
 
 def claim(out_dir, create=False, remote=None):
@@ -75,8 +80,10 @@ def claim(out_dir, create=False, remote=None):
             os.fsync(p.fileno())
         os.remove(probe)
     except OSError as e:
-        raise CheckpointError(f"out_dir {out_dir!r} is not writable ({os_error(e)}); fix its permissions or pick "
-                              f"another --out_dir") from None
+        fix = {errno.ENOSPC: "its disk is full: free space", errno.EDQUOT: "its disk quota is used up: free space",
+               errno.EROFS: "it is on a read-only file system"}.get(e.errno, "fix its permissions")
+        raise CheckpointError(f"out_dir {out_dir!r} is not writable ({os_error(e)}); {fix}, or pick another "
+                              f"--out_dir") from None
     if remote is not None:
         remote.restore(out_dir)
     return f
@@ -150,6 +157,7 @@ class Checkpointer:
         self.folder = None  # a folder being written in the background (every rank): (path, iteration, val_loss, t0)
         self.clock = time.time()  # when the state of the newest durable checkpoint was taken
         self.retry_at, self.pause = None, RETRY[0]
+        self.failures = []  # why each periodic save failed since the last good one
         # until a save has been timed: weights and AdamW's two moments, in fp32, at a slow 100 MB/s
         self.save_seconds = 3 * 4 * sum(p.numel() for p in model.parameters()) / 100e6
         self.best_claimed = False
@@ -333,7 +341,7 @@ class Checkpointer:
             self._push(path, it, val_loss, best)
         if best:
             return
-        self.clock, self.retry_at, self.pause = t0, None, RETRY[0]
+        self.clock, self.retry_at, self.pause, self.failures = t0, None, RETRY[0], []
         self.known[path] = {"iter": it, "good": True}
         self._retain()
 
@@ -345,6 +353,19 @@ class Checkpointer:
             if not os.path.basename(path) == BEST:
                 self.retry_at = time.time() + self.pause
                 self.pause = min(2 * self.pause, RETRY[1])
+                self.failures.append(why)
+
+    def given_up(self):
+        """Rank 0: FAILURES periodic saves in a row have failed (train.py OR-s this over ranks, then
+        stops the run with give_up's line)."""
+        return len(self.failures) >= FAILURES
+
+    def give_up(self, it):
+        newest = max(self.known, key=lambda p: self.known[p]["iter"], default=None)
+        return (f"{len(self.failures)} checkpoints in a row could not be written (the last: {self.failures[-1]}); "
+                f"stopping at iteration {it} rather than train on with nothing saved. "
+                + (f"The newest checkpoint is {newest}. " if newest else "")
+                + "Fix the disk (free space), then run the same command: it continues from the newest checkpoint")
 
     # -- retention -----------------------------------------------------------------------------
     def _retain(self):

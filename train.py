@@ -116,10 +116,13 @@ joined = distributed.init(machine, backend) if distributed.under_torchrun() else
 # checkpoint there than in out_dir (a new machine: out_dir empty) is downloaded into out_dir once it
 # is held. One live run writes to a remote_dir: rank 0 takes its lease (remote.py) with this start's
 # token, which every rank shares
-attempt = distributed.from_rank0(checkpoint.new_run_id() if master else None) if remote_dir else None
+# eval_only only reads: it claims nothing, takes no lease and writes nothing in out_dir, so it can
+# score a checkpoint of a live run, and never changes its history (metrics.jsonl included)
+writes = not eval_only
+attempt = distributed.from_rank0(checkpoint.new_run_id() if master else None) if remote_dir and writes else None
 remote = distributed.on_rank0(lambda: remote_copy.connect(remote_dir, out_dir, attempt, remote_lease),
-                              master) if remote_dir else None
-out_lock = checkpointer.claim_on_every_rank(out_dir, master, remote=remote)
+                              master) if remote_dir and writes else None
+out_lock = checkpointer.claim_on_every_rank(out_dir, master, remote=remote) if writes else None
 
 # start or continue. An out_dir that holds a good checkpoint is always continued, whatever init_from
 # says, so the same command run twice (a re-queued job, `make demo` again) carries on instead of
@@ -204,9 +207,10 @@ log(f"device {device}, dtype {dtype}, world size {world_size}, {model.get_num_pa
     f"tokens per iteration {tokens_per_iter:,}")
 # a new out_dir is made only now, so that a start that fails on its config, data or model leaves
 # nothing behind; and an unwritable one is found before training, not at the first save hours later
-if remote_dir:  # the lease names this run now (a new run had no id when out_dir was claimed)
+if remote_dir and writes:  # the lease names this run now (a new run had no id when out_dir was claimed)
     distributed.on_rank0(lambda: remote.take_lease(run_id, attempt, remote_lease, log=log), master)
-out_lock = checkpointer.claim_on_every_rank(out_dir, master, create=True, held=out_lock)
+if writes:
+    out_lock = checkpointer.claim_on_every_rank(out_dir, master, create=True, held=out_lock)
 
 if rank:
     resume.seed_rngs(seed + rank)  # dropout: each rank its own stream (rank 0 goes on with seed's)
@@ -287,15 +291,19 @@ def checkpoint_state(val_loss):
 
 
 def diverged(what, it):
-    """Stop every rank (each sees the same losses and weights) with one line: a diverged model
-    is never checkpointed, so every file on disk is from before the divergence."""
-    ck.close()  # what is in flight was taken before the divergence
-    metrics.event(it, "diverged", reason=what)
+    """A diverged model is never checkpointed, so every file on disk is from before the divergence."""
+    fix = "lower --learning_rate (or raise --warmup_iters)"
+    halt(it, "diverged", what, f"{what} at iteration {it}: training diverged. " +
+         (f"No checkpoint of it was written, so the newest one on disk is from before; {fix} and run again to "
+          f"continue from it" if ck.known or ckpt_path else f"Nothing was saved; {fix} and start again"))
+
+
+def halt(it, event, reason, line):
+    """Stop every rank (each takes the same decision) with rank 0's one error line, exit 1."""
+    ck.close()  # what is in flight reaches the disk
+    metrics.event(it, event, reason=reason)
     if master:
-        fix = "lower --learning_rate (or raise --warmup_iters)"
-        say(f"error: {what} at iteration {it}: training diverged. " +
-            (f"No checkpoint of it was written, so the newest one on disk is from before; {fix} and run again to "
-             f"continue from it" if ck.known or ckpt_path else f"Nothing was saved; {fix} and start again"), err=True)
+        say(f"error: {line}", err=True)
     distributed.teardown()
     sys.exit(1)
 
@@ -312,7 +320,7 @@ step_times = []
 # metrics.jsonl and wandb, written by rank 0 only. A resumed run marks the rows of the work it redoes as
 # superseded, so that the file reads as one run; the wandb run's id is the run's own id (kept in
 # every checkpoint), so a resumed run continues the same wandb run
-metrics = MetricsLog(out_dir if master else None, tokens_at, resumed_at=start_iter if ckpt_path else None,
+metrics = MetricsLog(out_dir if master and writes else None, tokens_at, resumed_at=start_iter if ckpt_path else None,
                      wandb=dict(project=wandb_project, name=wandb_run_name, config=config, id=run_id) if wandb_log else None)
 metrics.event(start_iter, "start", params=raw_model.get_num_params(), model_args=model_args, init_from=origin,
               dataset=dataset, world_size=world_size, tokens_per_iter=tokens_per_iter, max_iters=max_iters)
@@ -327,16 +335,18 @@ ck = checkpointer.Checkpointer(out_dir, run_id=run_id, branch=branch, keep_last=
                                remote=remote_copy.Uploader(remote or remote_copy.Remote(remote_dir), out_dir, run_id=run_id,
                                                            branch=branch, keep_last=keep_last, keep_every=keep_every,
                                                            attempt=attempt, rank=rank,
-                                                           log=log) if remote_dir and (master or fsdp) else None)
+                                                           log=log) if remote_dir and writes and (master or fsdp) else None)
 dt, final_failed, lossf = 0.0, False, 0.0
 while True:
     # one all-reduce per iteration: a signal, time_limit or due checkpoint on any rank counts on every rank
-    signalled, out_of_time, due, bad_loss, writing = distributed.any_rank([
+    signalled, out_of_time, due, bad_loss, writing, gave_up = distributed.any_rank([
         stopper.signum is not None, stopper.out_of_time(dt, ck.stop_seconds()), ck.due(iter_num),
-        not math.isfinite(lossf), ck.writing()], device)
+        not math.isfinite(lossf), ck.writing(), ck.given_up()], device)
     ck.poll(folders_idle=not writing)  # announce (and retain after) a background write that has ended
     if bad_loss:
         diverged(f"the training loss is {lossf}", iter_num - 1)  # the update that gave it
+    if gave_up:  # saves keep failing (a full disk): a stop is seen, hours of unsaved training are not
+        halt(iter_num, "saves_failed", "checkpoints keep failing", ck.give_up(iter_num) if master else "")
     stop = signalled or out_of_time
     val_loss = None
     evaluated = last_eval is not None and last_eval[0] == iter_num and not eval_only  # the checkpoint has it

@@ -195,3 +195,22 @@ def trained(shakespeare_char, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
     run("train.py", *TINY, f"--out_dir={out}", "--max_iters=10", "--eval_interval=5", "--checkpoint_interval=5")
     return str(out)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size in bytes): a tmpfs of that size, unmounted after the test."""
+    mounted = []
+
+    def mount(size):
+        mnt = tmp_path / f"tmpfs{len(mounted)}"
+        mnt.mkdir()
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
+                           text=True)
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+        mounted.append(mnt)
+        return mnt
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", str(mnt)])

@@ -183,25 +183,6 @@ def test_failed_folder_write_is_one_line_and_training_goes_on(shakespeare_char, 
     assert "CheckpointException" not in "".join(seen) and "[rank0]: Traceback" not in "".join(seen)
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """mount(size in bytes): a tmpfs of that size, unmounted after the test."""
-    mounted = []
-
-    def mount(size):
-        mnt = tmp_path / f"tmpfs{len(mounted)}"
-        mnt.mkdir()
-        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
-                           text=True)
-        if p.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
-        mounted.append(mnt)
-        return mnt
-    yield mount
-    for mnt in mounted:
-        subprocess.run(["umount", str(mnt)])
-
-
 def pages(path):
     return -(-os.path.getsize(path) // resource.getpagesize())
 

@@ -1,0 +1,64 @@
+"""One folder holds one run, and a command that only reads never writes to it (docs/checkpoints.md):
+another run's checkpoint dropped into out_dir, --eval_only, an out_dir deleted under a live run, a
+full disk."""
+import os
+import shutil
+
+from conftest import TINY, copy_run, run
+
+
+def snapshot(folder):
+    """{name: (bytes, mtime)} of every file under folder, the lock and metrics.jsonl included."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                found[os.path.relpath(path, folder)] = (fh.read(), os.stat(path).st_mtime_ns)
+    return found
+
+
+def test_eval_only_changes_nothing_in_out_dir(trained, tmp_path):
+    """--eval_only of an older checkpoint scores it and leaves out_dir as it was, byte for byte:
+    no lock taken, no metrics rows (before: the rows after it were marked superseded, so the curve
+    ended there for good), no checkpoint."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    before = snapshot(out)
+    p = run("train.py", *TINY, f"--out_dir={out}", f"--resume_from={out / 'ckpt-00000005.pt'}", "--eval_only")
+    assert "step 5: train loss" in p.stdout
+    p = run("train.py", *TINY, f"--out_dir={out}", "--eval_only")
+    assert "step 10: train loss" in p.stdout
+    assert snapshot(out) == before
+
+
+def test_a_full_disk_says_so_and_a_run_whose_saves_keep_failing_stops(shakespeare_char, tmp_path, tmpfs):
+    """A full disk at start is called full, not a permission problem. During a run, on a disk that
+    fills up: each failed save is one warning, and after checkpointer.FAILURES of them in a row the
+    run stops with one error line naming the newest checkpoint (exit 1), instead of training for
+    hours with nothing saved; the same command on a disk with room continues from that checkpoint."""
+    import checkpointer
+    disk = tmpfs(1_200_000)  # three of TINY's checkpoints (0.37 MB each), and then no more
+    out = disk / "out"
+    p = run("train.py", *TINY, f"--out_dir={out}", "--max_iters=100", "--checkpoint_interval=1", "--keep_last=50",
+            "--eval_interval=1000", check=False)
+    warned = [ln for ln in p.stderr.splitlines() if ln.startswith("warning: ")]
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
+    assert p.returncode == 1 and len(warned) == checkpointer.FAILURES and len(errors) == 1, p.stdout + p.stderr
+    assert "checkpoints in a row could not be written" in errors[0] and "No space left on device" in errors[0]
+    newest = sorted(n for n in os.listdir(out) if n.startswith("ckpt-"))[-1]
+    assert newest in errors[0] and "iter 99:" not in p.stdout
+    moved = tmp_path / "roomy"
+    shutil.copytree(out, moved)
+    p = run("train.py", *TINY, f"--out_dir={moved}", "--max_iters=100", "--checkpoint_interval=50", "--keep_last=50",
+            "--eval_interval=1000")
+    assert f"resuming from {moved / newest}" in p.stdout
+
+    filled = tmpfs(64 * 1024)
+    try:  # every byte taken
+        (filled / "filler").write_bytes(os.urandom(64 * 1024))
+    except OSError:
+        pass
+    p = run("train.py", *TINY, f"--out_dir={filled / 'out'}", "--max_iters=5", check=False)
+    assert p.returncode == 1 and p.stderr.startswith("error: ") and "disk is full" in p.stderr, p.stderr
+    assert "permissions" not in p.stderr
