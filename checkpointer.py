@@ -141,15 +141,16 @@ def yield_to_training():
 class Checkpointer:
     def __init__(self, out_dir, *, run_id, branch, keep_last, keep_every, interval, minutes, background,
                  model, optimizer, shards=None, metrics=None, log=say, master=True, resumed_from=None, remote=None,
-                 remote_wait=0.0):
+                 remote_wait=0.0, lock=None):
         """shards: a distributed.ShardedSaver under FSDP (periodic checkpoints are then folders).
         remote: a remote.Uploader (rank 0; under FSDP every rank, for its own shards), handed every
-        checkpoint once it is durable here; close() waits up to remote_wait seconds for it."""
+        checkpoint once it is durable here; close() waits up to remote_wait seconds for it. lock: out_dir's
+        lock (claim), held by rank 0: folder_lost() compares it with the .lock in out_dir."""
         self.out_dir, self.run_id, self.branch = out_dir, run_id, branch
         self.keep_last, self.keep_every, self.interval, self.period = keep_last, keep_every, interval, minutes * 60
         self.background, self.model, self.optimizer, self.shards = background, model, optimizer, shards
         self.metrics, self.log, self.master, self.resumed_from = metrics, log, master, resumed_from
-        self.remote, self.remote_wait = remote, remote_wait
+        self.remote, self.remote_wait, self.lock = remote, remote_wait, lock
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer", initializer=yield_to_training) \
             if background and master else None
         self.buffers = {}
@@ -181,6 +182,26 @@ class Checkpointer:
             due = due or bool(self.period) and now - started >= self.period
             due = due or (self.retry_at is not None and now >= self.retry_at)
         return due
+
+    def folder_lost(self):
+        """Rank 0: out_dir is no longer the folder this process holds: deleted (rm -rf) or replaced, so
+        its .lock is gone or is another file than the one locked. Two stats: cheap at every iteration."""
+        if self.lock is None:
+            return False
+        try:
+            mine, there = os.fstat(self.lock.fileno()), os.stat(os.path.join(self.out_dir, ".lock"))
+        except OSError:
+            return True
+        return (mine.st_dev, mine.st_ino) != (there.st_dev, there.st_ino)
+
+    def rescue(self):
+        """Every rank, once out_dir is lost: the saves that follow go to a new folder beside it, named
+        alike on every rank and claimed like out_dir (never into a re-made out_dir, which another
+        trainer may hold by now). Returns its path."""
+        self.out_dir = f"{os.path.abspath(self.out_dir).rstrip(os.sep)}-rescued-{self.run_id}"
+        self.known = {}  # retention never reaches back into the lost folder
+        self.lock = claim_on_every_rank(self.out_dir, self.master, create=True)
+        return self.out_dir
 
     def stop_seconds(self):
         """What a stop needs after its last step (time_limit leaves room for it): the save, and the copy

@@ -331,23 +331,25 @@ ck = checkpointer.Checkpointer(out_dir, run_id=run_id, branch=branch, keep_last=
                                interval=checkpoint_interval, minutes=checkpoint_minutes, background=async_save,
                                model=raw_model, optimizer=optimizer, metrics=metrics, log=log, master=master,
                                shards=distributed.ShardedSaver(device) if fsdp else None,
-                               resumed_from=ckpt_path, remote_wait=remote_wait,
+                               resumed_from=ckpt_path, remote_wait=remote_wait, lock=out_lock,
                                remote=remote_copy.Uploader(remote or remote_copy.Remote(remote_dir), out_dir, run_id=run_id,
                                                            branch=branch, keep_last=keep_last, keep_every=keep_every,
                                                            attempt=attempt, rank=rank,
                                                            log=log) if remote_dir and writes and (master or fsdp) else None)
-dt, final_failed, lossf = 0.0, False, 0.0
+dt, final_failed, lossf, rescued = 0.0, False, 0.0, None
 while True:
     # one all-reduce per iteration: a signal, time_limit or due checkpoint on any rank counts on every rank
-    signalled, out_of_time, due, bad_loss, writing, gave_up = distributed.any_rank([
+    signalled, out_of_time, due, bad_loss, writing, gave_up, lost = distributed.any_rank([
         stopper.signum is not None, stopper.out_of_time(dt, ck.stop_seconds()), ck.due(iter_num),
-        not math.isfinite(lossf), ck.writing(), ck.given_up()], device)
+        not math.isfinite(lossf), ck.writing(), ck.given_up(), ck.folder_lost()], device)
     ck.poll(folders_idle=not writing)  # announce (and retain after) a background write that has ended
     if bad_loss:
         diverged(f"the training loss is {lossf}", iter_num - 1)  # the update that gave it
     if gave_up:  # saves keep failing (a full disk): a stop is seen, hours of unsaved training are not
         halt(iter_num, "saves_failed", "checkpoints keep failing", ck.give_up(iter_num) if master else "")
-    stop = signalled or out_of_time
+    if lost and rescued is None:  # out_dir deleted or replaced (rm -rf): save elsewhere, then stop
+        rescued = ck.rescue()
+    stop = signalled or out_of_time or lost
     val_loss = None
     evaluated = last_eval is not None and last_eval[0] == iter_num and not eval_only  # the checkpoint has it
     if not stop and not evaluated and (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only):
@@ -367,7 +369,7 @@ while True:
     if eval_only:
         break
     if stop:
-        why = f"{stopper.name} received" if stopper.name else \
+        why = f"{stopper.name} received" if stopper.name else "out_dir was deleted or replaced" if lost else \
             "time_limit nearly reached" if stopper.out_of_time(dt, ck.stop_seconds()) else "another rank is stopping"
         log(f"{why} at iteration {iter_num}: saving a checkpoint, then exiting")
         metrics.event(iter_num, "stop", reason=why)
@@ -426,7 +428,11 @@ if step_times:
 metrics.event(iter_num, "end", seconds=round(time.time() - t_start, 3))
 model = None  # the DDP wrapper holds the process group: let it go before the group, not in interpreter shutdown
 distributed.teardown()
-if final_failed:
+if rescued and master:
+    say(f"error: out_dir {out_dir} was deleted or replaced while this run trained (rm -rf, or another process); "
+        + (f"its state at iteration {iter_num} is in {rescued}: continue it with --out_dir={rescued}"
+           if not final_failed else f"its state could not be saved in {rescued} either"), err=True)
+if final_failed or rescued:
     sys.exit(1)
 if stopper.count > signals:  # a stop signal cut the wait for the copy short
     sys.exit(stopper.exit_code)

@@ -3,8 +3,10 @@ another run's checkpoint dropped into out_dir, --eval_only, an out_dir deleted u
 full disk."""
 import os
 import shutil
+import signal
 
-from conftest import TINY, copy_run, run
+import checkpoint
+from conftest import TINY, copy_run, run, start, wait_for
 
 
 def snapshot(folder):
@@ -62,3 +64,34 @@ def test_a_full_disk_says_so_and_a_run_whose_saves_keep_failing_stops(shakespear
     p = run("train.py", *TINY, f"--out_dir={filled / 'out'}", "--max_iters=5", check=False)
     assert p.returncode == 1 and p.stderr.startswith("error: ") and "disk is full" in p.stderr, p.stderr
     assert "permissions" not in p.stderr
+
+
+def test_a_live_run_whose_out_dir_is_deleted_saves_beside_it_and_stops(shakespeare_char, tmp_path):
+    """rm -rf of a live run's out_dir (or the folder moved away and another made in its place): the
+    run notices at its next iteration, writes its state into OUT-rescued-RUNID beside it and stops
+    with one error line saying so (exit 1); the rescued folder continues the run. Before: it trained
+    on into a deleted folder, a second trainer could start in a re-made one, and the first one's
+    warnings said older checkpoints were intact."""
+    for how in ("rm -rf", "replaced"):
+        out = tmp_path / how.replace(" ", "")
+        proc, seen = start(*TINY, f"--out_dir={out}", "--max_iters=100000", "--checkpoint_interval=20",
+                           "--eval_interval=1000"), []
+        wait_for(proc, r"saved .*ckpt-00000020\.pt", seen)
+        run_id = checkpoint.read_header(str(out / "ckpt-00000020.pt"))["run_id"]
+        if how == "rm -rf":
+            shutil.rmtree(out)
+        else:
+            os.rename(out, tmp_path / "moved")
+            out.mkdir()
+        try:
+            output = "".join(seen) + proc.communicate(timeout=60)[0]
+        finally:
+            proc.send_signal(signal.SIGKILL)
+        rescued = f"{out}-rescued-{run_id}"
+        errors = [ln for ln in output.splitlines() if ln.startswith("error: ")]
+        assert proc.returncode == 1 and len(errors) == 1 and "was deleted or replaced" in errors[0], output
+        assert f"continue it with --out_dir={rescued}" in errors[0] and "Traceback" not in output
+        it = int(errors[0].split("at iteration ")[1].split()[0])
+        assert os.path.exists(os.path.join(rescued, f"ckpt-{it:08d}.pt"))
+        p = run("train.py", *TINY, f"--out_dir={rescued}", f"--max_iters={it + 2}", "--eval_interval=1000")
+        assert f"at iteration {it}" in p.stdout and "resuming from" in p.stdout
