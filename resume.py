@@ -56,6 +56,7 @@ def find_start(out_dir, init_from, resume_from="", log=say, tensors=True):
             raise CheckpointError(f"out_dir {out_dir!r} holds another run (run id {sorted(others)[0]}) than "
                                   f"{resume_from} (run id {theirs}); resume it into a new --out_dir")
         return resume_from, ckpt
+    one_run(out_dir)
     if init_from == "resume":
         return load_latest(out_dir, log=log, tensors=tensors)
     if not candidates(out_dir):
@@ -73,6 +74,22 @@ def find_start(out_dir, init_from, resume_from="", log=say, tensors=True):
     log(f"{out_dir} holds this run at iteration {ckpt['iter_num']} ({os.path.basename(path)}): continuing it "
         f"(to start over, pick another --out_dir)")
     return path, ckpt
+
+
+def one_run(out_dir):
+    """One folder holds one run: checkpoints of two run ids in out_dir (another run's file copied in)
+    could no longer be told apart by "newest", and continuing the newest would mix them. Raises
+    CheckpointError naming both runs and their files."""
+    runs = {}
+    for h in scan(out_dir)[0]:
+        if h["run_id"] is not None:
+            runs.setdefault(h["run_id"], []).append(os.path.basename(h["path"]))
+    if len(runs) > 1:
+        (a, fa), (b, fb) = sorted(runs.items(), key=lambda r: -len(r[1]))[:2]  # the folder's own run first
+        raise CheckpointError(f"out_dir {out_dir!r} holds two runs: {a} ({', '.join(sorted(fa)[:3])}"
+                              f"{', ...' if len(fa) > 3 else ''}) and {b} ({', '.join(sorted(fb)[:3])}"
+                              f"{', ...' if len(fb) > 3 else ''}); one folder holds one run: move the other "
+                              f"run's files into a folder of their own (python checkpoint.py {out_dir} lists them)")
 
 
 def branch_for(out_dir, ckpt, picked):

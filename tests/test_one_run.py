@@ -95,3 +95,23 @@ def test_a_live_run_whose_out_dir_is_deleted_saves_beside_it_and_stops(shakespea
         assert os.path.exists(os.path.join(rescued, f"ckpt-{it:08d}.pt"))
         p = run("train.py", *TINY, f"--out_dir={rescued}", f"--max_iters={it + 2}", "--eval_interval=1000")
         assert f"at iteration {it}" in p.stdout and "resuming from" in p.stdout
+
+
+def test_another_runs_checkpoint_dropped_into_out_dir_is_refused(trained, shakespeare_char, tmp_path):
+    """Run B's newer checkpoint copied into run A's out_dir: the same command (and --init_from=resume)
+    is one error line naming both runs and the file, and nothing is written. Before: B's file was
+    continued as A's, its learning rate applied as a "change on resume", and a branch announced."""
+    a = copy_run(trained, tmp_path / "a")  # run A: 5, 10, ckpt.pt
+    b = tmp_path / "b"
+    run("train.py", *TINY, f"--out_dir={b}", "--max_iters=12", "--learning_rate=3e-3", "--checkpoint_interval=12")
+    shutil.copyfile(b / "ckpt-00000012.pt", a / "ckpt-00000012.pt")
+    ra = checkpoint.read_header(str(a / "ckpt-00000010.pt"))["run_id"]
+    rb = checkpoint.read_header(str(b / "ckpt-00000012.pt"))["run_id"]
+    before = snapshot(a)
+    for extra in ([], ["--init_from=resume"]):
+        p = run("train.py", *TINY, f"--out_dir={a}", "--max_iters=20", *extra, check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), p.stdout + p.stderr
+        assert ra in lines[0] and rb in lines[0] and "ckpt-00000012.pt" in lines[0] and "holds two runs" in lines[0]
+    after = snapshot(a)
+    assert {k: v[0] for k, v in after.items() if k != ".lock"} == {k: v[0] for k, v in before.items() if k != ".lock"}
