@@ -553,7 +553,7 @@ def prepare(sources, name, tokenizer="gpt2", val_fraction=0.1, seed=1337, num_pr
     _save_manifest(manifest, state)
     seconds = time.time() - started
     in_val = "val by position" if position else f"{len(val_docs):,} in val"
-    print(f"{name}: {state['documents']:,} documents ({in_val}), train {counts['train']:,} tokens, "
+    print(f"{name}: {state['documents']:,} document{'s' * (state['documents'] != 1)} ({in_val}), train {counts['train']:,} tokens, "
           f"val {counts['val']:,} ({counts['val'] / max(1, counts['train'] + counts['val']):.2%}), {dtype.name}, "
           f"vocab {vocab_size:,}; {new_tokens / max(seconds, 1e-9):,.0f} tokens/s")
     return state
@@ -639,7 +639,7 @@ if __name__ == "__main__":
         dataset="",  # the name: data/<dataset>/, and train.py --dataset=<dataset>
         tokenizer="gpt2",  # 'gpt2' (BPE, <|endoftext|> after each document) or 'char'
         text_field="text",  # the field holding the text in .jsonl and .parquet files
-        val_fraction=0.1,  # of the documents, whole
+        val_fraction=0.1,  # of the documents, whole (of the tokens, by position, under 1/val_fraction documents)
         seed=1337,  # which documents go to val
         num_proc=os.cpu_count() or 1,  # threads encoding a shard
         shard_mb=32.0,  # text per shard: the work a re-run may have to redo, and the memory in use
