@@ -12,6 +12,9 @@ present, is a pickled dict of plain data (read without running any pickled code)
     itos, stoi  the character vocab ({id: char}, {char: id}), for tokenizer "char"
     and, from data/prepare.py, documents/tokens per split and where the data came from.
 No meta.pkl means uint16 GPT-2 BPE (data/shakespeare, data/openwebtext as nanoGPT wrote them).
+A meta.pkl is judged before it is used (read_meta): not a dict, no vocab_size, a vocab_size without
+its itos (never taken for GPT-2 BPE), an itos of another size, or ids in the bins at or past
+vocab_size are each one RunError naming the file and the prepare.py to run again.
 
 Why a pure function: the global batch of iteration t is drawn by a generator seeded with
 (seed, t), and each rank takes its own slice of it. Resuming at iteration t then needs no loader
@@ -31,6 +34,14 @@ DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # keep training and evaluation generators apart
 META = "meta.pkl"
 FINGERPRINT_READS = 64
+GPT2_IDS = 50257  # GPT-2 BPE's ids: the bound on the ids of data with no char vocab
+# The bins' largest id is checked against the vocab when they are opened. A bin up to SCAN_ALL ids
+# (256 MB of uint16, well under a second) is read whole; a bigger one (openwebtext's 9B-id train.bin
+# would take a minute of reading at every start) is read in SCAN_PIECES pieces of 64K ids spread
+# over it: a wrong vocab_size shows in any piece, as every id of a vocab turns up all through a
+# corpus. Every batch drawn is checked too (TokenData._rows, a max over a few thousand ids), so an id
+# the pieces missed still ends in the same one line, never an IndexError (or a CUDA assert) in the model.
+SCAN_ALL, SCAN_PIECES, SCAN_PIECE = 1 << 27, 256, 1 << 16
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -41,8 +52,65 @@ class _PlainUnpickler(pickle.Unpickler):
 
 
 def load_meta(path):
+    """meta.pkl as it is, unjudged (read_meta judges it)."""
     with open(path, "rb") as f:
         return _PlainUnpickler(f).load()
+
+
+def prepare_command(folder, meta=None):
+    """What to run to prepare data/<name>/ again: its own prepare.py, else data/prepare.py with the
+    input that meta.pkl records (when it can be read)."""
+    own = os.path.join(folder, "prepare.py")
+    if os.path.exists(own):
+        return f"python {os.path.relpath(own)}"
+    meta = meta if isinstance(meta, dict) else {}
+    source = meta.get("source") if isinstance(meta.get("source"), str) and meta.get("source") else "YOUR_FILES"
+    char = " --tokenizer=char" if "itos" in meta or meta.get("tokenizer") == "char" else ""
+    return (f"python {os.path.relpath(os.path.join(DATA_DIR, 'prepare.py'))} --input={source} "
+            f"--dataset={os.path.basename(folder)}{char}")
+
+
+def meta_problem(meta):
+    """What makes meta.pkl's content unusable, as words that follow its path, or None."""
+    if not isinstance(meta, dict):
+        return f"is not a dict but a pickled {type(meta).__name__}"
+    size = meta.get("vocab_size")
+    if type(size) is not int or size < 1:
+        return "has no vocab_size" if size is None else f"has vocab_size {size!r}, not a whole number above 0"
+    if meta.get("dtype", "uint16") not in ("uint16", "uint32"):
+        return f"has dtype {meta['dtype']!r}, not uint16 or uint32"
+    tokenizer = meta.get("tokenizer", "char" if "itos" in meta else None)
+    if tokenizer == "gpt2" and "itos" not in meta:
+        return None if size == GPT2_IDS else f"says GPT-2 BPE but has vocab_size {size}, not {GPT2_IDS}"
+    if "itos" not in meta:  # never taken for GPT-2 BPE: a model of 50304 ids trained on char ids
+        return f"has vocab_size {size} but no itos (the char vocab's ids -> characters; GPT-2 BPE data says " \
+               f"tokenizer 'gpt2')"
+    if tokenizer != "char":
+        return f"has tokenizer {tokenizer!r} and an itos; a char vocab says 'char'"
+    itos = meta["itos"]
+    if isinstance(itos, dict) and set(itos) == set(range(len(itos))):
+        itos = [itos[i] for i in range(len(itos))]
+    if not isinstance(itos, list) or not all(isinstance(c, str) for c in itos):
+        return "has an itos that is not a vocab of ids 0, 1, 2, ... -> characters"
+    if len(itos) != size:
+        return f"has vocab_size {size} but its itos has {len(itos)} symbols"
+    return None
+
+
+def read_meta(path):
+    """A dataset's meta.pkl, judged: its dict, or RunError saying in one line what is wrong with
+    which file and what to run. The unpickler runs no code (a planted file is refused, not run)."""
+    meta = None
+    try:
+        meta = load_meta(path)
+        problem = meta_problem(meta)
+    except Exception as e:  # not a pickle, truncated, or one that names code: the same one line
+        problem = f"cannot be read as a pickle of plain data ({type(e).__name__}: {str(e)[:120]})"
+    if problem:
+        folder = os.path.dirname(os.path.abspath(path))
+        raise RunError(f"{path} {problem}; prepare dataset {os.path.basename(folder)!r} again: "
+                       f"{prepare_command(folder, meta)}")
+    return meta
 
 
 def save_meta(path, meta):
@@ -54,6 +122,14 @@ def write_bin(path, ids):
     ndarray.tofile's stdio buffer can lose the error of a write that failed (a full disk) and leave
     a short file with no word said."""
     atomic_write(path, lambda f: f.write(np.ascontiguousarray(ids).data))
+
+
+def largest_id(ids):
+    """The largest id of a bin: all of it up to SCAN_ALL ids, else SCAN_PIECES pieces spread over it."""
+    if len(ids) <= SCAN_ALL:
+        return max((int(ids[at:at + (1 << 24)].max()) for at in range(0, len(ids), 1 << 24)), default=0)
+    starts = np.linspace(0, len(ids) - SCAN_PIECE, SCAN_PIECES).astype(np.int64)
+    return max(int(ids[a:a + SCAN_PIECE].max()) for a in starts)
 
 
 def bin_dtype(vocab_size):
@@ -76,13 +152,11 @@ class TokenData:
         prepare = os.path.join(os.path.relpath(self.dir), "prepare.py")
         meta = os.path.join(self.dir, META)
         self.meta_path = meta if os.path.exists(meta) else None
-        try:
-            self.meta = load_meta(meta) if self.meta_path else {}
-            dtype = meta_dtype(self.meta)
-            import tokenizer  # here: tokenizer imports this module
-            self.record = tokenizer.of_meta(self.meta)  # what checkpoints store of this data's tokenizer
-        except (OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError) as e:
-            raise RunError(f"{meta} cannot be read ({e}); prepare dataset {dataset!r} again")
+        self.meta = read_meta(meta) if self.meta_path else {}
+        dtype = meta_dtype(self.meta)
+        self.limit = self.meta.get("vocab_size", GPT2_IDS)  # every id is below it
+        import tokenizer  # here: tokenizer imports this module
+        self.record = tokenizer.of_meta(self.meta)  # what checkpoints store of this data's tokenizer
         self.bins = {}
         for split in ("train", "val"):
             path = os.path.join(self.dir, f"{split}.bin")
@@ -98,6 +172,14 @@ class TokenData:
                                f"prepare dataset {dataset!r} again")
             # (an empty file cannot be mapped; check_data then says it is too short)
             self.bins[split] = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
+            self._check_ids(split, largest_id(self.bins[split]))
+
+    def _check_ids(self, split, top):
+        if top >= self.limit:
+            vocab = (f"the vocab of {self.limit} that {self.meta_path} records" if self.meta_path else
+                     f"GPT-2 BPE's {self.limit} ids (there is no meta.pkl)")
+            raise RunError(f"{os.path.join(self.dir, split + '.bin')} holds id {top}, outside {vocab}; prepare dataset "
+                           f"{self.name!r} again: {prepare_command(self.dir, self.meta)}")
 
     def fingerprint(self):
         """{split: [size in bytes, a hash]} of the bins, cheap at any size: the hash is of FINGERPRINT_READS
@@ -132,6 +214,7 @@ class TokenData:
     def _rows(self, split, offsets, block_size):
         data = self.bins[split]  # configurator.check_data made sure it is longer than block_size
         chunk = data[offsets[:, None] + np.arange(block_size + 1)].astype(np.int64)
+        self._check_ids(split, int(chunk.max(initial=0)))  # what the scan's pieces of a big bin missed (SCAN_ALL)
         import torch  # here, not at the top: data/prepare.py uses this module's format without torch
         chunk = torch.from_numpy(chunk)
         return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()

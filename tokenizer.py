@@ -12,7 +12,8 @@ import json
 import os
 from typing import Callable, NamedTuple, Optional
 
-from dataset import load_meta
+from configurator import RunError
+from dataset import read_meta
 
 BPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gpt2_bpe")
 CHAR_VOCAB = "char_vocab.json"  # {"itos": [one string per token id]}, beside an exported model
@@ -61,12 +62,15 @@ def of_file(path):
     Raises ValueError for a file that is not one."""
     if not path or not os.path.exists(path):
         return None
+    if not path.endswith(".json"):  # a dataset's meta.pkl: judged, in train.py's words (dataset.read_meta)
+        try:
+            return of_meta(read_meta(path))
+        except RunError as e:
+            raise ValueError(str(e)) from None
     try:
-        if path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                return {"kind": "char", "itos": list(json.load(f)["itos"])}
-        return of_meta(load_meta(path))
-    except Exception as e:  # unreadable, not JSON or a pickle of plain data, no itos: one line for the caller
+        with open(path, encoding="utf-8") as f:
+            return {"kind": "char", "itos": list(json.load(f)["itos"])}
+    except Exception as e:  # unreadable, not JSON, no itos: one line for the caller
         raise ValueError(f"{path} is not a vocab file ({type(e).__name__}: {str(e)[:100]})") from None
 
 

@@ -13,7 +13,10 @@ are taken in sorted path order.
 GPT-2 BPE (the default) puts <|endoftext|> after every document; --tokenizer=char builds the
 vocabulary from the corpus's characters and writes it to meta.pkl, documents back to back.
 --val_fraction of the documents (at least one; --seed picks them) go to val.bin, whole: a document
-is never cut in two. The bin format is dataset.py's (uint16, uint32 for a vocab above 65,536).
+is never cut in two. With fewer documents than 1/val_fraction (one long text, say) whole documents
+would give val more than its share, so val is instead the last val_fraction of the tokens, by
+position, as nanoGPT splits one text. The bin format is dataset.py's (uint16, uint32 for a vocab
+above 65,536).
 
 Work is done in shards of about --shard_mb of text, encoded on --num_proc threads. After each shard
 the ids are on disk (train.bin.partial, val.bin.partial) and prepare.json records it, so an
@@ -304,10 +307,47 @@ def corpus_chars(sources, total):
 # -----------------------------------------------------------------------------------------------
 # The sharded, resumable writer
 
+def by_position(n_docs, fraction):
+    """Whether val is cut by position: when its share is less than one whole document (fewer than
+    1/fraction documents), taking a whole one would give val far more than asked (one of three novels
+    is a third of the data, not a tenth), and one document cannot be split by documents at all."""
+    return n_docs * fraction < 1
+
+
 def val_documents(n_docs, fraction, seed):
-    """The sorted indices of the val documents: round(fraction * n_docs) of them, at least one."""
+    """The sorted indices of the val documents: round(fraction * n_docs) of them, at least one (none
+    when val is cut by position)."""
+    if by_position(n_docs, fraction):
+        return np.zeros(0, dtype=np.int64)
     n_val = min(n_docs - 1, max(1, round(fraction * n_docs)))
     return np.sort(np.random.default_rng(seed).choice(n_docs, size=n_val, replace=False))
+
+
+def _percent(fraction):
+    return f"{fraction * 100:g}%"
+
+
+def cut_by_position(files, n, fraction, itemsize):
+    """Move the last `fraction` of the n ids written to train.bin.partial into val.bin.partial (which
+    holds none): at least one id, at most all but one. Returns the val count. Done again from the
+    start if interrupted: train.bin.partial is cut short only after val.bin.partial holds the tail,
+    and a re-run that finds it short starts over."""
+    if n < 2:
+        raise PrepareError(f"the input has {n} token{'s' * (n != 1)}: too little text to split into train and val")
+    n_val = min(n - 1, max(1, round(fraction * n)))
+    train, val = files["train"], files["val"]
+    train.seek((n - n_val) * itemsize)
+    while True:  # in pieces: a long text's tail need not fit in memory
+        piece = train.read(64 << 20)
+        if not piece:
+            break
+        val.write(piece)
+    val.flush()
+    os.fsync(val.fileno())  # the tail is on disk before train.bin.partial loses it
+    train.truncate((n - n_val) * itemsize)
+    train.flush()
+    os.fsync(train.fileno())
+    return n_val
 
 
 def _encode_group(pieces, encode, eot, dtype):
@@ -335,6 +375,11 @@ def _save_manifest(path, state):
 def _done(state):
     """The last finished shard: where the next one starts, and the ids so far."""
     return state["shards"][-1] if state["shards"] else dict(source=0, pos=0, documents=0, train=0, val=0)
+
+
+def _tokens(state):
+    """{split: ids} of a finished prepare (recorded once val is cut by position), else of its last shard."""
+    return state.get("tokens") or _done(state)
 
 
 def _dtype(state):
@@ -366,7 +411,7 @@ def _usable_state(out, key, keep):
     size = _dtype(state).itemsize
     if state["complete"]:
         bins = {split: os.path.join(out, f"{split}.bin") for split in ("train", "val")}
-        if all(os.path.exists(p) and os.path.getsize(p) == _done(state)[split] * size for split, p in bins.items()):
+        if all(os.path.exists(p) and os.path.getsize(p) == _tokens(state)[split] * size for split, p in bins.items()):
             return state
         print(f"{out}'s bins are missing or not the size {MANIFEST} records: preparing again from the start")
         return None
@@ -394,16 +439,19 @@ def prepare(sources, name, tokenizer="gpt2", val_fraction=0.1, seed=1337, num_pr
     state = _usable_state(out, key, keep)
     if state is not None and state["complete"]:
         print(f"{out} is already prepared from these inputs ({state['documents']:,} documents, "
-              f"train {_done(state)['train']:,} tokens, val {_done(state)['val']:,}); nothing to do")
+              f"train {_tokens(state)['train']:,} tokens, val {_tokens(state)['val']:,}); nothing to do")
         return state
     if state is None:  # plan: count the documents (and, for char, collect the vocab) once
+        empty = [s.path for s in sources if getattr(s, "table", None) is None and os.path.getsize(s.path) == 0]
+        if len(empty) == len(sources):  # (an empty file among others is an empty document, as a null text is)
+            raise PrepareError(f"{', '.join(empty[:3])}{', ...' * (len(empty) > 3)} "
+                               f"{'is' if len(empty) == 1 else 'are'} empty: there is nothing to prepare")
         n_docs = sum(s.count() for s in sources)
-        if n_docs < 2:
-            raise PrepareError(f"the input has {n_docs} document{'s' * (n_docs != 1)}; val takes whole documents, so "
-                               f"it needs at least 2 (split a long text into several files)")
+        if n_docs == 0:
+            raise PrepareError("the input has no documents (only blank lines or no rows)")
         chars = corpus_chars(sources, n_docs) if tokenizer == "char" else None
         if chars == "":
-            raise PrepareError("the input has no text")
+            raise PrepareError("the input has no text: every document is empty")
         os.makedirs(out, exist_ok=True)
         for p in finals + list(partial.values()):
             if os.path.exists(p):
@@ -482,19 +530,30 @@ def prepare(sources, name, tokenizer="gpt2", val_fraction=0.1, seed=1337, num_pr
     if doc != state["documents"]:
         raise PrepareError(f"the inputs changed while being read: {doc:,} documents, not {state['documents']:,}; "
                            f"run the command again")
+    position = by_position(state["documents"], val_fraction)
+    if position:
+        with open(partial["train"], "r+b") as train, open(partial["val"], "r+b") as val:
+            val.truncate(0)
+            n_val = cut_by_position(dict(train=train, val=val), counts["train"], val_fraction, dtype.itemsize)
+        counts = {"train": counts["train"] - n_val, "val": n_val}
+        n = state["documents"]
+        print(f"one document: val is its last {_percent(val_fraction)} by position ({n_val:,} tokens)" if n == 1 else
+              f"{n} documents, fewer than 1/val_fraction={1 / val_fraction:g}: val is the last "
+              f"{_percent(val_fraction)} of the tokens by position ({n_val:,} tokens)")
     meta = dict(vocab_size=vocab_size, dtype=dtype.name, tokenizer=tokenizer, documents=state["documents"],
                 val_documents=len(val_docs), tokens=dict(train=counts["train"], val=counts["val"]),
-                val_fraction=val_fraction, seed=seed, source=origin)
+                split="position" if position else "documents", val_fraction=val_fraction, seed=seed, source=origin)
     if tokenizer == "char":
         meta["itos"] = dict(enumerate(state["chars"]))
         meta["stoi"] = {c: i for i, c in enumerate(state["chars"])}
     save_meta(finals[2], meta)
     for split in ("val", "train"):  # train.bin last: TokenData needs both, so a half-renamed pair is never read
         os.replace(partial[split], os.path.join(out, f"{split}.bin"))
-    state["complete"] = True
+    state["complete"], state["tokens"] = True, counts
     _save_manifest(manifest, state)
     seconds = time.time() - started
-    print(f"{name}: {state['documents']:,} documents ({len(val_docs):,} in val), train {counts['train']:,} tokens, "
+    in_val = "val by position" if position else f"{len(val_docs):,} in val"
+    print(f"{name}: {state['documents']:,} document{'s' * (state['documents'] != 1)} ({in_val}), train {counts['train']:,} tokens, "
           f"val {counts['val']:,} ({counts['val'] / max(1, counts['train'] + counts['val']):.2%}), {dtype.name}, "
           f"vocab {vocab_size:,}; {new_tokens / max(seconds, 1e-9):,.0f} tokens/s")
     return state
@@ -521,7 +580,9 @@ def check_dataset(name, windows=3, window_tokens=64, seed=0):
     codec = get_codec(data.meta_path)  # BPE when meta.pkl holds no char vocab
     bpe = codec.eot is not None
     print(f"{data.dir}: {data.bins['train'].dtype}, {'GPT-2 BPE' if bpe else f'characters, vocab {codec.size:,}'}"
-          + (f", {meta['documents']:,} documents ({meta['val_documents']:,} in val)" if "documents" in meta else ""))
+          + (f", {meta['documents']:,} documents (" + ("val by position" if meta.get("split") == "position" else
+                                                       f"{meta['val_documents']:,} in val") + ")"
+             if "documents" in meta else ""))
     rng = np.random.default_rng(seed)
     total = sum(len(b) for b in data.bins.values())
     for split, ids in data.bins.items():
@@ -578,7 +639,7 @@ if __name__ == "__main__":
         dataset="",  # the name: data/<dataset>/, and train.py --dataset=<dataset>
         tokenizer="gpt2",  # 'gpt2' (BPE, <|endoftext|> after each document) or 'char'
         text_field="text",  # the field holding the text in .jsonl and .parquet files
-        val_fraction=0.1,  # of the documents, whole
+        val_fraction=0.1,  # of the documents, whole (of the tokens, by position, under 1/val_fraction documents)
         seed=1337,  # which documents go to val
         num_proc=os.cpu_count() or 1,  # threads encoding a shard
         shard_mb=32.0,  # text per shard: the work a re-run may have to redo, and the memory in use

@@ -1,6 +1,7 @@
 """Data: the char prepare script, the GPT-2 tokenizer, and batches as a pure function."""
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -10,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, TINY, run
 from configurator import RunError
-from dataset import TokenData, load_meta
+from dataset import DATA_DIR, TokenData, load_meta
 from tokenizer import get_codec, gpt2_encoding
 
 _spec = importlib.util.spec_from_file_location("char_prepare", os.path.join(ROOT, "data", "shakespeare_char", "prepare.py"))
@@ -87,3 +88,93 @@ def test_missing_dataset_names_prepare_script(tmp_path):
         TokenData("shakespeare_char", data_dir=str(tmp_path))
     with pytest.raises(RunError, match="'nope'.*does not exist"):
         TokenData("nope", data_dir=str(tmp_path))
+
+
+class Planted:
+    def __reduce__(self):
+        return (os.system, ("touch planted-pwned",))
+
+
+DAMAGED = [  # meta.pkl's dict (shakespeare_char's ids, 0-64, in the bins), words the one line holds
+    ("small-vocab", lambda m: dict(m, vocab_size=10), ["vocab_size 10", "its itos has 65"]),
+    ("small-vocab-and-itos", lambda m: dict(vocab_size=10, itos={i: m["itos"][i] for i in range(10)},
+                                            stoi={m["itos"][i]: i for i in range(10)}),
+     ["train.bin holds id 64", "vocab of 10"]),
+    ("no-itos", lambda m: dict(vocab_size=65), ["vocab_size 65 but no itos"]),
+    ("char-no-itos", lambda m: dict(vocab_size=65, tokenizer="char"), ["vocab_size 65 but no itos"]),
+    ("not-a-dict", lambda m: [m], ["is not a dict"]),
+    ("no-vocab-size", lambda m: dict(itos=m["itos"], stoi=m["stoi"]), ["has no vocab_size"]),
+    ("planted", lambda m: dict(m, vocab_size=Planted()), ["refus", "posix.system"]),
+]
+
+
+@pytest.fixture
+def damaged(shakespeare_char, request):
+    """data/<name>/ with shakespeare_char's bins and a damaged meta.pkl (train.py reads only data/)."""
+    tag, change, words = request.param
+    name = f"test-meta-{tag}-{os.getpid()}"
+    folder = os.path.join(DATA_DIR, name)
+    os.makedirs(folder)
+    for f in ("train.bin", "val.bin"):
+        shutil.copyfile(os.path.join(shakespeare_char, f), os.path.join(folder, f))
+    with open(os.path.join(folder, "meta.pkl"), "wb") as f:
+        pickle.dump(change(load_meta(os.path.join(shakespeare_char, "meta.pkl"))), f)
+    yield name, words
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def error_line(p):
+    lines = (p.stdout + p.stderr).strip().splitlines()
+    assert p.returncode == 1 and "Traceback" not in p.stdout + p.stderr, p.stdout + p.stderr
+    errors = [ln for ln in lines if ln.startswith("error")]
+    assert len(errors) == 1 and errors[0] == p.stderr.strip().splitlines()[-1], p.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("damaged", DAMAGED, ids=[d[0] for d in DAMAGED], indirect=True)
+def test_a_damaged_meta_pkl_is_one_line_before_anything_is_made(damaged, trained, tmp_path):
+    name, words = damaged
+    out = tmp_path / "out"
+    line = error_line(run("train.py", *TINY, f"--dataset={name}", f"--out_dir={out}", "--max_iters=2", check=False))
+    for w in words + [os.path.join("data", name), "python data/prepare.py", f"--dataset={name}"]:
+        assert w in line, line
+    assert not out.exists()  # judged before out_dir, its .lock or metrics.jsonl
+    assert not os.path.exists(os.path.join(ROOT, "planted-pwned"))
+    if "bin holds id" in line:
+        return  # the bins are train.py's to read; sample.py and export.py read meta.pkl alone
+    # a checkpoint without its own vocab (nanoGPT's) falls back to its dataset's meta.pkl: the same line
+    ckpt = torch.load(os.path.join(trained, "ckpt.pt"), weights_only=True)
+    old = {k: ckpt[k] for k in ("model", "optimizer", "model_args", "iter_num", "best_val_loss", "config")}
+    old["config"] = dict(old["config"], dataset=name)
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "ckpt.pt")
+    for cmd in (["sample.py", f"--out_dir={tmp_path / 'old'}", "--device=cpu", "--num_samples=1", "--max_new_tokens=3"],
+                ["export.py", f"--out_dir={tmp_path / 'old'}", f"--to={tmp_path / 'hf'}"]):
+        assert error_line(run(*cmd, check=False)) == line
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_big_bin_is_checked_in_pieces_and_every_batch_too(tmp_path, monkeypatch):
+    import dataset
+    monkeypatch.setattr(dataset, "SCAN_ALL", 1000)  # bins past 1,000 ids are read in 4 pieces of 10
+    monkeypatch.setattr(dataset, "SCAN_PIECES", 4)
+    monkeypatch.setattr(dataset, "SCAN_PIECE", 10)
+    folder = tmp_path / "big"
+    folder.mkdir()
+    chars = [chr(33 + i) for i in range(65)]
+    dataset.save_meta(folder / "meta.pkl", dict(vocab_size=65, itos=dict(enumerate(chars)),
+                                                stoi={c: i for i, c in enumerate(chars)}))
+    ids = (np.arange(5000) % 60).astype(np.uint16)
+    ids.tofile(folder / "val.bin")
+    for at, when in ((0, "open"), (2500, "batch")):  # in the first piece; between pieces
+        bad = ids.copy()
+        bad[at] = 70
+        bad.tofile(folder / "train.bin")
+        if when == "open":
+            with pytest.raises(RunError, match="train.bin holds id 70, outside the vocab of 65"):
+                TokenData("big", data_dir=str(tmp_path))
+            continue
+        data = TokenData("big", data_dir=str(tmp_path))
+        data.train_batch(0, 0, 0, 4, 16, 1)
+        with pytest.raises(RunError, match="train.bin holds id 70, outside the vocab of 65 .*data/prepare.py"):
+            data._rows("train", np.array([2490]), 16)

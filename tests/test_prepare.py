@@ -308,6 +308,7 @@ def one_error_line(p, code, *words):
 
 def test_bad_inputs_get_one_line(tmp_path, names):
     (tmp_path / "one.txt").write_text("just one document")
+    (tmp_path / "x.txt").write_text("x")
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": "fine"}\n{not json\n')
     (tmp_path / "nofield.jsonl").write_text('{"body": "a"}\n{"body": "b"}\n')
     (tmp_path / "empty").mkdir()
@@ -318,7 +319,7 @@ def test_bad_inputs_get_one_line(tmp_path, names):
         ([f"--input={tmp_path}/nope.txt", f"--dataset={name}"], 2, "does not exist"),
         ([f"--input={tmp_path}/*.nope", f"--dataset={name}"], 2, "matches no file"),
         ([f"--input={tmp_path}/empty", f"--dataset={name}"], 2, "no .txt, .jsonl or .parquet"),
-        ([f"--input={tmp_path}/one.txt", f"--dataset={name}"], 1, "1 document", "at least 2"),
+        ([f"--input={tmp_path}/x.txt", f"--dataset={name}", "--tokenizer=char"], 1, "1 token", "too little"),
         ([f"--input={tmp_path}/bad.jsonl", f"--dataset={name}"], 1, "bad.jsonl, line 3", "not a JSON line"),
         ([f"--input={tmp_path}/nofield.jsonl", f"--dataset={name}"], 1, "no text field 'text'", "'body'", "--text_field"),
         ([f"--input={tmp_path}/fake.parquet", f"--dataset={name}"], 1, "cannot be read as Parquet"),
@@ -333,6 +334,59 @@ def test_bad_inputs_get_one_line(tmp_path, names):
     for args, code, *words in cases:
         one_error_line(run("data/prepare.py", *args, check=False), code, *words)
     assert not os.path.exists(os.path.join(DATA_DIR, name, "train.bin"))
+
+
+def test_one_text_file_is_split_by_position_and_says_so(tmp_path, names):
+    """One long text, nanoGPT's own-data case: val is its last val_fraction of the tokens."""
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        novel = f.read()[:100_000]
+    (tmp_path / "novel.txt").write_text(novel, encoding="utf-8")
+    chars = names("novel")
+    p = run("data/prepare.py", f"--input={tmp_path / 'novel.txt'}", f"--dataset={chars}", "--tokenizer=char")
+    assert "one document: val is its last 10% by position (10,000 tokens)" in p.stdout, p.stdout
+    meta = load_meta(os.path.join(DATA_DIR, chars, "meta.pkl"))
+    text = {s: "".join(meta["itos"][int(i)] for i in np.fromfile(os.path.join(DATA_DIR, chars, f"{s}.bin"),
+                                                                   dtype=np.uint16)) for s in ("train", "val")}
+    assert text["train"] == novel[:90_000] and text["val"] == novel[90_000:]
+    assert meta["split"] == "position" and meta["tokens"] == {"train": 90_000, "val": 10_000}
+    # the same command again has nothing to do; --check says how val was taken
+    assert "nothing to do" in run("data/prepare.py", f"--input={tmp_path / 'novel.txt'}", f"--dataset={chars}",
+                                  "--tokenizer=char").stdout
+    assert "val by position" in run("data/prepare.py", f"--dataset={chars}", "--check").stdout
+    # GPT-2 BPE: the ids of the whole text (and its <|endoftext|>), cut at 90% of them
+    bpe = names("novelbpe")
+    p = run("data/prepare.py", f"--input={tmp_path / 'novel.txt'}", f"--dataset={bpe}", "--val_fraction=0.2")
+    enc = gpt2_encoding()
+    whole = enc.encode_ordinary(novel) + [enc.eot_token]
+    ids = {s: np.fromfile(os.path.join(DATA_DIR, bpe, f"{s}.bin"), dtype=np.uint16).tolist() for s in ("train", "val")}
+    n_val = round(0.2 * len(whole))
+    assert ids["train"] == whole[:-n_val] and ids["val"] == whole[-n_val:]
+    assert f"one document: val is its last 20% by position ({n_val:,} tokens)" in p.stdout, p.stdout
+    # fewer documents than 1/val_fraction: whole ones would give val far more than its share
+    write_txt(tmp_path / "three", [novel[:30_000], novel[30_000:60_000], novel[60_000:]])
+    few = names("few")
+    p = run("data/prepare.py", f"--input={tmp_path / 'three'}", f"--dataset={few}", "--tokenizer=char")
+    assert "3 documents, fewer than 1/val_fraction=10: val is the last 10% of the tokens by position " \
+           "(10,000 tokens)" in p.stdout, p.stdout
+    assert os.path.getsize(os.path.join(DATA_DIR, few, "val.bin")) == 2 * 10_000
+    # and a training run reads it
+    run("train.py", *TINY, f"--dataset={chars}", f"--out_dir={tmp_path / 'out'}", "--max_iters=2",
+        "--eval_interval=2", "--block_size=16")
+
+
+def test_an_empty_input_is_called_empty(tmp_path, names):
+    (tmp_path / "novel.txt").write_text("")
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "a.txt").write_text("")
+    (tmp_path / "two" / "b.jsonl").write_text("")
+    name = names("empty")
+    for spec, words in [(tmp_path / "novel.txt", ["novel.txt is empty"]),
+                        (tmp_path / "two", ["a.txt", "b.jsonl", "are empty"])]:
+        for tok in ("gpt2", "char"):
+            p = run("data/prepare.py", f"--input={spec}", f"--dataset={name}", f"--tokenizer={tok}", check=False)
+            one_error_line(p, 1, *words)
+            assert "document" not in p.stderr
+    assert not os.path.exists(os.path.join(DATA_DIR, name))
 
 
 def test_odd_text_is_read_not_refused(tmp_path, names):
@@ -372,11 +426,16 @@ def test_openwebtext_offline_local_and_without_datasets(docs, tmp_path):
         # a local folder of Parquet files through datasets, offline; and the same file as --input
         (tmp_path / "pq").mkdir()
         pq.write_table(pa.table({"text": docs}), tmp_path / "pq" / "train-00000-of-00001.parquet")
-        run("data/openwebtext/prepare.py", f"--hf_dataset={tmp_path / 'pq'}", env=hub)
-        via_hub = split_docs("openwebtext")
-        assert sorted(via_hub["train"] + via_hub["val"]) == sorted(docs) and len(via_hub["val"]) == 1  # 0.05%, at least 1
+        p = run("data/openwebtext/prepare.py", f"--hf_dataset={tmp_path / 'pq'}", env=hub)
+        # 40 documents, fewer than 1/0.0005: val is the last 0.05% of the tokens, by position
+        assert "40 documents, fewer than 1/val_fraction=2000: val is the last 0.05% of the tokens" in p.stdout
+        via_hub = [np.fromfile(os.path.join(out, f"{s}.bin"), dtype=np.uint16) for s in ("train", "val")]
+        assert gpt2_encoding().decode(np.concatenate(via_hub).tolist()) == "".join(d + EOT for d in docs)
+        assert len(via_hub[1]) == round(0.0005 * sum(map(len, via_hub)))
         p = run("data/openwebtext/prepare.py", f"--input={tmp_path / 'pq'}", env=hub)
-        assert "again from the start" in p.stdout and split_docs("openwebtext") == via_hub
+        assert "again from the start" in p.stdout
+        assert all(np.array_equal(np.fromfile(os.path.join(out, f"{s}.bin"), dtype=np.uint16), ids)
+                   for s, ids in zip(("train", "val"), via_hub))
     finally:
         for f in ("train.bin", "val.bin", "meta.pkl", "prepare.json", "train.bin.partial", "val.bin.partial"):
             if os.path.exists(os.path.join(out, f)):
