@@ -160,6 +160,19 @@ def contents(out):
     return {n: (out / n).read_bytes() for n in sorted(listing(out))}
 
 
+def files_under(folder, mtimes=False):
+    """{relative path: bytes} (with mtimes: (bytes, mtime in ns)) of every file under folder: to show
+    that nothing was touched."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                data = fh.read()
+            found[os.path.relpath(path, folder)] = (data, os.stat(path).st_mtime_ns) if mtimes else data
+    return found
+
+
 def copy_run(src, dst):
     """A run folder copied as cp -r, scp or a download do: every file gets a new mtime, in no
     particular order (the oldest iteration looks newest), so nothing may rely on file times."""

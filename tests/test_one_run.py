@@ -6,18 +6,11 @@ import shutil
 import signal
 
 import checkpoint
-from conftest import TINY, copy_run, run, start, wait_for
+from conftest import TINY, copy_run, files_under, run, start, wait_for
 
 
 def snapshot(folder):
-    """{name: (bytes, mtime)} of every file under folder, the lock and metrics.jsonl included."""
-    found = {}
-    for root, _, files in os.walk(folder):
-        for f in files:
-            path = os.path.join(root, f)
-            with open(path, "rb") as fh:
-                found[os.path.relpath(path, folder)] = (fh.read(), os.stat(path).st_mtime_ns)
-    return found
+    return files_under(folder, mtimes=True)
 
 
 def test_eval_only_changes_nothing_in_out_dir(trained, tmp_path):

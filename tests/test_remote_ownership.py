@@ -14,21 +14,10 @@ import torch
 
 import checkpoint
 import remote as remote_copy
-from conftest import TINY, run, start, wait_for
+from conftest import TINY, files_under, run, start, wait_for
 from s3server import S3Server
 
 ARGS = [*TINY, "--eval_interval=4", "--checkpoint_interval=2", "--keep_last=2"]
-
-
-def tree(folder):
-    """{relative path: bytes} of every file under folder."""
-    found = {}
-    for root, _, files in os.walk(folder):
-        for f in files:
-            path = os.path.join(root, f)
-            with open(path, "rb") as fh:
-                found[os.path.relpath(path, folder)] = fh.read()
-    return found
 
 
 def one_error(p, code=1):
@@ -61,12 +50,12 @@ def test_other_files_are_refused_before_a_run_and_never_touched_beside_one(shake
     (disk / "data" / "photos").mkdir(parents=True)
     (disk / "data" / "photos" / "2019.jpg").write_bytes(b"\xff\xd8 a photo")
     (disk / "notes.txt").write_text("mine")
-    before = tree(disk)
+    before = files_under(disk)
     out = tmp_path / "out"
     p = run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir=file://{disk}", "--max_iters=4", check=False)
     line = one_error(p)
     assert "not empty and holds no run" in line and "data/photos/2019.jpg" in line or "notes.txt" in line, line
-    assert tree(disk) == before
+    assert files_under(disk) == before
 
     remote = f"file://{tmp_path / 'run-copy'}"
     run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir={remote}", "--max_iters=4")
@@ -79,14 +68,14 @@ def test_other_files_are_refused_before_a_run_and_never_touched_beside_one(shake
     (copy / "data" / "00000099-0badf00d" / "ckpt-00000099.pt").write_bytes(b"a newer format's bytes")
     (copy / "data" / "00000007-12345678").mkdir()  # no commit, no intent: not provably ours
     (copy / "data" / "00000007-12345678" / "x").write_bytes(b"someone's")
-    foreign = {k: v for k, v in tree(copy).items() if "photos" in k or "0badf00d" in k or "00000099" in k
+    foreign = {k: v for k, v in files_under(copy).items() if "photos" in k or "0badf00d" in k or "00000099" in k
                or "12345678" in k}
     assert len(foreign) == 4
     listing = run("checkpoint.py", remote).stdout
     for key in ("data/photos/2019.jpg", "ckpt-00000099.pt.commit", "data/00000007-12345678/x"):
         assert re.search(rf"^{re.escape(key)} .*not ours: never touched$", listing, re.M), listing
     run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir={remote}", "--max_iters=10")
-    after = tree(copy)
+    after = files_under(copy)
     assert {k: after.get(k) for k in foreign} == foreign
     assert "ckpt-00000010.pt.commit" in after
 
@@ -99,12 +88,12 @@ def test_another_runs_copy_is_never_written_over(shakespeare_char, tmp_path):
     run("train.py", *ARGS, f"--out_dir={tmp_path / 'x'}", "--max_iters=8")
     x = checkpoint.read_header(str(tmp_path / "x" / "ckpt-00000008.pt"))["run_id"]
     y = checkpoint.read_header(str(tmp_path / "y" / "ckpt-00000004.pt"))["run_id"]
-    before = tree(remote)
+    before = files_under(remote)
     p = run("train.py", *ARGS, f"--out_dir={tmp_path / 'x'}", f"--remote_dir=file://{remote}", "--max_iters=10",
             check=False)
     line = one_error(p)
     assert x in line and y in line and "one remote_dir holds one run" in line
-    assert tree(remote) == before
+    assert files_under(remote) == before
 
 
 def test_two_live_runs_on_one_remote_dir(shakespeare_char, tmp_path):
@@ -121,7 +110,7 @@ def test_two_live_runs_on_one_remote_dir(shakespeare_char, tmp_path):
     p = run("train.py", *ARGS, f"--out_dir={tmp_path / 'b'}", f"--remote_dir={remote}", "--max_iters=6", check=False)
     line = one_error(p)
     assert lease["run_id"] in line  # (in use, or: holds run X, this run is Y)
-    shutil.copytree(tmp_path / "a", tmp_path / "a-copy", ignore=shutil.ignore_patterns(".lock"))
+    shutil.copyfiles_under(tmp_path / "a", tmp_path / "a-copy", ignore=shutil.ignore_patterns(".lock"))
     p = run("train.py", *ARGS, f"--out_dir={tmp_path / 'a-copy'}", f"--remote_dir={remote}", "--max_iters=100000",
             check=False)
     assert "waiting up to" in p.stdout
@@ -147,7 +136,7 @@ def test_stored_config_restores_knobs_only(trained, tmp_path):
     switched saving off, ckpt_path would have pointed the run elsewhere) resumes with one note and
     writes its checkpoints."""
     out = tmp_path / "run"
-    shutil.copytree(trained, out)
+    shutil.copyfiles_under(trained, out)
     path = str(out / "ckpt-00000010.pt")
     ckpt = checkpoint.load(path)
     ckpt["config"].update(master=False, rank=3, ckpt_path="/nowhere")
@@ -179,7 +168,7 @@ def test_a_malformed_commit_is_one_line_and_skipped(shakespeare_char, tmp_path):
     for name in doctored:
         assert re.search(rf"^{name} .*INCOMPLETE: its commit object is damaged", listing.stdout, re.M), listing.stdout
     assert re.search(r"^ckpt\.pt .* complete$", listing.stdout, re.M)
-    shutil.rmtree(out)
+    shutil.rmfiles_under(out)
     p = run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir={remote}", "--max_iters=10")
     assert "downloaded ckpt.pt (iteration 8" in p.stdout and p.stderr.count("is not complete") == 3
     s = run("sample.py", f"--out_dir={remote}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5",
@@ -318,7 +307,7 @@ def test_metrics_come_down_whole_or_not_at_all(shakespeare_char, tmp_path):
     disk, out = tmp_path / "remote", tmp_path / "out"
     command = [*ARGS, f"--out_dir={out}", f"--remote_dir=file://{disk}"]
     run("train.py", *command, "--max_iters=4")
-    shutil.rmtree(out)
+    shutil.rmfiles_under(out)
     out.mkdir()
     p = run("train.py", *command, "--max_iters=6", check=False, prefix=traced(
         "-P", str(out / "metrics.jsonl"), "-e", "trace=write,pwrite64,sendfile,copy_file_range",
