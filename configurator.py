@@ -19,10 +19,12 @@ diverged loss, out of memory).
 """
 import ast
 import difflib
+import io
 import math
 import os
 import re
 import sys
+import tokenize
 import types
 
 PLAIN = (int, float, bool, str, type(None))
@@ -312,11 +314,56 @@ def activation_bytes(model_args, batch_size):
     return 4 * floats
 
 
+def help_text(namespace, path, before=None):
+    """--help, read from the script at path so that it never drifts from the code: its docstring, then
+    each knob in the order of the code as --key=default and the comment on its line (comment lines
+    right above a knob are printed as they are: the code's own headings). A knob's line is its last
+    `key = ...` (or `key=...,` in a dict) before line `before`, the configure() call; knobs set where
+    no line of the script shows them come last."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    keys = config_keys(namespace)
+    doc = (ast.get_docstring(ast.parse(source)) or "").strip()
+    out = [doc, ""] if doc else []
+    out.append("Knobs (--key=value, config files: configurator.py), with their defaults:")
+    lines, shown, above = {}, [], []  # line number: (knob, its comment); above: comment lines over the next line
+    tokens = [t for t in tokenize.generate_tokens(io.StringIO(source).readline)
+              if t.type not in (tokenize.INDENT, tokenize.DEDENT)]
+    for i, t in enumerate(tokens[:-1]):
+        first = i == 0 or tokens[i - 1].type in (tokenize.NL, tokenize.NEWLINE) or tokens[i - 1].string in ("(", ",")
+        if t.type == tokenize.NAME and first and tokens[i + 1].string == "=" and t.string in keys \
+                and (before is None or t.start[0] < before):
+            comment = next((c.string for c in tokens[i:] if c.start[0] == t.start[0] and c.type == tokenize.COMMENT), "")
+            lines = {row: v for row, v in lines.items() if v[0] != t.string}  # the last one counts
+            lines[t.start[0]] = (t.string, comment[1:].strip())
+    headings = {}
+    for row, text in enumerate(source.splitlines(), 1):
+        if text.strip().startswith("#"):
+            above.append(text.strip())
+        elif row in lines:
+            headings[row], above = [h for h in above if h.strip("#- ")], []
+        else:
+            above = []
+    for row in sorted(lines):
+        key, comment = lines[row]
+        shown.append(key)
+        out += headings[row]
+        knob = f"--{key}={namespace[key]!r}"
+        out.append(f"  {knob:<22}  {comment}".rstrip() if comment else f"  {knob}")
+    out += [f"  --{k}={namespace[k]!r}" for k in keys if k not in shown]
+    return "\n".join(out) + "\n"
+
+
 def configure(namespace, argv=None):
     """Apply config files and --key=value overrides from argv (default sys.argv[1:]) to namespace.
     Returns {key: where it was set} for the keys a file or flag set ('--key' for a flag, else the
-    file's path), so a script can tell a user's choice from a default, and a flag from a file."""
+    file's path), so a script can tell a user's choice from a default, and a flag from a file.
+    --help (or -h) prints help_text of the calling script and exits 0."""
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        caller = sys._getframe(1)  # the script's own frame: its file is the help's source
+        sys.stdout.write(help_text(namespace, caller.f_code.co_filename, caller.f_lineno))
+        sys.exit(0)
     keys = config_keys(namespace)
     defaults = {k: namespace[k] for k in keys}
     touched = {}

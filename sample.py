@@ -20,8 +20,7 @@ from configurator import UsageError, configure, fail
 # -----------------------------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (a checkpoint in out_dir) or GPT-2 weights: 'gpt2', ..., 'gpt2-xl', a local HF folder
 out_dir = "out"
-start = ""  # the prompt: text, or FILE:path to read it from a file; empty: "\n" (nanoGPT's), or the
-# vocab's first symbol when it has no newline (said on stderr)
+start = ""  # the prompt: text, or FILE:path; empty: "\n" (nanoGPT's), or the vocab's first symbol if it has no newline
 num_samples = 10
 max_new_tokens = 500
 temperature = 0.8  # 1.0 samples the model's distribution as is, lower is more conservative, 0 is greedy
