@@ -359,7 +359,8 @@ while True:
     if stop:
         why = f"{stopper.name} received" if stopper.name else \
             "time_limit nearly reached" if stopper.out_of_time(dt, ck.stop_seconds()) else "another rank is stopping"
-        log(f"{why} at iteration {iter_num}: saving a checkpoint, then exiting")
+        log(f"{why} at iteration {iter_num}: " + ("saving a checkpoint, then exiting" if iter_num > start_iter
+                                                  else "exiting: nothing new to save"))  # (no update since the start)
         metrics.event(iter_num, "stop", reason=why)
     final = stop or iter_num >= max_iters
     if iter_num > start_iter and (due or final):
@@ -423,8 +424,7 @@ if stopper.count > signals:  # a stop signal cut the wait for the copy short
 if stop:
     if iter_num > start_iter:
         log(f"checkpoint saved at iteration {iter_num}; the same command (or --init_from=resume) continues the run")
-    else:
-        log("stopped before the first update: nothing new to save")
+    else:  # (the stop line said "nothing new to save")
         if stopper.name is None:  # time_limit: a job that requeues itself would loop without progress
             say(f"error: time_limit={time_limit!r} leaves no time for one iteration and a checkpoint; raise it", err=True)
             sys.exit(1)
