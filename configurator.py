@@ -35,6 +35,9 @@ def config_keys(namespace):
     return [k for k, v in namespace.items() if not k.startswith("_") and isinstance(v, PLAIN)]
 
 
+ERROR_COPIES = []  # callables that also get each error line: metrics.console, a run's out_dir/console.log
+
+
 def error_line(message, err=None):
     """Prints a command's one `error:` line to err (sys.stderr), and returns err. Under torchrun every
     rank usually meets the same bad file or value: the job's log then holds one `error:` line (rank
@@ -42,7 +45,10 @@ def error_line(message, err=None):
     err = err or sys.stderr
     rank = os.environ.get("RANK", "0")
     # one write, newline included: ranks sharing a pipe never splice their lines (print writes twice)
-    err.write(f"{'' if rank == '0' else f'rank {rank}: '}error: {message}\n")
+    line = f"{'' if rank == '0' else f'rank {rank}: '}error: {message}\n"
+    err.write(line)
+    for copy in ERROR_COPIES:
+        copy(line)
     return err
 
 
@@ -158,7 +164,7 @@ def check(namespace):
             fail(f"remote_dir {namespace['remote_dir']!r} {problem}")
     for key in ("out_dir", "to", "remote_dir"):  # a file where a folder should be can never work
         if namespace.get(key) and "://" not in namespace[key]:
-            _check_folders(key, namespace[key], may_be_file=key == "to")
+            _check_folders(key, namespace[key], may_be_file=key == "to", reads="ckpt" in namespace)
     for key in ("resume_from", "ckpt"):  # a checkpoint file (or FSDP's checkpoint folder) named by the command
         if isinstance(namespace.get(key), str) and namespace[key] and "://" not in namespace[key] and \
                 not os.path.lexists(namespace[key]):
@@ -198,12 +204,15 @@ def url_problem(url):
     return None
 
 
-def _check_folders(key, path, may_be_file):
-    """path's nearest existing ancestor (path itself included unless it may be a file) is a folder."""
+def _check_folders(key, path, may_be_file, reads=False):
+    """path's nearest existing ancestor (path itself included unless it may be a file) is a folder.
+    reads: the script reads a checkpoint (sample.py, export.py), so an out_dir that is one means --ckpt."""
     full = os.path.abspath(path)
     at = full if not may_be_file else os.path.dirname(full)
     while not os.path.exists(at):
         at = os.path.dirname(at)
+    if reads and key == "out_dir" and at == full and path.endswith(".pt") and os.path.isfile(at):
+        fail(f"out_dir {path!r} is a checkpoint file, not a folder; to read it give --ckpt={path}")
     if not os.path.isdir(at):
         where = "is a file" if at == full else f"is under {at}, which is a file"
         fail(f"{key} {path!r} {where}, not a folder; pick another --{key}")

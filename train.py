@@ -18,7 +18,7 @@ import time
 
 import preemption
 from configurator import check, check_data, check_fits, config_keys, configure, fail, one_line_errors
-from metrics import MetricsLog, has_wandb, humanize, say
+from metrics import MetricsLog, console, has_wandb, humanize, say
 
 # -----------------------------------------------------------------------------------------------
 # default config: GPT-2 124M on OpenWebText
@@ -105,6 +105,8 @@ if wandb_log and not has_wandb():
 rank = int(os.environ.get("RANK", 0))  # torchrun sets RANK; a plain `python train.py` is a world of one
 master = rank == 0
 log = say if master else (lambda *a, **k: None)  # a dead pipe or closed terminal never stops a run
+if master and not eval_only:  # the console's lines also go to out_dir/console.log, once the run holds out_dir
+    console.keep()
 
 
 # under torchrun the process group comes first, so that no rank reads a checkpoint before rank 0
@@ -207,6 +209,7 @@ log(f"device {device}, dtype {dtype}, world size {world_size}, {model.get_num_pa
 if remote_dir:  # the lease names this run now (a new run had no id when out_dir was claimed)
     distributed.on_rank0(lambda: remote.take_lease(run_id, attempt, remote_lease, log=log), master)
 out_lock = checkpointer.claim_on_every_rank(out_dir, master, create=True, held=out_lock)
+console.open(out_dir)
 
 if rank:
     resume.seed_rngs(seed + rank)  # dropout: each rank its own stream (rank 0 goes on with seed's)
