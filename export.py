@@ -78,7 +78,7 @@ if format == "safetensors" and os.path.exists(to):
     if not ours:
         raise SystemExit(f"error: {to} exists and is not a previous export; pick another --to")
 try:  # the weights alone, memory-mapped; the same rule as sample.py's
-    path, state = resume.pick_to_read(out_dir, ckpt, which, log=print)
+    path, state = resume.pick_to_read(out_dir, ckpt, which, log=lambda m: print(m, file=sys.stderr))
     record, note = tokenizer.of_checkpoint(state, dataset.DATA_DIR, path)
 except UsageError as e:
     fail(str(e))

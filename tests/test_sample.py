@@ -144,7 +144,7 @@ def picks(tmp_path, *flags):
     s = run("sample.py", *flags, "--device=cpu", "--num_samples=1", "--max_new_tokens=2")
     to = tmp_path / f"e{len(os.listdir(tmp_path))}.safetensors"
     e = run("export.py", *flags, "--format=safetensors", f"--to={to}")
-    return SAMPLED.search(s.stderr).groups(), EXPORTED.search(e.stdout).groups(), s.stderr + e.stdout
+    return SAMPLED.search(s.stderr).groups(), EXPORTED.search(e.stdout).groups(), s.stderr + e.stderr
 
 
 def test_sample_and_export_read_a_chosen_checkpoint(trained, tmp_path):
