@@ -333,7 +333,7 @@ def test_foreign_files_in_out_dir_are_listed_bad_and_skipped(trained, tmp_path):
     assert f"sampling from {out / 'ckpt-00000012.pt'} (iteration 12)" in p.stderr and p.stdout.strip()
     p = run("export.py", f"--out_dir={out}", "--which=latest", f"--to={tmp_path / 'hf'}", timeout=120)
     assert f"exporting {out / 'ckpt-00000012.pt'} (iteration 12" in p.stdout
-    skipped = [ln for ln in p.stdout.splitlines() if ln.startswith("warning: skipping")]
+    skipped = [ln for ln in p.stderr.splitlines() if ln.startswith("warning: skipping")]
     p = resume(out, "--max_iters=13")
     resumed = [ln for ln in p.stdout.splitlines() if ln.startswith("warning: skipping")]
     for name in [*names.values(), checkpoint.BEST]:
