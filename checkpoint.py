@@ -2,7 +2,7 @@
 Checkpoint files and folders: atomic save, safe load, content checks, finding the newest good one,
 and a small inspect CLI (retention is the Checkpointer's, RNG capture and the resume rules resume.py's):
 
-    python checkpoint.py out-shakespeare-char      # list the checkpoints in a folder
+    python checkpoint.py out-shakespeare-char      # list the checkpoints in a folder (exit 1 if one is bad)
     python checkpoint.py out-shakespeare-char/ckpt.pt   # one file's metadata: its header only (mmap)
     python checkpoint.py verify out-shakespeare-char/ckpt.pt   # the same, every CRC checked
     python checkpoint.py s3://bucket/run           # a remote_dir's checkpoints, complete or not (remote.py)
@@ -821,6 +821,9 @@ USAGE = ("usage: python checkpoint.py OUT_DIR | REMOTE_DIR | CHECKPOINT | verify
 
 
 def main(argv):
+    if argv[:1] in (["--help"], ["-h"]):
+        print(f"{__doc__.strip()}\n\n{USAGE}")
+        return
     if argv[:1] == ["consolidate"]:
         if len(argv) != 3:
             print(f"error: {USAGE}", file=sys.stderr)
@@ -855,8 +858,14 @@ def main(argv):
         if not files:
             sys.exit(f"error: no checkpoint in {target!r}")
         print(f"{'file (newest first)':<24} {'branch':>6} {'iter':>8} {'val loss':>9} {'size':>12}  {'written':<19}  status")
+        bad = 0
         for path in files:
-            print(describe(path))
+            line = describe(path)
+            bad += "  BAD: " in line
+            print(line, flush=True)
+        if bad:  # every file listed first; then a script or CI job can tell from the exit code
+            sys.exit(f"error: {bad} of the {len(files)} checkpoints in {target} {'is' if bad == 1 else 'are'} bad "
+                     f"(see BAD above)")
         return
     try:
         ckpt = inspect(target, crcs=verify)

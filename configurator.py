@@ -19,10 +19,12 @@ diverged loss, out of memory).
 """
 import ast
 import difflib
+import io
 import math
 import os
 import re
 import sys
+import tokenize
 import types
 
 PLAIN = (int, float, bool, str, type(None))
@@ -33,6 +35,9 @@ def config_keys(namespace):
     return [k for k, v in namespace.items() if not k.startswith("_") and isinstance(v, PLAIN)]
 
 
+ERROR_COPIES = []  # callables that also get each error line: metrics.console, a run's out_dir/console.log
+
+
 def error_line(message, err=None):
     """Prints a command's one `error:` line to err (sys.stderr), and returns err. Under torchrun every
     rank usually meets the same bad file or value: the job's log then holds one `error:` line (rank
@@ -40,7 +45,10 @@ def error_line(message, err=None):
     err = err or sys.stderr
     rank = os.environ.get("RANK", "0")
     # one write, newline included: ranks sharing a pipe never splice their lines (print writes twice)
-    err.write(f"{'' if rank == '0' else f'rank {rank}: '}error: {message}\n")
+    line = f"{'' if rank == '0' else f'rank {rank}: '}error: {message}\n"
+    err.write(line)
+    for copy in ERROR_COPIES:
+        copy(line)
     return err
 
 
@@ -156,7 +164,7 @@ def check(namespace):
             fail(f"remote_dir {namespace['remote_dir']!r} {problem}")
     for key in ("out_dir", "to", "remote_dir"):  # a file where a folder should be can never work
         if namespace.get(key) and "://" not in namespace[key]:
-            _check_folders(key, namespace[key], may_be_file=key == "to")
+            _check_folders(key, namespace[key], may_be_file=key == "to", reads="ckpt" in namespace)
     for key in ("resume_from", "ckpt"):  # a checkpoint file (or FSDP's checkpoint folder) named by the command
         if isinstance(namespace.get(key), str) and namespace[key] and "://" not in namespace[key] and \
                 not os.path.lexists(namespace[key]):
@@ -196,12 +204,15 @@ def url_problem(url):
     return None
 
 
-def _check_folders(key, path, may_be_file):
-    """path's nearest existing ancestor (path itself included unless it may be a file) is a folder."""
+def _check_folders(key, path, may_be_file, reads=False):
+    """path's nearest existing ancestor (path itself included unless it may be a file) is a folder.
+    reads: the script reads a checkpoint (sample.py, export.py), so an out_dir that is one means --ckpt."""
     full = os.path.abspath(path)
     at = full if not may_be_file else os.path.dirname(full)
     while not os.path.exists(at):
         at = os.path.dirname(at)
+    if reads and key == "out_dir" and at == full and path.endswith(".pt") and os.path.isfile(at):
+        fail(f"out_dir {path!r} is a checkpoint file, not a folder; to read it give --ckpt={path}")
     if not os.path.isdir(at):
         where = "is a file" if at == full else f"is under {at}, which is a file"
         fail(f"{key} {path!r} {where}, not a folder; pick another --{key}")
@@ -312,11 +323,56 @@ def activation_bytes(model_args, batch_size):
     return 4 * floats
 
 
+def help_text(namespace, path, before=None):
+    """--help, read from the script at path so that it never drifts from the code: its docstring, then
+    each knob in the order of the code as --key=default and the comment on its line (comment lines
+    right above a knob are printed as they are: the code's own headings). A knob's line is its last
+    `key = ...` (or `key=...,` in a dict) before line `before`, the configure() call; knobs set where
+    no line of the script shows them come last."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    keys = config_keys(namespace)
+    doc = (ast.get_docstring(ast.parse(source)) or "").strip()
+    out = [doc, ""] if doc else []
+    out.append("Knobs (--key=value, config files: configurator.py), with their defaults:")
+    lines, shown, above = {}, [], []  # line number: (knob, its comment); above: comment lines over the next line
+    tokens = [t for t in tokenize.generate_tokens(io.StringIO(source).readline)
+              if t.type not in (tokenize.INDENT, tokenize.DEDENT)]
+    for i, t in enumerate(tokens[:-1]):
+        first = i == 0 or tokens[i - 1].type in (tokenize.NL, tokenize.NEWLINE) or tokens[i - 1].string in ("(", ",")
+        if t.type == tokenize.NAME and first and tokens[i + 1].string == "=" and t.string in keys \
+                and (before is None or t.start[0] < before):
+            comment = next((c.string for c in tokens[i:] if c.start[0] == t.start[0] and c.type == tokenize.COMMENT), "")
+            lines = {row: v for row, v in lines.items() if v[0] != t.string}  # the last one counts
+            lines[t.start[0]] = (t.string, comment[1:].strip())
+    headings = {}
+    for row, text in enumerate(source.splitlines(), 1):
+        if text.strip().startswith("#"):
+            above.append(text.strip())
+        elif row in lines:
+            headings[row], above = [h for h in above if h.strip("#- ")], []
+        else:
+            above = []
+    for row in sorted(lines):
+        key, comment = lines[row]
+        shown.append(key)
+        out += headings[row]
+        knob = f"--{key}={namespace[key]!r}"
+        out.append(f"  {knob:<22}  {comment}".rstrip() if comment else f"  {knob}")
+    out += [f"  --{k}={namespace[k]!r}" for k in keys if k not in shown]
+    return "\n".join(out) + "\n"
+
+
 def configure(namespace, argv=None):
     """Apply config files and --key=value overrides from argv (default sys.argv[1:]) to namespace.
     Returns {key: where it was set} for the keys a file or flag set ('--key' for a flag, else the
-    file's path), so a script can tell a user's choice from a default, and a flag from a file."""
+    file's path), so a script can tell a user's choice from a default, and a flag from a file.
+    --help (or -h) prints help_text of the calling script and exits 0."""
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        caller = sys._getframe(1)  # the script's own frame: its file is the help's source
+        sys.stdout.write(help_text(namespace, caller.f_code.co_filename, caller.f_lineno))
+        sys.exit(0)
     keys = config_keys(namespace)
     defaults = {k: namespace[k] for k in keys}
     touched = {}

@@ -3,6 +3,10 @@ Export a checkpoint for use outside this project.
 
     python export.py --out_dir=out-shakespeare --format=hf --to=hf-out/
     python export.py --out_dir=out-shakespeare --which=latest --format=safetensors --to=model.safetensors
+    python export.py --ckpt=out-shakespeare/ckpt-00000020.pt --to=hf-20/
+
+The checkpoint is picked as sample.py picks it (resume.pick_to_read): --ckpt's file or FSDP folder,
+else out_dir's ckpt.pt, or the newest good checkpoint when there is none or it does not load.
 
 --format=hf writes a folder that transformers reads with GPT2LMHeadModel.from_pretrained(folder):
 config.json, model.safetensors, export.json (what was exported, from where) and, for GPT-2 BPE
@@ -30,12 +34,12 @@ import shutil
 import sys
 
 from atomicfile import OLD_TAG, atomic_write, fsync_tree, replace_folder, temp_name
-from configurator import configure, fail
+from configurator import UsageError, configure, fail
 
 # -----------------------------------------------------------------------------------------------
-out_dir = "out"
-which = "best"  # 'best': out_dir/ckpt.pt (best val loss, as sample.py); 'latest': the newest checkpoint that loads
-ckpt = ""  # a checkpoint file to export instead of out_dir's
+out_dir = "out"  # a run's folder, or its remote_dir (s3://...)
+which = "best"  # from out_dir: 'best': ckpt.pt, else the newest good checkpoint; 'latest': the newest good one
+ckpt = ""  # a checkpoint file or FSDP checkpoint folder (local or s3://...) to read instead of out_dir's
 format = "hf"  # 'hf': a Hugging Face GPT-2 folder; 'safetensors': our weights alone, one file
 to = "hf-out"  # the output folder (hf), or file (safetensors; a folder gets model.safetensors in it)
 configure(globals())
@@ -60,6 +64,7 @@ from safetensors import SafetensorError, safe_open  # noqa: E402
 import checkpoint  # noqa: E402
 import dataset  # noqa: E402
 import remote  # noqa: E402
+import resume  # noqa: E402
 import tokenizer  # noqa: E402
 from gpt2 import from_state_dict, save_safetensors, to_hf  # noqa: E402
 from model import GPTConfig  # noqa: E402
@@ -72,24 +77,11 @@ if format == "safetensors" and os.path.exists(to):
         ours = False
     if not ours:
         raise SystemExit(f"error: {to} exists and is not a previous export; pick another --to")
-load = checkpoint.load_weights  # the weights alone, memory-mapped: never the optimizer or the RNG
-try:
-    if remote.is_remote(ckpt):  # one checkpoint of a remote_dir, by name: cached locally, verified
-        folder, name = ckpt.rstrip("/").rsplit("/", 1)
-        ckpt = os.path.join(remote.Remote(folder).fetch(name), name)
-    elif remote.is_remote(out_dir):
-        out_dir = remote.Remote(out_dir).fetch(which)
-    if ckpt:
-        path, state = ckpt, load(ckpt)
-    elif which == "best":
-        path = os.path.join(out_dir, checkpoint.BEST)
-        if not os.path.exists(path) and checkpoint.candidates(out_dir):
-            raise SystemExit(f"error: {path} does not exist (it is written when val loss improves); "
-                             f"export the newest checkpoint with --which=latest")
-        state = load(path)
-    else:
-        path, state = checkpoint.load_latest(out_dir, load_one=load)
+try:  # the weights alone, memory-mapped; the same rule as sample.py's
+    path, state = resume.pick_to_read(out_dir, ckpt, which, log=lambda m: print(m, file=sys.stderr))
     record, note = tokenizer.of_checkpoint(state, dataset.DATA_DIR, path)
+except UsageError as e:
+    fail(str(e))
 except (checkpoint.CheckpointError, remote.RemoteError) as e:
     raise SystemExit(f"error: {e}")
 except ValueError as e:  # no tokenizer to be found for a small vocab

@@ -1,6 +1,7 @@
 """
 The resume policy: which checkpoint a start continues, which config wins, branches, and what a
-resume restores (docs/checkpoints.md). checkpoint.py reads and judges the files; this module decides.
+resume restores (docs/checkpoints.md); and which checkpoint sample.py and export.py read (pick_to_read).
+checkpoint.py reads and judges the files; this module decides.
 
 - The same command twice continues the run: a start into an out_dir holding a good checkpoint
   resumes it, and nothing ever overwrites another run's files.
@@ -17,8 +18,9 @@ import torch
 
 import tokenizer
 from atomicfile import fsync_dir
-from checkpoint import (BEST, KEPT_BEST, CheckpointError, candidates, load, load_latest, os_error, python_rng, read_header,
-                        scan)
+import remote
+from checkpoint import (BEST, KEPT_BEST, CheckpointError, candidates, is_folder_checkpoint, load, load_latest,
+                        load_weights, os_error, python_rng, read_header, scan)
 from configurator import UsageError
 from metrics import say
 
@@ -76,6 +78,7 @@ def find_start(out_dir, init_from, resume_from="", log=say, tensors=True):
     return path, ckpt
 
 
+<<<<<<< HEAD
 def one_run(out_dir):
     """One folder holds one run: checkpoints of two run ids in out_dir (another run's file copied in)
     could no longer be told apart by "newest", and continuing the newest would mix them. Raises
@@ -90,6 +93,36 @@ def one_run(out_dir):
                               f"{', ...' if len(fa) > 3 else ''}) and {b} ({', '.join(sorted(fb)[:3])}"
                               f"{', ...' if len(fb) > 3 else ''}); one folder holds one run: move the other "
                               f"run's files into a folder of their own (python checkpoint.py {out_dir} lists them)")
+=======
+def pick_to_read(out_dir, ckpt="", which="best", log=say):
+    """(path, weights: checkpoint.load_weights) of the checkpoint that sample.py and export.py read,
+    by one rule: the file or FSDP folder `ckpt` names, if any; else from out_dir, ckpt.pt (the best
+    val loss, nanoGPT's file) or, when there is none or it does not load, the newest good checkpoint,
+    said in one line; which='latest': the newest good one. A remote ckpt or out_dir (s3://...) is
+    read through remote.Remote.fetch's verified local cache. Raises CheckpointError or RemoteError
+    (RunErrors), or UsageError for an out_dir that is a checkpoint folder."""
+    if remote.is_remote(ckpt):
+        folder, name = ckpt.rstrip("/").rsplit("/", 1)
+        ckpt = os.path.join(remote.Remote(folder).fetch(name, log=log), name)
+    if ckpt:
+        return ckpt, load_weights(ckpt)
+    if remote.is_remote(out_dir):
+        out_dir = remote.Remote(out_dir).fetch(which, log=log)
+    if os.path.isdir(out_dir) and is_folder_checkpoint(out_dir):
+        raise UsageError(f"out_dir {out_dir!r} is a checkpoint folder, not a run's folder; to read it give --ckpt={out_dir}")
+    best = os.path.join(out_dir, BEST)
+    if which == "best" and os.path.lexists(best):
+        try:
+            return best, load_weights(best)
+        except CheckpointError as e:
+            log(f"warning: skipping {e}; reading the newest good checkpoint")
+    # (a ckpt.pt that failed has been reported just now)
+    path, weights = load_latest(out_dir, log=lambda m: (which == "best" and best in m) or log(m), load_one=load_weights)
+    if which == "best" and not os.path.lexists(best):
+        log(f"note: {out_dir} has no {BEST} (written when val loss improves): reading the newest good checkpoint, "
+            f"{os.path.basename(path)}")
+    return path, weights
+>>>>>>> cli32
 
 
 def branch_for(out_dir, ckpt, picked):

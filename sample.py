@@ -1,7 +1,8 @@
 """
-Sample from a trained model (out_dir's ckpt.pt) or from OpenAI's GPT-2 weights.
+Sample from a trained model (out_dir's ckpt.pt, or a checkpoint named by --ckpt) or from OpenAI's GPT-2 weights.
 
     python sample.py --out_dir=out-shakespeare-char
+    python sample.py --ckpt=out-shakespeare-char/ckpt-00001000.pt
     python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt
 
@@ -19,9 +20,10 @@ from configurator import UsageError, configure, fail
 
 # -----------------------------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (a checkpoint in out_dir) or GPT-2 weights: 'gpt2', ..., 'gpt2-xl', a local HF folder
-out_dir = "out"
-start = ""  # the prompt: text, or FILE:path to read it from a file; empty: "\n" (nanoGPT's), or the
-# vocab's first symbol when it has no newline (said on stderr)
+out_dir = "out"  # a run's folder, or its remote_dir (s3://...)
+which = "best"  # from out_dir: 'best': ckpt.pt, else the newest good checkpoint; 'latest': the newest good one
+ckpt = ""  # a checkpoint file or FSDP checkpoint folder (local or s3://...) to read instead of out_dir's
+start = ""  # the prompt: text, or FILE:path; empty: "\n" (nanoGPT's), or the vocab's first symbol if it has no newline
 num_samples = 10
 max_new_tokens = 500
 temperature = 0.8  # 1.0 samples the model's distribution as is, lower is more conservative, 0 is greedy
@@ -37,6 +39,8 @@ device = "auto"
 dtype = "auto"
 configure(globals())
 # -----------------------------------------------------------------------------------------------
+if ckpt and init_from != "resume":
+    fail(f"--ckpt reads a checkpoint, but --init_from={init_from!r} asks for GPT-2 weights; drop one of them")
 if start.startswith("FILE:"):
     try:
         with open(start[5:], encoding="utf-8") as f:
@@ -50,6 +54,7 @@ import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
 import remote  # noqa: E402
+import resume  # noqa: E402
 import tokenizer  # noqa: E402
 from dataset import DATA_DIR  # noqa: E402
 from devices import DeviceError, autocast_context, one_line_out_of_memory, pick_device, pick_dtype  # noqa: E402
@@ -66,32 +71,22 @@ except DeviceError as e:
 dtype = pick_dtype(dtype, device)
 ctx = autocast_context(device, dtype)
 
-if init_from == "resume" and remote.is_remote(out_dir):  # a remote_dir: its ckpt.pt, cached locally, verified
+if init_from == "resume":  # ckpt.pt, else the newest good checkpoint: resume.pick_to_read, export.py's rule too
     try:
-        out_dir = remote.Remote(out_dir).fetch("best", log=lambda m: print(m, file=sys.stderr))
-    except remote.RemoteError as e:
+        path, state = resume.pick_to_read(out_dir, ckpt, which, log=lambda m: print(m, file=sys.stderr))
+    except UsageError as e:
+        fail(str(e))
+    except (checkpoint.CheckpointError, remote.RemoteError) as e:
         raise SystemExit(f"error: {e}")
-if init_from == "resume":
-    best = os.path.join(out_dir, checkpoint.BEST)
-    load = checkpoint.load_weights  # the weights alone, memory-mapped: never the optimizer or the RNG
-    try:  # ckpt.pt (best val) as in nanoGPT, else the newest checkpoint that loads
-        path, ckpt = best, load(best)
-    except checkpoint.CheckpointError as e:
-        if os.path.exists(best):
-            print(f"warning: skipping {e}; using the newest checkpoint that loads", file=sys.stderr)
-        try:  # (ckpt.pt has been reported just now)
-            path, ckpt = checkpoint.load_latest(out_dir, log=lambda m: best in m or print(m, file=sys.stderr), load_one=load)
-        except checkpoint.CheckpointError as e:
-            raise SystemExit(f"error: {e}")
-    model = from_state_dict(GPTConfig(**{k: ckpt["model_args"][k] for k in checkpoint.MODEL_ARGS}), ckpt["model"])
+    model = from_state_dict(GPTConfig(**{k: state["model_args"][k] for k in checkpoint.MODEL_ARGS}), state["model"])
     try:  # the checkpoint's own tokenizer; an older file's comes from its dataset's meta.pkl
-        record, note = tokenizer.of_checkpoint(ckpt, DATA_DIR, path)
+        record, note = tokenizer.of_checkpoint(state, DATA_DIR, path)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if note:
         print(note, file=sys.stderr)
-    print(f"sampling from {path} (iteration {ckpt.get('iter_num')})", file=sys.stderr)  # stdout: samples only
-    del ckpt
+    print(f"sampling from {path} (iteration {state.get('iter_num')})", file=sys.stderr)  # stdout: samples only
+    del state
 else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder
     try:
         model = load_gpt2(init_from)

@@ -18,7 +18,7 @@ import time
 
 import preemption
 from configurator import check, check_data, check_fits, config_keys, configure, fail, one_line_errors
-from metrics import MetricsLog, has_wandb, humanize, say
+from metrics import MetricsLog, console, has_wandb, humanize, say
 
 # -----------------------------------------------------------------------------------------------
 # default config: GPT-2 124M on OpenWebText
@@ -105,6 +105,8 @@ if wandb_log and not has_wandb():
 rank = int(os.environ.get("RANK", 0))  # torchrun sets RANK; a plain `python train.py` is a world of one
 master = rank == 0
 log = say if master else (lambda *a, **k: None)  # a dead pipe or closed terminal never stops a run
+if master and not eval_only:  # the console's lines also go to out_dir/console.log, once the run holds out_dir
+    console.keep()
 
 
 # under torchrun the process group comes first, so that no rank reads a checkpoint before rank 0
@@ -211,6 +213,7 @@ if remote_dir and writes:  # the lease names this run now (a new run had no id w
     distributed.on_rank0(lambda: remote.take_lease(run_id, attempt, remote_lease, log=log), master)
 if writes:
     out_lock = checkpointer.claim_on_every_rank(out_dir, master, create=True, held=out_lock)
+    console.open(out_dir)
 
 if rank:
     resume.seed_rngs(seed + rank)  # dropout: each rank its own stream (rank 0 goes on with seed's)
@@ -371,7 +374,8 @@ while True:
     if stop:
         why = f"{stopper.name} received" if stopper.name else "out_dir was deleted or replaced" if lost else \
             "time_limit nearly reached" if stopper.out_of_time(dt, ck.stop_seconds()) else "another rank is stopping"
-        log(f"{why} at iteration {iter_num}: saving a checkpoint, then exiting")
+        log(f"{why} at iteration {iter_num}: " + ("saving a checkpoint, then exiting" if iter_num > start_iter
+                                                  else "exiting: nothing new to save"))  # (no update since the start)
         metrics.event(iter_num, "stop", reason=why)
     final = stop or iter_num >= max_iters
     if iter_num > start_iter and (due or final):
@@ -439,8 +443,7 @@ if stopper.count > signals:  # a stop signal cut the wait for the copy short
 if stop:
     if iter_num > start_iter:
         log(f"checkpoint saved at iteration {iter_num}; the same command (or --init_from=resume) continues the run")
-    else:
-        log("stopped before the first update: nothing new to save")
+    else:  # (the stop line said "nothing new to save")
         if stopper.name is None:  # time_limit: a job that requeues itself would loop without progress
             say(f"error: time_limit={time_limit!r} leaves no time for one iteration and a checkpoint; raise it", err=True)
             sys.exit(1)

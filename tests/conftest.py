@@ -151,8 +151,8 @@ def wait_for(proc, pattern, seen=None):
 
 def listing(out):
     """A run folder's checkpoint files: less the .lock that train.py holds while it runs (it names its
-    pid) and the metrics it appends to (metrics.py)."""
-    return [n for n in os.listdir(out) if n not in (".lock", "metrics.jsonl")]
+    pid) and the metrics and console lines it appends to (metrics.py)."""
+    return [n for n in os.listdir(out) if n not in (".lock", "metrics.jsonl", "console.log")]
 
 
 def contents(out):

@@ -60,6 +60,18 @@ def test_damaged_newest_falls_back(trained, tmp_path, damage):
     assert "at iteration 12" in p.stdout and "iter 12:" in p.stdout
 
 
+def test_the_listing_exits_1_when_it_finds_a_bad_file(trained, tmp_path):
+    """checkpoint.py OUT_DIR lists every file, then exits 1 with one error line when one of them is BAD
+    (a script or a CI job can tell), 0 when all are ok."""
+    assert run("checkpoint.py", str(trained)).stderr == ""
+    out = copy_run(trained, tmp_path / "run")
+    (out / checkpoint.PERIODIC.format(99)).write_bytes(b"not a checkpoint at all")
+    p = run("checkpoint.py", str(out), check=False)
+    assert p.returncode == 1 and re.search(r"^ckpt-00000099\.pt .* BAD: ", p.stdout, re.M), p.stdout
+    assert re.search(r"^ckpt-00000012\.pt .* ok$", p.stdout, re.M)
+    assert p.stderr.strip() == f"error: 1 of the 5 checkpoints in {out} is bad (see BAD above)", p.stderr
+
+
 def test_all_bad_is_one_clear_error(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -87,8 +99,8 @@ def test_malicious_pickle_is_refused_and_never_runs(trained, tmp_path):
     assert "refused" in p.stdout and "at iteration 12" in p.stdout
     p = run("sample.py", f"--out_dir={out}", "--max_new_tokens=5", "--num_samples=1", "--device=cpu")
     assert "ckpt.pt" in p.stderr and p.stdout.strip()  # sampled from the good file
-    p = run("checkpoint.py", str(out))
-    assert re.search(r"ckpt-00000099.pt .* BAD: .*refused", p.stdout)
+    p = run("checkpoint.py", str(out), check=False)
+    assert p.returncode == 1 and re.search(r"ckpt-00000099.pt .* BAD: .*refused", p.stdout)
     assert not marker.exists()
 
 
@@ -310,7 +322,8 @@ def foreign_folder(trained, out):
 def test_foreign_files_in_out_dir_are_listed_bad_and_skipped(trained, tmp_path):
     out = tmp_path / "run"
     names = foreign_folder(trained, out)
-    p = run("checkpoint.py", str(out), timeout=120)  # exit 0: listing a folder never fails on what is in it
+    p = run("checkpoint.py", str(out), timeout=120, check=False)  # exit 1: it found bad files (and lists them all)
+    assert p.returncode == 1, p.stderr
     for case, name in names.items():
         assert re.search(rf"^{re.escape(name)} .* BAD: .*{re.escape(FOREIGN[case][1])}", p.stdout, re.M), case
     assert re.search(r"^ckpt\.pt .* BAD: .*not a regular file \(a FIFO\)$", p.stdout, re.M)
@@ -320,7 +333,7 @@ def test_foreign_files_in_out_dir_are_listed_bad_and_skipped(trained, tmp_path):
     assert f"sampling from {out / 'ckpt-00000012.pt'} (iteration 12)" in p.stderr and p.stdout.strip()
     p = run("export.py", f"--out_dir={out}", "--which=latest", f"--to={tmp_path / 'hf'}", timeout=120)
     assert f"exporting {out / 'ckpt-00000012.pt'} (iteration 12" in p.stdout
-    skipped = [ln for ln in p.stdout.splitlines() if ln.startswith("warning: skipping")]
+    skipped = [ln for ln in p.stderr.splitlines() if ln.startswith("warning: skipping")]
     p = resume(out, "--max_iters=13")
     resumed = [ln for ln in p.stdout.splitlines() if ln.startswith("warning: skipping")]
     for name in [*names.values(), checkpoint.BEST]:

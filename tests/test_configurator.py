@@ -1,7 +1,9 @@
 """configurator.py: config files and --key=value flags, and one clear line for every mistake."""
+import os
+
 import pytest
 
-from conftest import run
+from conftest import ROOT, run
 from configurator import configure
 
 
@@ -98,3 +100,53 @@ def test_scripts_exit_2_without_traceback(script, typo, key):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"error: unknown config key '{typo}' in --{typo}=3; did you mean '{key}'?"
+
+
+# each script's --help: its docstring's first line, and a knob with its default and comment as they are in the code
+HELP = {"train.py": ("Train a GPT", "--eval_only=False", "evaluate once and exit"),
+        "sample.py": ("Sample from a trained model", "--max_batch=16", "samples generated together"),
+        "export.py": ("Export a checkpoint", "--format='hf'", "'hf': a Hugging Face GPT-2 folder"),
+        "bench/bench.py": ("Measure training speed", "--mode='train'", "'train': step time"),
+        "data/prepare.py": ("Your own text", "--val_fraction=0.1", "of the documents, whole"),
+        "checkpoint.py": ("Checkpoint files and folders", "consolidate FOLDER OUT.pt", ""),
+        "plot.py": ("loss curves", "--x", "")}
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize("script", HELP)
+def test_every_script_answers_help(script, flag):
+    p = run(script, flag, check=False)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    first, knob, comment = HELP[script]
+    assert first in p.stdout and knob in p.stdout
+    line = next(ln for ln in p.stdout.splitlines() if knob in ln)
+    assert comment in line, line
+
+
+def test_help_lists_every_knob_from_the_code(tmp_path, capsys):
+    """Generated from the calling script: its docstring, then every knob in the order of the code,
+    with its default and the comment on its line; comment lines above a knob are headings."""
+    script = tmp_path / "s.py"
+    script.write_text('"""\nDo a thing.\n\n    python s.py\n"""\nfrom configurator import configure\n\n'
+                      '# --------\n# I/O\nout_dir = "out"  # where it goes (# not a comment)\nsteps = 3\n'
+                      'rate = 0.5  # how fast\n_private = 1\nconfigure(globals(), ["--help"])\n')
+    with pytest.raises(SystemExit) as e:
+        exec(compile(script.read_text(), str(script), "exec"), {"__name__": "__main__", "__file__": str(script),
+                                                                 "__doc__": "\nDo a thing.\n\n    python s.py\n"})
+    assert e.value.code == 0
+    assert capsys.readouterr().out == (
+        "Do a thing.\n\n    python s.py\n\n"
+        "Knobs (--key=value, config files: configurator.py), with their defaults:\n"
+        "# I/O\n"
+        "  --out_dir='out'         where it goes (# not a comment)\n"
+        "  --steps=3\n"
+        "  --rate=0.5              how fast\n")
+
+
+def test_help_is_quick_and_the_readme_points_to_it():
+    """train.py --help answers before torch is imported (seconds), and the README says where the knobs are."""
+    p = run("train.py", "--help", prefix=["env", "PYTHONPROFILEIMPORTTIME=1"])  # a fresh interpreter, not the fork server
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in p.stderr.splitlines() if ln.startswith("import time:")}
+    assert "configurator" in imported and "torch" not in imported
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert "python train.py --help" in f.read()

@@ -276,7 +276,7 @@ def test_damaged_folder_is_refused(fsdp_run, tmp_path, damage):
     out = copy_run(fsdp_run, tmp_path / "copy")
     do, why = DAMAGE[damage]
     do(out / "ckpt-00000020")
-    listing = run("checkpoint.py", str(out)).stdout  # every file's CRC checked: the bad one named
+    listing = run("checkpoint.py", str(out), check=False).stdout  # every file's CRC checked: the bad one named
     assert re.search(r"ckpt-00000020/ .* BAD: .*" + re.escape(why), listing), listing
     assert re.search(r"ckpt-00000016/ .* ok", listing)
 

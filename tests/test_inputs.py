@@ -172,6 +172,9 @@ def test_time_limit_too_short_for_one_iteration(shakespeare_char, tmp_path):
     """A job that requeues itself must not loop without progress: exit 1, and say so."""
     p = run("train.py", *TINY, f"--out_dir={tmp_path}", "--time_limit=1", check=False)
     assert p.returncode == 1 and "nothing new to save" in p.stdout
+    # the stop line says what happens: no promise of a checkpoint that is then not written
+    assert "saving a checkpoint" not in p.stdout and p.stdout.count("nothing new to save") == 1, p.stdout
+    assert "time_limit nearly reached at iteration 0: exiting: nothing new to save" in p.stdout, p.stdout
     assert p.stderr.strip() == "error: time_limit='1' leaves no time for one iteration and a checkpoint; raise it"
 
 

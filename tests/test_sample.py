@@ -3,6 +3,8 @@ sampled, prompts shorter than, equal to and longer than block_size, generations 
 a sample is the same in any batch, a lone sample is printed as it is generated and equals the
 final text, and stop_at_eot ends a GPT-2 BPE sample at <|endoftext|>."""
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import ENV, ROOT, run
+from conftest import ENV, ROOT, copy_run, run
 from model import GPT, GPTConfig
 
 T = 16  # block_size of the tiny model
@@ -131,3 +133,51 @@ def test_stop_at_eot_ends_each_sample_there(eot_model):
         assert s == f.split("<|endoftext|>")[0] and s.startswith("Hello")
     one = sample(*args, "--num_samples=1", "--stop_at_eot=True")  # streamed, stopped alike
     assert one == stopped[0] + "\n---------------\n"
+
+
+SAMPLED = re.compile(r"sampling from (\S+) \(iteration (\d+)\)")
+EXPORTED = re.compile(r"exporting (\S+) \(iteration (\d+),")
+
+
+def picks(tmp_path, *flags):
+    """(path, iteration) that sample.py and export.py each read, given the same flags."""
+    s = run("sample.py", *flags, "--device=cpu", "--num_samples=1", "--max_new_tokens=2")
+    to = tmp_path / f"e{len(os.listdir(tmp_path))}.safetensors"
+    e = run("export.py", *flags, "--format=safetensors", f"--to={to}")
+    return SAMPLED.search(s.stderr).groups(), EXPORTED.search(e.stdout).groups(), s.stderr + e.stderr
+
+
+def test_sample_and_export_read_a_chosen_checkpoint(trained, tmp_path):
+    """--ckpt names the checkpoint file (or FSDP folder) to read, in sample.py as in export.py; an
+    out_dir that is a checkpoint file is one line that points at --ckpt."""
+    chosen = os.path.join(trained, "ckpt-00000005.pt")
+    s, e, _ = picks(tmp_path, f"--ckpt={chosen}")
+    assert s == e == (chosen, "5")
+    for script in ("sample.py", "export.py"):
+        p = run(script, f"--out_dir={chosen}", check=False)
+        assert p.returncode == 2 and p.stderr.strip() == \
+            f"error: out_dir {chosen!r} is a checkpoint file, not a folder; to read it give --ckpt={chosen}", p.stderr
+    p = run("sample.py", f"--ckpt={chosen}", "--init_from=gpt2", check=False)
+    assert p.returncode == 2 and p.stderr.strip() == \
+        "error: --ckpt reads a checkpoint, but --init_from='gpt2' asks for GPT-2 weights; drop one of them", p.stderr
+
+
+def test_sample_and_export_pick_the_same_checkpoint(trained, tmp_path):
+    """From an out_dir both read ckpt.pt (the best val loss), else (there is none, or it does not
+    load) the newest good checkpoint, saying so; --which=latest the newest good one."""
+    out = copy_run(trained, tmp_path / "run")
+    shutil.copyfile(out / "ckpt-00000005.pt", out / "ckpt.pt")  # the best val loss was at iteration 5
+    work = tmp_path / "exports"
+    work.mkdir()
+    s, e, _ = picks(work, f"--out_dir={out}")
+    assert s == e == (str(out / "ckpt.pt"), "5")
+    s, e, _ = picks(work, f"--out_dir={out}", "--which=latest")
+    assert s == e == (str(out / "ckpt-00000010.pt"), "10")
+    (out / "ckpt.pt").write_bytes(b"damaged")
+    s, e, said = picks(work, f"--out_dir={out}")
+    assert s == e == (str(out / "ckpt-00000010.pt"), "10") and said.count(f"warning: skipping {out / 'ckpt.pt'}") == 2
+    os.remove(out / "ckpt.pt")
+    s, e, said = picks(work, f"--out_dir={out}")
+    assert s == e == (str(out / "ckpt-00000010.pt"), "10")
+    assert said.count(f"note: {out} has no ckpt.pt (written when val loss improves): reading the newest good "
+                      f"checkpoint, ckpt-00000010.pt") == 2, said

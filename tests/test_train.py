@@ -71,3 +71,28 @@ def test_bench_runs_on_cpu(shakespeare_char):
     assert re.search(r"median [\d.]+ ms/iter .* tokens/s, MFU [\d.]+%", p.stdout)
     p = run("bench/bench.py", *args, "--dataset=shakespeare_char")
     assert "ms/iter" in p.stdout
+
+
+def test_console_lines_are_kept_in_out_dir(shakespeare_char, tmp_path):
+    """A run's console lines, warnings and notes included, are appended to out_dir/console.log (the
+    lines said before out_dir was made too), so a re-run with `>` loses nothing; --eval_only adds
+    nothing to the folder; a console.log that cannot be written never stops a run."""
+    out = tmp_path / "out"
+    log = out / "console.log"
+    first = run("train.py", *TINY, f"--out_dir={out}", "--max_iters=4", "--eval_interval=2")
+    said = (first.stdout + first.stderr).splitlines()
+    assert sorted(log.read_text().splitlines()) == sorted(said) and "step 4: train loss" in log.read_text()
+    (out / checkpoint.PERIODIC.format(99)).write_bytes(b"junk")  # a warning, said before the folder is held
+    second = run("train.py", *TINY, f"--out_dir={out}", "--max_iters=6", "--learning_rate=2e-3", "--eval_interval=2")
+    both = log.read_text().splitlines()
+    assert sorted(both[:len(said)]) == sorted(said)  # appended, never truncated
+    again = (second.stdout + second.stderr).splitlines()
+    assert sorted(both[len(said):]) == sorted(again) and len(both) == len(said) + len(again)
+    assert any(ln.startswith("warning: skipping") for ln in again) and any("learning_rate" in ln for ln in again)
+    before = log.read_bytes()
+    run("train.py", *TINY, f"--out_dir={out}", "--eval_only")
+    assert log.read_bytes() == before
+    other = tmp_path / "other"
+    (other / "console.log").mkdir(parents=True)  # cannot be opened as a file
+    p = run("train.py", *TINY, f"--out_dir={other}", "--max_iters=2")
+    assert "done at iteration 2" in p.stdout and p.stderr.count("console.log cannot be written") == 1, p.stderr
