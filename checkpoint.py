@@ -767,8 +767,9 @@ def _size(path):
 
 
 def describe(path):
-    """One line: branch, iteration, val loss measured at that iteration, size, time, whether it
-    loads, or that it is gone (deleted since it was listed: retention, under a running trainer)."""
+    """(one line: run id, branch, iteration, val loss measured at that iteration, size, time, whether
+    it loads, or that it is gone (deleted since it was listed: retention, under a running trainer);
+    its run id, or None)."""
     try:
         ckpt, status = inspect(path, crcs=True), "ok"
     except CheckpointError as e:
@@ -777,14 +778,17 @@ def describe(path):
         st = os.stat(path) if os.path.exists(path) else os.lstat(path)  # a dangling symlink: the link's own
     except OSError:
         gone = "-"
-        return f"{os.path.basename(path):<24} {gone:>6} {gone:>8} {gone:>9} {gone:>12}  {gone:<19}  gone (deleted since listed)"
+        return (f"{os.path.basename(path):<24} {gone:>8} {gone:>6} {gone:>8} {gone:>9} {gone:>12}  {gone:<19}  "
+                f"gone (deleted since listed)"), None
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.st_mtime))
     name = os.path.basename(path) + ("/" if stat.S_ISDIR(st.st_mode) else "")
     meta = ckpt.get("metadata") or {}
     val = meta.get("val_loss")
     val = f"{val:.4f}" if isinstance(val, float) else "-"
     branch, it = (meta.get("branch", 0), ckpt["iter_num"]) if ckpt else ("-", "-")
-    return f"{name:<24} {branch:>6} {it:>8} {val:>9} {_size(path) / 2**20:9.1f} MB  {when}  {status}"
+    run = meta.get("run_id") if isinstance(meta.get("run_id"), str) else None
+    return (f"{name:<24} {run or '-':>8} {branch:>6} {it:>8} {val:>9} {_size(path) / 2**20:9.1f} MB  {when}  "
+            f"{status}"), run
 
 
 def inspect(path, crcs):
@@ -857,15 +861,22 @@ def main(argv):
             sys.exit(f"error: {e}")
         if not files:
             sys.exit(f"error: no checkpoint in {target!r}")
-        print(f"{'file (newest first)':<24} {'branch':>6} {'iter':>8} {'val loss':>9} {'size':>12}  {'written':<19}  status")
-        bad = 0
+        print(f"{'file (newest first)':<24} {'run':>8} {'branch':>6} {'iter':>8} {'val loss':>9} {'size':>12}  "
+              f"{'written':<19}  status")
+        bad, runs = 0, {}
         for path in files:
-            line = describe(path)
+            line, run = describe(path)
             bad += "  BAD: " in line
+            if run is not None:
+                runs.setdefault(run, []).append(os.path.basename(path))
             print(line, flush=True)
         if bad:  # every file listed first; then a script or CI job can tell from the exit code
             sys.exit(f"error: {bad} of the {len(files)} checkpoints in {target} {'is' if bad == 1 else 'are'} bad "
                      f"(see BAD above)")
+        if len(runs) > 1:  # one folder holds one run: train.py refuses it too (resume.one_run)
+            sys.exit(f"error: {target} holds {len(runs)} runs (" + "; ".join(
+                f"{r}: {', '.join(sorted(names))}" for r, names in sorted(runs.items(), key=lambda r: -len(r[1])))
+                + "): one folder holds one run; move each other run's files into a folder of their own")
         return
     try:
         ckpt = inspect(target, crcs=verify)

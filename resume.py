@@ -78,7 +78,6 @@ def find_start(out_dir, init_from, resume_from="", log=say, tensors=True):
     return path, ckpt
 
 
-<<<<<<< HEAD
 def one_run(out_dir):
     """One folder holds one run: checkpoints of two run ids in out_dir (another run's file copied in)
     could no longer be told apart by "newest", and continuing the newest would mix them. Raises
@@ -93,7 +92,8 @@ def one_run(out_dir):
                               f"{', ...' if len(fa) > 3 else ''}) and {b} ({', '.join(sorted(fb)[:3])}"
                               f"{', ...' if len(fb) > 3 else ''}); one folder holds one run: move the other "
                               f"run's files into a folder of their own (python checkpoint.py {out_dir} lists them)")
-=======
+
+
 def pick_to_read(out_dir, ckpt="", which="best", log=say):
     """(path, weights: checkpoint.load_weights) of the checkpoint that sample.py and export.py read,
     by one rule: the file or FSDP folder `ckpt` names, if any; else from out_dir, ckpt.pt (the best
@@ -122,7 +122,6 @@ def pick_to_read(out_dir, ckpt="", which="best", log=say):
         log(f"note: {out_dir} has no {BEST} (written when val loss improves): reading the newest good checkpoint, "
             f"{os.path.basename(path)}")
     return path, weights
->>>>>>> cli32
 
 
 def branch_for(out_dir, ckpt, picked):

@@ -2,6 +2,7 @@
 another run's checkpoint dropped into out_dir, --eval_only, an out_dir deleted under a live run, a
 full disk."""
 import os
+import re
 import shutil
 import signal
 
@@ -108,3 +109,7 @@ def test_another_runs_checkpoint_dropped_into_out_dir_is_refused(trained, shakes
         assert ra in lines[0] and rb in lines[0] and "ckpt-00000012.pt" in lines[0] and "holds two runs" in lines[0]
     after = snapshot(a)
     assert {k: v[0] for k, v in after.items() if k != ".lock"} == {k: v[0] for k, v in before.items() if k != ".lock"}
+    listing = run("checkpoint.py", str(a), check=False)  # each file's run shown; the mix is an error
+    assert listing.returncode == 1 and re.search(rf"^ckpt-00000012\.pt +{rb} ", listing.stdout, re.M), listing.stdout
+    assert re.search(rf"^ckpt-00000010\.pt +{ra} ", listing.stdout, re.M)
+    assert listing.stderr.startswith(f"error: {a} holds 2 runs ({ra}: ") and "ckpt-00000012.pt" in listing.stderr
