@@ -186,7 +186,7 @@ def test_inspect_cli(trained):
     p = run("checkpoint.py", str(trained))
     lines = p.stdout.splitlines()[1:]
     assert len(lines) == 4 and all(ln.rstrip().endswith("ok") for ln in lines)
-    assert re.search(r"ckpt-00000012.pt\s+0\s+12\s+[\d.]+\s+[\d.]+ MB", p.stdout)
+    assert re.search(r"ckpt-00000012.pt\s+[0-9a-f]{8}\s+0\s+12\s+[\d.]+\s+[\d.]+ MB", p.stdout)
     p = run("checkpoint.py", os.path.join(trained, "ckpt-00000008.pt"))
     assert "iter_num:      8" in p.stdout and "'n_layer': 2" in p.stdout and "exact resume:  yes" in p.stdout
     p = run("checkpoint.py", os.path.join(trained, "nope.pt"), check=False)

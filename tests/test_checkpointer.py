@@ -289,7 +289,7 @@ print(json.dumps(results))
 def test_listing_while_a_run_deletes_files_and_bad_links(shakespeare_char, tmp_path):
     """`python checkpoint.py OUT_DIR` 20 times while a run with keep_last=1 saves and deletes a file at
     every iteration: each listing exits 0, none in a traceback. A dangling symlink and a symlink loop
-    named ckpt.pt are listed as bad."""
+    named ckpt.pt are listed as bad (exit 1)."""
     out = tmp_path / "run"
     job = start(*ARGS, f"--out_dir={out}", "--max_iters=100000", "--checkpoint_interval=1", "--keep_last=1")
     wait_for(job, r"^saved \S+ckpt-00000003\.pt$")  # files come and go
@@ -304,10 +304,11 @@ def test_listing_while_a_run_deletes_files_and_bad_links(shakespeare_char, tmp_p
     job.communicate(timeout=60)
     assert p.returncode == 0, p.stderr
     results = json.loads(p.stdout)
-    broken = [r for r in results if r["code"] != 0 or "Traceback" in r["err"]]
+    broken = [r for r in results[:-2] if r["code"] != 0 or "Traceback" in r["err"]]
     assert not broken, f"{len(broken)} of {len(results)} listings failed; the first:\n{broken[0]['err']}"
-    for r in results[-2:]:
+    for r in results[-2:]:  # listed, then exit 1: a bad file was found
         assert re.search(r"^ckpt\.pt\s.*\bbad\b", r["out"], re.M | re.I), r["out"]
+        assert r["code"] == 1 and "Traceback" not in r["err"], r
 
 
 def test_a_folder_that_cannot_be_read_for_remote_dir_is_a_warning(shakespeare_char, tmp_path):
