@@ -1004,6 +1004,31 @@ class Uploader:
                        f"{self.remote.url} {when}{why}; it is in out_dir only, and {has}")
 
 
+def catch_up(remote, out_dir, *, run_id, branch, attempt, keep_last, keep_every, wait, log=say):
+    """A run found complete at its start (train.py exits before it builds an Uploader): its newest
+    periodic checkpoint and ckpt.pt, durable in out_dir, may never have reached remote_dir (a kill
+    during their upload). Copy those the remote lacks (an earlier start's leftovers are cleaned
+    first, as at every start), wait up to `wait` seconds, say so, and give the lease up."""
+    up = Uploader(remote, out_dir, run_id=run_id, branch=branch, keep_last=keep_last, keep_every=keep_every,
+                  attempt=attempt, log=log)
+    have = {c["name"]: c for c in remote.checkpoints().good}
+    heads = [h for h in scan(out_dir)[0] if h["run_id"] in (run_id, None) and h["branch"] == branch]
+    for kind in ("periodic", "best"):
+        h = next((h for h in heads if h["kind"] == kind), None)  # (newest first)
+        name = h and os.path.basename(h["path"])
+        if h is not None and (name not in have or rank(have[name]) < rank(h)):
+            up.push(h["path"], dict(iter_num=h["iter_num"], run_id=run_id, branch=branch, kind=kind,
+                                    val_loss=h["val_loss"]))
+    if up.newest is None:  # nothing to copy: the leftovers are still this start's to clean
+        try:
+            remote.clean(remote.checkpoints(), run_id, attempt)
+        except Exception as e:
+            say(f"warning: could not clean remote_dir {remote.url} ({remote.why(e)})", err=True)
+    ok, line = up.finish(wait)
+    if line:
+        log(line) if ok else say(line, err=True)
+
+
 def describe(url, verify=False):
     """checkpoint.py's listing of a remote_dir: one line per checkpoint, complete or not and why, the
     leftovers of killed uploads and what is not a run's. verify: every object of the complete ones

@@ -147,8 +147,10 @@ data_record = dict(tokenizer=data.tokenizer(), data_fingerprint=data.fingerprint
 if ckpt and ckpt["iter_num"] >= max_iters and not eval_only:
     log(f"the run is complete: iteration {ckpt['iter_num']} of max_iters={max_iters} ({ckpt_path}); "
         f"raise --max_iters to train longer")
-    if remote is not None:
-        remote.release()
+    if remote is not None:  # what a kill kept from remote_dir goes there now
+        meta = ckpt.get("metadata") or {}
+        remote_copy.catch_up(remote, out_dir, run_id=meta.get("run_id"), branch=meta.get("branch", 0),
+                             attempt=attempt, keep_last=keep_last, keep_every=keep_every, wait=remote_wait, log=log)
     sys.exit(0)
 config = {k: globals()[k] for k in keys}  # plain values, stored in every checkpoint
 stopper = preemption.Stopper(time_budget)  # from here on a signal means "save, then exit"

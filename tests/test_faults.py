@@ -174,7 +174,7 @@ def test_unwritable_out_dir_is_found_before_training(shakespeare_char, tmp_path)
     p = run("train.py", *ARGS, f"--out_dir={out}", "--max_iters=5", prefix=drop, check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip() == (f"error: out_dir {str(out)!r} is not writable ([Errno 13] Permission denied); fix its "
-                                f"permissions or pick another --out_dir")
+                                f"permissions, or pick another --out_dir")
     assert "iter 0" not in p.stdout and os.listdir(out) == []
 
 

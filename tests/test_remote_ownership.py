@@ -110,7 +110,7 @@ def test_two_live_runs_on_one_remote_dir(shakespeare_char, tmp_path):
     p = run("train.py", *ARGS, f"--out_dir={tmp_path / 'b'}", f"--remote_dir={remote}", "--max_iters=6", check=False)
     line = one_error(p)
     assert lease["run_id"] in line  # (in use, or: holds run X, this run is Y)
-    shutil.copyfiles_under(tmp_path / "a", tmp_path / "a-copy", ignore=shutil.ignore_patterns(".lock"))
+    shutil.copytree(tmp_path / "a", tmp_path / "a-copy", ignore=shutil.ignore_patterns(".lock"))
     p = run("train.py", *ARGS, f"--out_dir={tmp_path / 'a-copy'}", f"--remote_dir={remote}", "--max_iters=100000",
             check=False)
     assert "waiting up to" in p.stdout
@@ -136,7 +136,7 @@ def test_stored_config_restores_knobs_only(trained, tmp_path):
     switched saving off, ckpt_path would have pointed the run elsewhere) resumes with one note and
     writes its checkpoints."""
     out = tmp_path / "run"
-    shutil.copyfiles_under(trained, out)
+    shutil.copytree(trained, out)
     path = str(out / "ckpt-00000010.pt")
     ckpt = checkpoint.load(path)
     ckpt["config"].update(master=False, rank=3, ckpt_path="/nowhere")
@@ -168,7 +168,7 @@ def test_a_malformed_commit_is_one_line_and_skipped(shakespeare_char, tmp_path):
     for name in doctored:
         assert re.search(rf"^{name} .*INCOMPLETE: its commit object is damaged", listing.stdout, re.M), listing.stdout
     assert re.search(r"^ckpt\.pt .* complete$", listing.stdout, re.M)
-    shutil.rmfiles_under(out)
+    shutil.rmtree(out)
     p = run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir={remote}", "--max_iters=10")
     assert "downloaded ckpt.pt (iteration 8" in p.stdout and p.stderr.count("is not complete") == 3
     s = run("sample.py", f"--out_dir={remote}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5",
@@ -307,7 +307,7 @@ def test_metrics_come_down_whole_or_not_at_all(shakespeare_char, tmp_path):
     disk, out = tmp_path / "remote", tmp_path / "out"
     command = [*ARGS, f"--out_dir={out}", f"--remote_dir=file://{disk}"]
     run("train.py", *command, "--max_iters=4")
-    shutil.rmfiles_under(out)
+    shutil.rmtree(out)
     out.mkdir()
     p = run("train.py", *command, "--max_iters=6", check=False, prefix=traced(
         "-P", str(out / "metrics.jsonl"), "-e", "trace=write,pwrite64,sendfile,copy_file_range",

@@ -176,7 +176,7 @@ def test_each_checkpoint_has_its_own_val_loss(shakespeare_char, tmp_path):
     p = run("checkpoint.py", str(tmp_path / checkpoint.PERIODIC.format(6)))
     assert f"not measured at iteration 6 (last eval: iteration 4, {printed[4]:.4f})" in p.stdout
     p = run("checkpoint.py", str(tmp_path))
-    assert re.search(r"^ckpt-00000006.pt\s+0\s+6\s+-\s", p.stdout, re.M)
+    assert re.search(r"^ckpt-00000006.pt\s+[0-9a-f]{8}\s+0\s+6\s+-\s", p.stdout, re.M)
     # a resumed run does not evaluate its first iteration again when the file holds that eval
     p = run("train.py", f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=13")
     assert "step 12:" not in p.stdout and "step 13:" in p.stdout
