@@ -8,10 +8,23 @@ left on disk is checked after each. From the project root:
     python bench/fault_sweep.py --scenarios=folders --syscalls=rename,fsync --kinds=kill
     python bench/fault_sweep.py --list                # the points of each scenario, without running them
     python bench/fault_sweep.py --point=files/fsync/eio/3   # one point again, its output shown (a failure's repro)
+    python bench/fault_sweep.py --scenarios=remote-file,remote-s3 --sample=20   # the remote tier
 
 Scenarios: train.py on tests/conftest.py's TINY model, 6 iterations, a checkpoint every 2, an eval
 every 3, keep_last=2. 'files' writes ckpt-*.pt and ckpt.pt; 'folders' is FSDP on 2 gloo ranks under
-torchrun (checkpoint folders); 'resume' continues a finished 4-iteration run to 8 (the load path).
+torchrun (checkpoint folders); 'resume' continues a finished 4-iteration run to 8 (the load path);
+'files-async' and 'folders-async' are the first two with --async_save=True (a background thread
+writes). 'fsize' cuts the Kth checkpoint file short with RLIMIT_FSIZE (FSIZE_HOOK: torch raises
+RuntimeError, not OSError), one point per checkpoint file of the clean run. 'remote-file' and
+'remote-s3' are 'files' with a remote_dir (file://<point>/remote; a prefix of one SeaweedFS bucket,
+tests/s3server.py, one server for the sweep): their points are the uploader's calls on the remote
+folder, or its sends (sendto) of requests to S3; after each, every checkpoint the remote's listing
+calls complete must verify (checkpoint.py verify: objects read back, CRCs checked) and none be
+incomplete, and after the run without faults the newest complete one must be the final checkpoint,
+with no upload of that run's own left without a commit object. strace counts when=N per thread, so
+in these new scenarios a point whose Nth call in another thread is on a file elsewhere (the main
+thread's imports at start-up) is skipped ('stray'): the uploader's and the async writer's openat
+points are mostly not tried.
 
 1. The clean run, under `strace -f`: every call of fsync, fdatasync, rename(at,at2), link(at),
    unlink(at), rmdir, mkdir(at), ftruncate, openat, write and pwrite64 on a path under out_dir
@@ -363,11 +376,10 @@ def make_points(clean, writes=12):
         for c in calls:
             if watched(sc, clean.out, c):
                 seen.add((c.name, c.n))
-            if watched(sc, clean.out, c) or sc.pure and (c.name in SENDS or any(
-                    under(p, os.path.dirname(clean.out)) for p in c.paths)):  # also hit: the fault's time is the first's
-                hits[c.name, c.n].append(c)
-            elif stray(sc, clean.out, c):
+            if stray(sc, clean.out, c):
                 skip.add((c.name, c.n))
+            elif watched(sc, clean.out, c) or sc.pure and any(under(p, os.path.dirname(clean.out)) for p in c.paths):
+                hits[c.name, c.n].append(c)  # also hit: the fault's time is the first's
         for name in [*FAULTED, *WRITES, *SENDS]:
             ns = sorted(n for s, n in seen if s == name and (s, n) not in skip)
             for n in spread(ns, writes) if name in WRITES + SENDS else ns:
