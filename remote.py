@@ -39,7 +39,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 
-from atomicfile import atomic_write, fsync_dir, remove_whole, replace_folder, temp_name
+from atomicfile import TMP_TAG, atomic_write, fsync_dir, remove_whole, replace_folder, temp_name
 from checkpoint import BEST, KEPT_BEST, NAMES, folder_files, rank, scan
 from configurator import RunError, first_line, url_problem
 from metrics import say
@@ -52,6 +52,10 @@ LEASE = "lease.json"
 FORMAT = 1
 PREFIX = re.compile(rf"{DATA}/(\d{{8}}-[0-9a-f]{{8}})")  # a data prefix of ours: iteration, random
 INTENT_NAME = re.compile(rf"{PREFIX.pattern}\.(\d+){re.escape(INTENT)}")
+# what _put_small leaves in a file:// remote_dir when killed before its rename: never an object (an
+# object store has no rename), so neither a checkpoint nor someone else's object
+PUT_TEMP = re.compile(rf"(.*/)?\.({re.escape(LEASE)}|{re.escape(METRICS)}|ckpt[^/]*{re.escape(COMMIT)}|[^/]*{re.escape(INTENT)})"
+                      rf"{re.escape(TMP_TAG)}\d+")
 KINDS = ("periodic", "best", "kept")
 PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
 # a dead endpoint is found in seconds, not minutes; the Uploader retries by itself (RETRY)
@@ -340,7 +344,7 @@ class Remote:
                 continue
             if prefix in out.intents:
                 out.leftovers[prefix] = out.leftovers.get(prefix, 0) + (info.get("size") or 0)
-            elif key not in ours and not key.startswith(".probe-"):
+            elif key not in ours and not key.startswith(".probe-") and not (self.local and PUT_TEMP.fullmatch(key)):
                 out.foreign.append(key)
         for prefix in out.intents:  # an intent whose data never arrived is a leftover too
             if prefix not in named:

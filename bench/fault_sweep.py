@@ -8,10 +8,23 @@ left on disk is checked after each. From the project root:
     python bench/fault_sweep.py --scenarios=folders --syscalls=rename,fsync --kinds=kill
     python bench/fault_sweep.py --list                # the points of each scenario, without running them
     python bench/fault_sweep.py --point=files/fsync/eio/3   # one point again, its output shown (a failure's repro)
+    python bench/fault_sweep.py --scenarios=remote-file,remote-s3 --sample=20   # the remote tier
 
 Scenarios: train.py on tests/conftest.py's TINY model, 6 iterations, a checkpoint every 2, an eval
 every 3, keep_last=2. 'files' writes ckpt-*.pt and ckpt.pt; 'folders' is FSDP on 2 gloo ranks under
-torchrun (checkpoint folders); 'resume' continues a finished 4-iteration run to 8 (the load path).
+torchrun (checkpoint folders); 'resume' continues a finished 4-iteration run to 8 (the load path);
+'files-async' and 'folders-async' are the first two with --async_save=True (a background thread
+writes). 'fsize' cuts the Kth checkpoint file short with RLIMIT_FSIZE (FSIZE_HOOK: torch raises
+RuntimeError, not OSError), one point per checkpoint file of the clean run. 'remote-file' and
+'remote-s3' are 'files' with a remote_dir (file://<point>/remote; a prefix of one SeaweedFS bucket,
+tests/s3server.py, one server for the sweep): their points are the uploader's calls on the remote
+folder, or its sends (sendto) of requests to S3; after each, every checkpoint the remote's listing
+calls complete must verify (checkpoint.py verify: objects read back, CRCs checked) and none be
+incomplete, and after the run without faults the newest complete one must be the final checkpoint,
+with no upload of that run's own left without a commit object. strace counts when=N per thread, so
+in these new scenarios a point whose Nth call in another thread is on a file elsewhere (the main
+thread's imports at start-up) is skipped ('stray'): the uploader's and the async writer's openat
+points are mostly not tried.
 
 1. The clean run, under `strace -f`: every call of fsync, fdatasync, rename(at,at2), link(at),
    unlink(at), rmdir, mkdir(at), ftruncate, openat, write and pwrite64 on a path under out_dir
@@ -64,7 +77,8 @@ ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 FAULTED = ["fsync", "fdatasync", "rename", "renameat", "renameat2", "link", "linkat", "unlink", "unlinkat", "rmdir",
            "mkdir", "mkdirat", "ftruncate", "openat"]  # EIO and kill at every call
 WRITES = ["write", "pwrite64"]  # ENOSPC and kill at a sample of the calls (there are hundreds)
-KINDS = ("eio", "enospc", "kill")
+SENDS = ["sendto", "sendmsg"]  # remote-s3: a request's bytes going out (EIO: botocore retries), sampled as writes
+KINDS = ("eio", "enospc", "kill", "fsize")
 # names that are a checkpoint's (checkpoint.NAMES): files, folders, ckpt.pt, another branch's kept best
 NAMES = re.compile(r"ckpt(\.pt|-best-b\d+-\d{8}\.pt|-\d{8}(-b\d+)?(\.pt)?)$")
 TEMPORARY = re.compile(r"^\..*\.(tmp|old)-")  # atomicfile's '.<name>.tmp-<pid>' and '.<name>.old-<pid>'
@@ -77,6 +91,9 @@ class Scenario:
     final: int  # the iteration of the last checkpoint
     torchrun: bool = False
     setup: list = None  # a run made once before (not faulted): every point starts from a copy of its out_dir
+    remote: str = ""  # 'file' or 's3': each out_dir gets a remote_dir of its own, and the points are its calls
+    fsize: bool = False  # the points are RLIMIT_FSIZE cutting one checkpoint's write short (fsize_points)
+    pure: bool = True  # points whose Nth call, in another thread, is elsewhere are skipped (stray)
 
     def final_name(self):
         return f"ckpt-{self.final:08d}" + ("" if self.torchrun else ".pt")
@@ -85,6 +102,8 @@ class Scenario:
         """The train.py command into `out`; strace: its arguments (less -o) to run it under, on one rank
         (`rank`) or every rank (None) under torchrun; trace: strace's output file (.<rank> added)."""
         train = [sys.executable, os.path.join(ROOT, "train.py"), *self.args, f"--out_dir={out}"]
+        if self.remote:
+            train.append(f"--remote_dir={remote_url(self, out)}")
         if not self.torchrun:
             return [*(["strace", *strace, "-o", trace] if strace else []), *train]
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -98,11 +117,47 @@ class Scenario:
 
 
 SCENARIOS = {
-    "files": Scenario("files", [*TINY, *RUN, "--max_iters=6"], final=6),
+    "files": Scenario("files", [*TINY, *RUN, "--max_iters=6"], final=6, pure=False),
     "folders": Scenario("folders", [*TINY, "--gradient_accumulation_steps=2", "--parallelism=fsdp", *RUN,
-                                    "--max_iters=6"], final=6, torchrun=True),
-    "resume": Scenario("resume", [*TINY, *RUN, "--max_iters=8"], final=8, setup=[*TINY, *RUN, "--max_iters=4"]),
+                                    "--max_iters=6"], final=6, torchrun=True, pure=False),
+    "resume": Scenario("resume", [*TINY, *RUN, "--max_iters=8"], final=8, setup=[*TINY, *RUN, "--max_iters=4"], pure=False),
+    # the same saves written by the background thread (--async_save): its calls are counted apart
+    "files-async": Scenario("files-async", [*TINY, *RUN, "--max_iters=6", "--async_save=True"], final=6),
+    "folders-async": Scenario("folders-async", [*TINY, "--gradient_accumulation_steps=2", "--parallelism=fsdp", *RUN,
+                                                "--max_iters=6", "--async_save=True"], final=6, torchrun=True),
+    # a short write: torch raises RuntimeError (not OSError) when the file size limit cuts it
+    "fsize": Scenario("fsize", [*TINY, *RUN, "--max_iters=6"], final=6, fsize=True),
+    # the remote tier: the points are the uploader's calls on remote_dir (remote_wait: the end waits for it)
+    "remote-file": Scenario("remote-file", [*TINY, *RUN, "--max_iters=6", "--remote_wait=30"], final=6, remote="file"),
+    "remote-s3": Scenario("remote-s3", [*TINY, *RUN, "--max_iters=6", "--remote_wait=30"], final=6, remote="s3"),
 }
+S3_BUCKET = "sweep"
+_s3 = {}  # the one SeaweedFS server of the whole sweep (start_s3), started by the first remote-s3 run
+
+
+def remote_url(scenario, out):
+    """The remote_dir of an out_dir: <its folder>/remote, or a prefix of its own in the sweep's bucket."""
+    folder = os.path.dirname(out)
+    if scenario.remote == "file":
+        return "file://" + os.path.join(folder, "remote")
+    return f"s3://{S3_BUCKET}/{os.path.basename(os.path.dirname(folder))}/{os.path.basename(folder)}"
+
+
+def start_s3(work):
+    """tests/s3server.py's SeaweedFS on loopback, its credentials in ENV (every run and checkpoint.py
+    gets them); killed when the sweep ends."""
+    if not _s3:
+        import atexit
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("s3server", os.path.join(ROOT, "tests", "s3server.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        server = module.S3Server(os.path.join(work, "s3"))
+        atexit.register(server.kill)
+        server.bucket(S3_BUCKET)
+        ENV.update(server.env())
+        _s3["server"], _s3["port"] = server, server.ports[0]
+    return _s3["server"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,11 +242,57 @@ def under(path, out):
     return path == out or path.startswith(out + os.sep)
 
 
+def remote_folder(out):
+    return os.path.join(os.path.dirname(out), "remote")  # a file:// remote_dir (remote_url)
+
+
+HTTP = set()  # the sockets ('socket:[inode]', as strace -y shows them) that requests to S3 went out on
+
+
+def find_http(calls):
+    """Note the sockets of calls that send a request to the sweep's S3 server."""
+    HTTP.update(c.paths[0] for c in calls if c.paths and "port" in _s3 and
+                f"HTTP/1.1\\r\\nHost: 127.0.0.1:{_s3['port']}" in c.text)
+    return calls
+
+
+def is_s3(path):
+    return path in HTTP
+
+
 def describe(call, out):
-    """A call in words that do not change from run to run: paths relative to out_dir, pids as PID."""
-    rel = [("." if p == out else os.path.relpath(p, out)) if under(p, out) else p for p in call.paths]
-    rel = [re.sub(r"(\.(tmp|old)-)\d+", r"\1PID", p) for p in rel]
+    """A call in words that do not change from run to run: paths relative to out_dir (or 'remote:'
+    and relative to a file:// remote_dir), pids as PID, upload prefixes as XXXXXXXX, a socket to S3
+    as 's3'."""
+    rem = remote_folder(out)
+    rel = [("." if p == out else os.path.relpath(p, out)) if under(p, out) else
+           "remote:" + os.path.relpath(p, rem) if under(p, rem) else "s3" if is_s3(p) else p for p in call.paths]
+    request = REQUEST.search(call.text) if rel == ["s3"] else None  # a request's first bytes: what it asks
+    rel += [f"{request[1]} {request[3] or '.'}{request[4] or ''}"] if request else []
+    rel = [re.sub(r"(data/\.?\d{8}-)[0-9a-f]{8}", r"\1XXXXXXXX", re.sub(r"(\.(tmp|old)-)\d+", r"\1PID", p)) for p in rel]
     return f"{call.name} " + " -> ".join(rel)
+
+
+# 'PUT /sweep/remote-s3/<folder>/<key>?uploads HTTP/1.1': the method, the key below remote_dir, a query's name
+REQUEST = re.compile(rf'"([A-Z]+) /{S3_BUCKET}/[^/ ?]+/[^/ ?]+(/([^ ?]*))?(\?[a-zA-Z-]+)?')
+
+
+def watched(scenario, out, call):
+    """Whether a call is one the scenario's points are made of: on out_dir, or on the remote_dir."""
+    if scenario.remote == "s3":
+        return any(is_s3(p) for p in call.paths)
+    top = remote_folder(out) if scenario.remote else out
+    return any(under(p, top) for p in call.paths)
+
+
+def stray(scenario, out, call):
+    """A call that a point's injection must not hit: strace counts when=N in every thread, so the
+    Nth openat of a background thread (the async writer, the uploader) is also the main thread's
+    Nth, an import at start-up. The new scenarios skip a point whose Nth call, in some thread, is
+    on a file outside the point's folder (pipes and sockets are fine: stdout survives EIO)."""
+    if scenario.pure and call.name in SENDS and not any(is_s3(p) for p in call.paths):
+        return True  # asyncio's wake-up byte: its EIO is swallowed, the wake-up lost and fsspec's sync() waits forever
+    return scenario.pure and any(p.startswith("/") and not under(p, os.path.dirname(out)) for p in call.paths)
 
 
 ANNOUNCED = re.compile(r'"saved (\S+?)(?:\\n| \()')
@@ -229,6 +330,8 @@ class Point:
         return "/".join([self.scenario, *([f"r{self.rank}"] if self.torchrun else []), self.syscall, self.kind, str(self.n)])
 
     def inject(self):
+        if self.kind == "fsize":
+            return f"rlimit:fsize:at the {self.n}th checkpoint file"
         if self.kind == "kill":
             return f"{self.syscall}:signal=KILL:when={self.n}"
         return f"{self.syscall}:error={'ENOSPC' if self.kind == 'enospc' else 'EIO'}:when={self.n}"
@@ -264,15 +367,22 @@ def spread(items, m):
 def make_points(clean, writes=12):
     """Every (syscall, N) of the clean run whose call touches out_dir, as EIO and kill points; for
     write and pwrite64, ENOSPC and kill at `writes` of them spread over each rank's."""
-    points = []
+    if clean.scenario.fsize:
+        clean.points = fsize_points(clean)
+        return clean.points
+    points, sc = [], clean.scenario
     for rank, calls in sorted(clean.calls.items()):
-        hits = defaultdict(list)  # (syscall, n) -> calls
+        hits, seen, skip = defaultdict(list), set(), set()  # (syscall, n) -> calls
         for c in calls:
-            if any(under(p, clean.out) for p in c.paths):
-                hits[c.name, c.n].append(c)
-        for name in [*FAULTED, *WRITES]:
-            ns = sorted(n for s, n in hits if s == name)
-            for n in spread(ns, writes) if name in WRITES else ns:
+            if watched(sc, clean.out, c):
+                seen.add((c.name, c.n))
+            if stray(sc, clean.out, c):
+                skip.add((c.name, c.n))
+            elif watched(sc, clean.out, c) or sc.pure and any(under(p, os.path.dirname(clean.out)) for p in c.paths):
+                hits[c.name, c.n].append(c)  # also hit: the fault's time is the first's
+        for name in [*FAULTED, *WRITES, *SENDS]:
+            ns = sorted(n for s, n in seen if s == name and (s, n) not in skip)
+            for n in spread(ns, writes) if name in WRITES + SENDS else ns:
                 for kind in ("enospc", "kill") if name in WRITES else ("eio", "kill"):
                     points.append(Point(clean.scenario.name, rank, name, kind, n, hits[name, n], clean.scenario.torchrun))
     clean.points = points
@@ -293,6 +403,41 @@ def sample(points, k):
                 share[g] += 1
                 total += 1
     return [p for g, m in share.items() for p in spread(groups[g], m)]
+
+
+# python -c FSIZE_HOOK K LIMIT train.py ARGS: train.py with the file size limit at LIMIT bytes from the
+# Kth checkpoint file it opens for writing to the next one (an audit hook on open: no race with the
+# run), so that the Kth save alone is cut short. Python ignores SIGXFSZ: the write past the limit is
+# short, the next one EFBIG, and torch's writer raises RuntimeError.
+FSIZE_HOOK = """
+import os, re, resource, runpy, sys
+k, limit = int(sys.argv[1]), int(sys.argv[2])
+sys.argv, count, hard = sys.argv[3:], 0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+def hook(event, args):
+    global count
+    if event == "open" and isinstance(args[0], str) and re.match(r"[.]ckpt.*[.]tmp-", os.path.basename(args[0])) \
+            and ("w" in (args[1] or "") or (args[2] or 0) & os.O_CREAT):
+        count += 1
+        if count in (k, k + 1):
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit if count == k else hard, hard))
+        if count == k:
+            print(f"fault_sweep: the file size limit is {limit} bytes for {args[0]}", file=sys.stderr, flush=True)
+sys.addaudithook(hook)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def fsize_points(clean):
+    """One point per checkpoint file the clean run wrote (openat of a temporary with O_CREAT), in
+    order: its limit is half the size of the clean run's checkpoint files."""
+    opens = sorted((c for c in clean.calls[0] if c.name == "openat" and "O_CREAT" in c.text and c.paths
+                    and under(c.paths[0], clean.out) and TEMPORARY.match(os.path.basename(c.paths[0]))
+                    and NAMES.fullmatch(os.path.basename(c.paths[0])[1:].split(".tmp-")[0])), key=lambda c: c.ts)
+    return [Point(clean.scenario.name, 0, "save", "fsize", k, [c]) for k, c in enumerate(opens, 1)]
+
+
+def fsize_limit(clean):
+    return min(os.path.getsize(os.path.join(clean.out, n)) for n in checkpoint_names(clean.out)) // 2
 
 
 FAMILIES = {"rename": ("rename", "renameat", "renameat2"), "unlink": ("unlink", "unlinkat", "rmdir"),
@@ -334,12 +479,14 @@ def descendants(pid):
     return found
 
 
-def run(cmd, timeout):
+def run(cmd, timeout, pids=None):
     """(exit code, stdout and stderr) of a command from the project root; None for the code when it
     ran past `timeout` (then it and every process under it are killed: torchrun's workers lead
-    sessions of their own)."""
+    sessions of their own). pids: a list its pid is appended to."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace")
+    if pids is not None:
+        pids.append(proc.pid)
     try:
         out, _ = proc.communicate(timeout=timeout)
         return proc.returncode, out
@@ -383,11 +530,13 @@ def clean_run(scenario, work, timeout=600):
         code, output = run(Scenario("setup", scenario.setup, 0, scenario.torchrun).command(template), timeout)
         if code != 0:
             raise RuntimeError(f"the {scenario.name} setup run failed (exit {code}):\n{output[-3000:]}")
+    if scenario.remote == "s3":
+        start_s3(work)
     clean = Clean(scenario, "", template, {})
     clean.out = fresh_out(clean, os.path.join(folder, "clean"))
     trace = os.path.join(folder, "clean", "trace")
     os.makedirs(os.path.dirname(trace), exist_ok=True)
-    cmd = scenario.command(clean.out, strace_args([*FAULTED, *WRITES]), trace=trace,
+    cmd = scenario.command(clean.out, strace_args([*FAULTED, *WRITES, *(SENDS if scenario.remote == "s3" else [])]), trace=trace,
                            logs=os.path.join(folder, "clean", "logs"))
     code, output = run(cmd, timeout)
     if code != 0:
@@ -395,7 +544,7 @@ def clean_run(scenario, work, timeout=600):
     if scenario.torchrun:
         clean.calls = {r: read_trace(f"{trace}.{r}") for r in (0, 1)}
     else:
-        clean.calls = {0: read_trace(trace)}
+        clean.calls = {0: find_http(read_trace(trace))}
     return clean
 
 
@@ -484,22 +633,33 @@ def try_point(clean, point, work, timeout=600, keep=False, rerun=True):
     scenario, t0 = clean.scenario, time.time()
     folder = tempfile.mkdtemp(prefix=point.id.replace("/", "-") + "-", dir=os.path.join(work, scenario.name))
     out, trace, logs = fresh_out(clean, folder), os.path.join(folder, "trace"), os.path.join(folder, "logs")
-    cmd = scenario.command(out, strace_args([point.syscall], point.inject()), rank=point.rank, trace=trace, logs=logs)
+    if scenario.fsize:
+        cmd = [sys.executable, "-c", FSIZE_HOOK, str(point.n), str(fsize_limit(clean)), *scenario.command(out)[1:]]
+    else:
+        cmd = scenario.command(out, strace_args([point.syscall], point.inject()), rank=point.rank, trace=trace, logs=logs)
     code, output = run(cmd, timeout)
     # what the fault hit: the n-th call of the syscall in some thread (INJECTED for an error; for a
     # kill, the call that never returned)
     trace += f".{point.rank}" if scenario.torchrun else ""
-    hit = [describe(c, out) for c in (read_trace(trace) if os.path.exists(trace) else [])
+    hit = [describe(c, out) for c in (find_http(read_trace(trace)) if os.path.exists(trace) else [])
            if c.n == point.n and (c.injected or point.kind == "kill" and c.ret in ("?", None))]
+    hit += [ln for ln in output.splitlines() if ln.startswith("fault_sweep:")]
     texts = rank_logs(logs) if scenario.torchrun else {0: output}
     reasons = [*_how_it_ended(point, scenario, code, output, texts, bool(hit), timeout),
                *_unloadable(out), *_lost(clean, point, out)]
-    code2, output2 = 0, "(not run: the faulted run ended well)"
+    if scenario.fsize and hit:  # the one save cut short: one line says so (a warning, or the final save's error)
+        said = [ln for ln in output.splitlines() if ln.startswith(("warning:", "error:"))]
+        reasons += [] if len(said) == 1 else [f"{len(said)} warning and error lines for one failed save: {said}"]
+    if scenario.remote:
+        reasons += _remote_problems(scenario, out)
+    code2, output2, pids = 0, "(not run: the faulted run ended well)", []
     if rerun or code != 0:  # the same command without faults
-        code2, output2 = run(scenario.command(out), timeout)
+        code2, output2 = run(scenario.command(out), timeout, pids)
         reasons += _rerun_problems(code2, output2, out)
     if code2 == 0:
         reasons += _final_difference(clean, out)
+        if scenario.remote:
+            reasons += _remote_problems(scenario, out, final=scenario.final_name(), rerun=pids[0] if pids else None)
     result = Result(point, reasons, hit, shlex.join(cmd), folder,
                     output + "".join(f"\n--- rank {r} ---\n{t}" for r, t in sorted(texts.items()) if scenario.torchrun)
                     + "\n--- the same command without faults ---\n" + output2, time.time() - t0)
@@ -560,6 +720,42 @@ def _lost(clean, point, out):
     if "ckpt.pt" in said and "ckpt.pt" not in names:
         reasons.append("ckpt.pt, saved before the fault, is gone")
     return reasons
+
+
+# checkpoint.py verify URL's listing (remote.describe: each complete checkpoint's objects read back, their
+# CRCs checked), then {prefix without a commit object: the pids its intents name} as JSON
+VERIFY = """
+import json, sys, remote
+url = sys.argv[1]
+try:
+    lines, ok = remote.describe(url, verify=True)
+except remote.RemoteError as e:
+    lines = [f"error: {e}"]
+print("\\n".join(lines))
+listing = remote.Remote(url).checkpoints()
+print(json.dumps({p: [i.get("pid") for i in listing.intents.get(p, [])] for p in listing.leftovers}))
+"""
+
+
+def _remote_problems(scenario, out, final=None, rerun=None):
+    """remote_dir after a run: every checkpoint its listing calls complete verifies (checkpoint.py
+    verify's check), none is incomplete. final: the newest complete one must be this checkpoint;
+    rerun: the pid of the run without faults, whose own uploads must leave no leftover (an earlier
+    start's may remain: only a start that uploads cleans them)."""
+    url = remote_url(scenario, out)
+    code, output = run([sys.executable, "-c", VERIFY, url], 300)
+    lines = output.strip().splitlines()
+    reasons = [f"verify {url}: {ln.strip()}" for ln in lines if "BAD:" in ln or "INCOMPLETE:" in ln]
+    if code != 0 or "Traceback" in output or (final and lines[0].startswith("error:")):
+        return reasons + [f"verify {url} failed (exit {code}): {_tail(output)}"]
+    if final is None:
+        return reasons
+    listed = [ln.split()[0] for ln in lines[1:-1] if "complete" in ln and "INCOMPLETE" not in ln]
+    if not listed or listed[0] != final:
+        reasons.append(f"remote_dir's newest complete checkpoint is {listed[0] if listed else 'none'}, not {final}")
+    import json
+    mine = [p for p, pids in json.loads(lines[-1]).items() if rerun in pids]
+    return reasons + ([f"the run without faults left uploads without a commit object in remote_dir: {mine}"] if mine else [])
 
 
 def _rerun_problems(code, output, out):
@@ -636,9 +832,9 @@ def summary(results, clean_runs):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenarios", default="files,folders,resume", help="comma-separated: " + ", ".join(SCENARIOS))
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
     ap.add_argument("--syscalls", default="", help="only these syscalls (comma-separated)")
-    ap.add_argument("--kinds", default="eio,enospc,kill", help="comma-separated: eio, enospc, kill")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated: " + ", ".join(KINDS))
     ap.add_argument("--sample", type=int, default=None, help="at most this many points a scenario")
     ap.add_argument("--writes", type=int, default=12, help="write calls tried, per rank and syscall")
     ap.add_argument("--point", action="append", default=[], help="only this point (an id as listed); repeatable")
