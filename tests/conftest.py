@@ -225,5 +225,5 @@ def tmpfs(tmp_path):
         mounted.append(mnt)
         return mnt
     yield mount
-    for mnt in mounted:
-        subprocess.run(["umount", str(mnt)])
+    for mnt in mounted:  # lazily: a process of a failed test may still hold a file there
+        subprocess.run(["umount", "-l", str(mnt)])

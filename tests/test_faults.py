@@ -216,14 +216,8 @@ def test_failed_writes_efbig(shakespeare_char, tmp_path):
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", str(mnt)])
+def small_tmpfs(tmpfs):
+    return tmpfs(1200 * 1024)
 
 
 def test_disk_full_with_async_save(shakespeare_char, small_tmpfs):

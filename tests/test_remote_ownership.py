@@ -338,3 +338,25 @@ def test_a_process_whose_lease_was_taken_copies_nothing_more(shakespeare_char, t
     assert re.search(r"did not reach remote_dir .*\(taken over by run", output), output
     assert sorted(p.name for p in disk.glob("*.commit")) == commits
     assert json.loads((disk / "lease.json").read_text())["attempt"] == "another1"  # not given up: not ours
+
+
+def test_a_run_killed_before_its_final_copy_completes_it_at_the_next_start(shakespeare_char, tmp_path):
+    """The state a kill leaves as the final checkpoint's commit object is about to be written: its data
+    and intent in remote_dir, no commit (made here by deleting the commit of a finished run). The same
+    command finds the run complete and, before it says so, copies the final checkpoint, and cleans
+    the orphaned data. Before: it exited at once and remote_dir never got it (found by the fault
+    sweep's remote-file scenario, a kill at that rename)."""
+    disk = tmp_path / "remote"
+    command = [*ARGS, f"--out_dir={tmp_path / 'out'}", f"--remote_dir=file://{disk}", "--max_iters=6"]
+    run("train.py", *command)
+    final = json.loads((disk / "ckpt-00000006.pt.commit").read_text())
+    orphan = final["data"]  # as a killed upload leaves it: its intent (an earlier start's), its data
+    (disk / f"{orphan}.0.intent").write_text(json.dumps(dict(format=1, prefix=orphan, run_id=final["run_id"],
+                                                             attempt="0ld0ld00", rank=0)))
+    os.remove(disk / "ckpt-00000006.pt.commit")
+    p = run("train.py", *command)
+    assert "the run is complete" in p.stdout
+    assert "holds the newest checkpoint (ckpt-00000006.pt, iteration 6)" in p.stdout, p.stdout + p.stderr
+    assert re.search(r"^ckpt-00000006\.pt .* complete, every CRC checked$",
+                     run("checkpoint.py", "verify", f"file://{disk}").stdout, re.M)
+    assert not (disk / orphan).exists() and not list(disk.glob("data/*.intent"))
