@@ -529,8 +529,12 @@ class Remote:
         if old is not None and old["data"] != prefix:  # once replaced, only an intent proves its data ours
             self.intent(old["data"], header["run_id"], attempt)
         self._put_small(name + COMMIT, json.dumps(commit).encode())
-        for key in self.fs.glob(self.key(f"{prefix}.*{INTENT}")):  # the commit proves it ours from now on
-            self.fs.rm_file(key)
+        ranks = {0} | {int(m.group(1)) for rel in (others or {}) if (m := re.search(r"/__(\d+)_", rel))}
+        for r in ranks:  # the commit proves the data ours from now on (names known: no listing needed)
+            try:
+                self.fs.rm_file(self.key(f"{prefix}.{r}{INTENT}"))
+            except FileNotFoundError:
+                pass
         if old is not None and old["data"] != prefix:
             self.drop(old["data"])
         return commit

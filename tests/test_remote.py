@@ -160,13 +160,14 @@ def test_server_lost_mid_run_costs_one_line_and_the_final_checkpoint_arrives(s3,
     remote = f"s3://{bucket}/{tmp_path.name}"
     out = tmp_path / "out"
     command = [*TINY, "--eval_interval=100000", "--checkpoint_interval=20", f"--out_dir={out}", f"--remote_dir={remote}",
-               "--remote_wait=3", "--max_iters=100000"]
+               "--max_iters=100000"]
 
     def saved(lines):
         return int(re.findall(r"saved .*ckpt-(\d{8})\.pt", "".join(lines))[-1])
 
     for server_back in (True, False):
-        proc, seen = start(*command, env=env), []
+        # the server back: time enough for the last upload on a busy machine; gone: a short wait, cut at 3 s
+        proc, seen = start(*command, f"--remote_wait={30 if server_back else 3}", env=env), []
         wait_for(proc, r"saved .*ckpt-\d{8}\.pt", seen)
         s3.kill()
         try:
