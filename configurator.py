@@ -277,18 +277,19 @@ def _size(n):
 #   n_layer n_head n_embd block_size vocab dropout batch | measured | estimate: 16 n_params + activations + overhead
 #         1      1      8          8    65     0.0     1 |       82 |   128
 #         6      6    384        256    65     0.0    16 |     1073 |  1449
-#         6      6    384        256    65     0.2    16 |     1788 |  2985 (two threads 1797; compiled 1317)
+#         6      6    384        256    65     0.2    16 |     1788 |  3561 (two threads 1797; compiled 1317)
 #         6      6    384        256    65     0.2    32 |     3210 |  4430
 #         8      4     64        256    65     0.0     8 |      187 |   265
-#         8      4     64        256    65     0.1     8 |      492 |   937
+#         8      4     64        256    65     0.1     8 |      492 |  1193
 #         2      4    128        256 50304     0.0     8 |     1827 |  2262
 #         1      2     64        128 50304     0.0     4 |      531 |   673
 #         2      4    128        128  4000     0.0    16 |      263 |   362
 #         2      8     64       1024    65     0.2     4 |     1048 |  1992
 #         2      8     64       1024    65     0.0     4 |      142 |   200
-#         1      8     32        512    65     0.1     2 |      181 |   358
-#         2      8     32        512    65     0.1     2 |      268 |   522 (484 on the CI machine)
-#         4      8     32        512    65     0.1     2 |      434 |   850
+#         1      8     32        512    65     0.1     2 |      181 |   422
+#         2      8     32        512    65     0.1     2 |      268 |   650 (484 on the CI machine; 596 in a
+#                                                             |          |        full suite run, 2026-12-07)
+#         4      8     32        512    65     0.1     2 |      434 |  1106
 # Saved for backward (counted with torch.autograd.graph.saved_tensors_hooks), per token: 16 floats
 # per layer and n_embd (18 with dropout), 1 per vocab entry (the log-softmax), and with dropout 3 per
 # layer and entry of the attention matrix; without dropout the CPU's fused attention keeps no
@@ -296,8 +297,9 @@ def _size(n):
 # allocator keeps: with dropout the peak held 5-6 attention matrices per layer where each is under
 # malloc's 32 MiB mmap threshold (freed ones stay in the heap), 3.7 where each is larger. The
 # 2-layer, block 512 row measured 484 MiB on another machine (the CI run of 2026-12-01; the freed
-# matrices stayed in its heap twice as often), so under the threshold 10 per layer are counted.
-# Every estimate is over every measurement, and at most 2x the lowest. Under bf16 autocast
+# matrices stayed in its heap twice as often), and 596 MiB in a full `make test` here (2026-12-07),
+# so under the threshold 14 per layer are counted.
+# Every estimate is over every measurement, and at most 3x the lowest. Under bf16 autocast
 # the saved tensors measured 0.66x (layers), 1.1x (logits), 0.93x (attention) of fp32's: the fp32
 # figure is used for every dtype.
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest: a freed block under it stays in the process's heap
@@ -318,7 +320,7 @@ def activation_bytes(model_args, batch_size):
     floats = tokens * (32 * L * d + 5 * V)  # the layers' saved tensors and gradients; logits, log-softmax, theirs
     if model_args.get("dropout", 0.0) > 0:  # attention's dropout runs the math path: the whole matrix per layer
         matrix = batch_size * H * T * T
-        kept = 10 * L + 4 if 4 * matrix < MMAP_THRESHOLD else 6 * L + 2  # freed ones stay in the heap
+        kept = 14 * L + 4 if 4 * matrix < MMAP_THRESHOLD else 6 * L + 2  # freed ones stay in the heap
         floats += kept * matrix
     return 4 * floats
 

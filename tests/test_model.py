@@ -138,4 +138,4 @@ def test_the_cpu_memory_estimate_covers_a_real_training_step(shape, batch):
     estimate = 16 * n_params(shape) + activation_bytes(shape, batch) + STEP_OVERHEAD
     # the upper bound is loose: where malloc keeps freed attention matrices depends on the machine
     # (configurator.py's table), and the estimate must cover the worst seen
-    assert measured <= estimate <= 2.5 * measured, (measured, estimate)
+    assert measured <= estimate <= 3 * measured, (measured, estimate)
