@@ -27,82 +27,14 @@ import sys
 import tokenize
 import types
 
+from console import fail
+
 PLAIN = (int, float, bool, str, type(None))
 
 
 def config_keys(namespace):
     """The names a user may set: public globals holding plain values."""
     return [k for k, v in namespace.items() if not k.startswith("_") and isinstance(v, PLAIN)]
-
-
-ERROR_COPIES = []  # callables that also get each error line: metrics.console, a run's out_dir/console.log
-
-
-def error_line(message, err=None):
-    """Prints a command's one `error:` line to err (sys.stderr), and returns err. Under torchrun every
-    rank usually meets the same bad file or value: the job's log then holds one `error:` line (rank
-    0's), the others' say which rank they come from."""
-    err = err or sys.stderr
-    rank = os.environ.get("RANK", "0")
-    # one write, newline included: ranks sharing a pipe never splice their lines (print writes twice)
-    line = f"{'' if rank == '0' else f'rank {rank}: '}error: {message}\n"
-    err.write(line)
-    for copy in ERROR_COPIES:
-        copy(line)
-    return err
-
-
-def exit_now(code, err):
-    """os._exit, output flushed first: once a process group is up, interpreter shutdown destroys
-    gloo's threads under them, which aborts some ranks at random (SIGABRT, "terminate called without
-    an active exception") and turns an exit 1 or 2 into a crash in torchrun's report."""
-    for stream in (sys.stdout, err):
-        stream.flush()
-    os._exit(code)
-
-
-def fail(message, code=2):
-    """The command is wrong (2) or the files or machine stop it (1): its error line, then exit."""
-    err = error_line(message)
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        exit_now(code, err)
-    sys.exit(code)
-
-
-class UsageError(Exception):
-    """Raised by library code when the command is wrong (a name that names nothing): exit 2."""
-
-
-class RunError(Exception):
-    """Raised by library code when the command is fine but the files, the machine or the run stop
-    it (CheckpointError, DeviceError, GPT2Error are ones): exit 1."""
-
-
-def one_line_errors():
-    """For scripts: a UsageError or RunError that nobody caught ends the process with its one
-    `error:` line and exit 2 or 1, never a traceback. It installs the process's excepthook."""
-    previous = sys.excepthook
-
-    def hook(kind, e, tb):
-        if not isinstance(e, (UsageError, RunError)):
-            return previous(kind, e, tb)
-        # the process's own stderr: torch.distributed's hook (init_process_group wraps ours) reads what
-        # we write to sys.stderr into a buffer, which os._exit would drop
-        err = error_line(e, sys.__stderr__ or sys.stderr)
-        exit_now(2 if isinstance(e, UsageError) else 1, err)  # a hook cannot set the exit code otherwise
-    sys.excepthook = hook
-
-
-def cut_line(text, limit=160):
-    """The first line of text, cut at a word boundary when it is long (never mid-word)."""
-    text = (text.strip().splitlines() or [""])[0]
-    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
-
-
-def first_line(e):
-    """An exception as one short line, for an error message: its type and the start of its first line."""
-    return f"{type(e).__name__}: {cut_line(str(e))}" if str(e).strip() else type(e).__name__
 
 
 def _unknown(key, keys, where):
@@ -227,7 +159,7 @@ def check_data(block_size, split_tokens, dataset):
                  f"and a batch row needs block_size+1; use a smaller --block_size")
 
 
-def check_fits(model_args, device, shards=1, batch_size=0, procs=1, host_copy=False):
+def check_fits(model_args, device, known, shards=1, batch_size=0, procs=1, host_copy=False):
     """Training that cannot fit in the device's memory, said before anything is built or written.
     A training state (fp32 weights, gradients and AdamW's two moments: 16 bytes per parameter, split
     `shards` ways under FSDP) larger than the device's whole memory can never train. On a CPU the
@@ -236,11 +168,10 @@ def check_fits(model_args, device, shards=1, batch_size=0, procs=1, host_copy=Fa
     this host: Linux overcommits memory, so a too-big batch does not fail an allocation, the OOM
     killer ends it minutes later without a word. (A GPU's allocation fails at once, and
     devices.one_line_out_of_memory makes that one line.) host_copy: background checkpoints keep a
-    copy of the weights and AdamW's moments in host memory (12 bytes per parameter)."""
-    from devices import memory  # torch: only the training scripts come here, never data preparation
+    copy of the weights and AdamW's moments in host memory (12 bytes per parameter). known: the
+    device's (total, available) memory in bytes (devices.memory), or None when it cannot be told."""
     d, L, V, T = model_args["n_embd"], model_args["n_layer"], model_args["vocab_size"], model_args["block_size"]
     params = n_params(model_args)
-    known = memory(device)
     if known is None:
         return
     total, available = known

@@ -23,18 +23,15 @@ from its own fixed seeds, so it never disturbs training and every eval sees the 
 """
 import hashlib
 import os
-import pickle
 
 import numpy as np
 
-from atomicfile import atomic_write
-from configurator import RunError
-
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+import tokenizer
+from console import RunError
+from keep.atomic import atomic_write
+from tokenizer import DATA_DIR, GPT2_IDS, META, prepare_command, read_meta
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # keep training and evaluation generators apart
-META = "meta.pkl"
 FINGERPRINT_READS = 64
-GPT2_IDS = 50257  # GPT-2 BPE's ids: the bound on the ids of data with no char vocab
 # The bins' largest id is checked against the vocab when they are opened. A bin up to SCAN_ALL ids
 # (256 MB of uint16, well under a second) is read whole; a bigger one (openwebtext's 9B-id train.bin
 # would take a minute of reading at every start) is read in SCAN_PIECES pieces of 64K ids spread
@@ -42,79 +39,6 @@ GPT2_IDS = 50257  # GPT-2 BPE's ids: the bound on the ids of data with no char v
 # corpus. Every batch drawn is checked too (TokenData._rows, a max over a few thousand ids), so an id
 # the pieces missed still ends in the same one line, never an IndexError (or a CUDA assert) in the model.
 SCAN_ALL, SCAN_PIECES, SCAN_PIECE = 1 << 27, 256, 1 << 16
-
-
-class _PlainUnpickler(pickle.Unpickler):
-    # meta.pkl holds only dicts, lists, str and int, which unpickle without find_class;
-    # anything that names a class or function is refused, so a planted file runs nothing.
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: meta.pkl may hold plain data only")
-
-
-def load_meta(path):
-    """meta.pkl as it is, unjudged (read_meta judges it)."""
-    with open(path, "rb") as f:
-        return _PlainUnpickler(f).load()
-
-
-def prepare_command(folder, meta=None):
-    """What to run to prepare data/<name>/ again: its own prepare.py, else data/prepare.py with the
-    input that meta.pkl records (when it can be read)."""
-    own = os.path.join(folder, "prepare.py")
-    if os.path.exists(own):
-        return f"python {os.path.relpath(own)}"
-    meta = meta if isinstance(meta, dict) else {}
-    source = meta.get("source") if isinstance(meta.get("source"), str) and meta.get("source") else "YOUR_FILES"
-    char = " --tokenizer=char" if "itos" in meta or meta.get("tokenizer") == "char" else ""
-    return (f"python {os.path.relpath(os.path.join(DATA_DIR, 'prepare.py'))} --input={source} "
-            f"--dataset={os.path.basename(folder)}{char}")
-
-
-def meta_problem(meta):
-    """What makes meta.pkl's content unusable, as words that follow its path, or None."""
-    if not isinstance(meta, dict):
-        return f"is not a dict but a pickled {type(meta).__name__}"
-    size = meta.get("vocab_size")
-    if type(size) is not int or size < 1:
-        return "has no vocab_size" if size is None else f"has vocab_size {size!r}, not a whole number above 0"
-    if meta.get("dtype", "uint16") not in ("uint16", "uint32"):
-        return f"has dtype {meta['dtype']!r}, not uint16 or uint32"
-    tokenizer = meta.get("tokenizer", "char" if "itos" in meta else None)
-    if tokenizer == "gpt2" and "itos" not in meta:
-        return None if size == GPT2_IDS else f"says GPT-2 BPE but has vocab_size {size}, not {GPT2_IDS}"
-    if "itos" not in meta:  # never taken for GPT-2 BPE: a model of 50304 ids trained on char ids
-        return f"has vocab_size {size} but no itos (the char vocab's ids -> characters; GPT-2 BPE data says " \
-               f"tokenizer 'gpt2')"
-    if tokenizer != "char":
-        return f"has tokenizer {tokenizer!r} and an itos; a char vocab says 'char'"
-    itos = meta["itos"]
-    if isinstance(itos, dict) and set(itos) == set(range(len(itos))):
-        itos = [itos[i] for i in range(len(itos))]
-    if not isinstance(itos, list) or not all(isinstance(c, str) for c in itos):
-        return "has an itos that is not a vocab of ids 0, 1, 2, ... -> characters"
-    if len(itos) != size:
-        return f"has vocab_size {size} but its itos has {len(itos)} symbols"
-    return None
-
-
-def read_meta(path):
-    """A dataset's meta.pkl, judged: its dict, or RunError saying in one line what is wrong with
-    which file and what to run. The unpickler runs no code (a planted file is refused, not run)."""
-    meta = None
-    try:
-        meta = load_meta(path)
-        problem = meta_problem(meta)
-    except Exception as e:  # not a pickle, truncated, or one that names code: the same one line
-        problem = f"cannot be read as a pickle of plain data ({type(e).__name__}: {str(e)[:120]})"
-    if problem:
-        folder = os.path.dirname(os.path.abspath(path))
-        raise RunError(f"{path} {problem}; prepare dataset {os.path.basename(folder)!r} again: "
-                       f"{prepare_command(folder, meta)}")
-    return meta
-
-
-def save_meta(path, meta):
-    atomic_write(path, lambda f: pickle.dump(meta, f))
 
 
 def write_bin(path, ids):
@@ -155,7 +79,6 @@ class TokenData:
         self.meta = read_meta(meta) if self.meta_path else {}
         dtype = meta_dtype(self.meta)
         self.limit = self.meta.get("vocab_size", GPT2_IDS)  # every id is below it
-        import tokenizer  # here: tokenizer imports this module
         self.record = tokenizer.of_meta(self.meta)  # what checkpoints store of this data's tokenizer
         self.bins = {}
         for split in ("train", "val"):

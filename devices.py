@@ -15,8 +15,7 @@ from contextlib import nullcontext
 
 import torch
 
-from configurator import RunError, first_line
-from metrics import say
+from console import RunError, first_line, say
 
 
 class DeviceError(RunError):

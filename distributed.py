@@ -1,5 +1,6 @@
 """torchrun setup (the process group, and a store that survives torchrun's own restarts), FSDP2
-wrapping, and sharded checkpoints with torch.distributed.checkpoint (DCP).
+wrapping, and what every rank must agree on (any_rank, from_rank0, on_rank0). Sharded checkpoint
+folders (DCP) are keep/folders.py's.
 
 torchrun --max-restarts restarts every worker when one dies. By default its agent shares one
 TCPStore with the workers for the whole job, so a restarted group finds the dead group's keys
@@ -9,25 +10,20 @@ agent keeps consistent); across nodes the agents' counts can differ, so there th
 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node (docs/preemption.md),
 and a run without it is warned.
 
-FSDP2 and DCP are imported in the functions that use them: importing them adds to every start of
-every script (see python -X importtime), and only FSDP runs and checkpoint folders need them.
+FSDP2 is imported in the function that uses it: importing it adds to every start of every script
+(see python -X importtime), and only FSDP runs need it.
 """
 import ctypes
 import gc
 import os
 import re
-import shutil
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-import checkpoint
-from atomicfile import TMP_TAG
-from configurator import RunError, exit_now
-from metrics import say
+from console import RunError, exit_now, say
 
 
 def under_torchrun():
@@ -128,174 +124,6 @@ def steady_heap():
 def local(t):
     """This rank's part of a parameter (all of it, unsharded)."""
     return t.to_local() if hasattr(t, "to_local") else t  # a DTensor (FSDP's sharded parameter)
-
-
-def param_names(model, optimizer):
-    """Parameter names in the order of the optimizer's param groups (a tied weight: its first name)."""
-    names = {id(p): n for n, p in reversed(list(model.named_parameters(remove_duplicate=False)))}
-    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-
-
-def full_state(model, optimizer):
-    """The whole model and optimizer state dicts, gathered to rank 0's CPU in torch's single-file format
-    (every rank takes part; the others get ({}, None)): ckpt.pt stays one file that sample.py reads."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                                     cpu_offload=True))
-    if dist.get_rank() != 0:
-        return {}, None
-    return model_sd, checkpoint.optimizer_by_id(optim_sd["state"], optim_sd["param_groups"])
-
-
-def load_full(model, optimizer, optimizer_state):
-    """A single file's optimizer state (every rank holds it whole) into a sharded optimizer. The file's
-    weights went into the model before it was sharded."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    named = checkpoint.optimizer_by_name(optimizer_state, param_names(model, optimizer))
-    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
-
-
-def _flat(model, optimizer):
-    """The sharded tensors as DCP stores them: {'model.NAME': weight, 'optim.NAME.exp_avg': ...}, all
-    tensors (DCP would pickle anything else), with a tied weight once; plus the aliases and the
-    optimizer's param groups (names and hyperparameters), which go in state.pt."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    flat, seen, aliases = {}, {}, {}
-    for name, t in model_sd.items():
-        where = (local(t).data_ptr(), tuple(t.shape))  # a tied weight: two names, one storage
-        if where in seen:
-            aliases[name] = seen[where]
-        else:
-            seen[where] = name
-            flat[f"model.{name}"] = t
-    for name, stats in optim_sd["state"].items():
-        for stat, t in stats.items():
-            flat[f"optim.{name}.{stat}"] = t
-    return flat, aliases, model_sd, optim_sd
-
-
-def load_sharded(folder, model, optimizer):
-    """Each rank reads its share of a checkpoint folder, whatever world size wrote it (DCP reshards).
-    The flat dict's tensors are the state dicts' own, so DCP's in-place load fills both."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-    from torch.distributed.checkpoint.api import CheckpointException
-    flat, _, model_sd, optim_sd = _flat(model, optimizer)
-    try:  # DCP gathers every rank's failure and raises it on all of them: one line each, the same
-        dcp.load(flat, checkpoint_id=folder)
-    except (Exception, CheckpointException) as e:  # (DCP's is a BaseException)
-        raise checkpoint.CheckpointError(f"could not read {folder} ({_why(e)})") from None
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-
-
-class ShardedSaver:
-    """Checkpoint folders under FSDP: every rank writes its own shard at once (DCP), then the folder is
-    committed (checkpoint.commit_folder) when all of them have finished. With background=True the
-    tensors are first copied to host memory (DCP's staging: the only stall) and a thread writes them
-    while training goes on; the Checkpointer asks busy() once per iteration, OR-ed over ranks, and
-    calls finish() when no rank is writing any more. At most one save is in flight.
-
-    DCP's process-based writer is not used: it starts its process with multiprocessing's 'spawn',
-    which runs the main script again, and train.py is a script, as nanoGPT's is."""
-
-    def __init__(self, device):
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-        self.group = dist.new_group(backend="gloo")  # the writer's collectives stay off the training group
-        # background saves copy the shard into host buffers kept from one save to the next (pinned
-        # on a GPU, for fast copies): the memory of one more copy of this rank's share of the state
-        options = StagingOptions(use_pinned_memory=device.startswith("cuda"), use_shared_memory=False,
-                                 use_async_staging=False, use_non_blocking_copy=False)
-        self.new_stager = lambda: DefaultStager(options)
-        self.stager = self.new_stager()
-        self.pool = ThreadPoolExecutor(1)
-        self.pending = None
-        self.tag = [os.getpid()]
-        dist.broadcast_object_list(self.tag, src=0, group=self.group)  # one temp name for all ranks
-
-    def save(self, plain, path, model, optimizer, background=False):
-        """Every rank calls this, with nothing in flight. In the foreground it returns once the folder
-        is committed; in the background once the shard is staged, and finish() commits it. A failure
-        on any rank (the state, the staging copy, the write, the commit) raises CheckpointError on
-        every rank: the ranks agree before each step that waits for all of them."""
-        import torch.distributed.checkpoint as dcp
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_TAG}{self.tag[0]}")
-        why = None
-        try:
-            flat, aliases, _, optim_sd = _flat(model, optimizer)
-            plain = dict(plain, aliases=aliases, optimizer_groups=optim_sd["param_groups"])
-            if background:  # host copies (the only stall), which training cannot change under the write
-                flat = self.stager.stage(flat)
-        except Exception as e:  # out of host memory on this rank alone: the others must not wait in DCP for it
-            why = _why(e)
-            if background:  # the buffers the failed copy took go back to training
-                self.stager.close()
-                self.stager = self.new_stager()
-        self._agree(why, tmp, path)
-        write = lambda: dcp.save(flat, checkpoint_id=tmp, process_group=self.group)  # noqa: E731
-        if background:
-            self.pending = (self.pool.submit(self._written, write, tmp), tmp, path, plain)
-        else:
-            self._commit(self._written(write, tmp), tmp, path, plain)
-
-    def busy(self):
-        return self.pending is not None and not self.pending[0].done()
-
-    def finish(self):
-        """Commit the save in flight, waiting for its writes if need be. Every rank calls it at once;
-        raises CheckpointError on every rank if the write failed on any rank."""
-        if self.pending is not None:
-            task, *rest = self.pending
-            self.pending = None
-            self._commit(task.result(), *rest)
-
-    @staticmethod
-    def _written(write, tmp):
-        """Run the DCP write; then the size and CRC-32 of the files this rank wrote (its shard; rank 0
-        also DCP's .metadata), or one line saying why the write failed."""
-        from torch.distributed.checkpoint.api import CheckpointException
-        try:
-            write()
-            rank = dist.get_rank()
-            mine = [n for n in os.listdir(tmp) if n.startswith(f"__{rank}_") or (rank == 0 and n == ".metadata")]
-            return {n: checkpoint.crc32(os.path.join(tmp, n)) for n in mine}
-        except (Exception, CheckpointException) as e:  # (DCP's is a BaseException)
-            return _why(e)
-
-    def _agree(self, mine, tmp, path):
-        """Every rank's outcome (a str says why it failed) gathered: if any rank failed, every rank
-        raises CheckpointError with the first one's line (rank 0 removes the temp folder)."""
-        every = [None] * dist.get_world_size()
-        dist.all_gather_object(every, mine, group=self.group)
-        failed = [e for e in every if isinstance(e, str)]
-        if failed:
-            if dist.get_rank() == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise checkpoint.CheckpointError(f"could not write {path} ({failed[0].splitlines()[0][:200]})")
-        return every
-
-    def _commit(self, files, tmp, path, plain):
-        """files: this rank's {name: [size, crc]}, or why its write failed. Rank 0 commits the folder,
-        and every rank learns how that went."""
-        every = self._agree(files, tmp, path)
-        why = None
-        if dist.get_rank() == 0:
-            try:
-                checkpoint.commit_folder(tmp, path, plain, {n: c for f in every for n, c in f.items()})
-            except checkpoint.CheckpointError as e:
-                why = str(e)
-        why = from_rank0(why, self.group)
-        if why:
-            raise checkpoint.CheckpointError(why)
-
-
-def _why(e):
-    """A failed folder write as one line: the rank and its OS error (DCP gathers every rank's)."""
-    from torch.distributed.checkpoint.api import CheckpointException
-    if isinstance(e, CheckpointException) and e.failures:
-        r = min(e.failures)
-        return f"rank {r}: {checkpoint.os_error(e.failures[r][0])}"
-    return f"rank {dist.get_rank()}: {checkpoint.os_error(e)}"
 
 
 def any_rank(flags, device):

@@ -33,8 +33,9 @@ import os
 import shutil
 import sys
 
-from atomicfile import OLD_TAG, atomic_write, fsync_tree, replace_folder, temp_name
-from configurator import UsageError, configure, fail
+from keep.atomic import OLD_TAG, atomic_write, fsync_tree, replace_folder, temp_name
+from configurator import configure
+from console import UsageError, fail
 
 # -----------------------------------------------------------------------------------------------
 out_dir = "out"  # a run's folder, or its remote_dir (s3://...)
@@ -61,10 +62,9 @@ if format == "hf" and os.path.exists(to):
 # torch and what uses it (seconds to import) only now: a wrong flag or --to is refused at once
 from safetensors import SafetensorError, safe_open  # noqa: E402
 
-import checkpoint  # noqa: E402
+from keep.files import CheckpointError, MODEL_ARGS, os_error  # noqa: E402
 import dataset  # noqa: E402
-import remote  # noqa: E402
-import resume  # noqa: E402
+from keep import remote, resume  # noqa: E402
 import tokenizer  # noqa: E402
 from gpt2 import from_state_dict, save_safetensors, to_hf  # noqa: E402
 from model import GPTConfig  # noqa: E402
@@ -82,13 +82,13 @@ try:  # the weights alone, memory-mapped; the same rule as sample.py's
     record, note = tokenizer.of_checkpoint(state, dataset.DATA_DIR, path)
 except UsageError as e:
     fail(str(e))
-except (checkpoint.CheckpointError, remote.RemoteError) as e:
+except (CheckpointError, remote.RemoteError) as e:
     raise SystemExit(f"error: {e}")
 except ValueError as e:  # no tokenizer to be found for a small vocab
     raise SystemExit(f"error: {e}")
 if note:
     print(note)
-model_args = {k: state["model_args"][k] for k in checkpoint.MODEL_ARGS}
+model_args = {k: state["model_args"][k] for k in MODEL_ARGS}
 model = from_state_dict(GPTConfig(**model_args), state["model"])
 dataset_name = state.get("config", {}).get("dataset") or ""
 iter_num = state.get("iter_num")
@@ -104,7 +104,7 @@ if format == "safetensors":  # one file: written whole, then renamed into place
         os.makedirs(os.path.dirname(os.path.abspath(to)), exist_ok=True)
         atomic_write(to, lambda f: save_safetensors(weights, f, meta))
     except OSError as e:
-        raise SystemExit(f"error: could not write {to}: {checkpoint.os_error(e)}") from None
+        raise SystemExit(f"error: could not write {to}: {os_error(e)}") from None
     print(f"wrote {to}")
     sys.exit(0)
 
@@ -141,6 +141,6 @@ except BaseException as e:  # a failed or interrupted export leaves no half-writ
         os.rename(old, to)
     shutil.rmtree(tmp, ignore_errors=True)
     if isinstance(e, OSError):
-        raise SystemExit(f"error: could not write {to}: {checkpoint.os_error(e)}") from None
+        raise SystemExit(f"error: could not write {to}: {os_error(e)}") from None
     raise
 print(f"wrote {', '.join(written + [MANIFEST])} to {to}")

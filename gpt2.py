@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn as nn
 
-from configurator import RunError, UsageError, first_line
+from console import RunError, UsageError, first_line
 from model import GPT, GPTConfig
 
 

@@ -1,10 +1,6 @@
 """
-What a run reports: console lines and out_dir/metrics.jsonl (and wandb, when asked for).
-
-The console lines go through say(), which a closed or broken stdout or stderr (a `| tee` or
-`| head` that died, a closed terminal, a dropped ssh session) can never turn into an exception: a
-run that cannot print goes on training and checkpointing, silently. A run's lines (rank 0's) are
-also appended to out_dir/console.log (`console`), so that a re-run with `>` loses none of them.
+What a run records: out_dir/metrics.jsonl (and wandb, when asked for); its console lines are
+console.py's.
 
 metrics.jsonl holds one JSON object per line: one per logged iteration ("kind": "train"), one
 per eval ("eval") and one per event ("event": start, resume, checkpoint, signal, end), each
@@ -24,78 +20,12 @@ import glob
 import math
 import os
 import struct
-import sys
 import time
 
-from atomicfile import atomic_write
-from configurator import ERROR_COPIES
+from keep.atomic import atomic_write
+from console import say
 
 METRICS = "metrics.jsonl"
-CONSOLE = "console.log"
-
-
-def _silence(stream):
-    """Point a broken stream's file descriptor at /dev/null: later writes, and the flush Python does
-    at exit (a failed one turns exit code 0 into 120), then succeed quietly."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):
-        pass
-
-
-class ConsoleCopy:
-    """A copy of the console lines in out_dir/console.log: appended, never truncated. After keep(),
-    lines wait in memory until open(out_dir) (a run holds its out_dir, or has made it, only after its
-    first lines), which writes them, then each line as it is said, error lines included. A failed
-    write is one warning on the console and the copy ends: it never stops a run."""
-
-    def __init__(self):
-        self.waiting, self.file, self.path = None, None, None  # waiting None: nothing kept (not a run, not rank 0)
-
-    def keep(self):
-        self.waiting = []
-        ERROR_COPIES.append(self.add)  # configurator's error lines are console lines too
-
-    def open(self, out_dir):
-        if self.waiting is None:
-            return
-        self.path = os.path.join(out_dir, CONSOLE)
-        try:
-            self.file = open(self.path, "a", encoding="utf-8", errors="replace")
-        except OSError as e:
-            return self._failed(e)
-        waiting, self.waiting = self.waiting, None
-        self.add("".join(waiting))
-
-    def add(self, text):
-        if self.file is not None:
-            try:
-                self.file.write(text)
-                self.file.flush()
-            except (OSError, ValueError) as e:
-                self._failed(e)
-        elif self.waiting is not None:
-            self.waiting.append(text)
-
-    def _failed(self, e):
-        self.file = self.waiting = None
-        say(f"warning: {self.path} cannot be written ({getattr(e, 'strerror', None) or e}); the run goes on "
-            f"without it", err=True)
-
-
-console = ConsoleCopy()
-
-
-def say(*parts, err=False):
-    """print(), flushed (so `| tee` shows each line as it comes), and never raising; copied to console."""
-    stream = sys.stderr if err else sys.stdout
-    console.add(" ".join(map(str, parts)) + "\n")
-    try:
-        print(*parts, file=stream, flush=True)
-    except (OSError, ValueError):  # EPIPE, EIO from a vanished terminal, a closed file
-        _silence(stream)
 
 
 def read_rows(path):

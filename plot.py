@@ -18,7 +18,7 @@ matplotlib.use("Agg")  # files only: no display needed, none opened
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter, ScalarFormatter  # noqa: E402
 
-from configurator import fail  # noqa: E402
+from console import fail  # noqa: E402
 from metrics import METRICS, read_rows  # noqa: E402
 
 

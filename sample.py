@@ -6,7 +6,7 @@ Sample from a trained model (out_dir's ckpt.pt, or a checkpoint named by --ckpt)
     python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt
 
-A checkpoint is all it needs: the weights are read alone, memory-mapped (checkpoint.load_weights),
+A checkpoint is all it needs: the weights are read alone, memory-mapped (load_weights),
 and the text is decoded with the checkpoint's own tokenizer, so no data/ folder is read.
 Samples are generated with a KV cache, num_samples at a time (up to max_batch), and a lone
 sample is printed as it is generated. Sample i draws from its own generator seeded by (seed, i),
@@ -16,7 +16,8 @@ import codecs
 import os
 import sys
 
-from configurator import UsageError, configure, fail
+from configurator import configure
+from console import UsageError, fail
 
 # -----------------------------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (a checkpoint in out_dir) or GPT-2 weights: 'gpt2', ..., 'gpt2-xl', a local HF folder
@@ -52,9 +53,8 @@ if start.startswith("FILE:"):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import checkpoint  # noqa: E402
-import remote  # noqa: E402
-import resume  # noqa: E402
+from keep.files import CheckpointError, MODEL_ARGS  # noqa: E402
+from keep import remote, resume  # noqa: E402
 import tokenizer  # noqa: E402
 from dataset import DATA_DIR  # noqa: E402
 from devices import DeviceError, autocast_context, one_line_out_of_memory, pick_device, pick_dtype  # noqa: E402
@@ -76,9 +76,9 @@ if init_from == "resume":  # ckpt.pt, else the newest good checkpoint: resume.pi
         path, state = resume.pick_to_read(out_dir, ckpt, which, log=lambda m: print(m, file=sys.stderr))
     except UsageError as e:
         fail(str(e))
-    except (checkpoint.CheckpointError, remote.RemoteError) as e:
+    except (CheckpointError, remote.RemoteError) as e:
         raise SystemExit(f"error: {e}")
-    model = from_state_dict(GPTConfig(**{k: state["model_args"][k] for k in checkpoint.MODEL_ARGS}), state["model"])
+    model = from_state_dict(GPTConfig(**{k: state["model_args"][k] for k in MODEL_ARGS}), state["model"])
     try:  # the checkpoint's own tokenizer; an older file's comes from its dataset's meta.pkl
         record, note = tokenizer.of_checkpoint(state, DATA_DIR, path)
     except ValueError as e:

@@ -16,9 +16,10 @@ import os
 import sys
 import time
 
-import preemption
-from configurator import check, check_data, check_fits, config_keys, configure, fail, one_line_errors
-from metrics import MetricsLog, console, has_wandb, humanize, say
+from configurator import check, check_data, check_fits, config_keys, configure
+from console import console, fail, one_line_errors, say
+from keep import preemption
+from metrics import MetricsLog, has_wandb, humanize
 
 # -----------------------------------------------------------------------------------------------
 # default config: GPT-2 124M on OpenWebText
@@ -86,13 +87,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-import checkpoint  # noqa: E402
-import checkpointer  # noqa: E402
 import distributed  # noqa: E402
-import remote as remote_copy  # noqa: E402
-import resume  # noqa: E402
+from keep import files, lock, resume, rng, saver, store, uploader  # noqa: E402
+from keep import remote as remote_copy  # noqa: E402
+from keep.folders import ShardedSaver, read_shards  # noqa: E402
 from dataset import TokenData  # noqa: E402
-from devices import autocast_context, one_line_out_of_memory, peak_flops_for, pick_device, pick_dtype  # noqa: E402
+from devices import memory, autocast_context, one_line_out_of_memory, peak_flops_for, pick_device, pick_dtype  # noqa: E402
 from gpt2 import load_gpt2  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -121,10 +121,10 @@ joined = distributed.init(machine, backend) if distributed.under_torchrun() else
 # eval_only only reads: it claims nothing, takes no lease and writes nothing in out_dir, so it can
 # score a checkpoint of a live run, and never changes its history (metrics.jsonl included)
 writes = not eval_only
-attempt = distributed.from_rank0(checkpoint.new_run_id() if master else None) if remote_dir and writes else None
+attempt = distributed.from_rank0(files.new_run_id() if master else None) if remote_dir and writes else None
 remote = distributed.on_rank0(lambda: remote_copy.connect(remote_dir, out_dir, attempt, remote_lease),
                               master) if remote_dir and writes else None
-out_lock = checkpointer.claim_on_every_rank(out_dir, master, remote=remote) if writes else None
+out_lock = lock.claim_on_every_rank(out_dir, master, remote=remote) if writes else None
 
 # start or continue. An out_dir that holds a good checkpoint is always continued, whatever init_from
 # says, so the same command run twice (a re-queued job, `make demo` again) carries on instead of
@@ -135,7 +135,7 @@ init_from = resume.start_mode(init_from, resume_from, sources)
 ckpt_path, ckpt = distributed.on_rank0(lambda: resume.find_start(out_dir, init_from, resume_from, log=log,
                                                                  tensors=False), master) or (None, None)
 ckpt_path = distributed.from_rank0(ckpt_path)
-ckpt = distributed.on_every_rank(lambda: ckpt if master or not ckpt_path else checkpoint.load(ckpt_path, tensors=False))
+ckpt = distributed.on_every_rank(lambda: ckpt if master or not ckpt_path else store.load(ckpt_path, tensors=False))
 changed = resume.restore_config(globals(), ckpt, sources, keys, explicit=init_from == "resume", log=log) if ckpt else {}
 check({k: globals()[k] for k in keys})  # again: a stored config comes from a file, maybe an old or foreign one
 data = TokenData(dataset)
@@ -149,7 +149,7 @@ if ckpt and ckpt["iter_num"] >= max_iters and not eval_only:
         f"raise --max_iters to train longer")
     if remote is not None:  # what a kill kept from remote_dir goes there now
         meta = ckpt.get("metadata") or {}
-        remote_copy.catch_up(remote, out_dir, run_id=meta.get("run_id"), branch=meta.get("branch", 0),
+        uploader.catch_up(remote, out_dir, run_id=meta.get("run_id"), branch=meta.get("branch", 0),
                              attempt=attempt, keep_last=keep_last, keep_every=keep_every, wait=remote_wait, log=log)
     sys.exit(0)
 config = {k: globals()[k] for k in keys}  # plain values, stored in every checkpoint
@@ -168,7 +168,7 @@ procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # training processes on this
 device_type = "cuda" if device.startswith("cuda") else device
 dtype = pick_dtype(dtype, device, log=log)
 ctx = autocast_context(device, "float32" if fsdp else dtype)  # FSDP casts by itself (distributed.shard)
-resume.seed_rngs(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
+rng.seed_rngs(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
@@ -179,25 +179,25 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
 iter_num, best_val_loss, train_seconds, last_eval, tokens_before = 0, float("inf"), 0.0, None, 0
 # the run's identity: its id, its branch (a resume by hand from an older file starts a new one, see
 # resume.branch_for) and each resume, recorded in every checkpoint's metadata
-run_id, branch, resumes, origin = checkpoint.new_run_id(), 0, [], init_from
+run_id, branch, resumes, origin = files.new_run_id(), 0, [], init_from
 if ckpt is not None:
-    model_args.update({k: ckpt["model_args"][k] for k in checkpoint.MODEL_ARGS if k in ckpt["model_args"]})
+    model_args.update({k: ckpt["model_args"][k] for k in files.MODEL_ARGS if k in ckpt["model_args"]})
     model_args["dropout"] = dropout  # the run's own, or a new one set on resume (e.g. to fine-tune)
-    check_fits(model_args, device, world_size if fsdp else 1, batch_size, procs, async_save)
+    check_fits(model_args, device, memory(device), world_size if fsdp else 1, batch_size, procs, async_save)
     model = GPT(GPTConfig(**model_args))
     if "model" not in ckpt and not fsdp:  # a checkpoint folder, resumed without FSDP: read it whole
-        ckpt["model"], ckpt["optimizer"] = checkpoint.read_shards(ckpt_path, ckpt)
+        ckpt["model"], ckpt["optimizer"] = read_shards(ckpt_path, ckpt)
     if "model" in ckpt:  # a folder under FSDP: each rank reads its share once sharded, below
         model.load_state_dict(ckpt["model"])
     globals().update(resume.lineage(ckpt, ckpt_path, out_dir, bool(resume_from), changed, log=log))
-    run_id = run_id or checkpoint.new_run_id()  # (nanoGPT's files have none)
+    run_id = run_id or files.new_run_id()  # (nanoGPT's files have none)
 elif init_from == "scratch":
-    check_fits(model_args, device, world_size if fsdp else 1, batch_size, procs, async_save)
+    check_fits(model_args, device, memory(device), world_size if fsdp else 1, batch_size, procs, async_save)
     model = GPT(GPTConfig(**model_args))
 else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder; the shape is theirs
     log(f"loading GPT-2 weights {init_from}...")
     model = load_gpt2(init_from, dropout=dropout)
-    model_args.update({k: getattr(model.config, k) for k in checkpoint.MODEL_ARGS})
+    model_args.update({k: getattr(model.config, k) for k in files.MODEL_ARGS})
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # e.g. GPT-2's 1024 context cut to 256 for fine-tuning
     model_args["block_size"] = block_size
@@ -214,11 +214,11 @@ log(f"device {device}, dtype {dtype}, world size {world_size}, {model.get_num_pa
 if remote_dir and writes:  # the lease names this run now (a new run had no id when out_dir was claimed)
     distributed.on_rank0(lambda: remote.take_lease(run_id, attempt, remote_lease, log=log), master)
 if writes:
-    out_lock = checkpointer.claim_on_every_rank(out_dir, master, create=True, held=out_lock)
+    out_lock = lock.claim_on_every_rank(out_dir, master, create=True, held=out_lock)
     console.open(out_dir)
 
 if rank:
-    resume.seed_rngs(seed + rank)  # dropout: each rank its own stream (rank 0 goes on with seed's)
+    rng.seed_rngs(seed + rank)  # dropout: each rank its own stream (rank 0 goes on with seed's)
 model.to(device)
 if fsdp:
     distributed.shard(model, dtype)
@@ -284,10 +284,10 @@ def checkpoint_state(val_loss):
     finite = torch.stack([distributed.local(p).isfinite().all() for p in raw_model.parameters()]).all()
     if distributed.any_rank([not finite], device)[0]:  # (each rank sees only its own shard under FSDP)
         diverged("the model's weights are not finite (nan or inf)", iter_num)
-    rngs = distributed.every_rank(resume.capture_rng())
+    rngs = distributed.every_rank(rng.capture_rng())
     return dict(
         model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config,
-        scaler=scaler.state_dict(), rng=rngs, format_version=checkpoint.FORMAT_VERSION, **data_record,
+        scaler=scaler.state_dict(), rng=rngs, format_version=files.FORMAT_VERSION, **data_record,
         metadata=dict(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), torch_version=str(torch.__version__),
                       world_size=world_size, tokens_seen=tokens_at(iter_num),
                       train_seconds=train_seconds + time.time() - t_start, val_loss=val_loss, last_eval=last_eval,
@@ -318,7 +318,7 @@ def halt(it, event, reason, line):
 # iter_num=k, and a resumed run starts with update k, so none is run twice or skipped. At each
 # iteration, before its update: evaluate if due, checkpoint if due (with the val loss just
 # measured), then stop or train.
-git_commit = checkpointer.git_commit() if master else None
+git_commit = saver.git_commit() if master else None
 start_iter = iter_num
 t_start = time.time()
 step_times = []
@@ -332,12 +332,12 @@ metrics.event(start_iter, "start", params=raw_model.get_num_params(), model_args
 if ckpt_path:
     metrics.event(start_iter, "resume", path=ckpt_path, branch=branch)
 # every save of the run, on every rank: what is due, the writers, retention, announcements, failures
-ck = checkpointer.Checkpointer(out_dir, run_id=run_id, branch=branch, keep_last=keep_last, keep_every=keep_every,
+ck = saver.Checkpointer(out_dir, run_id=run_id, branch=branch, keep_last=keep_last, keep_every=keep_every,
                                interval=checkpoint_interval, minutes=checkpoint_minutes, background=async_save,
                                model=raw_model, optimizer=optimizer, metrics=metrics, log=log, master=master,
-                               shards=distributed.ShardedSaver(device) if fsdp else None,
+                               shards=ShardedSaver(device) if fsdp else None,
                                resumed_from=ckpt_path, remote_wait=remote_wait, lock=out_lock,
-                               remote=remote_copy.Uploader(remote or remote_copy.Remote(remote_dir), out_dir, run_id=run_id,
+                               remote=uploader.Uploader(remote or remote_copy.Remote(remote_dir), out_dir, run_id=run_id,
                                                            branch=branch, keep_last=keep_last, keep_every=keep_every,
                                                            attempt=attempt, rank=rank,
                                                            log=log) if remote_dir and writes and (master or fsdp) else None)

@@ -18,14 +18,15 @@ import torch
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # (private: not a config key)
 sys.path.insert(0, _ROOT)  # the project's modules, when run as python bench/bench.py
-import checkpoint  # noqa: E402
-from checkpointer import snapshot  # noqa: E402
+from keep.files import MODEL_ARGS  # noqa: E402
+from keep import store  # noqa: E402
+from keep.saver import snapshot  # noqa: E402
 from configurator import check_data, configure, one_line_errors  # noqa: E402
 from dataset import TokenData  # noqa: E402
 from devices import (DeviceError, autocast_context, one_line_out_of_memory, peak_flops_for, pick_device,  # noqa: E402
                      pick_dtype)
 from model import GPT, GPTConfig  # noqa: E402
-from resume import capture_rng  # noqa: E402
+from keep.rng import capture_rng  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------
 mode = "train"  # 'train': step time; 'checkpoint': save/load times
@@ -132,7 +133,7 @@ def bench_checkpoint():
     go as the Checkpointer's do: a GPU state is copied into host buffers (snapshot) before a sync
     write; a background save is that snapshot, then the write on a writer thread."""
     step(0)  # optimizer state exists after a first step, as in a real checkpoint
-    model_args = {k: getattr(model.config, k) for k in checkpoint.MODEL_ARGS}
+    model_args = {k: getattr(model.config, k) for k in MODEL_ARGS}
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args, iter_num=1,
                  best_val_loss=0.0, config={}, rng=[capture_rng()])
     folder = tempfile.mkdtemp(dir=bench_dir or _ROOT, prefix="bench-ckpt-")
@@ -141,16 +142,16 @@ def bench_checkpoint():
     buffers, writer = {}, ThreadPoolExecutor(1)
     for _ in range(3):
         t0 = time.perf_counter()
-        checkpoint.save(snapshot(state, buffers) if device_type == "cuda" else state, path)
+        store.save(snapshot(state, buffers) if device_type == "cuda" else state, path)
         results["sync save"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         copy = snapshot(state, buffers)
         sync()
         results["async stall"].append(time.perf_counter() - t0)
-        writer.submit(checkpoint.save, copy, path).result()
+        writer.submit(store.save, copy, path).result()
         results["async total"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        checkpoint.load(path)
+        store.load(path)
         results["load"].append(time.perf_counter() - t0)
     size = os.path.getsize(path)
     # the disk's own speed for the same number of bytes, written and fsynced the same way

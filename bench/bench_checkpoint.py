@@ -52,8 +52,8 @@ ITER = re.compile(r"^iter (\d+): loss [\d.]+, time ([\d.]+) ?ms")
 
 def save_file(state, path):
     """Write a checkpoint file the way train.py does (the one place to adapt when that call changes)."""
-    import checkpoint
-    checkpoint.save(state, path)
+    from keep import store
+    store.save(state, path)
 
 
 def plain_write(path, size, block):

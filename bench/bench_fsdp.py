@@ -9,7 +9,7 @@ before FSDP), every rank writing its shard of a DCP folder, and the stall of a b
 Each launch is `torchrun --standalone --nproc_per_node=2 bench/bench_fsdp.py --worker=ddp|fsdp ...`: the
 model (vocab 50304, block_size 256, batch 1, fp32, no compile) is built, trained for --steps steps
 on random tokens (AdamW's state exists from the first), then saved --saves times each way with the
-project's own code (checkpoint.save, distributed.ShardedSaver) into a temp folder on this disk.
+project's own code (store.save, distributed.ShardedSaver) into a temp folder on this disk.
 """
 import argparse
 import json
@@ -30,10 +30,12 @@ def worker(a):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    import checkpoint
+    from keep.files import FORMAT_VERSION
+    from keep import store
     import distributed
-    from atomicfile import remove_whole
-    from checkpointer import snapshot
+    from keep.atomic import remove_whole
+    from keep.folders import ShardedSaver
+    from keep.saver import snapshot
     from devices import pick_device
     from model import GPT, GPTConfig
     fsdp = a.worker == "fsdp"
@@ -61,7 +63,7 @@ def worker(a):
     with open("/proc/self/status") as f:  # what the process holds now, after the steps
         now_rss = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")) / 1024
     plain = dict(model_args=args, iter_num=a.steps, best_val_loss=0.0, config={}, scaler={}, rng=[],
-                 format_version=checkpoint.FORMAT_VERSION, metadata={})
+                 format_version=FORMAT_VERSION, metadata={})
     times = {}
 
     def timed(name, fn):
@@ -71,7 +73,7 @@ def worker(a):
         dist.barrier()
         times.setdefault(name, []).append(time.perf_counter() - t0)
 
-    saver = distributed.ShardedSaver(device) if fsdp else None
+    saver = ShardedSaver(device) if fsdp else None
     host = {}  # the host buffers a snapshot reuses from one save to the next
     for i in range(a.saves):
         path = os.path.join(a.dir, f"ckpt-{i:08d}")
@@ -91,7 +93,7 @@ def worker(a):
             def one_file():  # as the Checkpointer writes a file: GPU tensors copied to host buffers first
                 if rank == 0:
                     state = dict(plain, model=model.state_dict(), optimizer=optimizer.state_dict())
-                    checkpoint.save(snapshot(state, host) if device.startswith("cuda") else state, path + ".pt")
+                    store.save(snapshot(state, host) if device.startswith("cuda") else state, path + ".pt")
             timed("file_rank0", one_file)
             size = os.path.getsize(path + ".pt")
         dist.barrier()

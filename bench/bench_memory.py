@@ -36,19 +36,20 @@ def peak_rss(cmd):
 
 def checkpoint_of(shape, folder):
     """out_dir/ckpt.pt: a training state of this shape, with its tokenizer record."""
-    import checkpoint
-    import resume
+    from keep.files import BEST
+    from keep import store
+    from keep import rng
     import tokenizer
     from bench_checkpoint import training_state
     state = training_state(shape)
     state["tokenizer"] = tokenizer.of_file(os.path.join(ROOT, "data", "shakespeare_char", "meta.pkl")) \
         if shape["vocab_size"] < 50257 else tokenizer.GPT2
     state["config"] = dict(dataset="bench-memory", init_from="scratch")
-    state["rng"] = [resume.capture_rng()]
+    state["rng"] = [rng.capture_rng()]
     state = dict(model=state.pop("model"), optimizer=state.pop("optimizer"), **state)  # train.py's order
     out = os.path.join(folder, "out")
     os.makedirs(out)
-    checkpoint.save(state, os.path.join(out, checkpoint.BEST))
+    store.save(state, os.path.join(out, BEST))
     weights = sum(t.numel() * t.element_size() for k, t in state["model"].items() if k != "lm_head.weight")
     del state
     return out, weights

@@ -26,7 +26,6 @@ client's work: CRCs, requests and their signing (SigV4 hashes the payload over p
 """
 import argparse
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -43,7 +42,7 @@ from bench_checkpoint import GPT2, RECIPE, save_file, train, training_state  # n
 
 
 def bench_transfer(s3, folder, pairs, mb):
-    import remote
+    from keep import remote
     # 12 bytes a parameter (weights, AdamW's two moments): 12 * (12 blocks * 12 d^2 + 50304 d) = mb MB
     a, b = 12 * 144, 12 * 50304
     n_embd = 64 * max(1, round((-b + (b * b + 4 * a * mb * 2**20) ** 0.5) / (2 * a) / 64))

@@ -38,7 +38,7 @@ points are mostly not tried.
      traceback of a rank whose peer was killed, "Connection closed by peer");
    - exit 0, or 1 with exactly one `error:` line (under torchrun, when one rank alone met the error,
      its `rank N: error: ...` line); a kill: killed (-9, 137; torchrun exits 1);
-   - every file or folder under a checkpoint's name loads (checkpoint.load);
+   - every file or folder under a checkpoint's name loads (store.load);
    - the newest periodic checkpoint, and ckpt.pt, announced ("saved ...") before the faulted call in
      the clean run still exist (unless keep_last newer ones replaced the periodic one);
    - the same command without faults then exits 0, leaves no temporary behind, and its final
@@ -63,7 +63,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project root, above bench/
-sys.path.insert(0, ROOT)  # its modules (checkpoint.load), when run as python bench/fault_sweep.py
+sys.path.insert(0, ROOT)  # its modules (store.load), when run as python bench/fault_sweep.py
 
 # tests/conftest.py's TINY: a training step takes milliseconds on a CPU
 TINY = ["--device=cpu", "--compile=False", "--dataset=shakespeare_char", "--n_layer=2", "--n_head=2",
@@ -79,7 +79,7 @@ FAULTED = ["fsync", "fdatasync", "rename", "renameat", "renameat2", "link", "lin
 WRITES = ["write", "pwrite64"]  # ENOSPC and kill at a sample of the calls (there are hundreds)
 SENDS = ["sendto", "sendmsg"]  # remote-s3: a request's bytes going out (EIO: botocore retries), sampled as writes
 KINDS = ("eio", "enospc", "kill", "fsize")
-# names that are a checkpoint's (checkpoint.NAMES): files, folders, ckpt.pt, another branch's kept best
+# names that are a checkpoint's (NAMES): files, folders, ckpt.pt, another branch's kept best
 NAMES = re.compile(r"ckpt(\.pt|-best-b\d+-\d{8}\.pt|-\d{8}(-b\d+)?(\.pt)?)$")
 TEMPORARY = re.compile(r"^\..*\.(tmp|old)-")  # atomicfile's '.<name>.tmp-<pid>' and '.<name>.old-<pid>'
 
@@ -562,8 +562,8 @@ _state_cache, _state_lock = {}, threading.Lock()
 
 def load(path):
     """The checkpoint at path, as train.py's readers load it (the one place to adapt)."""
-    import checkpoint
-    return checkpoint.load(path)
+    from keep import store
+    return store.load(path)
 
 
 def reference_state(clean):

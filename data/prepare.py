@@ -38,8 +38,9 @@ from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a script: the repo root holds dataset.py, tokenizer.py
-from atomicfile import atomic_write  # noqa: E402
-from dataset import DATA_DIR, META, TokenData, bin_dtype, save_meta  # noqa: E402
+from keep.atomic import atomic_write  # noqa: E402
+from dataset import DATA_DIR, META, TokenData, bin_dtype  # noqa: E402
+from tokenizer import save_meta  # noqa: E402
 
 MANIFEST = "prepare.json"
 FORMAT = 1  # of prepare.json: a different one means start over
@@ -618,7 +619,7 @@ def origin_of(spec):
 
 def run(work):
     """work(), with every way it can fail as one line: exit 2 for a wrong command, 1 otherwise."""
-    from configurator import RunError, fail
+    from console import RunError, fail
     try:
         work()
     except UsageError as e:
@@ -633,7 +634,8 @@ def run(work):
         sys.exit(130)
 
 if __name__ == "__main__":
-    from configurator import configure, fail
+    from configurator import configure
+    from console import fail
     knobs = dict(  # a dict, not globals, so that this module's constants are no knobs
         input="",  # a file, a folder or a glob (see above)
         dataset="",  # the name: data/<dataset>/, and train.py --dataset=<dataset>

@@ -8,7 +8,9 @@ import zipfile
 import pytest
 import torch
 
-import checkpoint
+from keep.files import BEST, CheckpointError, FORMAT_VERSION, PERIODIC
+from keep.store import candidates, read_header, verified
+from keep import store
 from conftest import TINY, contents, copy_run, listing, run
 from model import GPT, GPTConfig
 
@@ -29,8 +31,8 @@ def resume(out, *extra, check=True):
 def test_files_and_contents(trained):
     names = sorted(listing(trained))
     assert names == ["ckpt-00000004.pt", "ckpt-00000008.pt", "ckpt-00000012.pt", "ckpt.pt"]
-    ckpt = checkpoint.load(os.path.join(trained, "ckpt-00000012.pt"))
-    assert ckpt["format_version"] == checkpoint.FORMAT_VERSION and ckpt["iter_num"] == 12
+    ckpt = store.load(os.path.join(trained, "ckpt-00000012.pt"))
+    assert ckpt["format_version"] == FORMAT_VERSION and ckpt["iter_num"] == 12
     meta = ckpt["metadata"]
     assert meta["world_size"] == 1 and meta["tokens_seen"] == 12 * 4 * 32 and meta["train_seconds"] > 0
     assert meta["torch_version"] == str(torch.__version__) and meta["init_from"] == "scratch"
@@ -42,7 +44,7 @@ def test_files_and_contents(trained):
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_newest_falls_back(trained, tmp_path, damage):
     out = copy_run(trained, tmp_path / "run")
-    newest = checkpoint.candidates(out)[0]
+    newest = candidates(out)[0]
     data = bytearray(open(newest, "rb").read())
     if damage == "truncate":
         data = data[: len(data) // 2]
@@ -50,8 +52,8 @@ def test_damaged_newest_falls_back(trained, tmp_path, damage):
         data[len(data) // 2] ^= 0xFF  # inside tensor bytes: torch.load alone would not notice
     with open(newest, "wb") as f:
         f.write(data)
-    with pytest.raises(checkpoint.CheckpointError, match="unreadable|corrupt"):
-        checkpoint.load(newest)
+    with pytest.raises(CheckpointError, match="unreadable|corrupt"):
+        store.load(newest)
     p = resume(out, "--max_iters=14")
     warnings = [ln for ln in p.stdout.splitlines() if ln.startswith("warning: skipping")]
     # truncated: not even its iteration can be read; flipped: it ranks first, its CRC fails on load
@@ -65,7 +67,7 @@ def test_the_listing_exits_1_when_it_finds_a_bad_file(trained, tmp_path):
     (a script or a CI job can tell), 0 when all are ok."""
     assert run("checkpoint.py", str(trained)).stderr == ""
     out = copy_run(trained, tmp_path / "run")
-    (out / checkpoint.PERIODIC.format(99)).write_bytes(b"not a checkpoint at all")
+    (out / PERIODIC.format(99)).write_bytes(b"not a checkpoint at all")
     p = run("checkpoint.py", str(out), check=False)
     assert p.returncode == 1 and re.search(r"^ckpt-00000099\.pt .* BAD: ", p.stdout, re.M), p.stdout
     assert re.search(r"^ckpt-00000012\.pt .* ok$", p.stdout, re.M)
@@ -76,7 +78,7 @@ def test_all_bad_is_one_clear_error(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     for i in (2, 4):
-        (out / checkpoint.PERIODIC.format(i)).write_bytes(b"not a checkpoint at all")
+        (out / PERIODIC.format(i)).write_bytes(b"not a checkpoint at all")
     p = resume(out, check=False)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("error: none of the 2 checkpoint(s)")
@@ -90,11 +92,11 @@ def test_malicious_pickle_is_refused_and_never_runs(trained, tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    evil = os.path.join(out, checkpoint.PERIODIC.format(99))
+    evil = os.path.join(out, PERIODIC.format(99))
     torch.save({"model": {}, "model_args": {}, "iter_num": 99, "x": Payload()}, evil)
     os.utime(evil, (os.path.getmtime(evil) + 60,) * 2)  # clearly the newest file
-    with pytest.raises(checkpoint.CheckpointError, match="refused.*arbitrary pickle"):
-        checkpoint.load(evil)
+    with pytest.raises(CheckpointError, match="refused.*arbitrary pickle"):
+        store.load(evil)
     p = resume(out, "--max_iters=13")  # the planted file is newest: refused, then the previous one
     assert "refused" in p.stdout and "at iteration 12" in p.stdout
     p = run("sample.py", f"--out_dir={out}", "--max_new_tokens=5", "--num_samples=1", "--device=cpu")
@@ -135,9 +137,9 @@ def test_nanogpt_checkpoint_samples_and_resumes(shakespeare_char, tmp_path):
     assert len(p.stdout.split("---------------")[0].strip()) > 0
     p = resume(tmp_path, "--max_iters=503")
     assert p.stdout.count("approximate resume") == 1 and "at iteration 500" in p.stdout and "iter 502:" in p.stdout
-    ours = checkpoint.load(tmp_path / checkpoint.PERIODIC.format(503))
+    ours = store.load(tmp_path / PERIODIC.format(503))
     assert ours["best_val_loss"] == pytest.approx(1.75) and "rng" in ours
-    raw = torch.load(tmp_path / checkpoint.PERIODIC.format(503), weights_only=True)
+    raw = torch.load(tmp_path / PERIODIC.format(503), weights_only=True)
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in raw["model"])
 
 
@@ -147,9 +149,9 @@ def test_retention_keeps_exactly_keep_last(shakespeare_char, tmp_path):
         run("train.py", *TINY, f"--out_dir={out}", "--max_iters=10", "--eval_interval=100",
             "--checkpoint_interval=2", f"--keep_last={keep}")
         periodic = sorted(n for n in os.listdir(out) if n.startswith("ckpt-"))
-        assert periodic == [checkpoint.PERIODIC.format(i) for i in (8, 10)][-keep:]
+        assert periodic == [PERIODIC.format(i) for i in (8, 10)][-keep:]
         for name in periodic:
-            checkpoint.load(out / name)
+            store.load(out / name)
 
 
 def test_guards(trained, tmp_path):
@@ -177,7 +179,7 @@ def test_stray_temp_files_are_ignored_and_removed(trained, tmp_path):
     stray = os.path.join(out, ".ckpt-00000016.pt.tmp-12345")
     with open(stray, "wb") as f:
         f.write(b"half a checkpoint")
-    assert stray not in checkpoint.candidates(out)
+    assert stray not in candidates(out)
     resume(out, "--max_iters=13")
     assert not os.path.exists(stray)
 
@@ -280,11 +282,11 @@ def test_foreign_file_is_refused(trained, tmp_path, case):
     """Every case, in this process: load (which every script calls for a file it is named) refuses
     it with its reason, and retention's check counts it bad."""
     make, why = FOREIGN[case]
-    path = str(tmp_path / checkpoint.PERIODIC.format(100))
+    path = str(tmp_path / PERIODIC.format(100))
     make(path, os.path.join(trained, "ckpt-00000012.pt"), 100)
-    with pytest.raises(checkpoint.CheckpointError, match=re.escape(why)):
-        checkpoint.load(path)
-    assert not checkpoint.verified(path)
+    with pytest.raises(CheckpointError, match=re.escape(why)):
+        store.load(path)
+    assert not verified(path)
 
 
 # each script named a foreign file: one of the content checks, a damaged archive and a file that is
@@ -297,7 +299,7 @@ THROUGH = [("wte of another shape", "checkpoint.py"), ("damaged local header", "
 @pytest.mark.parametrize("case, script", THROUGH)
 def test_foreign_file_is_refused_in_one_line(trained, tmp_path, case, script):
     make, why = FOREIGN[case]
-    path = str(tmp_path / checkpoint.PERIODIC.format(100))
+    path = str(tmp_path / PERIODIC.format(100))
     make(path, os.path.join(trained, "ckpt-00000012.pt"), 100)
     p = run(script, *NAMED[script](path, tmp_path), check=False, timeout=120)  # (a FIFO would hang it)
     last = p.stderr.strip().splitlines()[-1]
@@ -312,10 +314,10 @@ def foreign_folder(trained, out):
     copy_run(trained, out)
     names = {}
     for i, (case, (make, _)) in enumerate(FOREIGN.items()):
-        names[case] = checkpoint.PERIODIC.format(100 + i)
+        names[case] = PERIODIC.format(100 + i)
         make(str(out / names[case]), os.path.join(trained, "ckpt-00000012.pt"), 100 + i)
-    os.remove(out / checkpoint.BEST)
-    os.mkfifo(out / checkpoint.BEST)
+    os.remove(out / BEST)
+    os.mkfifo(out / BEST)
     return names
 
 
@@ -336,7 +338,7 @@ def test_foreign_files_in_out_dir_are_listed_bad_and_skipped(trained, tmp_path):
     skipped = [ln for ln in p.stderr.splitlines() if ln.startswith("warning: skipping")]
     p = resume(out, "--max_iters=13")
     resumed = [ln for ln in p.stdout.splitlines() if ln.startswith("warning: skipping")]
-    for name in [*names.values(), checkpoint.BEST]:
+    for name in [*names.values(), BEST]:
         assert sum(name in ln for ln in skipped) == 1 and sum(name in ln for ln in resumed) == 1, name
     assert f"resuming from {out / 'ckpt-00000012.pt'} at iteration 12" in p.stdout and "iter 12:" in p.stdout
 
@@ -344,12 +346,12 @@ def test_foreign_files_in_out_dir_are_listed_bad_and_skipped(trained, tmp_path):
 def test_a_long_reason_is_cut_at_a_word_boundary(trained, tmp_path):
     """Reading the header of a file whose first 4 KB are zeros: torch's message is long, and shown up
     to the end of a word (then '...'), never cut mid-word."""
-    path = tmp_path / checkpoint.PERIODIC.format(100)
+    path = tmp_path / PERIODIC.format(100)
     zeroed_header(path, os.path.join(trained, "ckpt-00000012.pt"), 100)
     with pytest.raises(RuntimeError) as raw:
         torch.load(path, weights_only=True, mmap=True)
     full = f"RuntimeError: {str(raw.value).strip().splitlines()[0]}"
-    with pytest.raises(checkpoint.CheckpointError) as e:
-        checkpoint.read_header(path)
+    with pytest.raises(CheckpointError) as e:
+        read_header(path)
     shown = re.fullmatch(r".*: unreadable \((.*)\)", str(e.value)).group(1).removesuffix(" ...")
     assert len(full) > len(shown) > 40 and full.startswith(shown) and full[len(shown)] == " "

@@ -12,7 +12,8 @@ import zipfile
 import pytest
 import torch
 
-import checkpoint
+from keep.files import CheckpointError, PERIODIC
+from keep import store
 from conftest import ROOT, TINY, copy_run, project_without_data, run
 from dataset import DATA_DIR
 
@@ -100,8 +101,8 @@ def test_sample_export_and_inspect_read_only_the_weights(trained, tmp_path):
     path = out / "ckpt.pt"
     weights = len({t.untyped_storage().data_ptr() for t in torch.load(path, weights_only=True, mmap=True)["model"].values()})
     flip(path, weights + 3)  # an optimizer moment
-    with pytest.raises(checkpoint.CheckpointError, match="CRC mismatch"):
-        checkpoint.load(str(path))
+    with pytest.raises(CheckpointError, match="CRC mismatch"):
+        store.load(str(path))
     assert run("sample.py", f"--out_dir={out}", *GREEDY).stdout == here
     run("export.py", f"--out_dir={out}", f"--to={tmp_path / 'hf'}")
     assert run("sample.py", f"--init_from={tmp_path / 'hf'}", *GREEDY).stdout == here
@@ -158,4 +159,4 @@ def test_default_prompt_and_data_changed_under_a_run(dataset, tmp_path):
     p = run(*train, "--max_iters=6")
     notes = [line for line in p.stdout.splitlines() if "data under this run changed" in line]
     assert len(notes) == 1 and "train.bin" in notes[0], p.stdout
-    assert checkpoint.load(str(out / checkpoint.PERIODIC.format(6)))["iter_num"] == 6
+    assert store.load(str(out / PERIODIC.format(6)))["iter_num"] == 6

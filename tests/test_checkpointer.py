@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-import checkpoint
+from keep.files import CheckpointError
+from keep import store
 from conftest import ENV, ROOT, TINY, children, copy_run, run, start, wait_for
 from metrics import read_rows
 from test_faults import small_tmpfs, start_traced, traced  # noqa: F401 (small_tmpfs is a fixture)
@@ -33,9 +34,9 @@ def names(out):
 
 def loads(path):
     try:
-        checkpoint.load(str(path))
+        store.load(str(path))
         return True
-    except checkpoint.CheckpointError:
+    except CheckpointError:
         return False
 
 
@@ -130,7 +131,7 @@ def test_async_save_announces_only_files_on_disk(shakespeare_char, small_tmpfs):
             announced += 1
             path = m.group(1)
             assert loads(path), f"announced {line.strip()!r}, but it is not on disk whole yet"
-            it = checkpoint.load(path)["iter_num"]
+            it = store.load(path)["iter_num"]
             assert it == (step if os.path.basename(path) == "ckpt.pt" else int(path[-len("00000000.pt"):-3])), line
     proc.wait(timeout=60)
     said = "".join(seen)
@@ -138,7 +139,7 @@ def test_async_save_announces_only_files_on_disk(shakespeare_char, small_tmpfs):
     assert announced and "No space left on device" in said, said  # saves were announced, and the disk did fill up
     newest = {r["path"]: r["iter"] for r in checkpoint_events(out)}  # the last event for each path
     for path, it in newest.items():
-        assert loads(path) and checkpoint.load(path)["iter_num"] == it, \
+        assert loads(path) and store.load(path)["iter_num"] == it, \
             f"a checkpoint event for {path} at iteration {it}, which never reached the disk"
 
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, run
-from configurator import RunError
-from dataset import DATA_DIR, TokenData, load_meta
+from console import RunError
+from dataset import DATA_DIR, TokenData
+from tokenizer import load_meta
 from tokenizer import get_codec, gpt2_encoding
 
 _spec = importlib.util.spec_from_file_location("char_prepare", os.path.join(ROOT, "data", "shakespeare_char", "prepare.py"))
@@ -156,13 +157,14 @@ def test_a_damaged_meta_pkl_is_one_line_before_anything_is_made(damaged, trained
 
 def test_a_big_bin_is_checked_in_pieces_and_every_batch_too(tmp_path, monkeypatch):
     import dataset
+    import tokenizer
     monkeypatch.setattr(dataset, "SCAN_ALL", 1000)  # bins past 1,000 ids are read in 4 pieces of 10
     monkeypatch.setattr(dataset, "SCAN_PIECES", 4)
     monkeypatch.setattr(dataset, "SCAN_PIECE", 10)
     folder = tmp_path / "big"
     folder.mkdir()
     chars = [chr(33 + i) for i in range(65)]
-    dataset.save_meta(folder / "meta.pkl", dict(vocab_size=65, itos=dict(enumerate(chars)),
+    tokenizer.save_meta(folder / "meta.pkl", dict(vocab_size=65, itos=dict(enumerate(chars)),
                                                 stoi={c: i for i, c in enumerate(chars)}))
     ids = (np.arange(5000) % 60).astype(np.uint16)
     ids.tofile(folder / "val.bin")

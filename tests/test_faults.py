@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
-import checkpoint
-from atomicfile import TMP_TAG
+from keep.files import PERIODIC
+from keep.store import candidates
+from keep import store
+from keep.atomic import TMP_TAG
 from conftest import ENV, ROOT, STARTED, TINY, children, contents, copy_run, listing, outcomes, ranks, run, start, wait_for
 from metrics import read_rows
 from test_resume import assert_same_state
@@ -66,8 +68,8 @@ def test_signal_with_a_dead_pipe_still_saves(shakespeare_char, tmp_path, sig, co
     stderr = proc.stderr.read()
     assert proc.wait(timeout=60) == code, stderr
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
-    newest = checkpoint.candidates(tmp_path)[0]
-    assert checkpoint.load(newest)["iter_num"] > 4
+    newest = candidates(tmp_path)[0]
+    assert store.load(newest)["iter_num"] > 4
 
 
 def test_sigterm_during_a_long_eval_saves_within_seconds(shakespeare_char, tmp_path):
@@ -83,7 +85,7 @@ def test_sigterm_during_a_long_eval_saves_within_seconds(shakespeare_char, tmp_p
     elapsed = time.time() - t0
     assert elapsed < 10, f"{elapsed:.1f}s from SIGTERM to exit"  # the bound this test holds
     assert "SIGTERM received at iteration 5: saving a checkpoint" in rest and "step 5:" not in rest
-    ckpt = checkpoint.load(tmp_path / checkpoint.PERIODIC.format(5))
+    ckpt = store.load(tmp_path / PERIODIC.format(5))
     assert ckpt["metadata"]["val_loss"] is None  # the abandoned eval's partial result is not used
 
 
@@ -103,8 +105,8 @@ def test_time_limit_stops_in_time_and_resumes_exactly(shakespeare_char, tmp_path
     run("train.py", *ARGS, f"--out_dir={tmp_path}", f"--max_iters={k + 3}")
     ref = tmp_path / "ref"
     run("train.py", *ARGS, f"--out_dir={ref}", f"--max_iters={k + 3}")
-    assert_same_state(checkpoint.load(tmp_path / checkpoint.PERIODIC.format(k + 3)),
-                      checkpoint.load(ref / checkpoint.PERIODIC.format(k + 3)))
+    assert_same_state(store.load(tmp_path / PERIODIC.format(k + 3)),
+                      store.load(ref / PERIODIC.format(k + 3)))
 
 
 def test_checkpoint_minutes_bounds_the_work_a_crash_loses(shakespeare_char, tmp_path):
@@ -123,7 +125,7 @@ def test_checkpoint_minutes_bounds_the_work_a_crash_loses(shakespeare_char, tmp_
     times = sorted(done.values())  # the run's own clock: when it finished each update
     gap = max(b - a for a, b in zip(times, times[1:]))  # the longest iteration, a save included
     newest = max(int(m.group(1)) for n in listing(tmp_path) if (m := re.fullmatch(r"ckpt-(\d{8})\.pt", n)))
-    checkpoint.load(tmp_path / checkpoint.PERIODIC.format(newest))
+    store.load(tmp_path / PERIODIC.format(newest))
     lost = times[-1] - done[newest - 1]  # the work logged after the last update the checkpoint holds
     assert lost <= period + 2 * gap, f"the newest checkpoint (iteration {newest}) is {lost:.2f}s of training behind"
 
@@ -148,7 +150,7 @@ def test_second_ctrl_c_during_the_save_exits_at_once(shakespeare_char, tmp_path)
     assert "second SIGINT" in out and "Traceback" not in out, out
     for name in listing(tmp_path):
         if name.startswith("ckpt"):
-            checkpoint.load(tmp_path / name)  # whatever is under a checkpoint's name is whole
+            store.load(tmp_path / name)  # whatever is under a checkpoint's name is whole
 
 
 @pytest.mark.parametrize("flag, says", [("--time_limit=soon", "error: time_limit='soon' is not a duration"),
@@ -193,12 +195,12 @@ def test_failed_writes_efbig(shakespeare_char, tmp_path):
     seen = []
     m = wait_for(proc, r"^warning: could not write (\S+): \[Errno 27\] File too large; older checkpoints "
                               r"are intact; training goes on and the next checkpoint tries again$", seen)
-    assert m.group(1) == str(tmp_path / checkpoint.PERIODIC.format(20))
+    assert m.group(1) == str(tmp_path / PERIODIC.format(20))
     wait_for(proc, r"^iter 25:", seen)  # still training
     assert contents(tmp_path) == before  # older files intact, no temp file left
     resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     m = wait_for(proc, r"^saved (\S+ckpt-\d+\.pt)$", seen)  # the next save succeeds
-    checkpoint.load(m.group(1))
+    store.load(m.group(1))
     proc.send_signal(signal.SIGTERM)
     proc.stdout.read()
     assert proc.wait(timeout=60) == 0 and not any("Traceback" in ln for ln in seen)
@@ -209,7 +211,7 @@ def test_failed_writes_efbig(shakespeare_char, tmp_path):
             preexec_fn=small_files, check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     *earlier, last = p.stderr.strip().splitlines()  # earlier: ckpt.pt at the last eval, if it improved
-    assert last == (f"error: could not write {tmp_path / checkpoint.PERIODIC.format(100)}: [Errno 27] File "
+    assert last == (f"error: could not write {tmp_path / PERIODIC.format(100)}: [Errno 27] File "
                     f"too large; older checkpoints are intact, and the same command resumes from the newest")
     assert all(ln.startswith("warning: could not write") for ln in earlier)
     assert contents(tmp_path) == before
@@ -229,12 +231,12 @@ def test_disk_full_with_async_save(shakespeare_char, small_tmpfs):
     warnings = [ln for ln in p.stderr.splitlines() if ln.startswith("warning: could not write")]
     assert warnings and all("[Errno 28] No space left on device; older checkpoints are intact" in ln for ln in warnings)
     assert p.stderr.strip().splitlines()[-1].startswith(
-        f"error: could not write {out / checkpoint.PERIODIC.format(30)}: [Errno 28] No space left on device")
+        f"error: could not write {out / PERIODIC.format(30)}: [Errno 28] No space left on device")
     assert "iter 29:" in p.stdout  # it trained to the end
     names = listing(out)
     assert not any(TMP_TAG in n for n in names)  # no temp file left
     for name in names:
-        checkpoint.load(out / name)  # whatever is there is whole
+        store.load(out / name)  # whatever is there is whole
 
 
 def test_torchrun_restarts_killed_workers_and_stays_exact(shakespeare_char, tmp_path):
@@ -262,7 +264,7 @@ def test_torchrun_restarts_killed_workers_and_stays_exact(shakespeare_char, tmp_
     rest = proc.stdout.read()
     assert proc.wait(timeout=300) == 0, "".join(seen) + rest
     assert "".join(seen).count("continuing it") == 3 and "connectFullMesh failed" not in "".join(seen) + rest
-    assert_same_state(checkpoint.load(out / checkpoint.PERIODIC.format(M)), checkpoint.load(ref / checkpoint.PERIODIC.format(M)))
+    assert_same_state(store.load(out / PERIODIC.format(M)), store.load(ref / PERIODIC.format(M)))
 
 
 def test_torchrun_passes_slurms_usr1_to_every_rank(shakespeare_char, tmp_path):
@@ -279,10 +281,10 @@ def test_torchrun_passes_slurms_usr1_to_every_rank(shakespeare_char, tmp_path):
     rest = proc.communicate(timeout=120)[0]
     k = int(re.search(r"^checkpoint saved at iteration (\d+)", rest, re.M).group(1))
     assert "SIGUSR1 received" in rest and 4 <= k < 400
-    assert checkpoint.load(tmp_path / checkpoint.PERIODIC.format(k))["metadata"]["world_size"] == 2
+    assert store.load(tmp_path / PERIODIC.format(k))["metadata"]["world_size"] == 2
     again = job()
     stdout = again.communicate(timeout=300)[0]
-    assert again.returncode == 0 and f"resuming from {tmp_path / checkpoint.PERIODIC.format(k)}" in stdout, stdout
+    assert again.returncode == 0 and f"resuming from {tmp_path / PERIODIC.format(k)}" in stdout, stdout
 
 
 def test_two_nodes_restart_with_the_store_fix(shakespeare_char, tmp_path):
@@ -323,7 +325,7 @@ def test_ranks_resume_from_the_file_rank_0_picked(trained, tmp_path):
     1, the job with one error line (rank 1's, naming the file), no traceback, no rank left waiting."""
     out = copy_run(Path(trained), tmp_path / "run")
     os.remove(out / "ckpt.pt")  # (of iteration 10 too)
-    newest = out / checkpoint.PERIODIC.format(10)
+    newest = out / PERIODIC.format(10)
     job = ranks(2, *ARGS, "--gradient_accumulation_steps=2", f"--out_dir={out}", "--max_iters=15",
                 prefix={1: traced("-P", str(newest), "-e", "trace=openat", "-e", "inject=openat:error=EIO")})
     results = outcomes(job, timeout=90)

@@ -14,8 +14,12 @@ import time
 import pytest
 import torch
 
-import checkpoint
-from atomicfile import TMP_TAG
+from keep.files import PERIODIC
+from keep.store import scan
+from keep.files import crc32
+from keep.folders import verify_folder
+from keep import store
+from keep.atomic import TMP_TAG
 from conftest import ROOT, TINY, children, copy_run, outcomes, project_without_data, ranks, run, start, wait_for
 from metrics import read_rows
 
@@ -38,7 +42,7 @@ def train_losses(out):
 
 
 def weights(path):
-    return checkpoint.load(str(path))
+    return store.load(str(path))
 
 
 def assert_close(a, b, atol=1e-5):
@@ -78,7 +82,7 @@ def test_fsdp_trains_as_one_process_does(fsdp_run, tmp_path):
     assert_close(weights(fsdp_run / "ckpt-00000020"), weights(single / "ckpt-00000020.pt"))
     names = sorted(os.listdir(fsdp_run / "ckpt-00000020"))
     assert names == [".metadata", "__0_0.distcp", "__1_0.distcp", "state.pt"]  # every rank wrote its shard
-    best = checkpoint.load(str(fsdp_run / "ckpt.pt"))  # ckpt.pt stays one file, gathered to rank 0
+    best = store.load(str(fsdp_run / "ckpt.pt"))  # ckpt.pt stays one file, gathered to rank 0
     assert best["metadata"]["world_size"] == 2 and len(best["rng"]) == 2
     assert_bitwise(best, weights(fsdp_run / "ckpt-00000020"))  # same iteration, same state
 
@@ -130,8 +134,8 @@ def test_rank_killed_mid_save_leaves_no_folder_and_resume_is_exact(fsdp_run, tmp
     assert not os.path.exists(out / final_name)
     whole = [n for n in os.listdir(out) if re.fullmatch(r"ckpt-\d{8}", n)]
     for name in whole:
-        checkpoint.verify_folder(str(out / name))  # every folder under a checkpoint's name is whole
-    head = checkpoint.scan(str(out))[0][0]  # the newest whole checkpoint (ckpt.pt after an eval)
+        verify_folder(str(out / name))  # every folder under a checkpoint's name is whole
+    head = scan(str(out))[0][0]  # the newest whole checkpoint (ckpt.pt after an eval)
 
     # SIGTERM while background saves are in flight: the one in flight is committed, then the final one
     job = start(*ARGS, f"--out_dir={out}", "--async_save=True",
@@ -144,7 +148,7 @@ def test_rank_killed_mid_save_leaves_no_folder_and_resume_is_exact(fsdp_run, tmp
     assert not os.path.exists(out / seen)
     stopped = int(re.search(r"^checkpoint saved at iteration (\d+)", p, re.M).group(1))
     assert "SIGTERM received" in p and stopped >= 15
-    checkpoint.verify_folder(str(out / f"ckpt-{stopped:08d}"))
+    verify_folder(str(out / f"ckpt-{stopped:08d}"))
     p = torchrun(out)  # the same command again: on to max_iters, background saves as stored
     assert f"at iteration {stopped}" in p
     for it in range(head["iter_num"] + 1, N + 1):
@@ -178,7 +182,7 @@ def test_failed_folder_write_is_one_line_and_training_goes_on(shakespeare_char, 
     m = wait_for(job, r"^(saved|writing) (\S+ckpt-\d+)$", seen)
     job.send_signal(signal.SIGTERM)
     seen.append(job.communicate(timeout=120)[0])
-    checkpoint.verify_folder(m.group(2))
+    verify_folder(m.group(2))
     assert not [n for n in os.listdir(out) if TMP_TAG in n]  # failed saves left nothing behind
     assert "CheckpointException" not in "".join(seen) and "[rank0]: Traceback" not in "".join(seen)
 
@@ -307,7 +311,7 @@ def test_planted_pickle_in_dcp_metadata_never_runs(fsdp_run, tmp_path):
     (out / "ckpt-00000020" / ".metadata").write_bytes(pickle.dumps(Payload()))
     # the files' CRCs are rewritten to match, as an attacker would
     state = torch.load(out / "ckpt-00000020" / "state.pt", weights_only=True)
-    state["files"][".metadata"] = checkpoint.crc32(str(out / "ckpt-00000020" / ".metadata"))
+    state["files"][".metadata"] = crc32(str(out / "ckpt-00000020" / ".metadata"))
     torch.save(state, out / "ckpt-00000020" / "state.pt")
     for cmd in (["checkpoint.py", str(out / "ckpt-00000020")],
                 ["checkpoint.py", "consolidate", str(out / "ckpt-00000020"), str(tmp_path / "x.pt")],
@@ -343,7 +347,7 @@ def test_consolidated_folder_samples_and_exports(fsdp_run, tmp_path):
 
     run("export.py", f"--ckpt={fsdp_run / 'ckpt-00000020'}", f"--to={tmp_path / 'hf'}")
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
-    state = checkpoint.load(str(tmp_path / "one" / "ckpt.pt"))
+    state = store.load(str(tmp_path / "one" / "ckpt.pt"))
     ours = GPT(GPTConfig(**state["model_args"]))
     ours.load_state_dict(state["model"])
     ours.eval()
@@ -355,7 +359,7 @@ def test_consolidated_folder_samples_and_exports(fsdp_run, tmp_path):
     again = run("checkpoint.py", "consolidate", str(fsdp_run / "ckpt-00000016"), str(tmp_path / "one" / "ckpt.pt"),
                 check=False)  # never over an existing file (a run's ckpt.pt, say)
     assert again.returncode == 1 and "exists; give a new file name" in again.stderr
-    assert checkpoint.load(str(tmp_path / "one" / "ckpt.pt"))["iter_num"] == 20
+    assert store.load(str(tmp_path / "one" / "ckpt.pt"))["iter_num"] == 20
     piped = subprocess.run(f"{sys.executable} checkpoint.py {fsdp_run} | head -1", shell=True, cwd=ROOT,
                            capture_output=True, text=True)  # the reader leaves early: no traceback
     assert piped.stdout.startswith("file (newest first)") and piped.stderr == ""
@@ -369,9 +373,9 @@ def test_a_shard_one_rank_cannot_read_at_resume_is_one_line_on_every_rank(fsdp_r
     from test_faults import traced
     out = copy_run(fsdp_run, tmp_path / "run")
     for name in os.listdir(out):
-        if name.startswith("ckpt") and name != checkpoint.PERIODIC.format(N)[:-3]:
+        if name.startswith("ckpt") and name != PERIODIC.format(N)[:-3]:
             shutil.rmtree(out / name) if (out / name).is_dir() else os.remove(out / name)
-    shard = out / checkpoint.PERIODIC.format(N)[:-3] / "__1_0.distcp"
+    shard = out / PERIODIC.format(N)[:-3] / "__1_0.distcp"
     job = ranks(2, *ARGS, "--parallelism=fsdp", f"--out_dir={out}", f"--max_iters={N + 4}",
                 prefix={1: traced("-P", str(shard), "-e", "trace=openat", "-e", "inject=openat:error=EIO:when=2+")})
     results = outcomes(job, timeout=120)

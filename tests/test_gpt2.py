@@ -14,8 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import checkpoint
-from configurator import UsageError
+from keep.files import BEST, PERIODIC
+from keep import store
+from console import UsageError
 from conftest import ROOT, run, start
 from gpt2 import GPT2Error, load_gpt2
 from model import GPT, GPTConfig
@@ -57,7 +58,7 @@ def logits_of(model, idx):
 
 
 def load_ours(path):
-    ckpt = checkpoint.load(path)
+    ckpt = store.load(path)
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt
@@ -107,8 +108,8 @@ def test_finetune_gpt2_weights_under_fsdp(hf_folder, tiny_dataset, tmp_path):
     losses = [[r["loss"] for r in read_rows(tmp_path / out / "metrics.jsonl") if r["kind"] == "train"]
               for out in ("one", "fsdp")]
     assert len(losses[0]) == 4 and max(abs(a - b) for a, b in zip(*losses)) <= 1e-5
-    one = checkpoint.load(str(tmp_path / "one" / "ckpt-00000004.pt"))
-    sharded = checkpoint.load(str(tmp_path / "fsdp" / "ckpt-00000004"))
+    one = store.load(str(tmp_path / "one" / "ckpt-00000004.pt"))
+    sharded = store.load(str(tmp_path / "fsdp" / "ckpt-00000004"))
     assert sharded["model_args"] == one["model_args"] and sharded["metadata"]["init_from"] == hf_folder
     for k in one["model"]:
         torch.testing.assert_close(sharded["model"][k], one["model"][k], rtol=0, atol=1e-5)
@@ -118,23 +119,23 @@ def test_finetune_local_folder_resume_and_export(hf_folder, tiny_dataset, tmp_pa
     out = str(tmp_path / "out")
     args = [*CPU, f"--dataset={tiny_dataset}", f"--out_dir={out}", "--block_size=32"]
     run("train.py", *args, f"--init_from={hf_folder}", "--max_iters=4")
-    ckpt = checkpoint.load(os.path.join(out, checkpoint.PERIODIC.format(4)))
+    ckpt = store.load(os.path.join(out, PERIODIC.format(4)))
     assert ckpt["model_args"] == dict(n_layer=2, n_head=2, n_embd=64, block_size=32, bias=True, vocab_size=100, dropout=0.0)
     assert ckpt["iter_num"] == 4 and ckpt["metadata"]["init_from"] == hf_folder
 
-    first = open(os.path.join(out, checkpoint.PERIODIC.format(2)), "rb").read()
+    first = open(os.path.join(out, PERIODIC.format(2)), "rb").read()
     # the same command again (a re-queued job) with a longer max_iters: continues, never re-imports
     p = run("train.py", *args, f"--init_from={hf_folder}", "--max_iters=6")
     assert "continuing it" in p.stdout and "at iteration 4" in p.stdout and "changed on resume: max_iters 4 -> 6" in p.stdout
     assert "iter 4:" in p.stdout and "iter 3:" not in p.stdout
-    assert open(os.path.join(out, checkpoint.PERIODIC.format(2)), "rb").read() == first
+    assert open(os.path.join(out, PERIODIC.format(2)), "rb").read() == first
     p = run("train.py", *args, "--init_from=scratch", check=False)  # another run's command into this out_dir
     assert p.returncode == 1 and f"began from {hf_folder!r}" in p.stderr and "--init_from=resume" in p.stderr
-    ckpt = checkpoint.load(os.path.join(out, checkpoint.PERIODIC.format(6)))
+    ckpt = store.load(os.path.join(out, PERIODIC.format(6)))
     assert ckpt["iter_num"] == 6 and ckpt["metadata"]["init_from"] == hf_folder  # still says where it began
 
     # export: to an HF folder (the newest checkpoint), and as one safetensors file (a given file)
-    ours, _ = load_ours(os.path.join(out, checkpoint.PERIODIC.format(6)))
+    ours, _ = load_ours(os.path.join(out, PERIODIC.format(6)))
     hf_out = str(tmp_path / "hf-out")
     p = run("export.py", f"--out_dir={out}", "--which=latest", "--format=hf", f"--to={hf_out}")
     assert "no tokenizer written" in p.stdout
@@ -144,7 +145,7 @@ def test_finetune_local_folder_resume_and_export(hf_folder, tiny_dataset, tmp_pa
     idx = torch.randint(0, 100, (2, 32))
     assert (logits_of(back, idx) - logits_of(ours, idx)).abs().max() <= 1e-4
 
-    path = os.path.join(out, checkpoint.PERIODIC.format(6))
+    path = os.path.join(out, PERIODIC.format(6))
     run("export.py", f"--ckpt={path}", "--format=safetensors", f"--to={tmp_path / 'w.safetensors'}")
     weights = load_file(tmp_path / "w.safetensors")
     state = ours.state_dict()
@@ -214,7 +215,7 @@ def test_export_bias_free_bpe_model(tiny_dataset, tmp_path):
     run("train.py", *CPU, f"--dataset={tiny_dataset}", f"--out_dir={out}", "--n_layer=1", "--n_head=2",
         "--n_embd=32", "--block_size=16", "--max_iters=2")
     p = run("export.py", f"--out_dir={out}", f"--to={tmp_path / 'hf'}")  # --which=best: ckpt.pt
-    ours, ckpt = load_ours(os.path.join(out, checkpoint.BEST))
+    ours, ckpt = load_ours(os.path.join(out, BEST))
     assert ckpt["model_args"]["bias"] is False and ckpt["model_args"]["vocab_size"] == 50304
     assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "export.json", "merges.txt", "model.safetensors",
                                                    "vocab.json"]

@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import checkpoint
+from keep.files import BEST
+from keep.store import candidates
+from keep import store
 from conftest import TINY, copy_run, run
 
 FILE, MISSING = "{tmp}/a-file", "{tmp}/missing"
@@ -185,7 +187,7 @@ def test_out_of_memory_is_one_line(shakespeare_char, tmp_path):
             preexec_fn=lambda: no_big_allocation(3 << 29))
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip().startswith("error: out of memory") and "lower batch_size" in p.stderr
-    assert not checkpoint.candidates(str(tmp_path))
+    assert not candidates(str(tmp_path))
 
 
 @pytest.mark.parametrize("flags, says", [
@@ -237,7 +239,7 @@ def test_export_replaces_only_its_own_folder_and_samples_with_the_char_vocab(tra
         (to / name).write_text("stale")
     p = run("export.py", f"--out_dir={trained}", f"--to={to}")
     assert sorted(os.listdir(to)) == ["char_vocab.json", "config.json", "export.json", "model.safetensors"]
-    assert json.loads((to / "export.json").read_text())["iter_num"] == checkpoint.load(os.path.join(trained, "ckpt.pt"))["iter_num"]
+    assert json.loads((to / "export.json").read_text())["iter_num"] == store.load(os.path.join(trained, "ckpt.pt"))["iter_num"]
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temp folder left beside it
     from transformers import GPT2LMHeadModel
     assert GPT2LMHeadModel.from_pretrained(str(to)).config.vocab_size == 65
@@ -268,7 +270,7 @@ def test_planted_pickle_names_the_global(trained, tmp_path):
         def __reduce__(self):
             return (os.system, ("true",))
 
-    torch.save({"model": {}, "model_args": {}, "x": Payload()}, os.path.join(out, checkpoint.BEST))
+    torch.save({"model": {}, "model_args": {}, "x": Payload()}, os.path.join(out, BEST))
     p = run("sample.py", f"--out_dir={out}", "--device=cpu", "--num_samples=1", "--max_new_tokens=3")
     warnings = [ln for ln in p.stderr.splitlines() if "refused" in ln]
     assert len(warnings) == 1 and "(it names posix.system, not plain data)" in warnings[0]

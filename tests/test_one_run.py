@@ -6,7 +6,7 @@ import re
 import shutil
 import signal
 
-import checkpoint
+from keep.store import read_header
 from conftest import TINY, copy_run, files_under, run, start, wait_for
 
 
@@ -33,7 +33,7 @@ def test_a_full_disk_says_so_and_a_run_whose_saves_keep_failing_stops(shakespear
     fills up: each failed save is one warning, and after checkpointer.FAILURES of them in a row the
     run stops with one error line naming the newest checkpoint (exit 1), instead of training for
     hours with nothing saved; the same command on a disk with room continues from that checkpoint."""
-    import checkpointer
+    from keep import saver as checkpointer
     disk = tmpfs(1_200_000)  # three of TINY's checkpoints (0.37 MB each), and then no more
     out = disk / "out"
     p = run("train.py", *TINY, f"--out_dir={out}", "--max_iters=100", "--checkpoint_interval=1", "--keep_last=50",
@@ -71,7 +71,7 @@ def test_a_live_run_whose_out_dir_is_deleted_saves_beside_it_and_stops(shakespea
         proc, seen = start(*TINY, f"--out_dir={out}", "--max_iters=100000", "--checkpoint_interval=20",
                            "--eval_interval=1000"), []
         wait_for(proc, r"saved .*ckpt-00000020\.pt", seen)
-        run_id = checkpoint.read_header(str(out / "ckpt-00000020.pt"))["run_id"]
+        run_id = read_header(str(out / "ckpt-00000020.pt"))["run_id"]
         if how == "rm -rf":
             shutil.rmtree(out)
         else:
@@ -99,8 +99,8 @@ def test_another_runs_checkpoint_dropped_into_out_dir_is_refused(trained, shakes
     b = tmp_path / "b"
     run("train.py", *TINY, f"--out_dir={b}", "--max_iters=12", "--learning_rate=3e-3", "--checkpoint_interval=12")
     shutil.copyfile(b / "ckpt-00000012.pt", a / "ckpt-00000012.pt")
-    ra = checkpoint.read_header(str(a / "ckpt-00000010.pt"))["run_id"]
-    rb = checkpoint.read_header(str(b / "ckpt-00000012.pt"))["run_id"]
+    ra = read_header(str(a / "ckpt-00000010.pt"))["run_id"]
+    rb = read_header(str(b / "ckpt-00000012.pt"))["run_id"]
     before = snapshot(a)
     for extra in ([], ["--init_from=resume"]):
         p = run("train.py", *TINY, f"--out_dir={a}", "--max_iters=20", *extra, check=False)

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from conftest import ENV, ROOT, TINY, run
-from dataset import DATA_DIR, TokenData, load_meta
+from dataset import DATA_DIR, TokenData
+from tokenizer import load_meta
 from tokenizer import gpt2_encoding
 
 _spec = importlib.util.spec_from_file_location("corpus", os.path.join(ROOT, "data", "prepare.py"))

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-import checkpoint
+from keep import store
 from conftest import TINY, run, start, wait_for
 from metrics import read_rows
 from s3server import READER, S3Server
@@ -59,7 +59,7 @@ def test_new_machine_continues_from_the_remote_copy_bitwise(s3, reference, tmp_p
     second = run("train.py", *command, f"--max_iters={N}", env=env).stdout
     assert "downloaded ckpt-00000006.pt (iteration 6," in second and "out_dir had no checkpoint" in second
     assert "resuming from" in second and "at iteration 6" in second
-    assert_same_state(checkpoint.load(str(out / "ckpt-00000012.pt")), checkpoint.load(str(reference / "ckpt-00000012.pt")))
+    assert_same_state(store.load(str(out / "ckpt-00000012.pt")), store.load(str(reference / "ckpt-00000012.pt")))
     ours, ref = curve(out), curve(reference)
     assert sorted(ours) == list(range(N)) and ours == ref  # the first machine's rows came back with the checkpoint
     listing = run("checkpoint.py", remote, env=env).stdout
@@ -89,11 +89,11 @@ def test_fsdp_folders_go_to_the_bucket_and_resume_on_two_ranks_and_on_one(s3, sh
     shutil.rmtree(out)
     p = torchrun(out, f"--remote_dir={remote}", "--max_iters=8")
     assert "downloaded ckpt-00000004 (iteration 4" in p
-    assert_bitwise_folders(checkpoint.load(str(out / "ckpt-00000008")), checkpoint.load(str(ref / "ckpt-00000008")))
+    assert_bitwise_folders(store.load(str(out / "ckpt-00000008")), store.load(str(ref / "ckpt-00000008")))
     shutil.rmtree(out)
     one = run("train.py", *fsdp, f"--out_dir={out}", f"--remote_dir={remote}", "--max_iters=12", env=env).stdout
     assert "downloaded ckpt-00000008 (iteration 8" in one and "written by 2 rank(s), this run has 1" in one
-    assert_close(checkpoint.load(str(out / "ckpt-00000012")), checkpoint.load(str(ref / "ckpt-00000012")))
+    assert_close(store.load(str(out / "ckpt-00000012")), store.load(str(ref / "ckpt-00000012")))
 
 
 def _uploads_in_progress(s3, bucket, prefix):

@@ -12,8 +12,11 @@ import time
 import pytest
 import torch
 
-import checkpoint
-import remote as remote_copy
+from keep.store import read_header
+from keep import store
+from keep import remote as remote_copy
+from keep.uploader import Uploader
+from keep.files import crc32
 from conftest import TINY, files_under, run, start, wait_for
 from s3server import S3Server
 
@@ -86,8 +89,8 @@ def test_another_runs_copy_is_never_written_over(shakespeare_char, tmp_path):
     remote = tmp_path / "y-remote"
     run("train.py", *ARGS, f"--out_dir={tmp_path / 'y'}", f"--remote_dir=file://{remote}", "--max_iters=4")
     run("train.py", *ARGS, f"--out_dir={tmp_path / 'x'}", "--max_iters=8")
-    x = checkpoint.read_header(str(tmp_path / "x" / "ckpt-00000008.pt"))["run_id"]
-    y = checkpoint.read_header(str(tmp_path / "y" / "ckpt-00000004.pt"))["run_id"]
+    x = read_header(str(tmp_path / "x" / "ckpt-00000008.pt"))["run_id"]
+    y = read_header(str(tmp_path / "y" / "ckpt-00000004.pt"))["run_id"]
     before = files_under(remote)
     p = run("train.py", *ARGS, f"--out_dir={tmp_path / 'x'}", f"--remote_dir=file://{remote}", "--max_iters=10",
             check=False)
@@ -138,9 +141,9 @@ def test_stored_config_restores_knobs_only(trained, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(trained, out)
     path = str(out / "ckpt-00000010.pt")
-    ckpt = checkpoint.load(path)
+    ckpt = store.load(path)
     ckpt["config"].update(master=False, rank=3, ckpt_path="/nowhere")
-    checkpoint.save(ckpt, path)
+    store.save(ckpt, path)
     os.remove(out / "ckpt.pt")
     p = run("train.py", *TINY, f"--out_dir={out}", "--max_iters=14", "--checkpoint_interval=2")
     assert "'ckpt_path', 'master', 'rank'" in p.stdout and "not a knob of train.py; ignored" in p.stdout
@@ -184,16 +187,16 @@ def test_fsdp_shards_of_other_ranks_survive_rank0s_first_cleanup(tmp_path):
     folder.mkdir(parents=True)
     (folder / "__0_0.distcp").write_bytes(b"rank zero's shard")
     (folder / "__1_0.distcp").write_bytes(b"rank one's shard")
-    files = {n: list(checkpoint.crc32(str(folder / n))) for n in ("__0_0.distcp", "__1_0.distcp")}
+    files = {n: list(crc32(str(folder / n))) for n in ("__0_0.distcp", "__1_0.distcp")}
     torch.save(dict(files=files, aliases={}, optimizer_groups=[]), folder / "state.pt")
     remote = remote_copy.Remote(f"file://{tmp_path / 'remote'}")
     prefix = remote_copy.new_prefix(4)
     header = dict(iter_num=4, run_id="0123abcd", branch=0, kind="periodic", val_loss=None)
-    one = remote_copy.Uploader(remote, str(tmp_path / "out"), run_id="0123abcd", branch=0, keep_last=3, keep_every=0,
+    one = Uploader(remote, str(tmp_path / "out"), run_id="0123abcd", branch=0, keep_last=3, keep_every=0,
                                attempt="aaaa0000", rank=1)
     one.push(str(folder), header, prefix)
     one.finish(30)
-    zero = remote_copy.Uploader(remote, str(tmp_path / "out"), run_id="0123abcd", branch=0, keep_last=3,
+    zero = Uploader(remote, str(tmp_path / "out"), run_id="0123abcd", branch=0, keep_last=3,
                                 keep_every=0, attempt="aaaa0000", rank=0)
     zero.push(str(folder), header, prefix)
     ok, line = zero.finish(30)

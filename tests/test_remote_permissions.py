@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-import remote as remote_module
+from keep import remote as remote_module
 from conftest import TINY, run
 from s3calls import clear, run_all
 from s3server import LACKING, RUNNER, RUNNER_BUCKET, RUNNER_DIR, S3Server

@@ -10,7 +10,9 @@ import time
 import pytest
 import torch
 
-import checkpoint
+from keep.files import PERIODIC
+from keep.store import candidates
+from keep import store
 from conftest import TINY, run, start, wait_for
 
 # dropout on, so the restored torch RNG matters; evals and checkpoints at odd places
@@ -24,7 +26,7 @@ def losses(stdout):
 
 
 def final_state(out, it=N):
-    return checkpoint.load(os.path.join(out, checkpoint.PERIODIC.format(it)))
+    return store.load(os.path.join(out, PERIODIC.format(it)))
 
 
 def assert_same_state(a, b):
@@ -99,12 +101,12 @@ def test_signal_saves_and_resume_is_exact(long_reference, tmp_path):
         assert proc.returncode == code, stderr
         assert f"{sig.name} received" in stdout and "Traceback" not in stderr
         k = int(re.search(r"checkpoint saved at iteration (\d+)", stdout).group(1))
-        assert last + 7 <= k < 300 and os.path.exists(out / checkpoint.PERIODIC.format(k))
+        assert last + 7 <= k < 300 and os.path.exists(out / PERIODIC.format(k))
         if sig != signal.SIGTERM:
-            assert f"resuming from {out / checkpoint.PERIODIC.format(last)}" in stdout
+            assert f"resuming from {out / PERIODIC.format(last)}" in stdout
         last = k
     p = run("train.py", *LONG, f"--out_dir={out}")  # the very same command again
-    assert "continuing it" in p.stdout and f"resuming from {out / checkpoint.PERIODIC.format(last)}" in p.stdout
+    assert "continuing it" in p.stdout and f"resuming from {out / PERIODIC.format(last)}" in p.stdout
     assert_same_state(final_state(out, 300), long_reference)
 
 
@@ -127,8 +129,8 @@ def test_kill_9_fuzz(shakespeare_char, tmp_path):
         stdout, stderr = proc.communicate(timeout=120)
         if proc.returncode == -signal.SIGKILL:
             kills += 1
-            for path in checkpoint.candidates(out):
-                checkpoint.load(path)  # every file under a checkpoint's name loads
+            for path in candidates(out):
+                store.load(path)  # every file under a checkpoint's name loads
             continue
         assert proc.returncode == 0, stderr  # not killed: the run got to max_iters
         break

@@ -5,7 +5,9 @@ import os
 import re
 import signal
 
-import checkpoint
+from keep.files import BEST, PERIODIC
+from keep.store import candidates
+from keep import store
 from conftest import TINY, contents, copy_run, listing, run, start, wait_for
 from test_checkpoint import nanogpt_file
 from test_resume import assert_same_state
@@ -29,16 +31,16 @@ def test_readme_sequence_with_the_config_file(shakespeare_char, tmp_path):
     for knob in ("log_interval 1 -> 10", "batch_size 12 -> 64", "dropout 0.0 -> 0.2", "max_iters 4 -> 6",
                  "lr_decay_iters 2000 -> 5000"):
         assert knob in changed
-    ckpt = checkpoint.load(tmp_path / checkpoint.PERIODIC.format(6))
+    ckpt = store.load(tmp_path / PERIODIC.format(6))
     assert ckpt["metadata"]["tokens_seen"] == 4 * 12 * 64 + 2 * 64 * 64  # counted across the batch change
     assert ckpt["model_args"]["n_layer"] == 4 and ckpt["model_args"]["dropout"] == 0.2 == ckpt["config"]["dropout"]
     assert ckpt["config"]["batch_size"] == 64  # the checkpoint records what ran
     entry = ckpt["metadata"]["resumes"][-1]
-    assert entry["iter"] == 4 and entry["from"] == checkpoint.PERIODIC.format(4) and entry["changed"]["batch_size"] == [12, 64]
+    assert entry["iter"] == 4 and entry["from"] == PERIODIC.format(4) and entry["changed"]["batch_size"] == [12, 64]
     # without --init_from=resume the same config file is not this run's command: its shape differs
     p = run("train.py", "config/train_shakespeare_char.py", out, "--max_iters=8", check=False)
     assert p.returncode == 1 and "n_layer=6 but the checkpoint has 4" in p.stderr and "another --out_dir" in p.stderr
-    p = run("checkpoint.py", str(tmp_path / checkpoint.PERIODIC.format(6)))
+    p = run("checkpoint.py", str(tmp_path / PERIODIC.format(6)))
     assert "resumed 1 time(s)" in p.stdout and re.search(r"iteration 4 from ckpt-00000004.pt \(branch 0\): .*batch_size 12 -> 64", p.stdout)
 
 
@@ -50,7 +52,7 @@ def test_nanogpt_recipe_file_with_its_config(shakespeare_char, tmp_path):
             "--compile=False", "--max_iters=502", "--eval_iters=2", "--log_interval=1")
     assert "note: using the checkpoint's model (n_layer=2, n_head=2, n_embd=32, block_size=32)" in p.stdout
     assert "device cpu, dtype float32" in p.stdout and "at iteration 500" in p.stdout and "iter 501:" in p.stdout
-    assert checkpoint.load(tmp_path / checkpoint.PERIODIC.format(502))["model_args"]["n_layer"] == 2
+    assert store.load(tmp_path / PERIODIC.format(502))["model_args"]["n_layer"] == 2
 
 
 def test_shape_flag_is_an_error_and_creates_nothing(shakespeare_char, tmp_path):
@@ -75,8 +77,8 @@ def test_same_command_twice_continues_and_a_finished_run_exits_0(shakespeare_cha
     p = run("train.py", *ARGS, f"--out_dir={out}", "--max_iters=10")  # the command a re-queued job repeats
     assert f"{out} holds this run at iteration 6 (ckpt-00000006.pt): continuing it" in p.stdout
     assert "iter 6:" in p.stdout and "iter 5:" not in p.stdout
-    assert all(contents(out)[n] == first[n] for n in first if n != checkpoint.BEST)
-    assert_same_state(checkpoint.load(out / checkpoint.PERIODIC.format(10)), checkpoint.load(ref / checkpoint.PERIODIC.format(10)))
+    assert all(contents(out)[n] == first[n] for n in first if n != BEST)
+    assert_same_state(store.load(out / PERIODIC.format(10)), store.load(ref / PERIODIC.format(10)))
     done = contents(out)
     p = run("train.py", *ARGS, f"--out_dir={out}", "--max_iters=10")
     assert "the run is complete: iteration 10 of max_iters=10" in p.stdout and "iter " not in p.stdout
@@ -125,7 +127,7 @@ def test_branches(shakespeare_char, tmp_path):
     out = tmp_path / "run"
     run("train.py", *ARGS, f"--out_dir={out}", "--max_iters=12", "--always_save_checkpoint=False")
     a = contents(out)
-    best_a = checkpoint.load(out / checkpoint.BEST)
+    best_a = store.load(out / BEST)
     p = run("train.py", f"--out_dir={out}", "--init_from=scratch", f"--resume_from={out / 'ckpt-00000004.pt'}", check=False)
     assert p.returncode == 2 and "drop one of them" in p.stderr  # resume_from with an explicit fresh start
     # resume_from implies resume; a new dropout makes this branch differ from the first
@@ -135,12 +137,12 @@ def test_branches(shakespeare_char, tmp_path):
     note = f"note: ckpt.pt held branch 0's best (iteration {best_a['iter_num']}, val loss "
     assert note in p.stdout and f"kept as ckpt-best-b0-{best_a['iter_num']:08d}.pt" in p.stdout
     files = contents(out)
-    assert all(files[n] == a[n] for n in a if n != checkpoint.BEST)  # branch 0's periodic files untouched
-    assert files[f"ckpt-best-b0-{best_a['iter_num']:08d}.pt"] == a[checkpoint.BEST]
+    assert all(files[n] == a[n] for n in a if n != BEST)  # branch 0's periodic files untouched
+    assert files[f"ckpt-best-b0-{best_a['iter_num']:08d}.pt"] == a[BEST]
     assert {"ckpt-00000008-b1.pt", "ckpt-00000012-b1.pt"} <= set(files)
-    b12 = checkpoint.load(out / "ckpt-00000012-b1.pt")
+    b12 = store.load(out / "ckpt-00000012-b1.pt")
     assert b12["metadata"]["branch"] == 1 and b12["metadata"]["run_id"] == best_a["metadata"]["run_id"]
-    assert checkpoint.load(out / checkpoint.BEST)["metadata"]["branch"] == 1
+    assert store.load(out / BEST)["metadata"]["branch"] == 1
 
     for folder in (out, copy_run(out, tmp_path / "copy")):
         p = run("train.py", f"--out_dir={folder}", "--init_from=resume", "--max_iters=14")
@@ -149,7 +151,7 @@ def test_branches(shakespeare_char, tmp_path):
     # back to branch 0's last file: a third branch, which outranks both
     p = run("train.py", f"--out_dir={out}", f"--resume_from={out / 'ckpt-00000012.pt'}", "--max_iters=13")
     assert "as branch 2" in p.stdout and os.path.exists(out / "ckpt-00000013-b2.pt")
-    assert checkpoint.candidates(out)[0] == str(out / "ckpt-00000013-b2.pt")
+    assert candidates(out)[0] == str(out / "ckpt-00000013-b2.pt")
     # resume_from the newest file is no branch
     p = run("train.py", f"--out_dir={out}", f"--resume_from={out / 'ckpt-00000013-b2.pt'}", "--max_iters=14")
     assert "as branch" not in p.stdout and os.path.exists(out / "ckpt-00000014-b2.pt")
@@ -159,7 +161,7 @@ def test_branch_from_the_same_state_is_exact(shakespeare_char, tmp_path):
     """A branch resumed with nothing changed retraces its parent bitwise (same data, same RNG)."""
     run("train.py", *ARGS, f"--out_dir={tmp_path}", "--max_iters=8")
     run("train.py", f"--out_dir={tmp_path}", f"--resume_from={tmp_path / 'ckpt-00000004.pt'}")
-    assert_same_state(checkpoint.load(tmp_path / "ckpt-00000008-b1.pt"), checkpoint.load(tmp_path / "ckpt-00000008.pt"))
+    assert_same_state(store.load(tmp_path / "ckpt-00000008-b1.pt"), store.load(tmp_path / "ckpt-00000008.pt"))
 
 
 def test_each_checkpoint_has_its_own_val_loss(shakespeare_char, tmp_path):
@@ -167,13 +169,13 @@ def test_each_checkpoint_has_its_own_val_loss(shakespeare_char, tmp_path):
             "--keep_last=5", "--always_save_checkpoint=True")
     printed = {int(i): float(v) for i, v in re.findall(r"^step (\d+): .* val loss ([\d.]+)", p.stdout, re.M)}
     assert sorted(printed) == [0, 4, 8, 12]
-    six = checkpoint.load(tmp_path / checkpoint.PERIODIC.format(6))["metadata"]
+    six = store.load(tmp_path / PERIODIC.format(6))["metadata"]
     assert six["val_loss"] is None and six["last_eval"][0] == 4  # no eval at 6: not step 4's loss as its own
-    twelve = checkpoint.load(tmp_path / checkpoint.PERIODIC.format(12))["metadata"]
+    twelve = store.load(tmp_path / PERIODIC.format(12))["metadata"]
     assert round(twelve["val_loss"], 4) == printed[12]
-    best = checkpoint.load(tmp_path / checkpoint.BEST)
+    best = store.load(tmp_path / BEST)
     assert best["iter_num"] == 12 and round(best["metadata"]["val_loss"], 4) == printed[12]
-    p = run("checkpoint.py", str(tmp_path / checkpoint.PERIODIC.format(6)))
+    p = run("checkpoint.py", str(tmp_path / PERIODIC.format(6)))
     assert f"not measured at iteration 6 (last eval: iteration 4, {printed[4]:.4f})" in p.stdout
     p = run("checkpoint.py", str(tmp_path))
     assert re.search(r"^ckpt-00000006.pt\s+[0-9a-f]{8}\s+0\s+6\s+-\s", p.stdout, re.M)
@@ -209,12 +211,12 @@ def test_resume_from_another_runs_file(shakespeare_char, tmp_path):
     assert p.returncode == 1 and "holds another run" in p.stderr and "new --out_dir" in p.stderr
     assert contents(b) == before
     run("train.py", f"--out_dir={c}", f"--resume_from={a / 'ckpt-00000004.pt'}", "--max_iters=6")
-    entry = checkpoint.load(c / checkpoint.PERIODIC.format(6))["metadata"]["resumes"][-1]
+    entry = store.load(c / PERIODIC.format(6))["metadata"]["resumes"][-1]
     assert entry["from"] == str(a / "ckpt-00000004.pt")  # the lineage says which folder it came from
 
 
 def test_sample_skips_a_damaged_best_file(shakespeare_char, tmp_path):
     run("train.py", *ARGS, f"--out_dir={tmp_path}", "--max_iters=8")
-    (tmp_path / checkpoint.BEST).write_bytes(b"damaged")
+    (tmp_path / BEST).write_bytes(b"damaged")
     p = run("sample.py", f"--out_dir={tmp_path}", "--max_new_tokens=5", "--num_samples=1", "--device=cpu")
     assert "warning: skipping" in p.stderr and "sampling from" in p.stderr and "ckpt-00000008.pt" in p.stderr

@@ -4,7 +4,8 @@ import re
 
 import torch
 
-import checkpoint
+from keep.files import PERIODIC
+from keep import store
 from conftest import TINY, run
 
 
@@ -26,7 +27,7 @@ def test_train_resume_sample(shakespeare_char, tmp_path):
     p = run("train.py", f"--out_dir={out}", "--init_from=resume", "--dataset=shakespeare_char", "--device=cpu",
             "--compile=False", "--max_iters=25", "--eval_iters=2", "--eval_interval=10", "--log_interval=1")
     assert "at iteration 20" in p.stdout and "iter 20:" in p.stdout and "iter 19:" not in p.stdout
-    assert checkpoint.load(os.path.join(out, checkpoint.PERIODIC.format(25)))["iter_num"] == 25
+    assert store.load(os.path.join(out, PERIODIC.format(25)))["iter_num"] == 25
 
     p = run("sample.py", f"--out_dir={out}", "--num_samples=2", "--max_new_tokens=30", "--device=cpu", "--start=ROMEO:")
     samples = [s for s in p.stdout.split("---------------") if s.strip()]
@@ -36,7 +37,7 @@ def test_train_resume_sample(shakespeare_char, tmp_path):
 def test_compiled_model_saves_plain_names(shakespeare_char, tmp_path):
     out = str(tmp_path / "out")
     run("train.py", *TINY, f"--out_dir={out}", "--max_iters=2", "--eval_interval=2", "--compile=True", timeout=600)
-    ckpt = checkpoint.load(os.path.join(out, "ckpt.pt"))
+    ckpt = store.load(os.path.join(out, "ckpt.pt"))
     assert not any("_orig_mod" in k for k in torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"])
     assert "transformer.wte.weight" in ckpt["model"]
 
@@ -45,7 +46,7 @@ def test_float16_on_cpu_runs(shakespeare_char, tmp_path):
     p = run("train.py", *TINY, f"--out_dir={tmp_path}", "--max_iters=3", "--dtype=float16", "--eval_interval=100")
     assert "warning: float16 on this CPU" in p.stdout
     assert "nan" not in p.stdout.lower()
-    assert "scaler" in checkpoint.load(os.path.join(tmp_path, checkpoint.PERIODIC.format(3)))
+    assert "scaler" in store.load(os.path.join(tmp_path, PERIODIC.format(3)))
 
 
 def one_error_line(proc, *words):
@@ -82,7 +83,7 @@ def test_console_lines_are_kept_in_out_dir(shakespeare_char, tmp_path):
     first = run("train.py", *TINY, f"--out_dir={out}", "--max_iters=4", "--eval_interval=2")
     said = (first.stdout + first.stderr).splitlines()
     assert sorted(log.read_text().splitlines()) == sorted(said) and "step 4: train loss" in log.read_text()
-    (out / checkpoint.PERIODIC.format(99)).write_bytes(b"junk")  # a warning, said before the folder is held
+    (out / PERIODIC.format(99)).write_bytes(b"junk")  # a warning, said before the folder is held
     second = run("train.py", *TINY, f"--out_dir={out}", "--max_iters=6", "--learning_rate=2e-3", "--eval_interval=2")
     both = log.read_text().splitlines()
     assert sorted(both[:len(said)]) == sorted(said)  # appended, never truncated

@@ -1,7 +1,7 @@
 """
 The resume policy: which checkpoint a start continues, which config wins, branches, and what a
 resume restores (docs/checkpoints.md); and which checkpoint sample.py and export.py read (pick_to_read).
-checkpoint.py reads and judges the files; this module decides.
+store.py reads and judges the files; this module decides.
 
 - The same command twice continues the run: a start into an out_dir holding a good checkpoint
   resumes it, and nothing ever overwrites another run's files.
@@ -10,23 +10,27 @@ checkpoint.py reads and judges the files; this module decides.
   the model's shape always comes from the checkpoint.
 """
 import os
-import random
 import time
 
-import numpy as np
 import torch
 
 import tokenizer
-from atomicfile import fsync_dir
-import remote
-from checkpoint import (BEST, KEPT_BEST, CheckpointError, candidates, is_folder_checkpoint, load, load_latest,
-                        load_weights, os_error, python_rng, read_header, scan)
-from configurator import UsageError
-from metrics import say
+from console import UsageError, say
+from keep.objects import is_remote
+from keep.remote import Remote
+from keep.files import BEST, CheckpointError, is_folder_checkpoint
+from keep.folders import load_full, load_sharded
+from keep.rng import restore_rng
+from keep.store import candidates, load, load_latest, load_weights, scan
+
 
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # config keys that fix the model's shape
+
+
 # never taken from a stored config: where and how this process starts, and its own time budget
 NOT_RESTORED = ("out_dir", "remote_dir", "remote_lease", "init_from", "resume_from", "eval_only", "time_limit")
+
+
 # nanoGPT stores what its machine had here (its dtype default depends on the GPU), not a user's choice
 MACHINE = ("device", "dtype", "backend", "compile")
 
@@ -101,13 +105,13 @@ def pick_to_read(out_dir, ckpt="", which="best", log=say):
     said in one line; which='latest': the newest good one. A remote ckpt or out_dir (s3://...) is
     read through remote.Remote.fetch's verified local cache. Raises CheckpointError or RemoteError
     (RunErrors), or UsageError for an out_dir that is a checkpoint folder."""
-    if remote.is_remote(ckpt):
+    if is_remote(ckpt):
         folder, name = ckpt.rstrip("/").rsplit("/", 1)
-        ckpt = os.path.join(remote.Remote(folder).fetch(name, log=log), name)
+        ckpt = os.path.join(Remote(folder).fetch(name, log=log), name)
     if ckpt:
         return ckpt, load_weights(ckpt)
-    if remote.is_remote(out_dir):
-        out_dir = remote.Remote(out_dir).fetch(which, log=log)
+    if is_remote(out_dir):
+        out_dir = Remote(out_dir).fetch(which, log=log)
     if os.path.isdir(out_dir) and is_folder_checkpoint(out_dir):
         raise UsageError(f"out_dir {out_dir!r} is a checkpoint folder, not a run's folder; to read it give --ckpt={out_dir}")
     best = os.path.join(out_dir, BEST)
@@ -206,65 +210,6 @@ def check_compatible(ckpt, data, vocab_size, log=say):
             f"training goes on with the new data, so this is not an exact resume")
 
 
-def keep_others_best(out_dir, run_id, branch, resumed_from=None, log=say):
-    """Before this run first writes ckpt.pt: if the ckpt.pt there belongs to another branch (or run),
-    keep it under KEPT_BEST rather than replace it, and say so. Called before this process first writes
-    ckpt.pt (and again at the next best if keeping it failed)."""
-    best = os.path.join(out_dir, BEST)
-    if not os.path.exists(best):
-        return
-    try:
-        h = read_header(best)
-    except CheckpointError:
-        return  # a damaged ckpt.pt holds nothing to keep
-    ours = h["branch"] == branch and h["run_id"] in (run_id, None)
-    if ours or (resumed_from and os.path.realpath(resumed_from) == os.path.realpath(best)):
-        return
-    kept = os.path.join(out_dir, KEPT_BEST.format(h["branch"], h["iter_num"]))
-    if not os.path.exists(kept):
-        try:
-            os.rename(best, kept)  # this run writes ckpt.pt right after; until then sample.py falls back
-            fsync_dir(out_dir)
-        except OSError as e:
-            raise CheckpointError(f"could not keep branch {h['branch']}'s {BEST} as {os.path.basename(kept)} "
-                                  f"({os_error(e)}), so this branch's {BEST} is not written") from None
-    val = f", val loss {h['val_loss']:.4f}" if isinstance(h["val_loss"], float) else ""
-    log(f"note: {BEST} held branch {h['branch']}'s best (iteration {h['iter_num']}{val}); kept as "
-        f"{os.path.basename(kept)}, this branch writes its own {BEST}")
-
-
-def capture_rng():
-    version, state, gauss = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "python": [version, torch.tensor(state, dtype=torch.int64), gauss],  # (see checkpoint.python_rng)
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def restore_rng(rng):
-    random.setstate(python_rng(rng["python"]))
-    name, keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        if len(rng["cuda"]) != torch.cuda.device_count():
-            say(f"warning: checkpoint has CUDA RNG for {len(rng['cuda'])} devices, this machine has "
-                f"{torch.cuda.device_count()}; CUDA RNG restored where it can be")
-        for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(state, i)
-
-
-def seed_rngs(seed):
-    """torch's, Python's and numpy's generators from one seed, so that two runs of the same command
-    agree in all three (and a resume restores all three, capture_rng)."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
 def lineage(ckpt, ckpt_path, out_dir, picked, changed, log=say):
     """Where a resumed run stands and who it is: the counters its checkpoint holds, its run id, the
     branch it writes (branch_for) and its list of resumes with this one added, as a dict of
@@ -292,11 +237,10 @@ def restore_training(ckpt, ckpt_path, model, optimizer, scaler, rank, world_size
     """The optimizer, GradScaler and RNG state of the checkpoint into a built (maybe sharded) model's
     run. The weights went in before sharding, except from a folder resumed under FSDP: each rank
     then reads its own share (DCP reshards, whatever world size wrote it)."""
-    import distributed
     if "model" not in ckpt:
-        distributed.load_sharded(ckpt_path, model, optimizer)
+        load_sharded(ckpt_path, model, optimizer)
     elif fsdp:
-        distributed.load_full(model, optimizer, ckpt["optimizer"])  # a file (or consolidated folder) into shards
+        load_full(model, optimizer, ckpt["optimizer"])  # a file (or consolidated folder) into shards
     else:
         optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):

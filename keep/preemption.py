@@ -14,7 +14,7 @@ import re
 import signal
 import time
 
-from configurator import UsageError
+from console import UsageError
 
 
 def _process_start():

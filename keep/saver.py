@@ -21,79 +21,31 @@ At most one write is in flight. A save that comes due while one is still being w
 it: every due checkpoint is written, and a disk slower than the interval shows as a training stall
 rather than as missing files.
 """
-import errno
-import fcntl
 import os
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-import checkpoint
 import distributed
-import resume
-from atomicfile import TMP_TAG, recover, remove_whole
-from checkpoint import BEST, CheckpointError, os_error
-from configurator import first_line
-from metrics import say
+from console import first_line, say
+from keep.atomic import remove_whole
+from keep.files import BEST, KEPT_INTACT, CheckpointError, os_error, periodic_name
+from keep.files import save as write_file
+from keep.folders import full_state
+from keep.lock import claim_on_every_rank
+from keep.store import keep_others_best, retained, scan, verified
+from keep.worker import Backoff, Worker
+
 
 RETRY = (5.0, 300.0)  # seconds before a failed save is tried again: first pause, longest pause
+
+
 # periodic saves that may fail in a row before the run stops (exit 1): a full disk or a dead mount
 # does not mend itself while training goes on, and hours of training with nothing saved is worse
 # than a stop that a scheduler or a person sees (docs/preemption.md, failed writes)
 FAILURES = 5
-
-
-def claim(out_dir, create=False, remote=None):
-    """Take out_dir for this training process before anything in it is read: an exclusive lock on
-    out_dir/.lock for the life of the process (the OS drops it however the process ends), so a second
-    trainer is refused before it opens any checkpoint; then the leftovers of a killed process are
-    cleaned up (atomicfile.recover) and a probe file shows the folder takes writes; then, with a
-    remote (remote.Remote), a newer checkpoint of remote_dir is downloaded into it. Returns the lock's
-    file, or None when out_dir does not exist yet and create is False (there is nothing to read).
-    Raises CheckpointError: busy, or not writable; RemoteError: remote_dir cannot be read."""
-    if remote is not None and not create and not os.path.isdir(out_dir):
-        create = bool(remote.checkpoints().good)  # a new machine: out_dir is made to take the download
-    if not create and not os.path.isdir(out_dir):
-        return None
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        f = open(os.path.join(out_dir, ".lock"), "a+")  # not inherited by programs this one starts (close-on-exec)
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = (f.read().strip().splitlines() or ["another process"])[0][:80]
-            f.close()
-            raise CheckpointError(f"out_dir {out_dir!r} is in use by another training process ({holder}); wait for "
-                                  f"it to end, or pick another --out_dir") from None
-        f.truncate(0)
-        f.write(f"pid {os.getpid()}\n")
-        f.flush()
-        recover(out_dir)
-        probe = os.path.join(out_dir, f".write-check{TMP_TAG}{os.getpid()}")
-        with open(probe, "wb") as p:
-            p.write(b"0" * 4096)
-            p.flush()
-            os.fsync(p.fileno())
-        os.remove(probe)
-    except OSError as e:
-        fix = {errno.ENOSPC: "its disk is full: free space", errno.EDQUOT: "its disk quota is used up: free space",
-               errno.EROFS: "it is on a read-only file system"}.get(e.errno, "fix its permissions")
-        raise CheckpointError(f"out_dir {out_dir!r} is not writable ({os_error(e)}); {fix}, or pick another "
-                              f"--out_dir") from None
-    if remote is not None:
-        remote.restore(out_dir)
-    return f
-
-
-def claim_on_every_rank(out_dir, master, create=False, held=None, remote=None):
-    """claim() on rank 0 (unless it already holds the lock, `held`), every rank stopping with it if it
-    fails (distributed.on_rank0). Returns the lock's file on rank 0 (None elsewhere, or while out_dir
-    does not exist and create is False)."""
-    return distributed.on_rank0(lambda: held if held is not None else claim(out_dir, create, remote), master)
 
 
 def git_commit():
@@ -151,23 +103,22 @@ class Checkpointer:
         self.background, self.model, self.optimizer, self.shards = background, model, optimizer, shards
         self.metrics, self.log, self.master, self.resumed_from = metrics, log, master, resumed_from
         self.remote, self.remote_wait, self.lock = remote, remote_wait, lock
-        self.writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer", initializer=yield_to_training) \
-            if background and master else None
+        self.writer = Worker("checkpoint-writer", setup=yield_to_training) if background and master else None
         self.buffers = {}
         self.pending = None  # a file being written in the background: (future, path, iteration, val_loss, t0)
         self.folder = None  # a folder being written in the background (every rank): (path, iteration, val_loss, t0)
         self.clock = time.time()  # when the state of the newest durable checkpoint was taken
-        self.retry_at, self.pause = None, RETRY[0]
+        self.retry_at, self.backoff = None, Backoff(*RETRY)
         self.failures = []  # why each periodic save failed since the last good one
         # until a save has been timed: weights and AdamW's two moments, in fp32, at a slow 100 MB/s
         self.save_seconds = 3 * 4 * sum(p.numel() for p in model.parameters()) / 100e6
         self.best_claimed = False
         self.known = {}  # path -> {"iter", "good": True/False/None (not checked yet)}: this run's periodic ones
         if master:
-            heads, _ = checkpoint.scan(out_dir)
+            heads, _ = scan(out_dir)
             for h in heads:
                 if h["kind"] == "periodic" and h["branch"] == branch and h["run_id"] in (run_id, None):
-                    self.known[h["path"]] = {"iter": h["iter_num"], "good": None}
+                    self.known[h["path"]] = {"path": h["path"], "iter_num": h["iter_num"], "good": None}
 
     # -- what is due ---------------------------------------------------------------------------
     def due(self, it):
@@ -214,7 +165,7 @@ class Checkpointer:
         return self.shards is not None and self.shards.busy()
 
     def path(self, it, best=False):
-        return os.path.join(self.out_dir, BEST if best else checkpoint.periodic_name(it, self.branch,
+        return os.path.join(self.out_dir, BEST if best else periodic_name(it, self.branch,
                                                                                       folder=self.shards is not None))
 
     # -- saving --------------------------------------------------------------------------------
@@ -246,14 +197,14 @@ class Checkpointer:
                     return True
                 return self._folder_done(path, it, val_loss, t0)
             else:  # a file, written by rank 0; under FSDP the whole state is gathered to it first
-                model_sd, optim_sd = distributed.full_state(self.model, self.optimizer) if self.shards is not None \
+                model_sd, optim_sd = full_state(self.model, self.optimizer) if self.shards is not None \
                     else (self.model.state_dict(), self.optimizer.state_dict())
                 if not self.master:
                     return True
                 if best and not self.best_claimed:  # another branch's ckpt.pt is kept, never written over
-                    resume.keep_others_best(self.out_dir, self.run_id, self.branch, self.resumed_from, log=self.log)
+                    keep_others_best(self.out_dir, self.run_id, self.branch, self.resumed_from, log=self.log)
                     self.best_claimed = True  # (if keeping it failed: tried again at the next best)
-                # the weights first, as nanoGPT's files have them: checkpoint.load_weights then CRC-checks them alone
+                # the weights first, as nanoGPT's files have them: store.load_weights then CRC-checks them alone
                 full = dict(model=model_sd, optimizer=optim_sd, **state)
                 on_gpu = any(p.is_cuda for p in self.model.parameters())
                 if background or on_gpu:  # training changes the tensors next step: write a copy
@@ -261,10 +212,10 @@ class Checkpointer:
                     if on_gpu:
                         torch.cuda.synchronize()
                 if background:
-                    self.pending = (self.writer.submit(checkpoint.save, full, path), path, it, val_loss, t0)
+                    self.pending = (self.writer.submit(write_file, full, path)[0], path, it, val_loss, t0)
                     self.log(f"writing {path}")
                     return True
-                checkpoint.save(full, path)
+                write_file(full, path)
         except CheckpointError as e:
             self._failed(path, str(e), final)
             return False
@@ -298,7 +249,7 @@ class Checkpointer:
             self.log("waiting for the background checkpoint write to finish")
         self.settle()
         if self.writer is not None:
-            self.writer.shutdown()
+            self.writer.close()
         if self.remote is not None:
             ok, line = self.remote.finish(self.remote_wait, interrupted)
             if line:
@@ -308,7 +259,7 @@ class Checkpointer:
         future, path, it, val_loss, t0 = self.pending
         self.pending = None
         try:
-            future.result()
+            future.outcome()
         except CheckpointError as e:
             self._failed(path, str(e), False)
             return
@@ -362,18 +313,18 @@ class Checkpointer:
             self._push(path, it, val_loss, best)
         if best:
             return
-        self.clock, self.retry_at, self.pause, self.failures = t0, None, RETRY[0], []
-        self.known[path] = {"iter": it, "good": True}
+        self.clock, self.retry_at, self.failures = t0, None, []
+        self.backoff.reset()
+        self.known[path] = {"path": path, "iter_num": it, "good": True}
         self._retain()
 
     def _failed(self, path, why, final):
         if final:
             say(f"error: {why}; older checkpoints are intact, and the same command resumes from the newest", err=True)
         else:
-            say(f"warning: {why}; {checkpoint.KEPT_INTACT}", err=True)
+            say(f"warning: {why}; {KEPT_INTACT}", err=True)
             if not os.path.basename(path) == BEST:
-                self.retry_at = time.time() + self.pause
-                self.pause = min(2 * self.pause, RETRY[1])
+                self.retry_at = time.time() + self.backoff.next()
                 self.failures.append(why)
 
     def given_up(self):
@@ -382,7 +333,7 @@ class Checkpointer:
         return len(self.failures) >= FAILURES
 
     def give_up(self, it):
-        newest = max(self.known, key=lambda p: self.known[p]["iter"], default=None)
+        newest = max(self.known, key=lambda p: self.known[p]["iter_num"], default=None)
         return (f"{len(self.failures)} checkpoints in a row could not be written (the last: {self.failures[-1]}); "
                 f"stopping at iteration {it} rather than train on with nothing saved. "
                 + (f"The newest checkpoint is {newest}. " if newest else "")
@@ -390,27 +341,25 @@ class Checkpointer:
 
     # -- retention -----------------------------------------------------------------------------
     def _retain(self):
-        """Delete this run's and branch's periodic checkpoints beyond the newest keep_last good ones.
-        Never deleted: ckpt.pt, other runs' and branches' files, those kept by keep_every, files that
-        do not verify (a damaged or junk file never pushes a good one out). Deleting is whole or
-        nothing (atomicfile.remove_whole)."""
-        mine = sorted((p for p, k in self.known.items() if not (self.keep_every and k["iter"] % self.keep_every == 0)),
-                      key=lambda p: self.known[p]["iter"], reverse=True)
-        good = 0
-        for p in mine:
-            k = self.known[p]
-            if good >= self.keep_last:
-                if k.get("stuck"):
-                    continue
-                try:
-                    remove_whole(p)
-                    del self.known[p]
-                except FileNotFoundError:
-                    del self.known[p]
-                except OSError as e:  # said once; the file stays and is not tried again by this process
-                    say(f"warning: could not delete old checkpoint {p}: {os_error(e)}", err=True)
-                    k["stuck"] = True
+        """Delete this run's and branch's periodic checkpoints beyond the newest keep_last good ones
+        (store.retained). Never deleted: ckpt.pt, other runs' and branches' files, those kept by
+        keep_every, files that do not verify (a damaged or junk file never pushes a good one out).
+        Deleting is whole or nothing (atomic.remove_whole)."""
+        newest_first = sorted(self.known.values(), key=lambda k: k["iter_num"], reverse=True)
+        for k in retained(newest_first, self.keep_last, self.keep_every, good=self._good):
+            if k.get("stuck"):
                 continue
-            if k["good"] is None:
-                k["good"] = checkpoint.verified(p)
-            good += bool(k["good"])
+            try:
+                remove_whole(k["path"])
+                del self.known[k["path"]]
+            except FileNotFoundError:
+                del self.known[k["path"]]
+            except OSError as e:  # said once; the file stays and is not tried again by this process
+                say(f"warning: could not delete old checkpoint {k['path']}: {os_error(e)}", err=True)
+                k["stuck"] = True
+
+    @staticmethod
+    def _good(k):
+        if k["good"] is None:
+            k["good"] = verified(k["path"])
+        return k["good"]

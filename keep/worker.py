@@ -1,0 +1,108 @@
+"""
+The one shape of background work in a run: a thread that takes jobs from a queue in order and
+stops at a None sentinel, and from which no failure escapes. A job's outcome (what it returned, or
+the exception it raised) stays on the job for its owner, who warns and goes on; an owner that wants
+a failed job tried again says after what pause (Backoff). The local checkpoint writer, the FSDP
+folder writer and the remote uploader (one per rank) are each one Worker.
+
+The threads are daemons: an owner that must not lose a job in flight waits for it (close, wait),
+which train.py does on every way out.
+"""
+import threading
+import time
+
+
+class Job:
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+        self.value = self.error = None
+        self.finished = threading.Event()
+
+    def done(self):
+        return self.finished.is_set()
+
+    def outcome(self):
+        """Wait for the job; its value, or the exception it raised, raised again here."""
+        self.finished.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class Backoff:
+    """Pauses between tries of what failed: `first` seconds, doubling up to `longest`; reset() after
+    a success."""
+
+    def __init__(self, first, longest):
+        self.first, self.longest, self.pause = first, longest, first
+
+    def next(self):
+        pause, self.pause = self.pause, min(2 * self.pause, self.longest)
+        return pause
+
+    def reset(self):
+        self.pause = self.first
+
+
+class Worker:
+    """One background thread. failed(job, error), called with the lock held when a job raised,
+    returns None (the job is done, its error kept on it) or a pause in seconds: the owner has put the
+    job back in `waiting` (or dropped it) and the thread waits that long, or until a new job comes.
+    setup() runs first in the thread (its priority: the writers yield to training)."""
+
+    def __init__(self, name, setup=lambda: None, failed=lambda job, error: None):
+        self.cv = threading.Condition()
+        self.waiting, self.current, self.failed = [], None, failed
+        self.thread = threading.Thread(target=self._run, args=(setup,), name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, fn, *args, replaces=lambda job: False):
+        """Queue fn(*args); waiting jobs that `replaces` takes are dropped (returned with the job)."""
+        job = Job(fn, args)
+        with self.cv:
+            dropped = [j for j in self.waiting if replaces(j)]
+            self.waiting = [j for j in self.waiting if j not in dropped] + [job]
+            self.cv.notify_all()
+        return job, dropped
+
+    def busy(self):
+        with self.cv:
+            return bool(self.waiting) or self.current is not None
+
+    def wait(self, deadline, interrupted=lambda: False):
+        """Until nothing is waiting or running, `deadline` (time.time()) or interrupted(); True if idle."""
+        with self.cv:
+            while (self.waiting or self.current is not None) and time.time() < deadline and not interrupted():
+                self.cv.wait(timeout=max(0.01, min(0.5, deadline - time.time())))
+            return not self.waiting and self.current is None
+
+    def close(self):
+        """Finish what is queued, then end the thread."""
+        with self.cv:
+            self.waiting.append(None)
+            self.cv.notify_all()
+        self.thread.join()
+
+    def _run(self, setup):
+        setup()
+        while True:
+            with self.cv:
+                while not self.waiting:
+                    self.cv.wait()
+                job = self.current = self.waiting.pop(0)
+            if job is None:
+                return
+            pause = None
+            try:
+                job.value, job.error = job.fn(*job.args), None
+            except Exception as e:
+                job.error = e
+            with self.cv:
+                if job.error is not None:
+                    pause = self.failed(job, job.error)
+                if pause is None:
+                    job.finished.set()
+                self.current = None
+                self.cv.notify_all()
+                if pause:
+                    self.cv.wait(timeout=pause)
