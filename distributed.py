@@ -174,3 +174,8 @@ def on_every_rank(fn):
             raise problem
         raise SystemExit(1)
     return result
+
+
+def world():
+    """The number of ranks (1 without a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1

@@ -35,7 +35,7 @@ def worker(a):
     import distributed
     from keep.atomic import remove_whole
     from keep.folders import ShardedSaver
-    from keep.saver import snapshot
+    from keep.worker import snapshot
     from devices import pick_device
     from model import GPT, GPTConfig
     fsdp = a.worker == "fsdp"

@@ -11,17 +11,22 @@ store.py reads and judges the files; this module decides.
 """
 import os
 import time
+from dataclasses import dataclass, field
 
 import torch
 
+import distributed
 import tokenizer
 from console import UsageError, say
+from gpt2 import load_gpt2
 from keep.objects import is_remote
 from keep.remote import Remote
-from keep.files import BEST, CheckpointError, is_folder_checkpoint
-from keep.folders import load_full, load_sharded
+from keep.files import BEST, MODEL_ARGS, CheckpointError, is_folder_checkpoint, new_run_id
+from keep.folders import load_full, load_sharded, read_shards
 from keep.rng import restore_rng
+from keep.uploader import catch_up
 from keep.store import candidates, load, load_latest, load_weights, scan
+from model import GPT, GPTConfig
 
 
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # config keys that fix the model's shape
@@ -142,14 +147,15 @@ def branch_for(out_dir, ckpt, picked):
     return b
 
 
-def restore_config(namespace, ckpt, sources, knobs, explicit=True, log=say):
+def restore_config(config, ckpt, sources, explicit=True, log=say):
     """The config of a resumed run: train.py defaults < the checkpoint's stored config < config
     files < --flags (`sources` says which keys a file or flag set). Only knobs (train.py's config
     keys) come back: a stored key that is not one (a foreign or doctored file naming `master`, say)
-    is ignored with one note, never written into the script. The model's shape is always
+    is ignored with one note. The model's shape is always
     the checkpoint's: another value from a config file gets a note when the resume was asked for
     (explicit: init_from='resume'), from a --flag, or on an implicit continuation, an error (then
-    it is another run's command). Returns {key: (stored, now)} for each knob that differs."""
+    it is another run's command). Returns (the config, {key: (stored, now)} for each knob that differs)."""
+    namespace, knobs = dict(config), set(config)
     stored, args = ckpt.get("config") or {}, ckpt["model_args"]
     skip = NOT_RESTORED + (() if "format_version" in ckpt else MACHINE)
     ignored = sorted(k for k in stored if k not in knobs)
@@ -181,8 +187,8 @@ def restore_config(namespace, ckpt, sources, knobs, explicit=True, log=say):
             namespace[k] = args[k]
     if "dropout" not in sources and "dropout" in args:
         namespace["dropout"] = args["dropout"]  # the model's own, also for files whose config lacks it
-    return {k: (stored[k], namespace[k]) for k in sources
-            if k in stored and k not in skip and k not in SHAPE and stored[k] != namespace[k]}
+    return namespace, {k: (stored[k], namespace[k]) for k in sources
+                       if k in stored and k not in skip and k not in SHAPE and stored[k] != namespace[k]}
 
 
 def check_compatible(ckpt, data, vocab_size, log=say):
@@ -210,10 +216,42 @@ def check_compatible(ckpt, data, vocab_size, log=say):
             f"training goes on with the new data, so this is not an exact resume")
 
 
+@dataclass
+class RunState:
+    """The run's own counters, in one object: a start makes it (resume.lineage, for a resumed run),
+    the loop advances it, and every checkpoint stores it (metadata). tokens_seen: tokens trained on
+    before start_iter, counted rather than iter_num * batch, as the batch may change on resume."""
+    run_id: str
+    origin: str  # the init_from of the run's first start
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    tokens_seen: int = 0
+    train_seconds: float = 0.0  # before this start
+    last_eval: list = None  # [iteration, val loss] of the newest eval
+    branch: int = 0
+    resumes: list = field(default_factory=list)
+    start_iter: int = 0
+    tokens_per_iter: int = 0
+    started: float = field(default_factory=time.time)
+
+    def tokens_at(self, it):
+        """Tokens trained on before update `it`."""
+        return self.tokens_seen + (it - self.start_iter) * self.tokens_per_iter
+
+    def metadata(self, val_loss):
+        return dict(tokens_seen=self.tokens_at(self.iter_num), val_loss=val_loss, last_eval=self.last_eval,
+                    train_seconds=self.train_seconds + time.time() - self.started, init_from=self.origin,
+                    run_id=self.run_id, branch=self.branch, resumes=self.resumes)
+
+
+def new_run(init_from):
+    return RunState(run_id=new_run_id(), origin=init_from)
+
+
 def lineage(ckpt, ckpt_path, out_dir, picked, changed, log=say):
-    """Where a resumed run stands and who it is: the counters its checkpoint holds, its run id, the
-    branch it writes (branch_for) and its list of resumes with this one added, as a dict of
-    train.py's globals."""
+    """Where a resumed run stands and who it is (a RunState): the counters its checkpoint holds, its
+    run id (a new one for nanoGPT's files, which have none), the branch it writes (branch_for) and
+    its list of resumes with this one added."""
     meta = ckpt.get("metadata") or {}
     branch = branch_for(out_dir, ckpt, picked)
     here = os.path.dirname(os.path.realpath(ckpt_path)) == os.path.realpath(out_dir)
@@ -226,11 +264,11 @@ def lineage(ckpt, ckpt_path, out_dir, picked, changed, log=say):
            if branch != meta.get("branch", 0) else ""))
     if changed:
         log("changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-    return dict(iter_num=ckpt["iter_num"], best_val_loss=ckpt["best_val_loss"],
-                train_seconds=meta.get("train_seconds", 0.0), last_eval=meta.get("last_eval"),
-                origin=meta.get("init_from", "resume"),
-                tokens_before=meta.get("tokens_seen"),  # counted, not iter_num * batch: the batch may have changed
-                run_id=meta.get("run_id"), branch=branch, resumes=resumes)
+    return RunState(iter_num=ckpt["iter_num"], best_val_loss=ckpt["best_val_loss"],
+                    train_seconds=meta.get("train_seconds", 0.0), last_eval=meta.get("last_eval"),
+                    origin=meta.get("init_from", "resume"), tokens_seen=meta.get("tokens_seen"),
+                    run_id=meta.get("run_id") or new_run_id(), branch=branch, resumes=resumes,
+                    start_iter=ckpt["iter_num"])
 
 
 def restore_training(ckpt, ckpt_path, model, optimizer, scaler, rank, world_size, fsdp, log=say):
@@ -253,3 +291,67 @@ def restore_training(ckpt, ckpt_path, model, optimizer, scaler, rank, world_size
             f"is exact, dropout's random stream starts afresh")
     else:
         log("note: checkpoint has no RNG state (nanoGPT or older file): approximate resume, data order reseeded")
+
+
+def start(config, sources, master, log=say):
+    """What this start continues, on every rank: (path, plain checkpoint, the config, {key: (stored,
+    now)} changed on resume); (None, None, config, {}) for a fresh start. An out_dir that holds a
+    good checkpoint is always continued, whatever init_from says, so the same command run twice (a
+    re-queued job, `make demo` again) carries on instead of starting over; the run's stored config
+    comes back, with config files and flags on top. Rank 0 alone picks the checkpoint (or the
+    error), the others read that very file: ranks that chose on their own could start from
+    different iterations (a read error on one of them, a stale listing)."""
+    init_from = start_mode(config["init_from"], config["resume_from"], sources)
+    pick = lambda: find_start(config["out_dir"], init_from, config["resume_from"], log=log, tensors=False)  # noqa: E731
+    path, ckpt = distributed.on_rank0(pick, master) or (None, None)
+    path = distributed.from_rank0(path)
+    ckpt = distributed.on_every_rank(lambda: ckpt if master or not path else load(path, tensors=False))
+    config = dict(config, init_from=init_from)
+    if ckpt is None:
+        return None, None, config, {}
+    config, changed = restore_config(config, ckpt, sources, explicit=init_from == "resume", log=log)
+    return path, ckpt, config, changed
+
+
+def build_model(ckpt, path, config, vocab_size, fsdp, fits):
+    """The model this start trains (its weights loaded, except a folder's under FSDP: each rank reads
+    its share once sharded), from the checkpoint being continued, from scratch, or from GPT-2's
+    weights; and its model_args (the checkpoint's or GPT-2's shape, cut to block_size). fits(args)
+    judges the shape against the machine's memory before anything is built."""
+    args = {k: config[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout")}
+    args["vocab_size"] = vocab_size or 50304  # GPT-2's 50257, padded to a multiple of 64
+    if ckpt is not None:
+        args.update({k: ckpt["model_args"][k] for k in MODEL_ARGS if k in ckpt["model_args"]})
+        args["dropout"] = config["dropout"]  # the run's own, or a new one set on resume (e.g. to fine-tune)
+        fits(args)
+        model = GPT(GPTConfig(**args))
+        if "model" not in ckpt and not fsdp:  # a checkpoint folder, resumed without FSDP: read it whole
+            ckpt["model"], ckpt["optimizer"] = read_shards(path, ckpt)
+        if "model" in ckpt:
+            model.load_state_dict(ckpt["model"])
+    elif config["init_from"] == "scratch":
+        fits(args)
+        model = GPT(GPTConfig(**args))
+    else:  # 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder; the shape is theirs
+        say(f"loading GPT-2 weights {config['init_from']}...")
+        model = load_gpt2(config["init_from"], dropout=config["dropout"])
+        args.update({k: getattr(model.config, k) for k in MODEL_ARGS})
+    if config["block_size"] < model.config.block_size:
+        model.crop_block_size(config["block_size"])  # e.g. GPT-2's 1024 context cut to 256 for fine-tuning
+        args["block_size"] = config["block_size"]
+    return model, args
+
+
+def complete(ckpt, path, config, remote, attempt, log=say):
+    """Whether the checkpoint being continued has reached max_iters (then the start has nothing to
+    train; it says so, and copies to remote_dir what a kill kept from it)."""
+    if ckpt is None or ckpt["iter_num"] < config["max_iters"] or config["eval_only"]:
+        return False
+    log(f"the run is complete: iteration {ckpt['iter_num']} of max_iters={config['max_iters']} ({path}); "
+        f"raise --max_iters to train longer")
+    if remote is not None:
+        meta = ckpt.get("metadata") or {}
+        catch_up(remote, config["out_dir"], run_id=meta.get("run_id"), branch=meta.get("branch", 0),
+                 attempt=attempt, keep_last=config["keep_last"], keep_every=config["keep_every"],
+                 wait=config["remote_wait"], log=log)
+    return True

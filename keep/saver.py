@@ -23,7 +23,6 @@ rather than as missing files.
 """
 import os
 import subprocess
-import threading
 import time
 
 import torch
@@ -31,12 +30,15 @@ import torch
 import distributed
 from console import first_line, say
 from keep.atomic import remove_whole
-from keep.files import BEST, KEPT_INTACT, CheckpointError, os_error, periodic_name
+from keep.files import BEST, FORMAT_VERSION, KEPT_INTACT, CheckpointError, os_error, periodic_name
 from keep.files import save as write_file
-from keep.folders import full_state
+from keep.folders import ShardedSaver, full_state
 from keep.lock import claim_on_every_rank
+from keep.remote import Remote
+from keep.rng import capture_rng
 from keep.store import keep_others_best, retained, scan, verified
-from keep.worker import Backoff, Worker
+from keep.uploader import Uploader
+from keep.worker import Backoff, Worker, snapshot, yield_to_training
 
 
 RETRY = (5.0, 300.0)  # seconds before a failed save is tried again: first pause, longest pause
@@ -57,48 +59,34 @@ def git_commit():
         return None
 
 
-def snapshot(obj, buffers, memo=None, key=()):
-    """A copy of a nested state whose tensors live in `buffers` ({position in the state: host
-    tensor}), allocated at the first save and reused by every later one. Tensors that share storage
-    (the tied wte/lm_head weight) share one buffer, so the file stores them once."""
-    memo = {} if memo is None else memo
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        seen = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-        if t.numel() and seen in memo:
-            return memo[seen]
-        buf = buffers.get(key)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = buffers[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
-        buf.copy_(t, non_blocking=t.is_cuda)
-        memo[seen] = buf
-        return buf
-    if isinstance(obj, dict):
-        return {k: snapshot(v, buffers, memo, key + (k,)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot(v, buffers, memo, key + (i,)) for i, v in enumerate(obj))
-    return obj
-
-
-def yield_to_training():
-    """The background writer runs at the lowest CPU priority (Linux's SCHED_IDLE, which applies per
-    thread): where training keeps every core busy (a CPU run), the write takes the time training leaves
-    idle instead of slowing every thread of the step (docs/checkpoints.md; bench/bench_checkpoint.py)."""
-    try:
-        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux: the writer runs at training's priority
-        pass
-
-
 class Checkpointer:
-    def __init__(self, out_dir, *, run_id, branch, keep_last, keep_every, interval, minutes, background,
-                 model, optimizer, shards=None, metrics=None, log=say, master=True, resumed_from=None, remote=None,
+    @classmethod
+    def build(cls, config, run, fixed, *, model, optimizer, scaler, metrics, remote, attempt, lock, device, rank,
+              resumed_from, log=say):
+        """The run's Checkpointer, from train.py's config in one call. run: the RunState that every
+        checkpoint stores; fixed: the plain values the same for the whole run (model_args, config,
+        the tokenizer record, the data's fingerprint). remote: rank 0's checked Remote, or None."""
+        c, master, fsdp = config, rank == 0, config["parallelism"] == "fsdp"
+        copy = None
+        if c["remote_dir"] and not c["eval_only"] and (master or fsdp):
+            copy = Uploader(remote or Remote(c["remote_dir"]), c["out_dir"], run_id=run.run_id, branch=run.branch,
+                            keep_last=c["keep_last"], keep_every=c["keep_every"], attempt=attempt, rank=rank, log=log)
+        return cls(c["out_dir"], run=run, fixed=fixed, keep_last=c["keep_last"], keep_every=c["keep_every"],
+                   interval=c["checkpoint_interval"], minutes=c["checkpoint_minutes"], background=c["async_save"],
+                   model=model, optimizer=optimizer, scaler=scaler, metrics=metrics, log=log, master=master,
+                   shards=ShardedSaver(device) if fsdp else None, resumed_from=resumed_from,
+                   remote=copy, remote_wait=c["remote_wait"], lock=lock)
+
+    def __init__(self, out_dir, *, run, fixed, keep_last, keep_every, interval, minutes, background, model, optimizer,
+                 scaler, shards=None, metrics=None, log=say, master=True, resumed_from=None, remote=None,
                  remote_wait=0.0, lock=None):
-        """shards: a distributed.ShardedSaver under FSDP (periodic checkpoints are then folders).
-        remote: a remote.Uploader (rank 0; under FSDP every rank, for its own shards), handed every
+        """shards: a folders.ShardedSaver under FSDP (periodic checkpoints are then folders).
+        remote: an uploader.Uploader (rank 0; under FSDP every rank, for its own shards), handed every
         checkpoint once it is durable here; close() waits up to remote_wait seconds for it. lock: out_dir's
         lock (claim), held by rank 0: folder_lost() compares it with the .lock in out_dir."""
-        self.out_dir, self.run_id, self.branch = out_dir, run_id, branch
+        self.out_dir, self.run, self.fixed, self.scaler = out_dir, run, fixed, scaler
+        self.run_id, self.branch = run.run_id, run.branch
+        self.git_commit = git_commit() if master else None
         self.keep_last, self.keep_every, self.interval, self.period = keep_last, keep_every, interval, minutes * 60
         self.background, self.model, self.optimizer, self.shards = background, model, optimizer, shards
         self.metrics, self.log, self.master, self.resumed_from = metrics, log, master, resumed_from
@@ -117,7 +105,7 @@ class Checkpointer:
         if master:
             heads, _ = scan(out_dir)
             for h in heads:
-                if h["kind"] == "periodic" and h["branch"] == branch and h["run_id"] in (run_id, None):
+                if h["kind"] == "periodic" and h["branch"] == run.branch and h["run_id"] in (run.run_id, None):
                     self.known[h["path"]] = {"path": h["path"], "iter_num": h["iter_num"], "good": None}
 
     # -- what is due ---------------------------------------------------------------------------
@@ -169,12 +157,24 @@ class Checkpointer:
                                                                                       folder=self.shards is not None))
 
     # -- saving --------------------------------------------------------------------------------
-    def save(self, state, it, val_loss=None, best=False, final=False):
+    def state(self, val_loss):
+        """The plain part of a checkpoint of the run as it stands (save adds the tensors), from every
+        rank (RNG states are gathered). val_loss: measured at this very iteration, else None
+        (metadata never carries an older eval's loss as this one's)."""
+        run = self.run
+        meta = dict(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), torch_version=str(torch.__version__),
+                    world_size=distributed.world(), git_commit=self.git_commit,
+                    dataset=self.fixed["config"]["dataset"], **run.metadata(val_loss))
+        return dict(iter_num=run.iter_num, best_val_loss=run.best_val_loss, scaler=self.scaler.state_dict(),
+                    rng=distributed.every_rank(capture_rng()), format_version=FORMAT_VERSION, **self.fixed,
+                    metadata=meta)
+
+    def save(self, it, val_loss=None, best=False, final=False):
         """Write a checkpoint of iteration `it`: ckpt.pt (best=True), else a periodic one. Every rank calls
-        it at the same point (FSDP gathers or shards the state; the plain `state` is the same everywhere).
+        it at the same point (FSDP gathers or shards the state; the plain part is the same everywhere).
         Returns False if it failed, True otherwise (for a background save: started); for a final save,
         the same answer on every rank, so that all of them exit alike."""
-        ok = self._save(state, it, val_loss, best, final)
+        ok = self._save(self.state(val_loss), it, val_loss, best, final)
         if final and self.shards is None:  # a file: rank 0 alone knows how its write went (folders agree)
             ok = distributed.from_rank0(ok)
         return ok
@@ -326,6 +326,23 @@ class Checkpointer:
             if not os.path.basename(path) == BEST:
                 self.retry_at = time.time() + self.backoff.next()
                 self.failures.append(why)
+
+    def halt_line(self, it, event, what):
+        """Rank 0's error line for a run that stops at `it`: its saves keep failing, or it diverged."""
+        if event == "saves_failed":
+            return self.give_up(it)
+        fix = "lower --learning_rate (or raise --warmup_iters)"
+        return f"{what} at iteration {it}: training diverged. " + (
+            f"No checkpoint of it was written, so the newest one on disk is from before; {fix} and run "
+            f"again to continue from it" if self.known or self.resumed_from
+            else f"Nothing was saved; {fix} and start again")
+
+    def rescued_line(self, lost, failed):
+        """The error line of a run whose out_dir (`lost`) went away while it trained (rescue)."""
+        return (f"out_dir {lost} was deleted or replaced while this run trained (rm -rf, or another "
+                f"process); " + (f"its state could not be saved in {self.out_dir} either" if failed else
+                                 f"its state at iteration {self.run.iter_num} is in {self.out_dir}: "
+                                 f"continue it with --out_dir={self.out_dir}"))
 
     def given_up(self):
         """Rank 0: FAILURES periodic saves in a row have failed (train.py OR-s this over ranks, then

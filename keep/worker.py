@@ -6,10 +6,14 @@ a failed job tried again says after what pause (Backoff). The local checkpoint w
 folder writer and the remote uploader (one per rank) are each one Worker.
 
 The threads are daemons: an owner that must not lose a job in flight waits for it (close, wait),
-which train.py does on every way out.
+which train.py does on every way out. snapshot is the host copy of a state that a background
+write reads while training changes the original.
 """
+import os
 import threading
 import time
+
+import torch
 
 
 class Job:
@@ -106,3 +110,36 @@ class Worker:
                 self.cv.notify_all()
                 if pause:
                     self.cv.wait(timeout=pause)
+
+
+def snapshot(obj, buffers, memo=None, key=()):
+    """A copy of a nested state whose tensors live in `buffers` ({position in the state: host
+    tensor}), allocated at the first save and reused by every later one. Tensors that share storage
+    (the tied wte/lm_head weight) share one buffer, so the file stores them once."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        seen = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if t.numel() and seen in memo:
+            return memo[seen]
+        buf = buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = buffers[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+        buf.copy_(t, non_blocking=t.is_cuda)
+        memo[seen] = buf
+        return buf
+    if isinstance(obj, dict):
+        return {k: snapshot(v, buffers, memo, key + (k,)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v, buffers, memo, key + (i,)) for i, v in enumerate(obj))
+    return obj
+
+
+def yield_to_training():
+    """The background writer runs at the lowest CPU priority (Linux's SCHED_IDLE, which applies per
+    thread): where training keeps every core busy (a CPU run), the write takes the time training leaves
+    idle instead of slowing every thread of the step (docs/checkpoints.md; bench/bench_checkpoint.py)."""
+    try:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux: the writer runs at training's priority
+        pass
