@@ -21,7 +21,8 @@ sys.path.insert(0, _ROOT)  # the project's modules, when run as python bench/ben
 from keep.files import MODEL_ARGS  # noqa: E402
 from keep import store  # noqa: E402
 from keep.worker import snapshot  # noqa: E402
-from configurator import check_data, configure, one_line_errors  # noqa: E402
+from configurator import check_data, configure  # noqa: E402
+from console import one_line_errors  # noqa: E402
 from dataset import TokenData  # noqa: E402
 from devices import (DeviceError, autocast_context, one_line_out_of_memory, peak_flops_for, pick_device,  # noqa: E402
                      pick_dtype)

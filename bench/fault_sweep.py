@@ -725,7 +725,8 @@ def _lost(clean, point, out):
 # checkpoint.py verify URL's listing (remote.describe: each complete checkpoint's objects read back, their
 # CRCs checked), then {prefix without a commit object: the pids its intents name} as JSON
 VERIFY = """
-import json, sys, remote
+import json, sys
+from keep import remote
 url = sys.argv[1]
 try:
     lines, ok = remote.describe(url, verify=True)

@@ -189,6 +189,7 @@ def project_without_data(dst):
     for name in os.listdir(ROOT):
         if name.endswith(".py"):
             shutil.copyfile(os.path.join(ROOT, name), os.path.join(dst, name))
+    shutil.copytree(os.path.join(ROOT, "keep"), os.path.join(dst, "keep"), ignore=shutil.ignore_patterns("__pycache__"))
     return str(dst)
 
 

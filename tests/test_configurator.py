@@ -108,7 +108,7 @@ HELP = {"train.py": ("Train a GPT", "--eval_only=False", "evaluate once and exit
         "export.py": ("Export a checkpoint", "--format='hf'", "'hf': a Hugging Face GPT-2 folder"),
         "bench/bench.py": ("Measure training speed", "--mode='train'", "'train': step time"),
         "data/prepare.py": ("Your own text", "--val_fraction=0.1", "of the documents, whole"),
-        "checkpoint.py": ("Checkpoint files and folders", "consolidate FOLDER OUT.pt", ""),
+        "checkpoint.py": ("What a checkpoint holds", "consolidate FOLDER OUT.pt", ""),
         "plot.py": ("loss curves", "--x", "")}
 
 
