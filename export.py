@@ -110,7 +110,7 @@ if format == "safetensors":  # one file: written whole, then renamed into place
 
 # hf: durable as a checkpoint folder is. The folder is written under a temporary name beside `to`,
 # every file in it and then the folder fsynced, renamed into place (a previous export there is
-# swapped out first and removed after) and the parent fsynced: atomicfile.replace_folder. Files are
+# swapped out first and removed after) and the parent fsynced: keep/atomic.replace_folder. Files are
 # written with plain open(), so the umask decides who may read them: safetensors' own save_file
 # makes owner-only files, and an export is for sharing.
 tmp = temp_name(to)

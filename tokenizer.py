@@ -67,7 +67,7 @@ def of_file(path):
     Raises ValueError for a file that is not one."""
     if not path or not os.path.exists(path):
         return None
-    if not path.endswith(".json"):  # a dataset's meta.pkl: judged, in train.py's words (dataset.read_meta)
+    if not path.endswith(".json"):  # a dataset's meta.pkl: judged, in train.py's words (read_meta, below)
         try:
             return of_meta(read_meta(path))
         except RunError as e:

@@ -9,7 +9,7 @@ before FSDP), every rank writing its shard of a DCP folder, and the stall of a b
 Each launch is `torchrun --standalone --nproc_per_node=2 bench/bench_fsdp.py --worker=ddp|fsdp ...`: the
 model (vocab 50304, block_size 256, batch 1, fp32, no compile) is built, trained for --steps steps
 on random tokens (AdamW's state exists from the first), then saved --saves times each way with the
-project's own code (store.save, distributed.ShardedSaver) into a temp folder on this disk.
+project's own code (store.save, folders.ShardedSaver) into a temp folder on this disk.
 """
 import argparse
 import json

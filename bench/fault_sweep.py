@@ -81,7 +81,7 @@ SENDS = ["sendto", "sendmsg"]  # remote-s3: a request's bytes going out (EIO: bo
 KINDS = ("eio", "enospc", "kill", "fsize")
 # names that are a checkpoint's (NAMES): files, folders, ckpt.pt, another branch's kept best
 NAMES = re.compile(r"ckpt(\.pt|-best-b\d+-\d{8}\.pt|-\d{8}(-b\d+)?(\.pt)?)$")
-TEMPORARY = re.compile(r"^\..*\.(tmp|old)-")  # atomicfile's '.<name>.tmp-<pid>' and '.<name>.old-<pid>'
+TEMPORARY = re.compile(r"^\..*\.(tmp|old)-")  # keep/atomic.py's '.<name>.tmp-<pid>' and '.<name>.old-<pid>'
 
 
 @dataclass

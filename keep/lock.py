@@ -15,7 +15,7 @@ def claim(out_dir, create=False, remote=None):
     """Take out_dir for this training process before anything in it is read: an exclusive lock on
     out_dir/.lock for the life of the process (the OS drops it however the process ends), so a second
     trainer is refused before it opens any checkpoint; then the leftovers of a killed process are
-    cleaned up (atomicfile.recover) and a probe file shows the folder takes writes; then, with a
+    cleaned up (atomic.recover) and a probe file shows the folder takes writes; then, with a
     remote (remote.Remote), a newer checkpoint of remote_dir is downloaded into it. Returns the lock's
     file, or None when out_dir does not exist yet and create is False (there is nothing to read).
     Raises CheckpointError: busy, or not writable; RemoteError: remote_dir cannot be read."""

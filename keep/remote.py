@@ -115,7 +115,7 @@ class Remote(Leased):
         first: whole, or not there at all. Returns its path. Raises RemoteError."""
         name = commit["name"]
         final = os.path.join(dest_dir, name)
-        tmp = temp_name(final)  # a temporary: never read, removed at the next start (atomicfile.recover)
+        tmp = temp_name(final)  # a temporary: never read, removed at the next start (atomic.recover)
         folder = any("/" in rel for rel in commit["objects"])
         try:
             for rel, (size, crc) in commit["objects"].items():
@@ -145,7 +145,7 @@ class Remote(Leased):
         return final
 
     def restore(self, out_dir, log=say):
-        """At start, out_dir held (checkpointer.claim): remote_dir judged first (RemoteError when it
+        """At start, out_dir held (lock.claim): remote_dir judged first (RemoteError when it
         holds another run than out_dir, several runs, or only things that are no run's); then, when
         its newest complete checkpoint is newer than anything readable in out_dir, or out_dir has
         none, download it (metrics.jsonl too, when out_dir has none), so the resume that follows

@@ -104,7 +104,7 @@ def one_run(out_dir):
 
 
 def pick_to_read(out_dir, ckpt="", which="best", log=say):
-    """(path, weights: checkpoint.load_weights) of the checkpoint that sample.py and export.py read,
+    """(path, weights: store.load_weights) of the checkpoint that sample.py and export.py read,
     by one rule: the file or FSDP folder `ckpt` names, if any; else from out_dir, ckpt.pt (the best
     val loss, nanoGPT's file) or, when there is none or it does not load, the newest good checkpoint,
     said in one line; which='latest': the newest good one. A remote ckpt or out_dir (s3://...) is

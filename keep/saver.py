@@ -5,7 +5,7 @@ and lets it finish what is in flight; at the end it waits for it. The Checkpoint
 
 - the writers: a checkpoint file written in the foreground, or in the background by one persistent
   thread from a snapshot in host buffers that are kept from one save to the next (pinned on CUDA);
-  under FSDP, checkpoint folders that every rank writes with DCP (distributed.ShardedSaver);
+  under FSDP, checkpoint folders that every rank writes with DCP (folders.ShardedSaver);
 - what is on disk: this run's checkpoints are known in memory (the start reads each header once; a
   file this process wrote is known good, another is CRC-checked once, when retention first counts it);
 - retention (keep_last, keep_every), only ever after a newer checkpoint is durable;

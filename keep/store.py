@@ -35,7 +35,7 @@ def load(path, map_location="cpu", tensors=True):
     """Load and verify one checkpoint. Raises CheckpointError with a one-line reason for a missing,
     truncated, corrupt, foreign or unsafe file; an unsafe pickle is refused before any of it runs.
     A folder is verified in full (every file's CRC); with tensors=False only its plain part is
-    returned (FSDP then reads each rank's share of the shards itself, distributed.load_sharded);
+    returned (FSDP then reads each rank's share of the shards itself, folders.load_sharded);
     with tensors=True the very dict a single file holds. Both are judged by check_contents."""
     if kind_of(path) == "folder":
         ckpt = verify_folder(path)

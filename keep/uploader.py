@@ -58,7 +58,7 @@ class Uploader:
             async def low():
                 lower_priority()
             sync(remote.fs.loop, low)
-        self.worker = Worker("remote-upload", setup=lower_priority, failed=self._failed)
+        self.worker = Worker("remote-upload", setup=lower_priority, failed=self._failed, daemon=True)
 
     def new_prefix(self, it):
         return new_prefix(it)

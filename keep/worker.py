@@ -5,9 +5,11 @@ the exception it raised) stays on the job for its owner, who warns and goes on; 
 a failed job tried again says after what pause (Backoff). The local checkpoint writer, the FSDP
 folder writer and the remote uploader (one per rank) are each one Worker.
 
-The threads are daemons: an owner that must not lose a job in flight waits for it (close, wait),
-which train.py does on every way out. snapshot is the host copy of a state that a background
-write reads while training changes the original.
+A writer's thread outlives a main thread that ends without closing it (a traceback): the job in
+flight and those queued still reach the disk, then the thread ends, as concurrent.futures' threads
+do. The uploader's is a daemon (daemon=True): a copy to an unreachable store never holds up an
+exit, and a run's end waits for it only up to remote_wait (uploader.finish). snapshot is the
+host copy of a state that a background write reads while training changes the original.
 """
 import os
 import threading
@@ -54,10 +56,10 @@ class Worker:
     job back in `waiting` (or dropped it) and the thread waits that long, or until a new job comes.
     setup() runs first in the thread (its priority: the writers yield to training)."""
 
-    def __init__(self, name, setup=lambda: None, failed=lambda job, error: None):
+    def __init__(self, name, setup=lambda: None, failed=lambda job, error: None, daemon=False):
         self.cv = threading.Condition()
         self.waiting, self.current, self.failed = [], None, failed
-        self.thread = threading.Thread(target=self._run, args=(setup,), name=name, daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(setup,), name=name, daemon=daemon)
         self.thread.start()
 
     def submit(self, fn, *args, replaces=lambda job: False):
@@ -92,14 +94,16 @@ class Worker:
         while True:
             with self.cv:
                 while not self.waiting:
-                    self.cv.wait()
+                    if not threading.main_thread().is_alive():  # the process is ending: nothing more comes
+                        return
+                    self.cv.wait(timeout=0.5)
                 job = self.current = self.waiting.pop(0)
             if job is None:
                 return
             pause = None
             try:
                 job.value, job.error = job.fn(*job.args), None
-            except Exception as e:
+            except BaseException as e:  # (DCP's CheckpointException is one): the owner still hears of it
                 job.error = e
             with self.cv:
                 if job.error is not None:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from keep.files import CheckpointError
 from keep import store
@@ -344,3 +345,23 @@ def test_kill_in_the_delete_of_a_replaced_folder(folders, tmp_path):
     run("train.py", *same)
     assert [n for n in os.listdir(out) if n.startswith(".")] == [".lock"]
     assert_whole(out)
+
+
+def test_a_background_write_in_flight_reaches_the_disk_when_the_main_thread_dies(tmp_path):
+    """The Worker that writes checkpoints in the background outlives a main thread that ends with a
+    traceback: the write in flight (slowed here by a big state) still ends whole on disk, and the
+    process exits; an idle Worker that nobody closed does not hold the exit up."""
+    script = tmp_path / "dies.py"
+    script.write_text(
+        "import sys, time, torch\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "from keep.files import save\n"
+        "from keep.worker import Worker\n"
+        "idle, writer = Worker('idle'), Worker('writer')\n"
+        "state = dict(x=torch.zeros(64 << 20), iter_num=7)\n"
+        "writer.submit(lambda: (time.sleep(1), save(state, sys.argv[1])))\n"
+        "raise ValueError('the main thread dies')\n")
+    p = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt.pt")], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1 and "the main thread dies" in p.stderr, p.stderr
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 7

@@ -30,17 +30,17 @@ def test_eval_only_changes_nothing_in_out_dir(trained, tmp_path):
 
 def test_a_full_disk_says_so_and_a_run_whose_saves_keep_failing_stops(shakespeare_char, tmp_path, tmpfs):
     """A full disk at start is called full, not a permission problem. During a run, on a disk that
-    fills up: each failed save is one warning, and after checkpointer.FAILURES of them in a row the
+    fills up: each failed save is one warning, and after saver.FAILURES of them in a row the
     run stops with one error line naming the newest checkpoint (exit 1), instead of training for
     hours with nothing saved; the same command on a disk with room continues from that checkpoint."""
-    from keep import saver as checkpointer
+    from keep import saver
     disk = tmpfs(1_200_000)  # three of TINY's checkpoints (0.37 MB each), and then no more
     out = disk / "out"
     p = run("train.py", *TINY, f"--out_dir={out}", "--max_iters=100", "--checkpoint_interval=1", "--keep_last=50",
             "--eval_interval=1000", check=False)
     warned = [ln for ln in p.stderr.splitlines() if ln.startswith("warning: ")]
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
-    assert p.returncode == 1 and len(warned) == checkpointer.FAILURES and len(errors) == 1, p.stdout + p.stderr
+    assert p.returncode == 1 and len(warned) == saver.FAILURES and len(errors) == 1, p.stdout + p.stderr
     assert "checkpoints in a row could not be written" in errors[0] and "No space left on device" in errors[0]
     newest = sorted(n for n in os.listdir(out) if n.startswith("ckpt-"))[-1]
     assert newest in errors[0] and "iter 99:" not in p.stdout
