@@ -118,6 +118,8 @@ def url_problem(url):
     """Why url cannot be a remote_dir (None if it can): a well-formed URL of a known protocol with a
     bucket (s3://bucket/run), file:///absolute/path, or an absolute path. `s3:/x`, `s3:x`, `s3//x`
     and `s3://` (an unset $BUCKET) would otherwise be folders under the current directory."""
+    if any(c in url for c in "*?[]"):  # fsspec reads these as a pattern: a delete could reach past the run
+        return "holds a wildcard character (* ? [ ]); name a plain folder"
     m = URL.fullmatch(url)
     if m is None:
         if not os.path.isabs(url):

@@ -70,12 +70,25 @@ def judge_commit(c, name):
         ("run_id", c.get("run_id") is None or isinstance(c.get("run_id"), str)),
         ("val_loss", c.get("val_loss") is None or isinstance(c.get("val_loss"), (int, float))),
         ("objects", isinstance(c.get("objects"), dict) and c["objects"] and all(
-            isinstance(rel, str) and NAMES.match(rel.split("/")[0]) and ".." not in rel.split("/")
+            isinstance(rel, str) and NAMES.match(rel.split("/")[0])
+            and not {"", ".", ".."} & set(rel.split("/"))  # (`a//b` would join to an absolute path)
             and isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v)
             for rel, v in c["objects"].items()))) if not ok]
     if problems:
         raise ValueError(f"bad {', '.join(problems)}")
     return c
+
+
+def lease_problem(lease):
+    """Why a lease.json read from remote_dir is not a lease of ours (None if it is one)."""
+    if not isinstance(lease, dict) or lease.get("format", FORMAT) != FORMAT:
+        return "not a lease of this format"
+    bad = [k for k, ok in (
+        ("attempt", isinstance(lease.get("attempt"), str)), ("run_id", lease.get("run_id") is None or
+                                                              isinstance(lease.get("run_id"), str)),
+        ("host", isinstance(lease.get("host"), str)), ("pid", _is_int(lease.get("pid"))),
+        ("bound", isinstance(lease.get("bound"), (int, float)) and 0 < lease["bound"] < 1e7)) if not ok]
+    return f"bad {', '.join(bad)}" if bad else None
 
 
 @dataclass
@@ -163,14 +176,12 @@ class Claims(Store):
         if LEASE in objects:
             try:
                 lease = self._read_json(LEASE)
-                if isinstance(lease, dict) and isinstance(lease.get("attempt"), str):
+                if lease_problem(lease) is None:
                     out.lease = dict(lease, mtime=mtime(objects[LEASE]))
                     out.runs.add(lease.get("run_id"))
                     ours.add(LEASE)
-            except FileNotFoundError:
-                pass
             except Exception:
-                pass  # not a lease of ours: foreign
+                pass  # gone since listed, or not JSON: not a lease of ours (foreign)
         if out.runs and METRICS in objects:
             ours.add(METRICS)
         for key, info in objects.items():
@@ -228,11 +239,11 @@ class Claims(Store):
         if self.fs.exists(self.key(prefix)):
             self.fs.rm(self.key(prefix), recursive=True)
         for up in self.unfinished(prefix + "/"):
-            from fsspec.asyn import sync
-            sync(self.fs.loop, self.fs._call_s3, "abort_multipart_upload", Bucket=self.root.split("/")[0],
-                 Key=up["Key"], UploadId=up["UploadId"])
-        for key in self.fs.glob(self.key(f"{prefix}.*{INTENT}")):
-            self.fs.rm_file(key)
+            self.abort(up["Key"], up["UploadId"])
+        root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
+        for key in self.fs.glob(self.key(f"{prefix}.*{INTENT}")):  # intents of ours only, by their name
+            if INTENT_NAME.fullmatch(key[len(root):]) and key[len(root):].startswith(prefix + "."):
+                self.fs.rm_file(key)
 
     def clean(self, listing, run_id, attempt):
         """Delete the leftovers of this run's killed uploads: prefixes that an intent of this run,

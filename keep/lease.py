@@ -11,7 +11,7 @@ import threading
 import time
 
 from console import say
-from keep.claims import FORMAT, HOST, LEASE, Claims
+from keep.claims import FORMAT, HOST, LEASE, Claims, lease_problem
 from keep.objects import RemoteError
 
 
@@ -29,7 +29,7 @@ def alive(pid):
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, TypeError, ValueError):
+    except (PermissionError, TypeError, ValueError, OverflowError):
         return True  # another user's process, or no pid: taken as alive
     return True
 
@@ -55,11 +55,14 @@ class Leased(Claims):
                 problem = self.owner_problem(listing, run_id)
                 if problem:
                     raise RemoteError(problem)
-                lease = listing.lease
-                if lease is None or lease.get("attempt") == attempt:
+                if LEASE in listing.foreign:  # never written over: it may be someone else's file
+                    raise RemoteError(f"remote_dir {self.url} holds a {LEASE} that is not a lease of this "
+                                      f"format; remove it if nothing uses it, or give this run its own remote_dir")
+                lease = listing.lease  # (judged: claims.lease_problem)
+                if lease is None or lease["attempt"] == attempt:
                     break
                 age = self.now() - lease["mtime"]
-                lapse = lease["bound"] if isinstance(lease.get("bound"), (int, float)) else bound  # the holder's
+                lapse = lease["bound"]  # the holder's
                 who = (f"run {lease.get('run_id')} (host {lease.get('host')}, pid {lease.get('pid')}, refreshed "
                        f"{age:.0f}s ago)")
                 if age > lapse:
@@ -101,8 +104,12 @@ class Leased(Claims):
             return self.lost
         try:
             lease = self._read_json(LEASE)
+            if lease_problem(lease):
+                lease = f"an object that is not a lease ({lease_problem(lease)})"
         except FileNotFoundError:
             lease = "nobody (its lease.json was deleted)"
+        except ValueError:  # (JSON's decode errors are ValueErrors)
+            lease = "an object that is not a lease (not JSON)"
         with LOST:  # (the uploader and the lease's thread both ask)
             if self.lost is not None or (isinstance(lease, dict) and lease.get("attempt") == held[1]):
                 return self.lost

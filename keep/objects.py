@@ -118,8 +118,7 @@ class Store:
                 up = sync(self.fs.loop, self.fs._call_s3, "create_multipart_upload", Bucket=bucket, Key=key)
                 self.unfinished(probe[len(self.root) + 1:])
                 step = "abort an upload in"
-                sync(self.fs.loop, self.fs._call_s3, "abort_multipart_upload", Bucket=bucket, Key=key,
-                     UploadId=up["UploadId"])
+                self.abort(key, up["UploadId"])
             step = "delete in"
             self.fs.rm_file(probe)
         except Exception as e:
@@ -221,6 +220,11 @@ class Store:
             if (n, got) != (size, crc):
                 return damage(rel, (n, got), size, crc)
         return None
+
+    def abort(self, key, upload_id):
+        """Abort one unfinished multipart upload (key: the bucket's, as `unfinished` lists it)."""
+        sync(self.fs.loop, self.fs._call_s3, "abort_multipart_upload", Bucket=self.root.split("/")[0], Key=key,
+             UploadId=upload_id)
 
     def unfinished(self, below):
         """S3's unfinished multipart uploads whose keys start with remote_dir/below, every page of

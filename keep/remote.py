@@ -25,6 +25,10 @@ from keep.objects import RemoteError, damage
 from keep.store import rank, scan
 
 
+class Refused(RemoteError):
+    """An upload that would write over what this run cannot prove its own: never tried again."""
+
+
 OTHERS_WAIT = 600.0  # seconds rank 0 waits for the other ranks' shards of a folder before it tries again
 
 
@@ -40,8 +44,9 @@ def open_files(path, mine=lambda name: True):
 
 
 def close_files(files):
-    for _, fd in files:
-        os.close(fd)
+    """Close them, once: the list is emptied (a second call, after a failure, closes nothing)."""
+    while files:
+        os.close(files.pop()[1])
 
 
 class Remote(Leased):
@@ -56,6 +61,7 @@ class Remote(Leased):
         KEPT_BEST's name); anything else is refused. Returns the commit. Raises what the backend
         raises; nothing is visible until the commit is written."""
         name = files[0][0].split("/")[0]
+        old = self._replaced(name, header)  # before any data goes up: a refusal costs no upload
         prefix = prefix or new_prefix(header["iter_num"])
         self.intent(prefix, header["run_id"], attempt)
         objects = self.put_objects(files, prefix)
@@ -71,18 +77,9 @@ class Remote(Leased):
                     raise OSError(f"{rel}, another rank's part, did not arrive")
                 time.sleep(0.5)
             objects[rel] = [size, crc]
-        try:
-            old = self.read_commit(name)
-        except FileNotFoundError:
-            old = None
-        except ValueError:
-            raise RemoteError(f"remote_dir's {name}{COMMIT} is not a commit of this run's format; it is left "
-                              f"as it is and {name} is not copied") from None
-        if old is not None and old["run_id"] not in (header["run_id"], None):
-            raise RemoteError(f"remote_dir's {name} belongs to run {old['run_id']}, not this run "
-                              f"({header['run_id']}); it is not written over")
         if old is not None and old["branch"] != header["branch"] and name == BEST:
             kept = KEPT_BEST.format(old["branch"], old["iter_num"])
+            self._replaced(kept, header)  # absent, or this run's own
             self._put_small(kept + COMMIT, json.dumps(dict(old, name=kept, kind="kept")).encode())
             old = None  # its data is named by the kept commit now
         commit = dict(format=FORMAT, name=name, data=prefix, objects=objects, written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -90,15 +87,37 @@ class Remote(Leased):
         if old is not None and old["data"] != prefix:  # once replaced, only an intent proves its data ours
             self.intent(old["data"], header["run_id"], attempt)
         self._put_small(name + COMMIT, json.dumps(commit).encode())
+        # the commit proves the data ours from now on (names known: no listing needed); what is left
+        # after a failure here is a leftover the run's next start cleans: a warning, not a failed copy
         ranks = {0} | {int(m.group(1)) for rel in (others or {}) if (m := re.search(r"/__(\d+)_", rel))}
-        for r in ranks:  # the commit proves the data ours from now on (names known: no listing needed)
-            try:
-                self.fs.rm_file(self.key(f"{prefix}.{r}{INTENT}"))
-            except FileNotFoundError:
-                pass
-        if old is not None and old["data"] != prefix:
-            self.drop(old["data"])
+        try:
+            for r in ranks:
+                try:
+                    self.fs.rm_file(self.key(f"{prefix}.{r}{INTENT}"))
+                except FileNotFoundError:
+                    pass
+            if old is not None and old["data"] != prefix:
+                self.drop(old["data"])
+        except Exception as e:
+            say(f"warning: {name} is in remote_dir, but cleaning up after it failed ({self.why(e)}); the "
+                f"run's next start finishes it", err=True)
         return commit
+
+    def _replaced(self, name, header):
+        """The commit that writing `name` would replace: None, or one of this run's (its run id).
+        Anything else (another run's, one without a run id, another format's) raises Refused: it is
+        never written over."""
+        try:
+            old = self.read_commit(name)
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            raise Refused(f"remote_dir's {name}{COMMIT} is not a commit of this run's format; it is left "
+                          f"as it is and {name} is not copied") from None
+        if header["run_id"] is None or old["run_id"] != header["run_id"]:
+            raise Refused(f"remote_dir's {name} belongs to run {old['run_id']}, not this run "
+                          f"({header['run_id']}); it is not written over")
+        return old
 
     def copy_metrics(self, out_dir):
         """metrics.jsonl up to its last whole line (a row may be half-written while it is read)."""
@@ -140,8 +159,11 @@ class Remote(Leased):
         except Exception as e:
             raise RemoteError(f"could not download {name} from remote_dir: {self.why(e)}") from None
         finally:
-            if os.path.lexists(tmp):
-                remove_whole(tmp)
+            try:
+                if os.path.lexists(tmp):
+                    remove_whole(tmp)
+            except OSError:
+                pass  # a temp name: never read, and removed at the next start (atomic.recover)
         return final
 
     def restore(self, out_dir, log=say):
@@ -212,7 +234,9 @@ class Remote(Leased):
             marker = os.path.join(cache, pick["name"] + COMMIT)
             try:
                 with open(marker) as f:
-                    fresh = json.load(f).get("data") == pick["data"] and os.path.exists(os.path.join(cache, pick["name"]))
+                    marked = json.load(f)
+                fresh = isinstance(marked, dict) and marked.get("data") == pick["data"] and \
+                    os.path.exists(os.path.join(cache, pick["name"]))
             except (OSError, ValueError):
                 fresh = False
             for other in os.listdir(cache):  # one checkpoint in the folder: the one asked for
@@ -266,7 +290,7 @@ def describe(url, verify=False):
             status = f"BAD: {problem}" if problem else "complete, every CRC checked"
             ok = ok and problem is None
         lines.append(f"{c['name']:<26} {c['branch']:>6} {c['iter_num']:>8} {val:>9} {mb:9.1f} MB  "
-                     f"{c.get('written', '?'):<24}  {status}")
+                     f"{str(c.get('written', '?')):<24}  {status}")
     for name, why in listing.bad:
         lines.append(f"{name:<26} {'-':>6} {'-':>8} {'-':>9} {'-':>12}  {'-':<24}  INCOMPLETE: {why}")
     for prefix, size in sorted(listing.leftovers.items()):

@@ -12,7 +12,7 @@ from console import first_line, say
 from keep.claims import METRICS, new_prefix
 from keep.folders import folder_files
 from keep.objects import RemoteError
-from keep.remote import close_files, open_files
+from keep.remote import Refused, close_files, open_files
 from keep.store import rank, retained, scan
 from keep.worker import Backoff, Worker
 
@@ -54,6 +54,7 @@ class Uploader:
         self.warned = set()  # retention and metrics warnings said once each
         self.seconds = 0.0  # the last upload's duration: time_limit leaves room for one
         self.first = True  # the first upload cleans an earlier start's leftovers first
+        self.refused = None  # why the last refused copy was not made
         if not remote.local:  # fsspec's I/O thread (the requests) at the same low priority
             async def low():
                 lower_priority()
@@ -106,8 +107,12 @@ class Uploader:
             if self.remote.check_lease() is not None:
                 raise RemoteError(f"remote_dir was taken over by {self.remote.lost}")
             if self.first:  # an earlier start's leftovers, once, before the first new data
-                self.remote.clean(self.remote.checkpoints(), self.run_id, self.attempt)
                 self.first = False
+                try:
+                    self.remote.clean(self.remote.checkpoints(), self.run_id, self.attempt)
+                except Exception as e:  # they stay for the next start; the copy goes on
+                    say(f"warning: could not clean remote_dir {self.remote.url} ({self.remote.why(e)}); "
+                        f"the next start tries again", err=True)
             self.remote.upload(job["files"], job["header"], self.attempt, job["prefix"], job["others"],
                                abandon=lambda: any(self._replaces(j.args[0], job) for j in self.worker.waiting))
         self.seconds = time.time() - t0
@@ -125,8 +130,14 @@ class Uploader:
     def _failed(self, wjob, e):
         """A copy failed (the Worker's lock held): one warning for the whole outage, then the job goes
         back to the front of the queue, unless a newer one replaces it, and is tried again after a
-        pause (RETRY, doubling). Once the lease is lost, every job is dropped."""
+        pause (RETRY, doubling). Once the lease is lost, every job is dropped; a refusal (what it would
+        write over is not this run's) drops this job, with one warning."""
         job = wjob.args[0]
+        if isinstance(e, Refused):
+            self.refused = first_line(e)
+            say(f"warning: {e}", err=True)
+            close_files(job["files"])
+            return None
         if self.remote.lost is not None:  # nothing more is copied
             for j in [wjob] + self.worker.waiting:
                 close_files(j.args[0]["files"])
@@ -157,7 +168,7 @@ class Uploader:
                         f"tried again after the next copy", err=True)
 
     def _retain(self, newest):
-        if newest["kind"] != "periodic":
+        if newest["kind"] != "periodic" or self.run_id is None:  # (a commit without an id proves nothing)
             return
         mine = [c for c in self.remote.checkpoints().good if c["kind"] == "periodic" and
                 c["run_id"] == self.run_id and c["branch"] == self.branch]
@@ -181,7 +192,8 @@ class Uploader:
             return True, None
         if done is not None and rank(done) >= rank(newest):
             return True, f"remote_dir {self.remote.url} holds the newest checkpoint ({newest['name']}, iteration {newest['iter_num']})"
-        why = f" ({self.outage})" if self.outage else f" (taken over by {self.remote.lost})" if self.remote.lost else ""
+        why = f" ({self.outage or self.refused})" if self.outage or self.refused else \
+            f" (taken over by {self.remote.lost})" if self.remote.lost else ""
         has = f"its newest complete one is {done['name']} (iteration {done['iter_num']})" if done else \
             "it has nothing of this process's"
         when = "the wait was cut short by a signal" if cut else f"within remote_wait={bound:g}s"

@@ -53,7 +53,8 @@ class Backoff:
 class Worker:
     """One background thread. failed(job, error), called with the lock held when a job raised,
     returns None (the job is done, its error kept on it) or a pause in seconds: the owner has put the
-    job back in `waiting` (or dropped it) and the thread waits that long, or until a new job comes.
+    job back in `waiting` (or dropped it, and then it is the owner's) and the thread waits that long,
+    or until a new job comes.
     setup() runs first in the thread (its priority: the writers yield to training)."""
 
     def __init__(self, name, setup=lambda: None, failed=lambda job, error: None, daemon=False):
@@ -68,6 +69,8 @@ class Worker:
         with self.cv:
             dropped = [j for j in self.waiting if replaces(j)]
             self.waiting = [j for j in self.waiting if j not in dropped] + [job]
+            for j in dropped:  # never run: done, with nothing to show
+                j.finished.set()
             self.cv.notify_all()
         return job, dropped
 
@@ -107,7 +110,10 @@ class Worker:
                 job.error = e
             with self.cv:
                 if job.error is not None:
-                    pause = self.failed(job, job.error)
+                    try:
+                        pause = self.failed(job, job.error)
+                    except Exception:  # (a dead thread would leave `current` set and every wait to its end)
+                        pause = None
                 if pause is None:
                     job.finished.set()
                 self.current = None
