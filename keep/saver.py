@@ -248,8 +248,9 @@ class Checkpointer:
         if self.pending is not None or self.folder is not None:
             self.log("waiting for the background checkpoint write to finish")
         self.settle()
-        if self.writer is not None:
-            self.writer.close()
+        for worker in (self.writer, self.shards and self.shards.writer):  # gone before the process ends
+            if worker is not None:
+                worker.close()
         if self.remote is not None:
             ok, line = self.remote.finish(self.remote_wait, interrupted)
             if line:

@@ -8,8 +8,10 @@ folder writer and the remote uploader (one per rank) are each one Worker.
 A writer's thread outlives a main thread that ends without closing it (a traceback): the job in
 flight and those queued still reach the disk, then the thread ends, as concurrent.futures' threads
 do. The uploader's is a daemon (daemon=True): a copy to an unreachable store never holds up an
-exit, and a run's end waits for it only up to remote_wait (uploader.finish). snapshot is the
-host copy of a state that a background write reads while training changes the original.
+exit, and a run's end waits for it only up to remote_wait (uploader.finish). The Checkpointer
+closes its writers at its end, so a normal exit never waits on them (under torchrun, a rank slow to
+exit after another has ended is one the agent stops with a signal). snapshot is the host copy of a
+state that a background write reads while training changes the original.
 """
 import os
 import threading
@@ -86,7 +88,9 @@ class Worker:
             return not self.waiting and self.current is None
 
     def close(self):
-        """Finish what is queued, then end the thread."""
+        """Finish what is queued, then end the thread (once: a second call does nothing)."""
+        if not self.thread.is_alive():
+            return
         with self.cv:
             self.waiting.append(None)
             self.cv.notify_all()
