@@ -45,7 +45,7 @@ def pick_device(device):
 
 def pick_dtype(dtype, device, log=None):
     """'auto' -> bfloat16 on CUDA that has it, else float16 on CUDA, float32 elsewhere.
-    bf16 autocast on a CPU without bf16 matrix units is many times slower than fp32 (bench/bench.py
+    bf16 autocast on a CPU without bf16 matrix units is many times slower than fp32 (bench.py
     --device=cpu --dtype=bfloat16 against --dtype=float32 shows it on yours): CPUs get fp32,
     and log (if given) warns of another dtype asked for on a CPU."""
     names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -60,6 +60,11 @@ def pick_dtype(dtype, device, log=None):
         log(f"warning: {dtype} on this CPU is much slower than float32 (no bf16/fp16 matrix units); "
             f"use --dtype=float32 for speed")
     return dtype
+
+
+def allow_tf32():
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def autocast_context(device, dtype):

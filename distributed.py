@@ -23,7 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from console import RunError, exit_now, say
+from console import RunError, UsageError, exit_now, say
 
 
 def under_torchrun():
@@ -179,3 +179,16 @@ def on_every_rank(fn):
 def world():
     """The number of ranks (1 without a process group)."""
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def per_rank(accumulation_steps, world_size):
+    """Micro-steps per rank: the global batch does not change with the number of ranks."""
+    if accumulation_steps % world_size:
+        raise UsageError(f"gradient_accumulation_steps={accumulation_steps} must be a multiple of the "
+                         f"world size {world_size}")
+    return accumulation_steps // world_size

@@ -65,6 +65,17 @@ def humanize(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+
+def speed_line(it, step_times, started):
+    """The last line of a run: where it ended, its median step time and its wall time."""
+    steady = step_times[min(10, len(step_times) // 2):]  # past the warm-up steps
+    return (f"done at iteration {it}: median {median(steady) * 1000:.2f} ms/iter, "
+            f"{time.time() - started:.1f}s wall")
+
+
 def has_wandb():
     return importlib.util.find_spec("wandb") is not None
 
@@ -101,6 +112,20 @@ class MetricsLog:
     """Appends rows to out_dir/metrics.jsonl and, given wandb's settings (project, name, config, id),
     logs them to that wandb run too. A
     failed write (disk full) is one warning, then the file is left alone: metrics never stop a run."""
+
+    @classmethod
+    def for_run(cls, out_dir, run, config, resumed_from=None, **start):
+        """A training run's log (run: its RunState), wandb as the config's wandb_* knobs say, under
+        the run's id; its start event written (with `start`'s fields), and a resumed run's resume
+        event."""
+        wandb = dict(project=config["wandb_project"], name=config["wandb_run_name"], config=config,
+                     id=run.run_id) if config["wandb_log"] else None
+        log = cls(out_dir, run.tokens_at, run.start_iter if resumed_from else None, wandb)
+        log.event(run.start_iter, "start", init_from=run.origin, dataset=config["dataset"],
+                  max_iters=config["max_iters"], **start)
+        if resumed_from:
+            log.event(run.start_iter, "resume", path=resumed_from, branch=run.branch)
+        return log
 
     def __init__(self, out_dir, tokens_at, resumed_at=None, wandb=None):
         """tokens_at(it): tokens trained on before update `it`, recorded with each event. resumed_at:

@@ -26,5 +26,5 @@ beta2 = 0.99
 warmup_iters = 100
 
 device = "cpu"
-dtype = "float32"  # bf16 autocast is many times slower on CPUs without bf16 matrix units (bench/bench.py --dtype=...)
+dtype = "float32"  # bf16 autocast is many times slower on CPUs without bf16 matrix units (bench.py --dtype=...)
 compile = False  # no speed-up for a model this small, and compiling takes a good part of the run

@@ -7,6 +7,7 @@ import fcntl
 import os
 
 import distributed
+from console import console, say
 from keep.atomic import TMP_TAG, recover
 from keep.files import CheckpointError, os_error
 
@@ -59,3 +60,16 @@ def claim_on_every_rank(out_dir, master, create=False, held=None, remote=None):
     fails (distributed.on_rank0). Returns the lock's file on rank 0 (None elsewhere, or while out_dir
     does not exist and create is False)."""
     return distributed.on_rank0(lambda: held if held is not None else claim(out_dir, create, remote), master)
+
+
+def settle_in(out_dir, master, held, run_id, remote=None, attempt=None, log=say):
+    """Every rank, once the start is known good: rank 0 takes remote_dir's lease in the run's name
+    (attempt: this start's token; a new run had no id when out_dir was claimed), makes out_dir if it
+    is new and holds it, and opens its console.log. So a start that fails on its config, data or
+    model leaves nothing behind, and an unwritable out_dir is found before training, not at the
+    first save hours later. Returns the lock's file on rank 0."""
+    if attempt:
+        distributed.on_rank0(lambda: remote.take_lease(run_id, *remote.hold, log=log), master)
+    held = claim_on_every_rank(out_dir, master, create=True, held=held)
+    console.open(out_dir)
+    return held

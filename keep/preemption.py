@@ -51,6 +51,12 @@ def parse_duration(text):
     raise UsageError(f"time_limit={text!r} is not a duration: give seconds (3600), 90m, 4h, or H:MM:SS (3:50:00, minutes and seconds below 60)")
 
 
+def too_short(time_limit):
+    """The error line of a time_limit that let no iteration run: a job that requeues itself would
+    loop without progress."""
+    return f"time_limit={time_limit!r} leaves no time for one iteration and a checkpoint; raise it"
+
+
 class Stopper:
     def __init__(self, time_limit=0.0):
         self.signum = None  # the first stop signal
@@ -87,3 +93,17 @@ class Stopper:
             return False
         needed = step_seconds + 1.5 * save_seconds + 2.0  # 2 s: exit and teardown
         return time.time() - STARTED + needed >= self.time_limit
+
+    def stopping(self, step_seconds, save_seconds):
+        """A stop signal came, or time_limit leaves room for no more than a save."""
+        return self.signum is not None or self.out_of_time(step_seconds, save_seconds)
+
+    def why(self, lost, step_seconds, save_seconds):
+        """What stops the run, for its console line and metrics event."""
+        if self.name:
+            return f"{self.name} received"
+        if lost:
+            return "out_dir was deleted or replaced"
+        if self.out_of_time(step_seconds, save_seconds):
+            return "time_limit nearly reached"
+        return "another rank is stopping"

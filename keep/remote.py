@@ -16,10 +16,11 @@ import os
 import re
 import time
 
+import distributed
 from console import first_line, say
 from keep.atomic import atomic_write, fsync_dir, remove_whole, replace_folder, temp_name
 from keep.claims import COMMIT, INTENT, METRICS, FORMAT, new_prefix
-from keep.files import BEST, KEPT_BEST, NAMES
+from keep.files import BEST, KEPT_BEST, NAMES, new_run_id
 from keep.lease import Leased
 from keep.objects import RemoteError, damage
 from keep.store import rank, scan
@@ -265,6 +266,15 @@ def connect(url, out_dir, attempt, bound):
     if problem:
         raise RemoteError(problem)
     return remote
+
+
+def join(url, out_dir, bound, master):
+    """Every rank of a start that writes: (rank 0's connected Remote, None on the others; this
+    start's token, the same on every rank), or (None, None) without remote_dir."""
+    if not url:
+        return None, None
+    attempt = distributed.from_rank0(new_run_id() if master else None)
+    return distributed.on_rank0(lambda: connect(url, out_dir, attempt, bound), master), attempt
 
 
 def describe(url, verify=False):

@@ -1,7 +1,7 @@
 """
-The resume policy: which checkpoint a start continues, which config wins, branches, and what a
-resume restores (docs/checkpoints.md); and which checkpoint sample.py and export.py read (pick_to_read).
-store.py reads and judges the files; this module decides.
+The resume policy: which checkpoint a start continues, which config wins, and what a resume
+restores (docs/checkpoints.md); and which checkpoint sample.py and export.py read (pick_to_read).
+store.py reads and judges the files; this module decides; run.py keeps the run's counters.
 
 - The same command twice continues the run: a start into an out_dir holding a good checkpoint
   resumes it, and nothing ever overwrites another run's files.
@@ -10,18 +10,18 @@ store.py reads and judges the files; this module decides.
   the model's shape always comes from the checkpoint.
 """
 import os
-import time
-from dataclasses import dataclass, field
 
 import torch
 
 import distributed
 import tokenizer
+from configurator import check_data
 from console import UsageError, say
+from dataset import TokenData
 from gpt2 import load_gpt2
 from keep.objects import is_remote
 from keep.remote import Remote
-from keep.files import BEST, MODEL_ARGS, CheckpointError, is_folder_checkpoint, new_run_id
+from keep.files import BEST, MODEL_ARGS, CheckpointError, is_folder_checkpoint
 from keep.folders import load_full, load_sharded, read_shards
 from keep.rng import restore_rng
 from keep.uploader import catch_up
@@ -133,20 +133,6 @@ def pick_to_read(out_dir, ckpt="", which="best", log=say):
     return path, weights
 
 
-def branch_for(out_dir, ckpt, picked):
-    """The branch a resumed run writes: the checkpoint's own, unless the file was picked by hand
-    (resume_from) and out_dir holds later work; then a new branch, whose files get their own
-    names and outrank the abandoned ones, so nothing is overwritten and a plain resume continues
-    the newest branch."""
-    b = int((ckpt.get("metadata") or {}).get("branch", 0))
-    if not picked:
-        return b
-    heads, _ = scan(out_dir)
-    if any((h["branch"], h["iter_num"]) > (b, ckpt["iter_num"]) for h in heads):
-        return 1 + max(h["branch"] for h in heads)
-    return b
-
-
 def restore_config(config, ckpt, sources, explicit=True, log=say):
     """The config of a resumed run: train.py defaults < the checkpoint's stored config < config
     files < --flags (`sources` says which keys a file or flag set). Only knobs (train.py's config
@@ -216,65 +202,12 @@ def check_compatible(ckpt, data, vocab_size, log=say):
             f"training goes on with the new data, so this is not an exact resume")
 
 
-@dataclass
-class RunState:
-    """The run's own counters, in one object: a start makes it (resume.lineage, for a resumed run),
-    the loop advances it, and every checkpoint stores it (metadata). tokens_seen: tokens trained on
-    before start_iter, counted rather than iter_num * batch, as the batch may change on resume."""
-    run_id: str
-    origin: str  # the init_from of the run's first start
-    iter_num: int = 0
-    best_val_loss: float = float("inf")
-    tokens_seen: int = 0
-    train_seconds: float = 0.0  # before this start
-    last_eval: list = None  # [iteration, val loss] of the newest eval
-    branch: int = 0
-    resumes: list = field(default_factory=list)
-    start_iter: int = 0
-    tokens_per_iter: int = 0
-    started: float = field(default_factory=time.time)
-
-    def tokens_at(self, it):
-        """Tokens trained on before update `it`."""
-        return self.tokens_seen + (it - self.start_iter) * self.tokens_per_iter
-
-    def metadata(self, val_loss):
-        return dict(tokens_seen=self.tokens_at(self.iter_num), val_loss=val_loss, last_eval=self.last_eval,
-                    train_seconds=self.train_seconds + time.time() - self.started, init_from=self.origin,
-                    run_id=self.run_id, branch=self.branch, resumes=self.resumes)
-
-
-def new_run(init_from):
-    return RunState(run_id=new_run_id(), origin=init_from)
-
-
-def lineage(ckpt, ckpt_path, out_dir, picked, changed, log=say):
-    """Where a resumed run stands and who it is (a RunState): the counters its checkpoint holds, its
-    run id (a new one for nanoGPT's files, which have none), the branch it writes (branch_for) and
-    its list of resumes with this one added."""
-    meta = ckpt.get("metadata") or {}
-    branch = branch_for(out_dir, ckpt, picked)
-    here = os.path.dirname(os.path.realpath(ckpt_path)) == os.path.realpath(out_dir)
-    resumes = list(meta.get("resumes", [])) + [{
-        "iter": ckpt["iter_num"], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "from": os.path.basename(ckpt_path) if here else os.path.abspath(ckpt_path),
-        "branch": branch, "changed": {k: list(v) for k, v in changed.items()}}]
-    log(f"resuming from {ckpt_path} at iteration {ckpt['iter_num']}"
-        + (f", as branch {branch}: later checkpoints of branch {meta.get('branch', 0)} stay as they are"
-           if branch != meta.get("branch", 0) else ""))
-    if changed:
-        log("changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-    return RunState(iter_num=ckpt["iter_num"], best_val_loss=ckpt["best_val_loss"],
-                    train_seconds=meta.get("train_seconds", 0.0), last_eval=meta.get("last_eval"),
-                    origin=meta.get("init_from", "resume"), tokens_seen=meta.get("tokens_seen"),
-                    run_id=meta.get("run_id") or new_run_id(), branch=branch, resumes=resumes,
-                    start_iter=ckpt["iter_num"])
-
-
 def restore_training(ckpt, ckpt_path, model, optimizer, scaler, rank, world_size, fsdp, log=say):
     """The optimizer, GradScaler and RNG state of the checkpoint into a built (maybe sharded) model's
     run. The weights went in before sharding, except from a folder resumed under FSDP: each rank
-    then reads its own share (DCP reshards, whatever world size wrote it)."""
+    then reads its own share (DCP reshards, whatever world size wrote it). ckpt None: a new run."""
+    if ckpt is None:
+        return
     if "model" not in ckpt:
         load_sharded(ckpt_path, model, optimizer)
     elif fsdp:
@@ -291,6 +224,15 @@ def restore_training(ckpt, ckpt_path, model, optimizer, scaler, rank, world_size
             f"is exact, dropout's random stream starts afresh")
     else:
         log("note: checkpoint has no RNG state (nanoGPT or older file): approximate resume, data order reseeded")
+
+
+def open_data(config, ckpt, log=say):
+    """The run's TokenData, checked against block_size and against the checkpoint being continued."""
+    data = TokenData(config["dataset"])
+    check_data(config["block_size"], data.tokens(), config["dataset"])
+    if ckpt is not None:
+        check_compatible(ckpt, data, data.vocab_size(), log=log)
+    return data
 
 
 def start(config, sources, master, log=say):

@@ -23,20 +23,20 @@ rather than as missing files.
 """
 import os
 import subprocess
+import sys
 import time
 
 import torch
 
 import distributed
 from console import first_line, say
-from keep.atomic import remove_whole
 from keep.files import BEST, FORMAT_VERSION, KEPT_INTACT, CheckpointError, os_error, periodic_name
 from keep.files import save as write_file
 from keep.folders import ShardedSaver, full_state
 from keep.lock import claim_on_every_rank
 from keep.remote import Remote
 from keep.rng import capture_rng
-from keep.store import keep_others_best, retained, scan, verified
+from keep.store import keep_others_best, own_periodic, retain
 from keep.uploader import Uploader
 from keep.worker import Backoff, Worker, snapshot, yield_to_training
 
@@ -61,25 +61,28 @@ def git_commit():
 
 class Checkpointer:
     @classmethod
-    def build(cls, config, run, fixed, *, model, optimizer, scaler, metrics, remote, attempt, lock, device, rank,
+    def build(cls, config, run, model_args, data, *, model, optimizer, scaler, metrics, remote, attempt, lock, device, rank,
               resumed_from, log=say):
         """The run's Checkpointer, from train.py's config in one call. run: the RunState that every
-        checkpoint stores; fixed: the plain values the same for the whole run (model_args, config,
-        the tokenizer record, the data's fingerprint). remote: rank 0's checked Remote, or None."""
+        checkpoint stores; model_args and data (a TokenData): with the config, the plain part that is
+        the same for the whole run, so that a checkpoint alone samples and exports. remote: rank 0's
+        checked Remote, or None."""
         c, master, fsdp = config, rank == 0, config["parallelism"] == "fsdp"
+        fixed = dict(model_args=model_args, config=config, tokenizer=data.tokenizer(),
+                     data_fingerprint=data.fingerprint())
         copy = None
         if c["remote_dir"] and not c["eval_only"] and (master or fsdp):
             copy = Uploader(remote or Remote(c["remote_dir"]), c["out_dir"], run_id=run.run_id, branch=run.branch,
                             keep_last=c["keep_last"], keep_every=c["keep_every"], attempt=attempt, rank=rank, log=log)
         return cls(c["out_dir"], run=run, fixed=fixed, keep_last=c["keep_last"], keep_every=c["keep_every"],
                    interval=c["checkpoint_interval"], minutes=c["checkpoint_minutes"], background=c["async_save"],
-                   model=model, optimizer=optimizer, scaler=scaler, metrics=metrics, log=log, master=master,
+                   model=model, optimizer=optimizer, scaler=scaler, metrics=metrics, log=log, master=master, device=device,
                    shards=ShardedSaver(device) if fsdp else None, resumed_from=resumed_from,
                    remote=copy, remote_wait=c["remote_wait"], lock=lock)
 
     def __init__(self, out_dir, *, run, fixed, keep_last, keep_every, interval, minutes, background, model, optimizer,
                  scaler, shards=None, metrics=None, log=say, master=True, resumed_from=None, remote=None,
-                 remote_wait=0.0, lock=None):
+                 remote_wait=0.0, lock=None, device="cpu"):
         """shards: a folders.ShardedSaver under FSDP (periodic checkpoints are then folders).
         remote: an uploader.Uploader (rank 0; under FSDP every rank, for its own shards), handed every
         checkpoint once it is durable here; close() waits up to remote_wait seconds for it. lock: out_dir's
@@ -90,7 +93,7 @@ class Checkpointer:
         self.keep_last, self.keep_every, self.interval, self.period = keep_last, keep_every, interval, minutes * 60
         self.background, self.model, self.optimizer, self.shards = background, model, optimizer, shards
         self.metrics, self.log, self.master, self.resumed_from = metrics, log, master, resumed_from
-        self.remote, self.remote_wait, self.lock = remote, remote_wait, lock
+        self.remote, self.remote_wait, self.lock, self.device = remote, remote_wait, lock, device
         self.writer = Worker("checkpoint-writer", setup=yield_to_training) if background and master else None
         self.buffers = {}
         self.pending = None  # a file being written in the background: (future, path, iteration, val_loss, t0)
@@ -101,12 +104,8 @@ class Checkpointer:
         # until a save has been timed: weights and AdamW's two moments, in fp32, at a slow 100 MB/s
         self.save_seconds = 3 * 4 * sum(p.numel() for p in model.parameters()) / 100e6
         self.best_claimed = False
-        self.known = {}  # path -> {"iter", "good": True/False/None (not checked yet)}: this run's periodic ones
-        if master:
-            heads, _ = scan(out_dir)
-            for h in heads:
-                if h["kind"] == "periodic" and h["branch"] == run.branch and h["run_id"] in (run.run_id, None):
-                    self.known[h["path"]] = {"path": h["path"], "iter_num": h["iter_num"], "good": None}
+        # this run's periodic checkpoints on disk: path -> {"path", "iter_num", "good"}
+        self.known = own_periodic(out_dir, run.run_id, run.branch) if master else {}
 
     # -- what is due ---------------------------------------------------------------------------
     def due(self, it):
@@ -173,7 +172,11 @@ class Checkpointer:
         """Write a checkpoint of iteration `it`: ckpt.pt (best=True), else a periodic one. Every rank calls
         it at the same point (FSDP gathers or shards the state; the plain part is the same everywhere).
         Returns False if it failed, True otherwise (for a background save: started); for a final save,
-        the same answer on every rank, so that all of them exit alike."""
+        the same answer on every rank, so that all of them exit alike. A diverged model is never
+        saved (the run halts), so every file on disk is from before a divergence."""
+        finite = torch.stack([distributed.local(p).isfinite().all() for p in self.model.parameters()]).all()
+        if distributed.any_rank([not finite], self.device)[0]:  # (under FSDP a rank sees its shard)
+            self.halt(it, "diverged", "the model's weights are not finite (nan or inf)")
         ok = self._save(self.state(val_loss), it, val_loss, best, final)
         if final and self.shards is None:  # a file: rank 0 alone knows how its write went (folders agree)
             ok = distributed.from_rank0(ok)
@@ -317,7 +320,7 @@ class Checkpointer:
         self.clock, self.retry_at, self.failures = t0, None, []
         self.backoff.reset()
         self.known[path] = {"path": path, "iter_num": it, "good": True}
-        self._retain()
+        retain(self.known, self.keep_last, self.keep_every)  # only after a newer one is durable
 
     def _failed(self, path, why, final):
         if final:
@@ -327,6 +330,15 @@ class Checkpointer:
             if not os.path.basename(path) == BEST:
                 self.retry_at = time.time() + self.backoff.next()
                 self.failures.append(why)
+
+    def halt(self, it, event, what):
+        """Stop every rank (each takes the same decision) with rank 0's one error line; exit 1."""
+        self.close()  # what is in flight reaches the disk
+        self.metrics.event(it, event, reason=what)
+        if self.master:
+            say(f"error: {self.halt_line(it, event, what)}", err=True)
+        distributed.teardown()
+        sys.exit(1)
 
     def halt_line(self, it, event, what):
         """Rank 0's error line for a run that stops at `it`: its saves keep failing, or it diverged."""
@@ -357,27 +369,3 @@ class Checkpointer:
                 + (f"The newest checkpoint is {newest}. " if newest else "")
                 + "Fix the disk (free space), then run the same command: it continues from the newest checkpoint")
 
-    # -- retention -----------------------------------------------------------------------------
-    def _retain(self):
-        """Delete this run's and branch's periodic checkpoints beyond the newest keep_last good ones
-        (store.retained). Never deleted: ckpt.pt, other runs' and branches' files, those kept by
-        keep_every, files that do not verify (a damaged or junk file never pushes a good one out).
-        Deleting is whole or nothing (atomic.remove_whole)."""
-        newest_first = sorted(self.known.values(), key=lambda k: k["iter_num"], reverse=True)
-        for k in retained(newest_first, self.keep_last, self.keep_every, good=self._good):
-            if k.get("stuck"):
-                continue
-            try:
-                remove_whole(k["path"])
-                del self.known[k["path"]]
-            except FileNotFoundError:
-                del self.known[k["path"]]
-            except OSError as e:  # said once; the file stays and is not tried again by this process
-                say(f"warning: could not delete old checkpoint {k['path']}: {os_error(e)}", err=True)
-                k["stuck"] = True
-
-    @staticmethod
-    def _good(k):
-        if k["good"] is None:
-            k["good"] = verified(k["path"])
-        return k["good"]

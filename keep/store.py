@@ -9,7 +9,7 @@ import os
 import torch
 
 from console import first_line, say
-from keep.atomic import fsync_dir
+from keep.atomic import fsync_dir, remove_whole
 from keep.contents import MASK, check_contents
 from keep.files import (BEST, KEPT_BEST, NAMES, STORAGE, CheckpointError, check_crcs, kind_of, torch_load,
                         weight_records, os_error, save, strip_prefixes)
@@ -224,3 +224,35 @@ def keep_others_best(out_dir, run_id, branch, resumed_from=None, log=say):
     val = f", val loss {h['val_loss']:.4f}" if isinstance(h["val_loss"], float) else ""
     log(f"note: {BEST} held branch {h['branch']}'s best (iteration {h['iter_num']}{val}); kept as "
         f"{os.path.basename(kept)}, this branch writes its own {BEST}")
+
+
+def own_periodic(out_dir, run_id, branch):
+    """{path: {"path", "iter_num", "good": None (not checked yet)}} of out_dir's periodic
+    checkpoints of this run and branch (nanoGPT-era files, which have no run id, count as its own)."""
+    return {h["path"]: {"path": h["path"], "iter_num": h["iter_num"], "good": None}
+            for h in scan(out_dir)[0]
+            if h["kind"] == "periodic" and h["branch"] == branch and h["run_id"] in (run_id, None)}
+
+
+def retain(known, keep_last, keep_every):
+    """Delete the periodic checkpoints of `known` (own_periodic's, kept up to date by the saver)
+    beyond the newest keep_last good ones (retained). Never deleted: ckpt.pt, other runs' and
+    branches' files, those kept by keep_every, files that do not verify (a damaged or junk file
+    never pushes a good one out). Deleting is whole or nothing (atomic.remove_whole)."""
+    def good(k):
+        if k["good"] is None:
+            k["good"] = verified(k["path"])
+        return k["good"]
+
+    newest_first = sorted(known.values(), key=lambda k: k["iter_num"], reverse=True)
+    for k in retained(newest_first, keep_last, keep_every, good=good):
+        if k.get("stuck"):
+            continue
+        try:
+            remove_whole(k["path"])
+            del known[k["path"]]
+        except FileNotFoundError:
+            del known[k["path"]]
+        except OSError as e:  # said once; the file stays and is not tried again by this process
+            say(f"warning: could not delete old checkpoint {k['path']}: {os_error(e)}", err=True)
+            k["stuck"] = True

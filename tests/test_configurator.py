@@ -94,7 +94,7 @@ def test_broken_config_file(capsys, tmp_path):
 
 @pytest.mark.parametrize("script, typo, key", [("train.py", "n_layr", "n_layer"),
                                                ("sample.py", "num_sample", "num_samples"),
-                                               ("bench/bench.py", "blok_size", "block_size")])
+                                               ("bench.py", "blok_size", "block_size")])
 def test_scripts_exit_2_without_traceback(script, typo, key):
     proc = run(script, f"--{typo}=3", check=False)
     assert proc.returncode == 2
@@ -106,7 +106,7 @@ def test_scripts_exit_2_without_traceback(script, typo, key):
 HELP = {"train.py": ("Train a GPT", "--eval_only=False", "evaluate once and exit"),
         "sample.py": ("Sample from a trained model", "--max_batch=16", "samples generated together"),
         "export.py": ("Export a checkpoint", "--format='hf'", "'hf': a Hugging Face GPT-2 folder"),
-        "bench/bench.py": ("Measure training speed", "--mode='train'", "'train': step time"),
+        "bench.py": ("Measure training speed", "--mode='train'", "'train': step time"),
         "data/prepare.py": ("Your own text", "--val_fraction=0.1", "of the documents, whole"),
         "checkpoint.py": ("What a checkpoint holds", "consolidate FOLDER OUT.pt", ""),
         "plot.py": ("loss curves", "--x", "")}

@@ -159,7 +159,7 @@ def test_export_bad_input(trained, scene, args, code, words):
                                          (["--mode=checkpoint", f"--bench_dir={FILE}"], "is not a folder"),
                                          (["--timed_steps=0"], "timed_steps=0")])
 def test_bench_bad_input(shakespeare_char, scene, args, words):
-    one_error_line("bench/bench.py", args, 2, words, scene, "--device=cpu", "--compile=False", "--dataset=shakespeare_char")
+    one_error_line("bench.py", args, 2, words, scene, "--device=cpu", "--compile=False", "--dataset=shakespeare_char")
 
 
 @pytest.mark.parametrize("args", [[], ["a", "b"], ["consolidate", "only-one"]])

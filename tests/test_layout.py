@@ -6,15 +6,17 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMIT = 400
+PACKAGES = ("keep", "evals")
 
 
 def modules():
-    """{module name: path} of the root's modules and the keep package's."""
+    """{module name: path} of the root's modules and the packages'."""
     found = {f[:-3]: os.path.join(ROOT, f) for f in os.listdir(ROOT) if f.endswith(".py")}
-    keep = os.path.join(ROOT, "keep")
-    if os.path.isdir(keep):
-        found.update({f"keep.{f[:-3]}": os.path.join(keep, f) for f in os.listdir(keep) if f.endswith(".py")})
-    found.pop("keep.__init__", None)
+    for package in PACKAGES:
+        folder = os.path.join(ROOT, package)
+        if os.path.isdir(folder):
+            found.update({f"{package}.{f[:-3]}": os.path.join(folder, f)
+                          for f in os.listdir(folder) if f.endswith(".py") and f != "__init__.py"})
     return found
 
 

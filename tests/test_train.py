@@ -68,9 +68,9 @@ def test_clear_errors(shakespeare_char, tmp_path):
 def test_bench_runs_on_cpu(shakespeare_char):
     args = ["--device=cpu", "--compile=False", "--batch_size=2", "--block_size=16", "--n_layer=1", "--n_head=2",
             "--n_embd=16", "--warmup_steps=1", "--timed_steps=2"]
-    p = run("bench/bench.py", *args, "--real_data=False")
+    p = run("bench.py", *args, "--real_data=False")
     assert re.search(r"median [\d.]+ ms/iter .* tokens/s, MFU [\d.]+%", p.stdout)
-    p = run("bench/bench.py", *args, "--dataset=shakespeare_char")
+    p = run("bench.py", *args, "--dataset=shakespeare_char")
     assert "ms/iter" in p.stdout
 
 

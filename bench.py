@@ -1,33 +1,32 @@
 """
 Measure training speed (ms/iter, tokens/s, MFU) on any device, CPU included:
 
-    python bench/bench.py --device=cpu --compile=False --batch_size=12 --block_size=64 --n_layer=4 --n_head=4 --n_embd=128
-    python bench/bench.py --profile=True          # also writes a torch profiler trace to bench_trace.json
-    python bench/bench.py --mode=checkpoint       # checkpoint save (sync and async), load, size; see docs/performance.md
+    python bench.py --device=cpu --compile=False --batch_size=12 --block_size=64 --n_layer=4 --n_head=4 --n_embd=128
+    python bench.py --profile=True          # also writes a torch profiler trace to bench_trace.json
+    python bench.py --mode=checkpoint       # checkpoint save (sync and async), load, size; see docs/performance.md
 
 Warm-up steps first (allocations, compilation), then timed steps; the median is reported.
 """
 import os
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # (private: not a config key)
-sys.path.insert(0, _ROOT)  # the project's modules, when run as python bench/bench.py
-from keep.files import MODEL_ARGS  # noqa: E402
-from keep import store  # noqa: E402
-from keep.worker import snapshot  # noqa: E402
-from configurator import check_data, configure  # noqa: E402
-from console import one_line_errors  # noqa: E402
-from dataset import TokenData  # noqa: E402
-from devices import (DeviceError, autocast_context, one_line_out_of_memory, peak_flops_for, pick_device,  # noqa: E402
-                     pick_dtype)
-from model import GPT, GPTConfig  # noqa: E402
-from keep.rng import capture_rng  # noqa: E402
+from configurator import check_data, configure
+from console import one_line_errors
+from dataset import TokenData
+from devices import (DeviceError, autocast_context, one_line_out_of_memory, peak_flops_for,
+                     pick_device, pick_dtype)
+from keep import store
+from keep.files import MODEL_ARGS
+from keep.rng import capture_rng
+from keep.worker import snapshot
+from model import GPT, GPTConfig
+
+_ROOT = os.path.dirname(os.path.abspath(__file__))  # (private: not a config key)
 
 # -----------------------------------------------------------------------------------------------
 mode = "train"  # 'train': step time; 'checkpoint': save/load times
