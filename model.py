@@ -43,10 +43,16 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:  # generation: attend to every position stored so far, this one included
             k, v = cache.extend(layer, k, v)
         # the fused kernel (flash attention on GPU) is faster than a manual softmax on CPU too.
-        # One new query after cached positions sees them all: no mask (a causal mask would be
-        # aligned to the top-left corner and hide them)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=T > 1)
+        # One new query after cached positions sees them all: no mask (is_causal's mask is
+        # aligned to the top-left corner and would hide them); several new ones (scoring a
+        # continuation) see the cached positions and those before their own
+        S = k.size(2)
+        mask = None
+        if T > 1 and S > T:
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=T > 1 and mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -117,15 +123,13 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None, cache=None):
-        """Logits (and the loss with targets). With a KVCache (generation), idx continues the
-        positions the cache holds: the whole window into an empty cache, then one token at a time."""
+    def forward(self, idx, targets=None, cache=None, every=False):
+        """Logits (and the loss with targets): of the last position only, unless targets are given
+        or every=True. With a KVCache, idx continues the positions the cache holds."""
         b, t = idx.size()
         start = 0 if cache is None else cache.length
         if start + t > self.config.block_size:
             raise ValueError(f"sequence of length {start + t} is longer than block_size {self.config.block_size}")
-        if start and t > 1:
-            raise ValueError("after the first window, a KVCache takes one token at a time")
         pos = torch.arange(start, start + t, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
@@ -133,9 +137,10 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += t
         x = self.transformer.ln_f(x)
-        if targets is not None:
+        if targets is not None or every:
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = None if targets is None else F.cross_entropy(
+                logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         else:
             # at inference only the last position is needed: saves a (T, vocab) matmul
             logits = self.lm_head(x[:, [-1], :])
@@ -273,6 +278,11 @@ class KVCache:
         kv[0, :, :, self.length:end] = k
         kv[1, :, :, self.length:end] = v
         return kv[0, :, :, :end], kv[1, :, :, :end]
+
+    def expand(self, batch):
+        """The positions held so far (of one sequence) repeated for `batch` sequences that go on
+        from them (the choices of one question)."""
+        self.kv = [None if kv is None else kv.repeat(1, batch, 1, 1, 1) for kv in self.kv]
 
 
 def pick(logits, temperature, top_k, generators=None):

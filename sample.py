@@ -17,7 +17,7 @@ import os
 import sys
 
 from configurator import configure
-from console import UsageError, fail
+from console import RunError, UsageError, fail
 
 # -----------------------------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (a checkpoint in out_dir) or GPT-2 weights: 'gpt2', ..., 'gpt2-xl', a local HF folder
@@ -53,13 +53,10 @@ if start.startswith("FILE:"):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from keep.files import CheckpointError, MODEL_ARGS  # noqa: E402
-from keep import remote, resume  # noqa: E402
 import tokenizer  # noqa: E402
-from dataset import DATA_DIR  # noqa: E402
 from devices import DeviceError, autocast_context, one_line_out_of_memory, pick_device, pick_dtype  # noqa: E402
-from gpt2 import GPT2Error, from_state_dict, load_gpt2  # noqa: E402
-from model import GPTConfig, cpu_decoding_layout  # noqa: E402
+from model import cpu_decoding_layout  # noqa: E402
+from reading import read_model  # noqa: E402
 
 one_line_out_of_memory("lower max_batch (the KV cache grows with it) or max_new_tokens")
 sys.stdout.reconfigure(errors="replace")  # a console that cannot show a character gets a '?', not a traceback
@@ -71,38 +68,14 @@ except DeviceError as e:
 dtype = pick_dtype(dtype, device)
 ctx = autocast_context(device, dtype)
 
-if init_from == "resume":  # ckpt.pt, else the newest good checkpoint: resume.pick_to_read, export.py's rule too
-    try:
-        path, state = resume.pick_to_read(out_dir, ckpt, which, log=lambda m: print(m, file=sys.stderr))
-    except UsageError as e:
-        fail(str(e))
-    except (CheckpointError, remote.RemoteError) as e:
-        raise SystemExit(f"error: {e}")
-    model = from_state_dict(GPTConfig(**{k: state["model_args"][k] for k in MODEL_ARGS}), state["model"])
-    try:  # the checkpoint's own tokenizer; an older file's comes from its dataset's meta.pkl
-        record, note = tokenizer.of_checkpoint(state, DATA_DIR, path)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    if note:
-        print(note, file=sys.stderr)
-    print(f"sampling from {path} (iteration {state.get('iter_num')})", file=sys.stderr)  # stdout: samples only
-    del state
-else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder
-    try:
-        model = load_gpt2(init_from)
-    except UsageError as e:
-        fail(str(e))
-    except GPT2Error as e:
-        raise SystemExit(f"error: {e}")
-    print(f"sampling from {init_from}", file=sys.stderr)
-    try:
-        record = tokenizer.of_file(os.path.join(init_from, tokenizer.CHAR_VOCAB)) if os.path.isdir(init_from) else None
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    if record is None and model.config.vocab_size < 50257:
-        raise SystemExit(f"error: {init_from} holds a model with a vocab of {model.config.vocab_size} tokens and no "
-                         f"tokenizer for it ({tokenizer.CHAR_VOCAB}, which export.py writes for character-level runs)")
-    record = record or tokenizer.GPT2
+try:  # ckpt.pt, else the newest good checkpoint (resume.pick_to_read), or GPT-2's weights
+    model, record, what = read_model(init_from, out_dir, ckpt, which,
+                                     log=lambda m: print(m, file=sys.stderr))
+except UsageError as e:
+    fail(str(e))
+except RunError as e:
+    raise SystemExit(f"error: {e}")
+print(f"sampling from {what}", file=sys.stderr)  # stdout: samples only
 
 model.eval()
 model.to(device)

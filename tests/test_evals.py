@@ -1,0 +1,152 @@
+"""eval.py's task scores against lm-evaluation-harness itself, on the HF export of a small GPT-2
+BPE model trained here; and what eval.py refuses."""
+import glob
+import gzip
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ENV, ROOT, TINY, files_under, run
+
+TASKS = ("hellaswag", "piqa", "winogrande", "arc_easy")
+# our tasks as lm-eval's own YAMLs say them, reading the shipped file instead of the Hub
+YAML = {
+    "hellaswag": """process_docs: !function hellaswag_utils.process_docs
+doc_to_text: "{{query}}"
+doc_to_target: "{{label}}"
+doc_to_choice: "choices"
+""",
+    "piqa": """doc_to_text: "Question: {{goal}}\\nAnswer:"
+doc_to_target: label
+doc_to_choice: "{{[sol1, sol2]}}"
+""",
+    "winogrande": """doc_to_text: !function preprocess_winogrande.doc_to_text
+doc_to_target: !function preprocess_winogrande.doc_to_target
+doc_to_choice: !function preprocess_winogrande.doc_to_choice
+""",
+    "arc_easy": """doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_target: "{{choices.label.index(answerKey)}}"
+doc_to_choice: "{{choices.text}}"
+""",
+}
+METRICS = """metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+NORM = """  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def lm_eval_tasks(folder):
+    """The four tasks for lm-eval's --include_path, named <task>_local."""
+    lm_eval = importlib.util.find_spec("lm_eval").submodule_search_locations[0]
+    shutil.copy(os.path.join(lm_eval, "tasks", "hellaswag", "utils.py"),
+                os.path.join(folder, "hellaswag_utils.py"))
+    shutil.copy(os.path.join(lm_eval, "tasks", "winogrande", "preprocess_winogrande.py"), folder)
+    for task, body in YAML.items():
+        data = os.path.join(ROOT, "data", "evals", f"{task}_validation.jsonl.gz")
+        with open(os.path.join(folder, f"{task}_local.yaml"), "w") as f:
+            f.write(f"task: {task}_local\ndataset_path: json\ndataset_name: null\n"
+                    f"dataset_kwargs:\n  data_files:\n    validation: {data}\n"
+                    f"output_type: multiple_choice\ntraining_split: null\n"
+                    f"validation_split: validation\ntest_split: null\n{body}{METRICS}"
+                    + ("" if task == "winogrande" else NORM) + "metadata:\n  version: 1.0\n")
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory):
+    """A small GPT-2 BPE model, trained on Shakespeare until its choices differ clearly."""
+    if not os.path.exists(os.path.join(ROOT, "data", "shakespeare", "val.bin")):
+        run("data/shakespeare/prepare.py")
+    out = tmp_path_factory.mktemp("bpe")
+    args = [a for a in TINY if not a.startswith(("--dataset", "--block_size", "--learning_rate"))]
+    run("train.py", *args, "--dataset=shakespeare", "--block_size=64", "--learning_rate=1e-2",
+        f"--out_dir={out}", "--max_iters=40", "--eval_interval=40")
+    return str(out)
+
+
+def test_scores_equal_lm_eval(bpe_run, tmp_path):
+    """The same 20 examples of each task: every log-likelihood within float noise of lm-eval's,
+    and every acc and acc_norm decision the same (the model's context of 64 tokens cuts some)."""
+    hf = tmp_path / "hf"
+    run("export.py", f"--out_dir={bpe_run}", f"--to={hf}")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    lm_eval_tasks(str(tasks))
+    env = dict(ENV, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                    f"pretrained={hf},dtype=float32", "--tasks", ",".join(f"{t}_local" for t in TASKS),
+                    "--include_path", str(tasks), "--limit", "20", "--device", "cpu", "--batch_size",
+                    "8", "--output_path", str(tmp_path / "lm"), "--log_samples"],
+                   env=env, check=True, timeout=600, capture_output=True)
+    ours = tmp_path / "ours.jsonl"
+    p = run("eval.py", f"--out_dir={bpe_run}", f"--tasks={','.join(TASKS)}", "--limit=20",
+            f"--samples={ours}", f"--json={tmp_path / 'ours.json'}", "--device=cpu")
+    mine = {(r["task"], r["index"]): r for r in map(json.loads, open(ours))}
+    compared = 0
+    for task in TASKS:
+        [path] = glob.glob(str(tmp_path / "lm" / "*" / f"samples_{task}_local_*.jsonl"))
+        for s in map(json.loads, open(path)):
+            o = mine[(task, s["doc_id"])]
+            theirs = [float(r[0]) for r in s["filtered_resps"]]
+            assert o["loglikelihoods"] == pytest.approx(theirs, rel=1e-5, abs=1e-3)
+            assert float(o["pred"] == o["label"]) == s["acc"], (task, s["doc_id"])
+            if "acc_norm" in s:
+                assert float(o["pred_norm"] == o["label"]) == s["acc_norm"], (task, s["doc_id"])
+            compared += 1
+    assert compared == 80
+    scores = json.load(open(tmp_path / "ours.json"))
+    [results] = glob.glob(str(tmp_path / "lm" / "*" / "results_*.json"))
+    theirs = json.load(open(results))["results"]
+    for task in TASKS:
+        assert scores[task]["acc"] == pytest.approx(theirs[f"{task}_local"]["acc,none"])
+        assert scores[task]["n"] == 20
+    assert "hellaswag" in p.stdout and "acc_norm" in p.stdout
+
+
+def test_eval_only_reads(bpe_run):
+    """Scoring a run's folder changes nothing in it (a live run may be scored as it trains)."""
+    before = files_under(bpe_run, mtimes=True)
+    p = run("eval.py", f"--out_dir={bpe_run}", "--tasks=winogrande,arc_easy", "--limit=3",
+            "--device=cpu")
+    assert "winogrande" in p.stdout and "arc_easy" in p.stdout
+    assert files_under(bpe_run, mtimes=True) == before
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["--tasks=hellaswag,mmlu"], 2, ["unknown task 'mmlu'", "hellaswag, piqa"]),
+    (["--tasks=,"], 2, ["no task named"]),
+    (["--limit=0"], 2, ["limit=0", "scores no example"]),
+    (["--limit=-2"], 2, ["limit=-2"]),
+    (["--eval_data=EMPTY"], 1, ["data of task piqa is missing", "piqa_validation.jsonl.gz"]),
+    (["--eval_data=BAD"], 1, ["not the piqa validation set"]),
+])
+def test_bad_input_is_one_line(bpe_run, tmp_path, args, code, words):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad").mkdir()
+    with gzip.open(tmp_path / "bad" / "piqa_validation.jsonl.gz", "wt") as f:
+        f.write('{"goal": "x", "sol1": "a", "sol2": "b", "label": 0}\n')
+    args = [a.replace("EMPTY", str(tmp_path / "empty")).replace("BAD", str(tmp_path / "bad"))
+            for a in args]
+    p = run("eval.py", f"--out_dir={bpe_run}", "--tasks=piqa", *args, "--device=cpu", check=False)
+    assert p.returncode == code, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_char_model_names_what_it_cannot_encode(trained):
+    """A char-level model (Shakespeare's 65 characters) on ARC: the characters it lacks."""
+    p = run("eval.py", f"--out_dir={trained}", "--tasks=arc_easy", "--device=cpu", check=False)
+    assert p.returncode == 1
+    error = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "cannot encode task arc_easy" in error[0], p.stderr
+    assert "lacks '" in error[0] and "0" in error[0].split("lacks")[1]  # digits: not Shakespeare's
