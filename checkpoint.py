@@ -136,6 +136,10 @@ def main(argv):
     else:
         print(f"val_loss:      not measured at iteration {it}"
               + (f" (last eval: iteration {last[0]}, {last[1]:.4f})" if last else ""))
+    scores = meta.pop("scores", None)
+    if isinstance(scores, dict) and scores:  # the newest eval's: losses, bits per byte, tasks' acc
+        print(f"scores:        {', '.join(f'{k} {v:.4f}' for k, v in scores.items())}"
+              + (f" (eval at iteration {last[0]})" if last else ""))
     resumes = meta.pop("resumes", [])
     for k, v in meta.items():
         print(f"{k + ':':<15}{v}")

@@ -18,6 +18,7 @@ be read, an out_dir that is a file), 1 when the command is fine but the files or
 diverged loss, out of memory).
 """
 import ast
+import importlib.util
 import difflib
 import io
 import math
@@ -27,7 +28,8 @@ import sys
 import tokenize
 import types
 
-from console import fail
+from console import UsageError, fail
+from evals.tasks import names as task_names
 
 PLAIN = (int, float, bool, str, type(None))
 
@@ -54,9 +56,9 @@ def _coerce(key, value, default, where):
 
 # (lowest, highest) allowed for numeric knobs, None for no bound; a float must also be finite
 AT_LEAST_1 = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_size", "gradient_accumulation_steps",
-              "eval_interval", "log_interval", "eval_iters", "keep_last", "num_samples", "max_new_tokens",
+              "eval_interval", "log_interval", "keep_last", "num_samples", "max_new_tokens",
               "timed_steps", "max_batch", "num_proc", "windows", "remote_lease")
-AT_LEAST_0 = ("remote_wait", "max_iters", "warmup_iters", "lr_decay_iters", "checkpoint_interval", "keep_every",
+AT_LEAST_0 = ("eval_iters", "eval_tokens", "eval_tasks_interval", "remote_wait", "max_iters", "warmup_iters", "lr_decay_iters", "checkpoint_interval", "keep_every",
               "checkpoint_minutes", "warmup_steps", "learning_rate", "min_lr", "weight_decay", "grad_clip",
               "peak_flops", "temperature", "top_k")
 RANGES = {**{k: (1, None) for k in AT_LEAST_1}, **{k: (0, None) for k in AT_LEAST_0},
@@ -87,6 +89,18 @@ def check(namespace):
             fail(f"{key} is empty; give it a value (--{key}=...)")
     if isinstance(namespace.get("device"), str) and namespace["device"] and not DEVICE.fullmatch(namespace["device"]):
         fail(f"device={namespace['device']!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    for key in ("limit", "eval_tasks_limit"):  # eval.py's and train.py's count of task examples
+        if isinstance(namespace.get(key), int) and (namespace[key] == 0 or namespace[key] < -1):
+            fail(f"{key}={namespace[key]} scores no example; give N >= 1 (the first N of each task) "
+                 f"or -1 (all of them)")
+    for key in ("tasks", "eval_tasks"):
+        if isinstance(namespace.get(key), str) and (key == "tasks" or namespace[key]):
+            try:
+                task_names(namespace[key])
+            except UsageError as e:
+                fail(f"{key}: {e}")
+    if namespace.get("wandb_log") is True and importlib.util.find_spec("wandb") is None:
+        fail("wandb_log=True needs the wandb package: pip install wandb", 1)
     if "n_embd" in namespace and "n_head" in namespace and namespace["n_embd"] % namespace["n_head"]:
         fail(f"n_embd={namespace['n_embd']} must be a multiple of n_head={namespace['n_head']} "
              f"(each head gets n_embd/n_head dimensions)")

@@ -18,8 +18,9 @@ vocab_size are each one RunError naming the file and the prepare.py to run again
 
 Why a pure function: the global batch of iteration t is drawn by a generator seeded with
 (seed, t), and each rank takes its own slice of it. Resuming at iteration t then needs no loader
-state, and 1 rank or 8 ranks (same global batch) see exactly the same sequences. Evaluation draws
-from its own fixed seeds, so it never disturbs training and every eval sees the same batches.
+state, and 1 rank or 8 ranks (same global batch) see exactly the same sequences. Evaluation reads
+fixed windows from the start of each split (window_rows), the same for every run of a dataset
+whatever its seed or batch size, and never disturbs training.
 """
 import hashlib
 import os
@@ -30,7 +31,7 @@ import tokenizer
 from console import RunError
 from keep.atomic import atomic_write
 from tokenizer import DATA_DIR, GPT2_IDS, META, prepare_command, read_meta
-TRAIN_STREAM, EVAL_STREAM = 0, 1  # keep training and evaluation generators apart
+TRAIN_STREAM = 0  # the training batches' generator stream
 FINGERPRINT_READS = 64
 # The bins' largest id is checked against the vocab when they are opened. A bin up to SCAN_ALL ids
 # (256 MB of uint16, well under a second) is read whole; a bigger one (openwebtext's 9B-id train.bin
@@ -134,6 +135,17 @@ class TokenData:
             return None
         return self.meta["vocab_size"]
 
+    def windows(self, split, tokens, block_size):
+        """How many eval windows the split's first `tokens` tokens make (0: the whole split), each of
+        block_size scored tokens; at least one."""
+        fit = (len(self.bins[split]) - 1) // block_size
+        return fit if not tokens else max(1, min(fit, tokens // block_size))
+
+    def window_rows(self, split, first, count, block_size):
+        """Eval windows first .. first+count-1 of a split: window k's inputs are the tokens from
+        k * block_size on, its targets the next ones. The same for every run of the dataset."""
+        return self._rows(split, np.arange(first, first + count) * block_size, block_size)
+
     def _rows(self, split, offsets, block_size):
         data = self.bins[split]  # configurator.check_data made sure it is longer than block_size
         chunk = data[offsets[:, None] + np.arange(block_size + 1)].astype(np.int64)
@@ -153,8 +165,3 @@ class TokenData:
         first = (rank * accum_per_rank + micro_step) * batch_size
         offsets = self._offsets("train", TRAIN_STREAM, seed, it, batch_size * accum_per_rank * world_size, block_size)
         return self._rows("train", offsets[first:first + batch_size], block_size)
-
-    def eval_batch(self, split, seed, k, batch_size, block_size):
-        """The k-th evaluation batch of a split: the same at every evaluation."""
-        stream = EVAL_STREAM + (split == "val")
-        return self._rows(split, self._offsets(split, stream, seed, k, batch_size, block_size), block_size)

@@ -14,7 +14,7 @@ import sys
 import time
 
 from configurator import configure
-from console import fail, one_line_errors, say
+from console import one_line_errors, say
 
 # -----------------------------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (a checkpoint of out_dir or --ckpt) or 'gpt2', ..., a local HF folder
@@ -30,8 +30,6 @@ device = "auto"
 dtype = "auto"
 configure(globals())
 # -----------------------------------------------------------------------------------------------
-if limit == 0 or limit < -1:
-    fail(f"limit={limit} scores no example; give N >= 1 (the first N of each task) or -1 (all)")
 one_line_errors()  # a UsageError (exit 2) or RunError (exit 1): one line, no traceback
 
 from tqdm import tqdm  # noqa: E402

@@ -14,7 +14,6 @@ first sends the rows of metrics.jsonl that the wandb run does not hold yet (an o
 loses the records it had not written out when the process was killed), then logs live only the
 steps past what it holds, so every step is there once.
 """
-import importlib.util
 import json
 import glob
 import math
@@ -74,10 +73,6 @@ def speed_line(it, step_times, started):
     steady = step_times[min(10, len(step_times) // 2):]  # past the warm-up steps
     return (f"done at iteration {it}: median {median(steady) * 1000:.2f} ms/iter, "
             f"{time.time() - started:.1f}s wall")
-
-
-def has_wandb():
-    return importlib.util.find_spec("wandb") is not None
 
 
 def wandb_offline_steps(out_dir, run_id):

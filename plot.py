@@ -7,7 +7,9 @@ Draw a run's loss curve from its metrics.jsonl (see metrics.py), or several runs
 
 Top panel: train loss (a thin line per logged iteration) and val loss (dots at each eval), on a
 log scale when the loss falls by more than 2x; checkpoints are ticks along the bottom, resumes
-dashed vertical lines. Bottom panel: the learning rate. Rows marked superseded (work redone after a resume) are left out.
+dashed vertical lines. Then, when the runs have them, the val loss in bits per byte (which a
+char run and a BPE run of the same text share) and each task's accuracy (eval_tasks; one marker
+per task, one color per run). Bottom panel: the learning rate. Rows marked superseded (work redone after a resume) are left out.
 """
 import argparse
 import os
@@ -48,7 +50,14 @@ def main(argv=None):
     png = "loss.png" if args.x == "iter" else "loss-tokens.png"
     to = args.to or (os.path.join(runs[0][0], png) if len(runs) == 1 else png.replace("loss", "loss-compare"))
 
-    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    evals = [r for _, rows in runs for r in rows if r["kind"] == "eval"]
+    bpb = any(r.get("val_bpb") is not None for r in evals)  # runs since evals in bits per byte
+    tasks = sorted({k for r in evals for k in r if k.endswith("_acc") and r[k] is not None})
+    ratios = [3] + [1.5] * bpb + [1.5] * bool(tasks) + [1]
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(9, 4.5 + 2 * len(ratios) - 2), sharex=True,
+                             gridspec_kw={"height_ratios": ratios})
+    ax, ax_lr = axes[0], axes[-1]
+    ax_bpb, ax_tasks = (axes[1] if bpb else None), (axes[-2] if tasks else None)
     titles, losses = [], []
     for i, (name, rows) in enumerate(runs):
         color = f"C{i}"
@@ -65,6 +74,14 @@ def main(argv=None):
         ax.plot([r[key] for r in evals], [r["val_loss"] for r in evals], "o-", color=color, ms=4, lw=1.5,
                 label=f"{label} val" if len(runs) <= 3 else label)
         ax_lr.plot([r[key] for r in train], [r["lr"] for r in train], color=color, lw=1)
+        if ax_bpb is not None:  # bits per byte of the text: a char run and a BPE run compare here
+            pts = [r for r in evals if r.get("val_bpb") is not None]
+            ax_bpb.plot([r[key] for r in pts], [r["val_bpb"] for r in pts], "o-", color=color, ms=3,
+                        lw=1.2)
+        for j, task in enumerate(tasks if ax_tasks is not None else []):
+            pts = [r for r in evals if r.get(task) is not None]
+            ax_tasks.plot([r[key] for r in pts], [r[task] for r in pts], marker="os^vD"[j % 5],
+                          color=color, ms=4, lw=1, label=task[:-4] if i == 0 else None)
         ckpts = [r[key] for r in events if r["event"] == "checkpoint"]
         ax.plot(ckpts, [0.0] * len(ckpts), "|", color=color, ms=14, mew=2, transform=ax.get_xaxis_transform(),
                 label=f"{label} checkpoints" if ckpts and len(runs) <= 3 else None)
@@ -83,6 +100,13 @@ def main(argv=None):
     ax.legend(fontsize=8 if len(runs) <= 3 else 7, ncol=1 if len(runs) <= 3 else 2)
     title = "; ".join(titles) if len(runs) <= 3 else f"{len(runs)} runs (val loss; train loss faint)"
     ax.set_title(title + ("\n(dashed: resumed here)" if any("resumed" in t for t in titles) else ""), fontsize=10)
+    if ax_bpb is not None:
+        ax_bpb.set_ylabel("val bits per byte")
+        ax_bpb.grid(True, alpha=0.3)
+    if ax_tasks is not None:
+        ax_tasks.set_ylabel("task accuracy")
+        ax_tasks.grid(True, alpha=0.3)
+        ax_tasks.legend(fontsize=7, ncol=min(len(tasks), 4))
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("iteration" if key == "iter" else "tokens seen")
     if key == "tokens":

@@ -16,8 +16,8 @@ import time
 from functools import partial
 
 from configurator import check, check_fits, config_keys, configure
-from console import RunError, console, one_line_errors, say
-from metrics import MetricsLog, has_wandb, humanize, median, speed_line
+from console import console, one_line_errors, say
+from metrics import MetricsLog, humanize, median, speed_line
 
 # -----------------------------------------------------------------------------------------------
 # default config: GPT-2 124M on OpenWebText
@@ -25,8 +25,13 @@ from metrics import MetricsLog, has_wandb, humanize, median, speed_line
 out_dir = "out"
 eval_interval = 2000
 log_interval = 1
-eval_iters = 200
+eval_tokens = 2**21  # tokens of each split scored at an eval: its first ones (0: all; evals.md)
+eval_iters = 0  # nanoGPT's: if set, eval_tokens = eval_iters * batch_size * block_size
 eval_only = False  # evaluate once and exit
+eval_tasks = ""  # also score these at evals: hellaswag,piqa,winogrande,arc_easy (docs/evals.md)
+eval_tasks_limit = 500  # the first N examples of each task (-1: all)
+eval_tasks_interval = 0  # iterations between task scores, a multiple of eval_interval (0: each)
+eval_data = ""  # the folder of the tasks' data (default: data/evals)
 always_save_checkpoint = True  # ckpt.pt at every eval, not only when val loss improves
 init_from = "scratch"  # 'scratch', 'resume', or 'gpt2', 'gpt2-medium', ..., or a local HF folder
 # checkpoints
@@ -87,7 +92,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 import distributed  # noqa: E402
 from devices import autocast_context, memory, one_line_out_of_memory, peak_flops_for  # noqa: E402
 from devices import allow_tf32, pick_device, pick_dtype  # noqa: E402
-from evals.loss import estimate_loss  # noqa: E402
+from evals.evaluator import Evaluator  # noqa: E402
 from keep import lock, preemption, remote as remote_copy, resume, rng  # noqa: E402
 from keep.run import run_state  # noqa: E402
 from keep.saver import Checkpointer  # noqa: E402
@@ -95,8 +100,6 @@ from keep.saver import Checkpointer  # noqa: E402
 one_line_out_of_memory()  # a batch or model too big for the device: one error line, not a traceback
 one_line_errors()  # an uncaught UsageError (exit 2) or RunError (exit 1): one line, no traceback
 time_budget = preemption.parse_duration(time_limit)
-if wandb_log and not has_wandb():
-    raise RunError("wandb_log=True needs the wandb package: pip install wandb")
 rank = int(os.environ.get("RANK", 0))  # torchrun sets it; a plain `python train.py` is rank 0 of 1
 master = rank == 0
 log = say if master else (lambda *a, **k: None)  # a dead pipe or closed terminal never stops a run
@@ -144,6 +147,7 @@ globals().update({k: model_args[k] for k in resume.SHAPE})
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 # the run's own counters: iteration, best loss, tokens, run id, branch, resumes (keep/run.py)
 run = run_state(ckpt, ckpt_path, config, tokens_per_iter, changed, log=log)
+evaluate = Evaluator(config, data, model_args["vocab_size"], device, ctx)  # (data checked first)
 log(f"device {device}, dtype {dtype}, world size {world_size}, "
     f"{model.get_num_params() / 1e6:.2f}M parameters, tokens per iteration {tokens_per_iter:,}")
 if writes:  # out_dir is made only now: a start that fails on its config or model leaves nothing
@@ -207,21 +211,17 @@ while True:
     if lost and rescued is None:  # out_dir deleted or replaced (rm -rf): save elsewhere, then stop
         rescued = ck.rescue()
     stop, val_loss, it = signalled or out_of_time or lost, None, run.iter_num
-    # an eval that the checkpoint being continued holds is not run again
-    evaluated = run.last_eval is not None and run.last_eval[0] == it and not eval_only
-    if not stop and not evaluated and (it % eval_interval == 0 or it == max_iters or eval_only):
-        losses = estimate_loss(model, data, ctx, device, eval_iters=eval_iters, seed=seed,
-                               batch_size=batch_size, block_size=block_size,
-                               stopping=lambda: stopper.stopping(0.0, ck.stop_seconds()))
-        if losses is None:  # abandoned: a signal or time_limit came during it
+    if not stop and evaluate.due(it, run):  # (not twice: an eval the checkpoint holds)
+        scores = evaluate(it, model, raw_model, lambda: stopper.stopping(0.0, ck.stop_seconds()))
+        if scores is None:  # abandoned: a signal or time_limit came during it
             stop = True
-        elif not math.isfinite(bad := losses["val"]) or not math.isfinite(bad := losses["train"]):
+        elif (bad := evaluate.diverged(scores)) is not None:
             ck.halt(it, "diverged", f"the eval loss is {bad}")
         else:
-            val_loss, run.last_eval = losses["val"], [it, losses["val"]]
-            metrics.row("eval", it, tokens=run.tokens_at(it), train_loss=losses["train"],
-                        val_loss=val_loss, lr=get_lr(it))
-            log(f"step {it}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}")
+            val_loss, run.scores = scores["val_loss"], scores
+            run.last_eval = [it, val_loss]
+            metrics.row("eval", it, tokens=run.tokens_at(it), lr=get_lr(it), **scores)
+            log(evaluate.line(it, scores))
             better = val_loss < run.best_val_loss
             if not eval_only and it > 0 and (better or always_save_checkpoint):
                 run.best_val_loss = min(run.best_val_loss, val_loss)

@@ -2,7 +2,7 @@
 # python train.py config/eval_gpt2_medium.py (after data/openwebtext/prepare.py); nanoGPT measured train/val 2.85/2.84
 out_dir = "out-eval-gpt2-medium"  # eval_only writes no checkpoint
 batch_size = 8
-eval_iters = 500  # 500 * 8 sequences of 1024 tokens: a steady estimate of the loss
+eval_tokens = 0  # the whole val split, each token once
 eval_only = True
 wandb_log = False
 init_from = "gpt2-medium"

@@ -4,7 +4,7 @@
 
 out_dir = "out-shakespeare"
 eval_interval = 5
-eval_iters = 40
+eval_tokens = 0  # the whole val split (36,059 tokens)
 always_save_checkpoint = False  # ckpt.pt only when val loss improves: a fine-tune overfits quickly
 # each checkpoint of gpt2-xl is ~19 GB (weights plus AdamW state): keep only the newest periodic one
 checkpoint_interval = 10

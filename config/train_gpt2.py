@@ -18,7 +18,7 @@ max_iters = 600000
 lr_decay_iters = 600000
 
 eval_interval = 1000
-eval_iters = 200
+
 log_interval = 10
 checkpoint_interval = 1000  # with eval_interval: at most 1000 iterations (~1.5 h) lost to a crash
 

@@ -3,7 +3,7 @@
 
 out_dir = "out-shakespeare-char"
 eval_interval = 250  # the model overfits this small data: watch val loss often
-eval_iters = 200
+eval_tokens = 0  # the whole val split (111,540 tokens)
 log_interval = 10
 always_save_checkpoint = False  # ckpt.pt only when val improves
 checkpoint_interval = 250

@@ -3,7 +3,7 @@
 
 out_dir = "out-shakespeare-char"
 eval_interval = 250
-eval_iters = 20
+eval_tokens = 16384  # the first 256 windows of 64 tokens of each split
 log_interval = 10
 always_save_checkpoint = False
 checkpoint_interval = 250

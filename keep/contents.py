@@ -42,7 +42,9 @@ META = dict(run_id=_name, init_from=_name, dataset=_name, branch=_count, world_s
             tokens_seen=lambda v: v is None or _count(v), val_loss=lambda v: v is None or _number(v),
             last_eval=lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == 2 and _count(v[0])
                                               and _number(v[1])),
-            resumes=lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v))
+            resumes=lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
+            scores=lambda v: v is None or (isinstance(v, dict) and all(
+                isinstance(k, str) and _number(x) for k, x in v.items())))
 
 
 def _plain_problem(ckpt):

@@ -232,6 +232,10 @@ def open_data(config, ckpt, log=say):
     check_data(config["block_size"], data.tokens(), config["dataset"])
     if ckpt is not None:
         check_compatible(ckpt, data, data.vocab_size(), log=log)
+    if ckpt is not None and "eval_tokens" not in (ckpt.get("config") or {}):
+        log(f"note: this run's losses up to iteration {ckpt['iter_num']} were measured on random "
+            f"windows (its checkpoint is older than fixed eval text); from here on they are on the "
+            f"splits' first tokens (eval_tokens): the curve's two parts are on different text")
     return data
 
 

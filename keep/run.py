@@ -38,6 +38,7 @@ class RunState:
     tokens_seen: int = 0
     train_seconds: float = 0.0  # before this start
     last_eval: list = None  # [iteration, val loss] of the newest eval
+    scores: dict = None  # the newest eval's scores: losses, bits per byte, tasks' acc
     branch: int = 0
     resumes: list = field(default_factory=list)
     start_iter: int = 0
@@ -50,6 +51,7 @@ class RunState:
 
     def metadata(self, val_loss):
         return dict(tokens_seen=self.tokens_at(self.iter_num), val_loss=val_loss, last_eval=self.last_eval,
+                    scores=self.scores,
                     train_seconds=self.train_seconds + time.time() - self.started, init_from=self.origin,
                     run_id=self.run_id, branch=self.branch, resumes=self.resumes)
 
@@ -84,6 +86,7 @@ def lineage(ckpt, ckpt_path, out_dir, picked, changed, log=say):
         log("changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     return RunState(iter_num=ckpt["iter_num"], best_val_loss=ckpt["best_val_loss"],
                     train_seconds=meta.get("train_seconds", 0.0), last_eval=meta.get("last_eval"),
+                    scores=meta.get("scores"),
                     origin=meta.get("init_from", "resume"), tokens_seen=meta.get("tokens_seen"),
                     run_id=meta.get("run_id") or new_run_id(), branch=branch, resumes=resumes,
                     start_iter=ckpt["iter_num"])

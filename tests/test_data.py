@@ -77,9 +77,11 @@ def test_batches_are_a_pure_function_of_seed_and_iteration(shakespeare_char):
     one = torch.cat([data.train_batch(1337, 3, m, 2, 16, 4)[0] for m in range(4)])
     two = torch.cat([data.train_batch(1337, 3, m, 2, 16, 2, rank=r, world_size=2)[0] for r in range(2) for m in range(2)])
     assert torch.equal(one, two)
-    # evaluation batches are fixed and do not come from the training stream
-    assert torch.equal(data.eval_batch("val", 1337, 0, 4, 16)[0], data.eval_batch("val", 1337, 0, 4, 16)[0])
-    assert not torch.equal(data.eval_batch("train", 1337, 7, 4, 16)[0], a[0])
+    # evaluation windows are the split's first tokens, one after another, and no training batch
+    x, y = data.window_rows("val", 1, 2, 16)
+    val = torch.from_numpy(data.bins["val"][16:49].astype("int64"))
+    assert torch.equal(x, torch.stack([val[:16], val[16:32]])) and torch.equal(y[1], val[17:33])
+    assert not torch.equal(data.window_rows("train", 0, 4, 16)[0], a[0])
 
 
 def test_missing_dataset_names_prepare_script(tmp_path):

@@ -4,14 +4,16 @@ import glob
 import gzip
 import importlib.util
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ENV, ROOT, TINY, files_under, run
+from conftest import ENV, ROOT, TINY, files_under, run, start
 
 TASKS = ("hellaswag", "piqa", "winogrande", "arc_easy")
 # our tasks as lm-eval's own YAMLs say them, reading the shipped file instead of the Hub
@@ -150,3 +152,64 @@ def test_char_model_names_what_it_cannot_encode(trained):
     error = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and "cannot encode task arc_easy" in error[0], p.stderr
     assert "lacks '" in error[0] and "0" in error[0].split("lacks")[1]  # digits: not Shakespeare's
+
+
+def eval_line(stdout):
+    """(val loss, val bpb) of the last eval line a run printed."""
+    m = re.findall(r"val loss ([\d.]+) \(([\d.]+) bpb\)", stdout)
+    assert m, stdout
+    return tuple(map(float, m[-1]))
+
+
+def test_every_run_is_scored_on_the_same_text(trained, tmp_path):
+    """One checkpoint evaluated with other seeds and batch sizes: the same val loss (the same
+    windows), where random windows drawn from the seed and batch would differ."""
+    seen = set()
+    for seed, batch in ((1337, 4), (7, 4), (1337, 3), (99, 5)):
+        p = run("train.py", *TINY, f"--out_dir={trained}", "--init_from=resume", "--eval_only=True",
+                "--eval_iters=0", "--eval_tokens=480", f"--seed={seed}", f"--batch_size={batch}")
+        seen.add(round(eval_line(p.stdout)[0], 5))
+    assert len(seen) == 1, seen
+
+
+def test_bits_per_byte_of_a_char_run(trained):
+    """Shakespeare's characters are one byte each: bits per byte is the loss in bits."""
+    p = run("train.py", *TINY, f"--out_dir={trained}", "--init_from=resume", "--eval_only=True",
+            "--eval_iters=0", "--eval_tokens=0")
+    loss, bpb = eval_line(p.stdout)
+    assert bpb == pytest.approx(loss / math.log(2), abs=2e-4)
+
+
+def test_tasks_during_training_are_kept_and_not_repeated(bpe_run, tmp_path):
+    """eval_tasks at every eval: metrics.jsonl, the checkpoint's metadata (checkpoint.py shows it);
+    a resumed run neither repeats the eval its checkpoint holds nor loses the next one."""
+    out = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith(("--dataset", "--block_size"))]
+    args += ["--dataset=shakespeare", "--block_size=64", f"--out_dir={out}", "--eval_interval=5",
+             "--eval_tasks=winogrande,arc_easy", "--eval_tasks_limit=6", "--checkpoint_interval=5"]
+    run("train.py", *args, "--max_iters=10")
+    run("train.py", *args, "--max_iters=15")
+    rows = [r for r in map(json.loads, open(out / "metrics.jsonl"))
+            if r["kind"] == "eval" and not r.get("superseded")]
+    assert [r["iter"] for r in rows] == [0, 5, 10, 15]
+    for r in rows:
+        assert {"val_bpb", "winogrande_acc", "arc_easy_acc", "arc_easy_acc_norm"} <= set(r), r
+        assert "winogrande_acc_norm" not in r  # lm-eval reports acc alone for it
+    p = run("checkpoint.py", str(out / "ckpt-00000015.pt"))
+    assert re.search(r"^scores: .*winogrande_acc [\d.]+.*\(eval at iteration 15\)$", p.stdout, re.M)
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_ranks_share_the_examples(bpe_run, parallelism):
+    """Two ranks score half the examples each: the same scores as one process."""
+    args = [a for a in TINY if not a.startswith(("--dataset", "--block_size"))]
+    args += ["--dataset=shakespeare", "--block_size=64", f"--out_dir={bpe_run}", "--eval_only=True",
+             "--init_from=resume", "--eval_tasks=arc_easy,winogrande", "--eval_tasks_limit=7",
+             "--eval_iters=0", "--eval_tokens=1024"]
+    one = run("train.py", *args).stdout
+    two = start(*args, f"--parallelism={parallelism}", "--gradient_accumulation_steps=2",
+                torchrun=["--nproc_per_node=2"])
+    out, _ = two.communicate(timeout=300)
+    assert two.returncode == 0, out
+    line = re.compile(r"^step \d+: .*$", re.M)
+    assert line.findall(one) and line.findall(out)[-1] == line.findall(one)[-1], (one, out)
