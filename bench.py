@@ -1,9 +1,11 @@
 """
 Measure training speed (ms/iter, tokens/s, MFU) on any device, CPU included:
 
-    python bench.py --device=cpu --compile=False --batch_size=12 --block_size=64 --n_layer=4 --n_head=4 --n_embd=128
+    python bench.py --device=cpu --compile=False --batch_size=12 --block_size=64 --n_layer=4 \
+--n_head=4 --n_embd=128
     python bench.py --profile=True          # also writes a torch profiler trace to bench_trace.json
-    python bench.py --mode=checkpoint       # checkpoint save (sync and async), load, size; see docs/performance.md
+    python bench.py --mode=checkpoint       # checkpoint save (sync and async), load, size; see \
+docs/performance.md
 
 Warm-up steps first (allocations, compilation), then timed steps; the median is reported.
 """
@@ -80,7 +82,8 @@ model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_la
                       n_embd=n_embd, dropout=dropout, bias=bias)).to(device)
 optimizer = model.configure_optimizers(1e-1, 1e-4, (0.9, 0.95), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-print(f"{model.get_num_params() / 1e6:.2f}M parameters, vocab {vocab_size}{' (from the dataset)' if real_data and data.meta_path else ''}, "
+print(f"{model.get_num_params() / 1e6:.2f}M parameters, vocab {vocab_size}"
+      f"{' (from the dataset)' if real_data and data.meta_path else ''}, "
       f"device {device}, dtype {dtype}, compile {compile}")
 
 
@@ -113,12 +116,14 @@ def bench_train():
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
     tokens = batch_size * block_size
-    print(f"median {dt * 1000:.2f} ms/iter (min {min(times) * 1000:.2f}, max {max(times) * 1000:.2f}), "
+    print(f"median {dt * 1000:.2f} ms/iter (min {min(times) * 1000:.2f}, "
+          f"max {max(times) * 1000:.2f}), "
           f"{tokens / dt:,.0f} tokens/s, MFU {raw.estimate_mfu(tokens, dt, peak) * 100:.2f}% "
           f"of {peak / 1e12:.2f} TFLOP/s, loss {loss.item():.4f}")
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+        activities = ([ProfilerActivity.CPU]
+                      + ([ProfilerActivity.CUDA] if device_type == "cuda" else []))
         with torch_profile(activities=activities) as prof:
             for it in range(5):
                 step(it)
@@ -129,13 +134,13 @@ def bench_train():
 
 
 def bench_checkpoint():
-    """Sync save, async save's stall (the snapshot), load, file size, against plain disk writes. Saves
-    go as the Checkpointer's do: a GPU state is copied into host buffers (snapshot) before a sync
-    write; a background save is that snapshot, then the write on a writer thread."""
+    """Sync save, async save's stall (the snapshot), load, file size, against plain disk writes.
+    Saves go as the Checkpointer's do: a GPU state is copied into host buffers (snapshot) before a
+    sync write; a background save is that snapshot, then the write on a writer thread."""
     step(0)  # optimizer state exists after a first step, as in a real checkpoint
     model_args = {k: getattr(model.config, k) for k in MODEL_ARGS}
-    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args, iter_num=1,
-                 best_val_loss=0.0, config={}, rng=[capture_rng()])
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
+                 iter_num=1, best_val_loss=0.0, config={}, rng=[capture_rng()])
     folder = tempfile.mkdtemp(dir=bench_dir or _ROOT, prefix="bench-ckpt-")
     path = os.path.join(folder, "ckpt.pt")
     results = {"sync save": [], "async stall": [], "async total": [], "load": []}
@@ -170,9 +175,10 @@ def bench_checkpoint():
           f"({size / disk / 2**20:.0f} MB/s)")
     for name, ts in results.items():
         t = statistics.median(ts)
-        print(f"{name:>12}: {t:.3f}s median of {len(ts)}" + (f" ({size / t / 2**20:.0f} MB/s)" if "save" in name or "total" in name else ""))
-    print(f"async stall is {statistics.median(results['async stall']) / statistics.median(results['sync save']) * 100:.1f}% "
-          f"of a sync save")
+        print(f"{name:>12}: {t:.3f}s median of {len(ts)}"
+              + (f" ({size / t / 2**20:.0f} MB/s)" if "save" in name or "total" in name else ""))
+    stall = statistics.median(results["async stall"]) / statistics.median(results["sync save"])
+    print(f"async stall is {stall * 100:.1f}% of a sync save")
 
 
 if mode == "train":

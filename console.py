@@ -28,12 +28,12 @@ class RunError(Exception):
 
 
 def error_line(message, err=None):
-    """Prints a command's one `error:` line to err (sys.stderr), and returns err. Under torchrun every
-    rank usually meets the same bad file or value: the job's log then holds one `error:` line (rank
-    0's), the others' say which rank they come from."""
+    """Prints a command's one `error:` line to err (sys.stderr), and returns err. Under torchrun
+    every rank usually meets the same bad file or value: the job's log then holds one `error:` line
+    (rank 0's), the others' say which rank they come from."""
     err = err or sys.stderr
     rank = os.environ.get("RANK", "0")
-    # one write, newline included: ranks sharing a pipe never splice their lines (print writes twice)
+    # one write, newline included: ranks sharing a pipe never splice lines (print writes twice)
     line = f"{'' if rank == '0' else f'rank {rank}: '}error: {message}\n"
     err.write(line)
     console.add(line)
@@ -66,10 +66,11 @@ def one_line_errors():
     def hook(kind, e, tb):
         if not isinstance(e, (UsageError, RunError)):
             return previous(kind, e, tb)
-        # the process's own stderr: torch.distributed's hook (init_process_group wraps ours) reads what
-        # we write to sys.stderr into a buffer, which os._exit would drop
+        # the process's own stderr: torch.distributed's hook (init_process_group wraps ours) reads
+        # what we write to sys.stderr into a buffer, which os._exit would drop
         err = error_line(e, sys.__stderr__ or sys.stderr)
-        exit_now(2 if isinstance(e, UsageError) else 1, err)  # a hook cannot set the exit code otherwise
+        # a hook cannot set the exit code otherwise
+        exit_now(2 if isinstance(e, UsageError) else 1, err)
     sys.excepthook = hook
 
 
@@ -80,7 +81,8 @@ def cut_line(text, limit=160):
 
 
 def first_line(e):
-    """An exception as one short line, for an error message: its type and the start of its first line."""
+    """An exception as one short line, for an error message: its type and the start of its first
+    line."""
     return f"{type(e).__name__}: {cut_line(str(e))}" if str(e).strip() else type(e).__name__
 
 
@@ -97,12 +99,13 @@ def _silence(stream):
 
 class ConsoleCopy:
     """A copy of the console lines in out_dir/console.log: appended, never truncated. After keep(),
-    lines wait in memory until open(out_dir) (a run holds its out_dir, or has made it, only after its
-    first lines), which writes them, then each line as it is said, error lines included. A failed
-    write is one warning on the console and the copy ends: it never stops a run."""
+    lines wait in memory until open(out_dir) (a run holds its out_dir, or has made it, only after
+    its first lines), which writes them, then each line as it is said, error lines included. A
+    failed write is one warning on the console and the copy ends: it never stops a run."""
 
     def __init__(self):
-        self.waiting, self.file, self.path = None, None, None  # waiting None: nothing kept (not a run, not rank 0)
+        # waiting None: nothing kept (not a run, not rank 0)
+        self.waiting, self.file, self.path = None, None, None
 
     def keep(self):
         self.waiting = []  # (error lines are console lines too: error_line adds them)
@@ -130,15 +133,16 @@ class ConsoleCopy:
 
     def _failed(self, e):
         self.file = self.waiting = None
-        say(f"warning: {self.path} cannot be written ({getattr(e, 'strerror', None) or e}); the run goes on "
-            f"without it", err=True)
+        say(f"warning: {self.path} cannot be written ({getattr(e, 'strerror', None) or e}); "
+            f"the run goes on without it", err=True)
 
 
 console = ConsoleCopy()
 
 
 def say(*parts, err=False):
-    """print(), flushed (so `| tee` shows each line as it comes), and never raising; copied to console."""
+    """print(), flushed (so `| tee` shows each line as it comes), and never raising; copied to
+    console."""
     stream = sys.stderr if err else sys.stdout
     console.add(" ".join(map(str, parts)) + "\n")
     try:

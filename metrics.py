@@ -79,10 +79,12 @@ def wandb_offline_steps(out_dir, run_id):
     """The history steps that the offline wandb runs of this id in out_dir/wandb hold, oldest run
     first (wandb names their folders by start time), read from
     their run-<id>.wandb files: a 7-byte header, then 32 KiB blocks of records, each a 7-byte header
-    (crc, length, type) and a piece of one protobuf Record (wandb writes them; `wandb sync` sends them)."""
+    (crc, length, type) and a piece of one protobuf Record (wandb writes them; `wandb sync` sends
+    them)."""
     from wandb.proto.wandb_internal_pb2 import Record
     steps = []
-    for path in sorted(glob.glob(os.path.join(out_dir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb"))):
+    for path in sorted(glob.glob(os.path.join(out_dir, "wandb", f"offline-run-*-{run_id}",
+                                              f"run-{run_id}.wandb"))):
         with open(path, "rb") as f:
             data = f.read()
         pos, record = 7, b""
@@ -91,7 +93,8 @@ def wandb_offline_steps(out_dir, run_id):
                 pos += 32768 - pos % 32768
                 continue
             _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-            if kind == 0 or pos + 7 + length > len(data):  # the end, or a record cut short by a kill
+            # the end, or a record cut short by a kill
+            if kind == 0 or pos + 7 + length > len(data):
                 break
             record += data[pos + 7:pos + 7 + length]
             pos += 7 + length
@@ -104,9 +107,9 @@ def wandb_offline_steps(out_dir, run_id):
 
 
 class MetricsLog:
-    """Appends rows to out_dir/metrics.jsonl and, given wandb's settings (project, name, config, id),
-    logs them to that wandb run too. A
-    failed write (disk full) is one warning, then the file is left alone: metrics never stop a run."""
+    """Appends rows to out_dir/metrics.jsonl and, given wandb's settings (project, name, config,
+    id), logs them to that wandb run too. A failed write (disk full) is one warning, then the file
+    is left alone: metrics never stop a run."""
 
     @classmethod
     def for_run(cls, out_dir, run, config, resumed_from=None, **start):
@@ -123,9 +126,9 @@ class MetricsLog:
         return log
 
     def __init__(self, out_dir, tokens_at, resumed_at=None, wandb=None):
-        """tokens_at(it): tokens trained on before update `it`, recorded with each event. resumed_at:
-        the iteration a resumed run starts from (None: a fresh start). out_dir None: write nothing
-        (the other ranks), so callers need not ask which rank they are."""
+        """tokens_at(it): tokens trained on before update `it`, recorded with each event.
+        resumed_at: the iteration a resumed run starts from (None: a fresh start). out_dir None:
+        write nothing (the other ranks), so callers need not ask which rank they are."""
         self.path = os.path.join(out_dir, METRICS) if out_dir else None
         self.tokens_at = tokens_at
         self.file = None
@@ -133,11 +136,13 @@ class MetricsLog:
         if self.path is None:
             return
         self.held = -1  # the last step the wandb run held when this process started
-        if wandb:  # the run's own id: a resumed run continues the same wandb run; its files in out_dir
+        # the run's own id: a resumed run continues the same wandb run; its files in out_dir
+        if wandb:
             import wandb as wandb_lib
             try:
                 offline = max(wandb_offline_steps(out_dir, wandb["id"]), default=-1)
-            except Exception as e:  # a file of another wandb version: resend rather than stop the run
+            except Exception as e:
+                # a file of another wandb version: resend rather than stop the run
                 say(f"warning: cannot read the offline wandb runs in {out_dir}/wandb ({e}); "
                     f"the rows of metrics.jsonl are sent again", err=True)
                 offline = -1
@@ -147,16 +152,19 @@ class MetricsLog:
             rows = self._settle(resumed_at)
             self.file = open(self.path, "a", encoding="utf-8")
         except OSError as e:
-            say(f"warning: {self.path} cannot be written ({e.strerror or e}); training goes on without it", err=True)
+            say(f"warning: {self.path} cannot be written ({e.strerror or e}); training goes on "
+                f"without it", err=True)
             rows = []
-        if self.wandb is not None and resumed_at is not None:  # what the wandb run lost, from the file
+        # what the wandb run lost, from the file
+        if self.wandb is not None and resumed_at is not None:
             for r in rows:
                 if not r.get("superseded") and r["kind"] != "event" and r["iter"] > self.held:
                     self._send(r["kind"], r["iter"], r)
 
     def _settle(self, k):
         """Before appending: mark the rows that this start redoes as superseded, and drop a torn
-        last line, rewriting the file atomically (temp file, fsync, rename) when anything changes."""
+        last line, rewriting the file atomically (temp file, fsync, rename) when anything
+        changes."""
         if not os.path.exists(self.path):
             return []
         with open(self.path, encoding="utf-8", errors="replace") as f:
@@ -167,19 +175,22 @@ class MetricsLog:
             return rows
         for r in stale:
             r["superseded"] = True
-        atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+        atomic_write(self.path,
+                     lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
         return rows
 
     def row(self, kind, it, **fields):
         # strict JSON has no NaN or Infinity: a diverged loss is written as null
-        fields = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()}
+        fields = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                  for k, v in fields.items()}
         row = dict(kind=kind, iter=it, time=round(time.time(), 3), **fields)
         if self.file is not None:
             try:
                 self.file.write(json.dumps(row) + "\n")
                 self.file.flush()
             except OSError as e:
-                say(f"warning: {self.path} cannot be written ({e.strerror or e}); training goes on without it", err=True)
+                say(f"warning: {self.path} cannot be written ({e.strerror or e}); training goes on "
+                    f"without it", err=True)
                 self.file = None
         # a resumed run redoes steps that the wandb run may hold: the same values again, which a
         # server would drop (warning each time) and an offline run would hold twice
@@ -188,8 +199,8 @@ class MetricsLog:
 
     def _send(self, kind, it, fields):
         skip = ("kind", "iter", "time", "superseded")
-        self.wandb.log({f"{kind}/{k}": v for k, v in fields.items()
-                        if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=it)
+        self.wandb.log({f"{kind}/{k}": v for k, v in fields.items() if k not in skip
+                        and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=it)
 
     def event(self, it, event, **fields):
         self.row("event", it, event=event, tokens=self.tokens_at(it), **fields)

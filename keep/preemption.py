@@ -35,7 +35,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 
 def parse_duration(text):
-    """Seconds from '3600', '90m', '4h', '45s', 'MM:SS' or 'H:MM:SS'; '' or '0' mean no limit (0)."""
+    """Seconds from '3600', '90m', '4h', '45s', 'MM:SS' or 'H:MM:SS'; '' or '0' mean no limit
+    (0)."""
     text = str(text).strip()
     if text in ("", "0"):
         return 0.0
@@ -43,12 +44,14 @@ def parse_duration(text):
     if m:
         return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
     parts = text.split(":")
-    if 2 <= len(parts) <= 3 and all(p.isdigit() for p in parts) and all(int(p) < 60 for p in parts[1:]):
+    if (2 <= len(parts) <= 3 and all(p.isdigit() for p in parts)
+            and all(int(p) < 60 for p in parts[1:])):
         seconds = 0
         for p in parts:
             seconds = seconds * 60 + int(p)
         return float(seconds)
-    raise UsageError(f"time_limit={text!r} is not a duration: give seconds (3600), 90m, 4h, or H:MM:SS (3:50:00, minutes and seconds below 60)")
+    raise UsageError(f"time_limit={text!r} is not a duration: give seconds (3600), 90m, 4h, or "
+                     f"H:MM:SS (3:50:00, minutes and seconds below 60)")
 
 
 def too_short(time_limit):

@@ -29,19 +29,23 @@ from keep.store import candidates, load, load_latest, load_weights, scan
 from model import GPT, GPTConfig
 
 
-SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # config keys that fix the model's shape
+# config keys that fix the model's shape
+SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")
 
 
 # never taken from a stored config: where and how this process starts, and its own time budget
-NOT_RESTORED = ("out_dir", "remote_dir", "remote_lease", "init_from", "resume_from", "eval_only", "time_limit")
+NOT_RESTORED = ("out_dir", "remote_dir", "remote_lease", "init_from", "resume_from", "eval_only",
+                "time_limit")
 
 
-# nanoGPT stores what its machine had here (its dtype default depends on the GPU), not a user's choice
+# nanoGPT stores what its machine had here (its dtype default depends on the GPU), not a user's
+# choice
 MACHINE = ("device", "dtype", "backend", "compile")
 
 
 def same_origin(a, b):
-    return a == b or (os.path.isdir(a) and os.path.isdir(b) and os.path.realpath(a) == os.path.realpath(b))
+    return a == b or (os.path.isdir(a) and os.path.isdir(b)
+                      and os.path.realpath(a) == os.path.realpath(b))
 
 
 def start_mode(init_from, resume_from, sources):
@@ -49,8 +53,8 @@ def start_mode(init_from, resume_from, sources):
     another start, which is an error: UsageError)."""
     if resume_from and init_from != "resume":
         if sources.get("init_from", "").startswith("--"):
-            raise UsageError(f"--resume_from continues a checkpoint, but --init_from={init_from!r} asks for a "
-                             f"fresh start; drop one of them")
+            raise UsageError(f"--resume_from continues a checkpoint, but --init_from={init_from!r} "
+                             f"asks for a fresh start; drop one of them")
         return "resume"
     return init_from
 
@@ -64,8 +68,9 @@ def find_start(out_dir, init_from, resume_from="", log=say, tensors=True):
         theirs = (ckpt.get("metadata") or {}).get("run_id")
         others = {h["run_id"] for h in scan(out_dir)[0]} - {None, theirs}
         if others:  # two runs in one folder could no longer be told apart by "newest"
-            raise CheckpointError(f"out_dir {out_dir!r} holds another run (run id {sorted(others)[0]}) than "
-                                  f"{resume_from} (run id {theirs}); resume it into a new --out_dir")
+            raise CheckpointError(f"out_dir {out_dir!r} holds another run (run id "
+                                  f"{sorted(others)[0]}) than {resume_from} (run id {theirs}); "
+                                  f"resume it into a new --out_dir")
         return resume_from, ckpt
     one_run(out_dir)
     if init_from == "resume":
@@ -75,41 +80,47 @@ def find_start(out_dir, init_from, resume_from="", log=say, tensors=True):
     try:
         path, ckpt = load_latest(out_dir, log=log, tensors=tensors)
     except CheckpointError:
-        raise CheckpointError(f"out_dir {out_dir!r} holds checkpoint files but none of them loads (see warnings "
-                              f"above); move them away or pick another --out_dir") from None
-    origin = (ckpt.get("metadata") or {}).get("init_from") or (ckpt.get("config") or {}).get("init_from")
+        raise CheckpointError(f"out_dir {out_dir!r} holds checkpoint files but none of them loads "
+                              f"(see warnings above); move them away or pick another "
+                              f"--out_dir") from None
+    origin = ((ckpt.get("metadata") or {}).get("init_from")
+              or (ckpt.get("config") or {}).get("init_from"))
     if origin not in (None, "resume") and not same_origin(origin, init_from):
-        raise CheckpointError(f"out_dir {out_dir!r} holds a run that began from {origin!r} (iteration "
-                              f"{ckpt['iter_num']}, {os.path.basename(path)}), not from {init_from!r}: continue "
-                              f"it with --init_from=resume, or pick another --out_dir")
-    log(f"{out_dir} holds this run at iteration {ckpt['iter_num']} ({os.path.basename(path)}): continuing it "
-        f"(to start over, pick another --out_dir)")
+        raise CheckpointError(f"out_dir {out_dir!r} holds a run that began from {origin!r} "
+                              f"(iteration {ckpt['iter_num']}, {os.path.basename(path)}), not from "
+                              f"{init_from!r}: continue it with --init_from=resume, or pick "
+                              f"another --out_dir")
+    log(f"{out_dir} holds this run at iteration {ckpt['iter_num']} ({os.path.basename(path)}): "
+        f"continuing it (to start over, pick another --out_dir)")
     return path, ckpt
 
 
 def one_run(out_dir):
-    """One folder holds one run: checkpoints of two run ids in out_dir (another run's file copied in)
-    could no longer be told apart by "newest", and continuing the newest would mix them. Raises
-    CheckpointError naming both runs and their files."""
+    """One folder holds one run: checkpoints of two run ids in out_dir (another run's file copied
+    in) could no longer be told apart by "newest", and continuing the newest would mix them.
+    Raises CheckpointError naming both runs and their files."""
     runs = {}
     for h in scan(out_dir)[0]:
         if h["run_id"] is not None:
             runs.setdefault(h["run_id"], []).append(os.path.basename(h["path"]))
     if len(runs) > 1:
-        (a, fa), (b, fb) = sorted(runs.items(), key=lambda r: -len(r[1]))[:2]  # the folder's own run first
-        raise CheckpointError(f"out_dir {out_dir!r} holds two runs: {a} ({', '.join(sorted(fa)[:3])}"
-                              f"{', ...' if len(fa) > 3 else ''}) and {b} ({', '.join(sorted(fb)[:3])}"
-                              f"{', ...' if len(fb) > 3 else ''}); one folder holds one run: move the other "
-                              f"run's files into a folder of their own (python checkpoint.py {out_dir} lists them)")
+        # the folder's own run first
+        (a, fa), (b, fb) = sorted(runs.items(), key=lambda r: -len(r[1]))[:2]
+        raise CheckpointError(f"out_dir {out_dir!r} holds two runs: {a} "
+                              f"({', '.join(sorted(fa)[:3])}{', ...' if len(fa) > 3 else ''}) "
+                              f"and {b} ({', '.join(sorted(fb)[:3])}"
+                              f"{', ...' if len(fb) > 3 else ''}); one folder holds one run: move "
+                              f"the other run's files into a folder of their own "
+                              f"(python checkpoint.py {out_dir} lists them)")
 
 
 def pick_to_read(out_dir, ckpt="", which="best", log=say):
     """(path, weights: store.load_weights) of the checkpoint that sample.py and export.py read,
     by one rule: the file or FSDP folder `ckpt` names, if any; else from out_dir, ckpt.pt (the best
-    val loss, nanoGPT's file) or, when there is none or it does not load, the newest good checkpoint,
-    said in one line; which='latest': the newest good one. A remote ckpt or out_dir (s3://...) is
-    read through remote.Remote.fetch's verified local cache. Raises CheckpointError or RemoteError
-    (RunErrors), or UsageError for an out_dir that is a checkpoint folder."""
+    val loss, nanoGPT's file) or, when there is none or it does not load, the newest good
+    checkpoint, said in one line; which='latest': the newest good one. A remote ckpt or out_dir
+    (s3://...) is read through remote.Remote.fetch's verified local cache. Raises CheckpointError
+    or RemoteError (RunErrors), or UsageError for an out_dir that is a checkpoint folder."""
     if is_remote(ckpt):
         folder, name = ckpt.rstrip("/").rsplit("/", 1)
         ckpt = os.path.join(Remote(folder).fetch(name, log=log), name)
@@ -118,7 +129,8 @@ def pick_to_read(out_dir, ckpt="", which="best", log=say):
     if is_remote(out_dir):
         out_dir = Remote(out_dir).fetch(which, log=log)
     if os.path.isdir(out_dir) and is_folder_checkpoint(out_dir):
-        raise UsageError(f"out_dir {out_dir!r} is a checkpoint folder, not a run's folder; to read it give --ckpt={out_dir}")
+        raise UsageError(f"out_dir {out_dir!r} is a checkpoint folder, not a run's folder; to read "
+                         f"it give --ckpt={out_dir}")
     best = os.path.join(out_dir, BEST)
     if which == "best" and os.path.lexists(best):
         try:
@@ -126,10 +138,11 @@ def pick_to_read(out_dir, ckpt="", which="best", log=say):
         except CheckpointError as e:
             log(f"warning: skipping {e}; reading the newest good checkpoint")
     # (a ckpt.pt that failed has been reported just now)
-    path, weights = load_latest(out_dir, log=lambda m: (which == "best" and best in m) or log(m), load_one=load_weights)
+    path, weights = load_latest(out_dir, log=lambda m: (which == "best" and best in m) or log(m),
+                                load_one=load_weights)
     if which == "best" and not os.path.lexists(best):
-        log(f"note: {out_dir} has no {BEST} (written when val loss improves): reading the newest good checkpoint, "
-            f"{os.path.basename(path)}")
+        log(f"note: {out_dir} has no {BEST} (written when val loss improves): reading the newest "
+            f"good checkpoint, {os.path.basename(path)}")
     return path, weights
 
 
@@ -140,19 +153,21 @@ def restore_config(config, ckpt, sources, explicit=True, log=say):
     is ignored with one note. The model's shape is always
     the checkpoint's: another value from a config file gets a note when the resume was asked for
     (explicit: init_from='resume'), from a --flag, or on an implicit continuation, an error (then
-    it is another run's command). Returns (the config, {key: (stored, now)} for each knob that differs)."""
+    it is another run's command). Returns (the config, {key: (stored, now)} for each knob that
+    differs)."""
     namespace, knobs = dict(config), set(config)
     stored, args = ckpt.get("config") or {}, ckpt["model_args"]
     skip = NOT_RESTORED + (() if "format_version" in ckpt else MACHINE)
     ignored = sorted(k for k in stored if k not in knobs)
     if ignored:
         log(f"note: the checkpoint's config holds {', '.join(map(repr, ignored[:5]))}"
-            f"{' ...' if len(ignored) > 5 else ''}, which {'is' if len(ignored) == 1 else 'are'} not a knob of "
-            f"train.py; ignored")
+            f"{' ...' if len(ignored) > 5 else ''}, which {'is' if len(ignored) == 1 else 'are'} "
+            f"not a knob of train.py; ignored")
     for k, v in stored.items():
         if k in knobs and k not in sources and k not in skip and k not in SHAPE:
             default = namespace[k]
-            if type(v) is type(default) or default is None or (isinstance(default, float) and type(v) is int):
+            if (type(v) is type(default) or default is None
+                    or (isinstance(default, float) and type(v) is int)):
                 namespace[k] = float(v) if isinstance(default, float) and type(v) is int else v
     device = namespace.get("device", "auto")
     if "device" not in sources and ((device.startswith("cuda") and not torch.cuda.is_available()) or
@@ -160,21 +175,25 @@ def restore_config(config, ckpt, sources, explicit=True, log=say):
         log(f"note: the run used device={device!r}, which this machine lacks; using device='auto'")
         namespace["device"] = "auto"
     flagged = [f"{k}={namespace[k]!r} but the checkpoint has {args[k]!r}" for k in SHAPE
-               if k in args and k in sources and (sources[k].startswith("--") or not explicit) and namespace[k] != args[k]]
+               if k in args and k in sources and (sources[k].startswith("--") or not explicit)
+               and namespace[k] != args[k]]
     if flagged:
-        raise CheckpointError("the model's shape comes from the checkpoint and cannot change on resume: "
-                              + "; ".join(flagged) + " (drop those flags, or pick another --out_dir for a new run)")
+        raise CheckpointError("the model's shape comes from the checkpoint and cannot change on "
+                              "resume: " + "; ".join(flagged)
+                              + " (drop those flags, or pick another --out_dir for a new run)")
     filed = [k for k in SHAPE if k in args and k in sources and namespace[k] != args[k]]
     if filed:
-        log(f"note: using the checkpoint's model ({', '.join(f'{k}={args[k]!r}' for k in filed)}), not "
-            f"{', '.join(f'{k}={namespace[k]!r}' for k in filed)} from {sources[filed[0]]}")
+        log(f"note: using the checkpoint's model ({', '.join(f'{k}={args[k]!r}' for k in filed)}), "
+            f"not {', '.join(f'{k}={namespace[k]!r}' for k in filed)} from {sources[filed[0]]}")
     for k in SHAPE:
         if k in args:
             namespace[k] = args[k]
     if "dropout" not in sources and "dropout" in args:
-        namespace["dropout"] = args["dropout"]  # the model's own, also for files whose config lacks it
+        # the model's own, also for files whose config lacks it
+        namespace["dropout"] = args["dropout"]
     return namespace, {k: (stored[k], namespace[k]) for k in sources
-                       if k in stored and k not in skip and k not in SHAPE and stored[k] != namespace[k]}
+                       if k in stored and k not in skip and k not in SHAPE
+                       and stored[k] != namespace[k]}
 
 
 def check_compatible(ckpt, data, vocab_size, log=say):
@@ -184,13 +203,16 @@ def check_compatible(ckpt, data, vocab_size, log=say):
     problems = []
     saved_dataset = (ckpt.get("config") or {}).get("dataset")
     if saved_dataset is not None and saved_dataset != data.name:
-        problems.append(f"dataset={data.name!r} but the checkpoint was trained on {saved_dataset!r}")
-    elif ckpt.get("tokenizer") is not None and (what := tokenizer.changes(ckpt["tokenizer"], data.tokenizer())):
-        problems.append(f"{data.dir} was prepared again with another tokenizer since ({what}); prepare the new "
-                        f"text under another dataset name, or train on it in another out_dir")
+        problems.append(f"dataset={data.name!r} but the checkpoint was trained on "
+                        f"{saved_dataset!r}")
+    elif (ckpt.get("tokenizer") is not None
+          and (what := tokenizer.changes(ckpt["tokenizer"], data.tokenizer()))):
+        problems.append(f"{data.dir} was prepared again with another tokenizer since ({what}); "
+                        f"prepare the new text under another dataset name, or train on it in "
+                        f"another out_dir")
     elif vocab_size is not None and vocab_size != ckpt["model_args"]["vocab_size"]:
-        problems.append(f"the dataset's vocab has {vocab_size} tokens but the checkpoint's model has "
-                        f"{ckpt['model_args']['vocab_size']}")
+        problems.append(f"the dataset's vocab has {vocab_size} tokens but the checkpoint's model "
+                        f"has {ckpt['model_args']['vocab_size']}")
     if problems:
         raise CheckpointError("checkpoint does not match this run: " + "; ".join(problems))
     old, new = ckpt.get("data_fingerprint"), data.fingerprint()
@@ -198,20 +220,22 @@ def check_compatible(ckpt, data, vocab_size, log=say):
     if changed:
         sizes = ", ".join(f"{s}.bin {old[s][0]:,} -> {new[s][0]:,} bytes" if old[s][0] != new[s][0]
                           else f"{s}.bin: other contents, same size" for s in changed)
-        log(f"note: the data under this run changed since its checkpoint ({sizes}) with the same vocab; "
-            f"training goes on with the new data, so this is not an exact resume")
+        log(f"note: the data under this run changed since its checkpoint ({sizes}) with the same "
+            f"vocab; training goes on with the new data, so this is not an exact resume")
 
 
 def restore_training(ckpt, ckpt_path, model, optimizer, scaler, rank, world_size, fsdp, log=say):
-    """The optimizer, GradScaler and RNG state of the checkpoint into a built (maybe sharded) model's
-    run. The weights went in before sharding, except from a folder resumed under FSDP: each rank
-    then reads its own share (DCP reshards, whatever world size wrote it). ckpt None: a new run."""
+    """The optimizer, GradScaler and RNG state of the checkpoint into a built (maybe sharded)
+    model's run. The weights went in before sharding, except from a folder resumed under FSDP: each
+    rank then reads its own share (DCP reshards, whatever world size wrote it). ckpt None: a new
+    run."""
     if ckpt is None:
         return
     if "model" not in ckpt:
         load_sharded(ckpt_path, model, optimizer)
     elif fsdp:
-        load_full(model, optimizer, ckpt["optimizer"])  # a file (or consolidated folder) into shards
+        # a file (or consolidated folder) into shards
+        load_full(model, optimizer, ckpt["optimizer"])
     else:
         optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
@@ -220,14 +244,16 @@ def restore_training(ckpt, ckpt_path, model, optimizer, scaler, rank, world_size
     if rngs and len(rngs) == world_size:
         restore_rng(rngs[rank])
     elif rngs:
-        log(f"note: checkpoint was written by {len(rngs)} rank(s), this run has {world_size}: the data order "
-            f"is exact, dropout's random stream starts afresh")
+        log(f"note: checkpoint was written by {len(rngs)} rank(s), this run has {world_size}: the "
+            f"data order is exact, dropout's random stream starts afresh")
     else:
-        log("note: checkpoint has no RNG state (nanoGPT or older file): approximate resume, data order reseeded")
+        log("note: checkpoint has no RNG state (nanoGPT or older file): approximate resume, data "
+            "order reseeded")
 
 
 def open_data(config, ckpt, log=say):
-    """The run's TokenData, checked against block_size and against the checkpoint being continued."""
+    """The run's TokenData, checked against block_size and against the checkpoint being
+    continued."""
     data = TokenData(config["dataset"])
     check_data(config["block_size"], data.tokens(), config["dataset"])
     if ckpt is not None:
@@ -248,10 +274,12 @@ def start(config, sources, master, log=say):
     error), the others read that very file: ranks that chose on their own could start from
     different iterations (a read error on one of them, a stale listing)."""
     init_from = start_mode(config["init_from"], config["resume_from"], sources)
-    pick = lambda: find_start(config["out_dir"], init_from, config["resume_from"], log=log, tensors=False)  # noqa: E731
+    pick = lambda: find_start(config["out_dir"], init_from, config["resume_from"],  # noqa: E731
+                              log=log, tensors=False)
     path, ckpt = distributed.on_rank0(pick, master) or (None, None)
     path = distributed.from_rank0(path)
-    ckpt = distributed.on_every_rank(lambda: ckpt if master or not path else load(path, tensors=False))
+    ckpt = distributed.on_every_rank(lambda: ckpt if master or not path
+                                     else load(path, tensors=False))
     config = dict(config, init_from=init_from)
     if ckpt is None:
         return None, None, config, {}
@@ -260,18 +288,20 @@ def start(config, sources, master, log=say):
 
 
 def build_model(ckpt, path, config, vocab_size, fsdp, fits):
-    """The model this start trains (its weights loaded, except a folder's under FSDP: each rank reads
-    its share once sharded), from the checkpoint being continued, from scratch, or from GPT-2's
-    weights; and its model_args (the checkpoint's or GPT-2's shape, cut to block_size). fits(args)
-    judges the shape against the machine's memory before anything is built."""
+    """The model this start trains (its weights loaded, except a folder's under FSDP: each rank
+    reads its share once sharded), from the checkpoint being continued, from scratch, or from
+    GPT-2's weights; and its model_args (the checkpoint's or GPT-2's shape, cut to block_size).
+    fits(args) judges the shape against the machine's memory before anything is built."""
     args = {k: config[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout")}
     args["vocab_size"] = vocab_size or 50304  # GPT-2's 50257, padded to a multiple of 64
     if ckpt is not None:
         args.update({k: ckpt["model_args"][k] for k in MODEL_ARGS if k in ckpt["model_args"]})
-        args["dropout"] = config["dropout"]  # the run's own, or a new one set on resume (e.g. to fine-tune)
+        # the run's own, or a new one set on resume (e.g. to fine-tune)
+        args["dropout"] = config["dropout"]
         fits(args)
         model = GPT(GPTConfig(**args))
-        if "model" not in ckpt and not fsdp:  # a checkpoint folder, resumed without FSDP: read it whole
+        # a checkpoint folder, resumed without FSDP: read it whole
+        if "model" not in ckpt and not fsdp:
             ckpt["model"], ckpt["optimizer"] = read_shards(path, ckpt)
         if "model" in ckpt:
             model.load_state_dict(ckpt["model"])
@@ -283,7 +313,8 @@ def build_model(ckpt, path, config, vocab_size, fsdp, fits):
         model = load_gpt2(config["init_from"], dropout=config["dropout"])
         args.update({k: getattr(model.config, k) for k in MODEL_ARGS})
     if config["block_size"] < model.config.block_size:
-        model.crop_block_size(config["block_size"])  # e.g. GPT-2's 1024 context cut to 256 for fine-tuning
+        # e.g. GPT-2's 1024 context cut to 256 for fine-tuning
+        model.crop_block_size(config["block_size"])
         args["block_size"] = config["block_size"]
     return model, args
 
@@ -293,8 +324,8 @@ def complete(ckpt, path, config, remote, attempt, log=say):
     train; it says so, and copies to remote_dir what a kill kept from it)."""
     if ckpt is None or ckpt["iter_num"] < config["max_iters"] or config["eval_only"]:
         return False
-    log(f"the run is complete: iteration {ckpt['iter_num']} of max_iters={config['max_iters']} ({path}); "
-        f"raise --max_iters to train longer")
+    log(f"the run is complete: iteration {ckpt['iter_num']} of max_iters={config['max_iters']} "
+        f"({path}); raise --max_iters to train longer")
     if remote is not None:
         meta = ckpt.get("metadata") or {}
         catch_up(remote, config["out_dir"], run_id=meta.get("run_id"), branch=meta.get("branch", 0),

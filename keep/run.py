@@ -28,9 +28,10 @@ def branch_for(out_dir, ckpt, picked):
 
 @dataclass
 class RunState:
-    """The run's own counters, in one object: a start makes it (run_state; lineage for a resumed run),
-    the loop advances it, and every checkpoint stores it (metadata). tokens_seen: tokens trained on
-    before start_iter, counted rather than iter_num * batch, as the batch may change on resume."""
+    """The run's own counters, in one object: a start makes it (run_state; lineage for a resumed
+    run), the loop advances it, and every checkpoint stores it (metadata). tokens_seen: tokens
+    trained on before start_iter, counted rather than iter_num * batch, as the batch may change on
+    resume."""
     run_id: str
     origin: str  # the init_from of the run's first start
     iter_num: int = 0
@@ -50,10 +51,11 @@ class RunState:
         return self.tokens_seen + (it - self.start_iter) * self.tokens_per_iter
 
     def metadata(self, val_loss):
-        return dict(tokens_seen=self.tokens_at(self.iter_num), val_loss=val_loss, last_eval=self.last_eval,
-                    scores=self.scores,
-                    train_seconds=self.train_seconds + time.time() - self.started, init_from=self.origin,
-                    run_id=self.run_id, branch=self.branch, resumes=self.resumes)
+        return dict(tokens_seen=self.tokens_at(self.iter_num), val_loss=val_loss,
+                    last_eval=self.last_eval, scores=self.scores,
+                    train_seconds=self.train_seconds + time.time() - self.started,
+                    init_from=self.origin, run_id=self.run_id, branch=self.branch,
+                    resumes=self.resumes)
 
 
 def run_state(ckpt, ckpt_path, config, tokens_per_iter, changed, log=say):
@@ -63,7 +65,8 @@ def run_state(ckpt, ckpt_path, config, tokens_per_iter, changed, log=say):
     else:
         run = lineage(ckpt, ckpt_path, config["out_dir"], bool(config["resume_from"]), changed, log)
     run.tokens_per_iter = tokens_per_iter
-    if run.tokens_seen is None:  # a file without the count (nanoGPT's): as if the batch never changed
+    # a file without the count (nanoGPT's): as if the batch never changed
+    if run.tokens_seen is None:
         run.tokens_seen = run.iter_num * tokens_per_iter
     return run
 
@@ -80,10 +83,11 @@ def lineage(ckpt, ckpt_path, out_dir, picked, changed, log=say):
         "from": os.path.basename(ckpt_path) if here else os.path.abspath(ckpt_path),
         "branch": branch, "changed": {k: list(v) for k, v in changed.items()}}]
     log(f"resuming from {ckpt_path} at iteration {ckpt['iter_num']}"
-        + (f", as branch {branch}: later checkpoints of branch {meta.get('branch', 0)} stay as they are"
-           if branch != meta.get("branch", 0) else ""))
+        + (f", as branch {branch}: later checkpoints of branch {meta.get('branch', 0)} stay as "
+           f"they are" if branch != meta.get("branch", 0) else ""))
     if changed:
-        log("changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        log("changed on resume: "
+            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     return RunState(iter_num=ckpt["iter_num"], best_val_loss=ckpt["best_val_loss"],
                     train_seconds=meta.get("train_seconds", 0.0), last_eval=meta.get("last_eval"),
                     scores=meta.get("scores"),

@@ -8,14 +8,16 @@ from configurator import configure
 
 
 def defaults():
-    return dict(batch_size=12, learning_rate=6e-4, compile=True, device="auto", out_dir="out", n_layer=12)
+    return dict(batch_size=12, learning_rate=6e-4, compile=True, device="auto", out_dir="out",
+                n_layer=12)
 
 
 def test_flags_are_literals_or_strings():
     ns = defaults()
-    touched = configure(ns, ["--batch_size=32", "--learning_rate=1e-3", "--compile=False", "--device=cuda:1",
-                             "--out_dir=123"])
-    assert ns == dict(batch_size=32, learning_rate=1e-3, compile=False, device="cuda:1", out_dir="123", n_layer=12)
+    touched = configure(ns, ["--batch_size=32", "--learning_rate=1e-3", "--compile=False",
+                             "--device=cuda:1", "--out_dir=123"])
+    assert ns == dict(batch_size=32, learning_rate=1e-3, compile=False, device="cuda:1",
+                      out_dir="123", n_layer=12)
     assert set(touched) == {"batch_size", "learning_rate", "compile", "device", "out_dir"}
     assert all(where == "--" + k for k, where in touched.items())
 
@@ -33,7 +35,8 @@ def test_config_file_then_flag(tmp_path):
     ns = defaults()
     touched = configure(ns, [str(cfg), "--batch_size=8"])
     assert ns["batch_size"] == 8 and ns["n_layer"] == 4
-    assert touched == {"batch_size": "--batch_size", "n_layer": str(cfg)}  # the flag wins; where each came from
+    # the flag wins; where each came from
+    assert touched == {"batch_size": "--batch_size", "n_layer": str(cfg)}
 
 
 def test_a_file_that_assigns_the_default_value_sets_it(tmp_path):
@@ -99,12 +102,15 @@ def test_scripts_exit_2_without_traceback(script, typo, key):
     proc = run(script, f"--{typo}=3", check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == f"error: unknown config key '{typo}' in --{typo}=3; did you mean '{key}'?"
+    assert proc.stderr.strip() == (f"error: unknown config key '{typo}' in --{typo}=3; "
+                                   f"did you mean '{key}'?")
 
 
-# each script's --help: its docstring's first line, and a knob with its default and comment as they are in the code
+# each script's --help: its docstring's first line, and a knob with its default and comment as
+# they are in the code
 HELP = {"train.py": ("Train a GPT", "--eval_only=False", "evaluate once and exit"),
-        "sample.py": ("Sample from a trained model", "--max_batch=16", "samples generated together"),
+        "sample.py": ("Sample from a trained model", "--max_batch=16",
+                      "samples generated together"),
         "export.py": ("Export a checkpoint", "--format='hf'", "'hf': a Hugging Face GPT-2 folder"),
         "bench.py": ("Measure training speed", "--mode='train'", "'train': step time"),
         "data/prepare.py": ("Your own text", "--val_fraction=0.1", "of the documents, whole"),
@@ -127,12 +133,15 @@ def test_help_lists_every_knob_from_the_code(tmp_path, capsys):
     """Generated from the calling script: its docstring, then every knob in the order of the code,
     with its default and the comment on its line; comment lines above a knob are headings."""
     script = tmp_path / "s.py"
-    script.write_text('"""\nDo a thing.\n\n    python s.py\n"""\nfrom configurator import configure\n\n'
-                      '# --------\n# I/O\nout_dir = "out"  # where it goes (# not a comment)\nsteps = 3\n'
-                      'rate = 0.5  # how fast\n_private = 1\nconfigure(globals(), ["--help"])\n')
+    script.write_text('"""\nDo a thing.\n\n    python s.py\n"""\n'
+                      'from configurator import configure\n\n'
+                      '# --------\n# I/O\nout_dir = "out"  # where it goes (# not a comment)\n'
+                      'steps = 3\nrate = 0.5  # how fast\n_private = 1\n'
+                      'configure(globals(), ["--help"])\n')
     with pytest.raises(SystemExit) as e:
-        exec(compile(script.read_text(), str(script), "exec"), {"__name__": "__main__", "__file__": str(script),
-                                                                 "__doc__": "\nDo a thing.\n\n    python s.py\n"})
+        exec(compile(script.read_text(), str(script), "exec"),
+             {"__name__": "__main__", "__file__": str(script),
+              "__doc__": "\nDo a thing.\n\n    python s.py\n"})
     assert e.value.code == 0
     assert capsys.readouterr().out == (
         "Do a thing.\n\n    python s.py\n\n"
@@ -144,9 +153,12 @@ def test_help_lists_every_knob_from_the_code(tmp_path, capsys):
 
 
 def test_help_is_quick_and_the_readme_points_to_it():
-    """train.py --help answers before torch is imported (seconds), and the README says where the knobs are."""
-    p = run("train.py", "--help", prefix=["env", "PYTHONPROFILEIMPORTTIME=1"])  # a fresh interpreter, not the fork server
-    imported = {ln.rsplit("|", 1)[-1].strip() for ln in p.stderr.splitlines() if ln.startswith("import time:")}
+    """train.py --help answers before torch is imported (seconds), and the README says where the
+    knobs are."""
+    # a fresh interpreter, not the fork server
+    p = run("train.py", "--help", prefix=["env", "PYTHONPROFILEIMPORTTIME=1"])
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in p.stderr.splitlines()
+                if ln.startswith("import time:")}
     assert "configurator" in imported and "torch" not in imported
     with open(os.path.join(ROOT, "README.md")) as f:
         assert "python train.py --help" in f.read()

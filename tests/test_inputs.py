@@ -44,11 +44,14 @@ TRAIN = [  # flags, exit code, words the error line holds
     (["--keep_every=-2"], 2, "keep_every=-2"),
     (["--checkpoint_minutes=1e999"], 2, "checkpoint_minutes=inf"),
     (["--time_limit=1:99:99"], 2, "time_limit='1:99:99' is not a duration"),
-    (["--block_size=111540"], 2, "block_size=111540 is too long for dataset 'shakespeare_char': its val.bin has 111540"),
+    (["--block_size=111540"], 2,
+     "block_size=111540 is too long for dataset 'shakespeare_char': its val.bin has 111540"),
     (["--block_size=5000000"], 2, "train.bin has 1003854 tokens"),
     (["--n_embd=200000", "--n_head=1"], 2, "make the model smaller"),
-    # 25.6M tokens a micro-batch: ~240 GB of activations, refused before they are allocated (see no_big_allocation)
-    (["--batch_size=100000", "--block_size=256"], 2, "batch_size=100000 x block_size=256 needs about"),
+    # 25.6M tokens a micro-batch: ~240 GB of activations, refused before they are allocated (see
+    # no_big_allocation)
+    (["--batch_size=100000", "--block_size=256"], 2,
+     "batch_size=100000 x block_size=256 needs about"),
     (["--device=foo"], 2, "device='foo' is not a device"),
     (["--dtype=fp8"], 2, "dtype='fp8' is not one of"),
     (["--backend=mpi"], 2, "backend='mpi'"),
@@ -62,7 +65,8 @@ TRAIN = [  # flags, exit code, words the error line holds
     ([f"--resume_from={MISSING}.pt"], 2, "resume_from '{tmp}/missing.pt': no such file"),
     (["--learning_rate=nan"], 2, "learning_rate=nan must be a finite number"),
     (["--init_from=resume", f"--out_dir={MISSING}"], 1, "no checkpoint in"),
-    (["--dataset=_no_such_data"], 1, "does not exist; prepare it first (docs/data.md); prepared here: "),
+    (["--dataset=_no_such_data"], 1,
+     "does not exist; prepare it first (docs/data.md); prepared here: "),
 ]
 if not torch.cuda.is_available():
     TRAIN.append((["--device=cuda"], 1, "no CUDA GPU is visible"))
@@ -92,8 +96,10 @@ EXPORT = [
     (["--format=bin"], 2, "format='bin' is not one of 'hf', 'safetensors'"),
     (["--which=newest"], 2, "which='newest'"),
     ([f"--ckpt={MISSING}.pt"], 2, "ckpt '{tmp}/missing.pt': no such file"),
-    (["--to={tmp}/other"], 1, "holds other files (config.json, foreign.safetensors), not a previous export"),
-    (["--to={tmp}/other/foreign.safetensors", "--format=safetensors"], 1, "is not a previous export"),
+    (["--to={tmp}/other"], 1,
+     "holds other files (config.json, foreign.safetensors), not a previous export"),
+    (["--to={tmp}/other/foreign.safetensors", "--format=safetensors"], 1,
+     "is not a previous export"),
 ]
 
 
@@ -134,40 +140,49 @@ def one_error_line(script, args, code, words, tmp_path, *base, **popen):
     assert p.returncode == code, f"{args}: exit {p.returncode}\n{p.stdout}\n{p.stderr}"
     assert "Traceback" not in p.stdout + p.stderr
     # one error line, the last; before it at most what is being read ("sampling from ...")
-    assert [ln for ln in lines if ln.startswith("error")] == lines[-1:] and len(lines) <= 2, p.stderr
-    assert lines[-1].startswith("error: ") and words.replace("{tmp}", str(tmp_path)) in lines[-1], lines[-1]
+    assert ([ln for ln in lines if ln.startswith("error")] == lines[-1:]
+            and len(lines) <= 2), p.stderr
+    assert (lines[-1].startswith("error: ")
+            and words.replace("{tmp}", str(tmp_path)) in lines[-1]), lines[-1]
     assert tree(tmp_path) == before  # nothing created, nothing changed
 
 
-@pytest.mark.parametrize("args, code, words", TRAIN, ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("args, code, words", TRAIN,
+                         ids=lambda v: v if isinstance(v, str) else None)
 def test_train_bad_input(shakespeare_char, scene, args, code, words):
-    one_error_line("train.py", args, code, words, scene, *TINY, f"--out_dir={scene}/run", preexec_fn=no_big_allocation)
+    one_error_line("train.py", args, code, words, scene, *TINY, f"--out_dir={scene}/run",
+                   preexec_fn=no_big_allocation)
 
 
-@pytest.mark.parametrize("args, code, words", SAMPLE, ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("args, code, words", SAMPLE,
+                         ids=lambda v: v if isinstance(v, str) else None)
 def test_sample_bad_input(trained, scene, args, code, words):
-    one_error_line("sample.py", args, code, words, scene, f"--out_dir={trained}", "--device=cpu", "--num_samples=1",
-                   "--max_new_tokens=3")
+    one_error_line("sample.py", args, code, words, scene, f"--out_dir={trained}", "--device=cpu",
+                   "--num_samples=1", "--max_new_tokens=3")
 
 
-@pytest.mark.parametrize("args, code, words", EXPORT, ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("args, code, words", EXPORT,
+                         ids=lambda v: v if isinstance(v, str) else None)
 def test_export_bad_input(trained, scene, args, code, words):
     one_error_line("export.py", args, code, words, scene, f"--out_dir={trained}", "--to={tmp}/hf")
 
 
-@pytest.mark.parametrize("args, words", [(["--block_size=2000000"], "block_size=2000000 is too long"),
-                                         (["--mode=checkpoint", f"--bench_dir={FILE}"], "is not a folder"),
-                                         (["--timed_steps=0"], "timed_steps=0")])
+@pytest.mark.parametrize("args, words", [
+    (["--block_size=2000000"], "block_size=2000000 is too long"),
+    (["--mode=checkpoint", f"--bench_dir={FILE}"], "is not a folder"),
+    (["--timed_steps=0"], "timed_steps=0"),
+])
 def test_bench_bad_input(shakespeare_char, scene, args, words):
-    one_error_line("bench.py", args, 2, words, scene, "--device=cpu", "--compile=False", "--dataset=shakespeare_char")
+    one_error_line("bench.py", args, 2, words, scene, "--device=cpu", "--compile=False",
+                   "--dataset=shakespeare_char")
 
 
 @pytest.mark.parametrize("args", [[], ["a", "b"], ["consolidate", "only-one"]])
 def test_checkpoint_cli_usage(args):
     p = run("checkpoint.py", *args, check=False)
     assert p.returncode == 2 and p.stderr.strip() == \
-        "error: usage: python checkpoint.py OUT_DIR | REMOTE_DIR | CHECKPOINT | verify CHECKPOINT | verify REMOTE_DIR | " \
-        "consolidate FOLDER OUT.pt"
+        "error: usage: python checkpoint.py OUT_DIR | REMOTE_DIR | CHECKPOINT | " \
+        "verify CHECKPOINT | verify REMOTE_DIR | consolidate FOLDER OUT.pt"
 
 
 def test_time_limit_too_short_for_one_iteration(shakespeare_char, tmp_path):
@@ -175,14 +190,18 @@ def test_time_limit_too_short_for_one_iteration(shakespeare_char, tmp_path):
     p = run("train.py", *TINY, f"--out_dir={tmp_path}", "--time_limit=1", check=False)
     assert p.returncode == 1 and "nothing new to save" in p.stdout
     # the stop line says what happens: no promise of a checkpoint that is then not written
-    assert "saving a checkpoint" not in p.stdout and p.stdout.count("nothing new to save") == 1, p.stdout
-    assert "time_limit nearly reached at iteration 0: exiting: nothing new to save" in p.stdout, p.stdout
-    assert p.stderr.strip() == "error: time_limit='1' leaves no time for one iteration and a checkpoint; raise it"
+    assert ("saving a checkpoint" not in p.stdout
+            and p.stdout.count("nothing new to save") == 1), p.stdout
+    assert ("time_limit nearly reached at iteration 0: exiting: nothing new to save"
+            in p.stdout), p.stdout
+    assert p.stderr.strip() == ("error: time_limit='1' leaves no time for one iteration and a "
+                                "checkpoint; raise it")
 
 
 def test_out_of_memory_is_one_line(shakespeare_char, tmp_path):
     """Out of memory during training (a batch that passes configurator.check_fits, about 1.3 GB, but
-    not the 1.5 GiB of address space it is given): the allocation fails, one line, exit 1, no checkpoint."""
+    not the 1.5 GiB of address space it is given): the allocation fails, one line, exit 1, no
+    checkpoint."""
     p = run("train.py", *TINY, f"--out_dir={tmp_path}", "--batch_size=4000", check=False,
             preexec_fn=lambda: no_big_allocation(3 << 29))
     assert p.returncode == 1 and "Traceback" not in p.stderr
@@ -191,26 +210,31 @@ def test_out_of_memory_is_one_line(shakespeare_char, tmp_path):
 
 
 @pytest.mark.parametrize("flags, says", [
-    ([], "the training loss is nan at iteration 11"),  # the update of iteration 11 is the first on bad weights
+    # the update of iteration 11 is the first on bad weights
+    ([], "the training loss is nan at iteration 11"),
     (["--eval_interval=11"], "the eval loss is nan at iteration 11"),
-    (["--checkpoint_interval=11", "--eval_interval=1000"], "the model's weights are not finite (nan or inf) at iteration 11"),
+    (["--checkpoint_interval=11", "--eval_interval=1000"],
+     "the model's weights are not finite (nan or inf) at iteration 11"),
 ])
 def test_diverged_run_stops_and_keeps_its_checkpoints(trained, tmp_path, flags, says):
-    """learning_rate 1e39 (past float32's range) makes the weights inf in one update, while iteration
-    10's loss is still finite:
+    """learning_rate 1e39 (past float32's range) makes the weights inf in one update, while
+    iteration 10's loss is still finite:
     whichever of the three checks sees it first stops the run with one line, exit 1, and every
     file in out_dir is byte for byte what it was."""
     out = copy_run(trained, tmp_path / "run")
     before = tree(out)
-    p = run("train.py", *TINY, f"--out_dir={out}", "--max_iters=30", "--learning_rate=1e39", "--decay_lr=False",
-            "--warmup_iters=0", "--eval_interval=5", "--checkpoint_interval=5", *flags, check=False)
+    p = run("train.py", *TINY, f"--out_dir={out}", "--max_iters=30", "--learning_rate=1e39",
+            "--decay_lr=False", "--warmup_iters=0", "--eval_interval=5", "--checkpoint_interval=5",
+            *flags, check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert p.stderr.strip() == (f"error: {says}: training diverged. No checkpoint of it was written, so the newest "
-                                f"one on disk is from before; lower --learning_rate (or raise --warmup_iters) and run "
-                                f"again to continue from it")
+    assert p.stderr.strip() == (f"error: {says}: training diverged. No checkpoint of it was "
+                                f"written, so the newest one on disk is from before; lower "
+                                f"--learning_rate (or raise --warmup_iters) and run again to "
+                                f"continue from it")
     assert "iter 10: loss" in p.stdout
     text = open(os.path.join(out, "metrics.jsonl")).read()
-    assert "NaN" not in text and '"event": "diverged"' in text  # strict JSON: a diverged loss is null
+    # strict JSON: a diverged loss is null
+    assert "NaN" not in text and '"event": "diverged"' in text
     checkpoints = lambda t: {k: v for k, v in t.items() if k.endswith(".pt")}  # noqa: E731
     assert checkpoints(tree(out)) == checkpoints(before) and len(checkpoints(before)) == 3
 
@@ -223,7 +247,8 @@ def samples(*args):
 def test_temperature_zero_is_greedy(trained):
     greedy = samples(f"--out_dir={trained}", "--temperature=0", "--start=ROMEO:")
     assert greedy[0] == greedy[1]  # no sampling: every sample the same
-    assert greedy == samples(f"--out_dir={trained}", "--temperature=1.0", "--top_k=1", "--start=ROMEO:", "--seed=7")
+    assert greedy == samples(f"--out_dir={trained}", "--temperature=1.0", "--top_k=1",
+                             "--start=ROMEO:", "--seed=7")
     unrestricted = samples(f"--out_dir={trained}", "--top_k=0", "--start=ROMEO:")
     assert all(s.startswith("ROMEO:") for s in unrestricted) and unrestricted[0] != unrestricted[1]
 
@@ -238,17 +263,22 @@ def test_export_replaces_only_its_own_folder_and_samples_with_the_char_vocab(tra
     for name in ("vocab.json", "merges.txt", "config.json"):  # ... of a GPT-2 BPE model
         (to / name).write_text("stale")
     p = run("export.py", f"--out_dir={trained}", f"--to={to}")
-    assert sorted(os.listdir(to)) == ["char_vocab.json", "config.json", "export.json", "model.safetensors"]
-    assert json.loads((to / "export.json").read_text())["iter_num"] == store.load(os.path.join(trained, "ckpt.pt"))["iter_num"]
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temp folder left beside it
+    assert sorted(os.listdir(to)) == ["char_vocab.json", "config.json", "export.json",
+                                      "model.safetensors"]
+    assert (json.loads((to / "export.json").read_text())["iter_num"]
+            == store.load(os.path.join(trained, "ckpt.pt"))["iter_num"])
+    # no temp folder left beside it
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
     from transformers import GPT2LMHeadModel
     assert GPT2LMHeadModel.from_pretrained(str(to)).config.vocab_size == 65
     assert "char_vocab.json" in p.stdout
     ours = samples(f"--out_dir={trained}", "--temperature=0", "--start=ROMEO:")
     assert samples(f"--init_from={to}", "--temperature=0", "--start=ROMEO:") == ours
-    os.remove(to / "char_vocab.json")  # without its vocab the folder is refused, not decoded as GPT-2 BPE
+    # without its vocab the folder is refused, not decoded as GPT-2 BPE
+    os.remove(to / "char_vocab.json")
     p = run("sample.py", f"--init_from={to}", "--device=cpu", check=False)
-    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith(f"error: {to} holds a model with a vocab of 65")
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith(
+        f"error: {to} holds a model with a vocab of 65")
 
 
 def test_safetensors_export_replaces_its_own_file(trained, tmp_path):
@@ -271,7 +301,8 @@ def test_planted_pickle_names_the_global(trained, tmp_path):
             return (os.system, ("true",))
 
     torch.save({"model": {}, "model_args": {}, "x": Payload()}, os.path.join(out, BEST))
-    p = run("sample.py", f"--out_dir={out}", "--device=cpu", "--num_samples=1", "--max_new_tokens=3")
+    p = run("sample.py", f"--out_dir={out}", "--device=cpu", "--num_samples=1",
+            "--max_new_tokens=3")
     warnings = [ln for ln in p.stderr.splitlines() if "refused" in ln]
     assert len(warnings) == 1 and "(it names posix.system, not plain data)" in warnings[0]
     assert "train first" not in p.stderr and p.stdout.strip()

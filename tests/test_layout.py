@@ -50,7 +50,8 @@ def test_no_project_import_inside_a_function():
 
 def test_no_import_cycle():
     names = set(modules())
-    graph = {name: {t for t, _ in imports(path, names)} - {name} for name, path in modules().items()}
+    graph = {name: {t for t, _ in imports(path, names)} - {name}
+             for name, path in modules().items()}
     state = {}
 
     def visit(n, trail):
