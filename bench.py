@@ -1,11 +1,9 @@
 """
 Measure training speed (ms/iter, tokens/s, MFU) on any device, CPU included:
 
-    python bench.py --device=cpu --compile=False --batch_size=12 --block_size=64 --n_layer=4 \
---n_head=4 --n_embd=128
+    python bench.py --device=cpu --compile=False --batch_size=12 --block_size=64 --n_layer=4
     python bench.py --profile=True          # also writes a torch profiler trace to bench_trace.json
-    python bench.py --mode=checkpoint       # checkpoint save (sync and async), load, size; see \
-docs/performance.md
+    python bench.py --mode=checkpoint       # checkpoint save (sync and async), load, size
 
 Warm-up steps first (allocations, compilation), then timed steps; the median is reported.
 """

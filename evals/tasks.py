@@ -15,9 +15,11 @@ layout (data/evals/README.md: sources, licences), each checked against its sha25
 """
 import gzip
 import hashlib
+import importlib.util
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 
 from console import RunError, UsageError
@@ -121,3 +123,41 @@ def load(name, limit=0, data_dir=""):
                        f"differs); restore it with git checkout data/evals, or fetch it again")
     docs = raw.decode("utf-8").splitlines()
     return [task.example(json.loads(d)) for d in (docs[:limit] if limit else docs)]
+
+
+# -----------------------------------------------------------------------------------------------
+# The same tasks for lm-evaluation-harness itself (its own templates and process_docs, reading the
+# files above instead of the Hub), to check our scores against it: tests/test_evals.py and
+# bench/bench_eval.py run `lm_eval --include_path FOLDER --tasks hellaswag_local,...`.
+
+LM_EVAL = {
+    "hellaswag": 'process_docs: !function hellaswag_utils.process_docs\ndoc_to_text: "{{query}}"\n'
+                 'doc_to_target: "{{label}}"\ndoc_to_choice: "choices"\n',
+    "piqa": 'doc_to_text: "Question: {{goal}}\\nAnswer:"\ndoc_to_target: label\n'
+            'doc_to_choice: "{{[sol1, sol2]}}"\n',
+    "winogrande": "".join(f"doc_to_{k}: !function preprocess_winogrande.doc_to_{k}\n"
+                          for k in ("text", "target", "choice")),
+    "arc_easy": 'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
+                'doc_to_target: "{{choices.label.index(answerKey)}}"\n'
+                'doc_to_choice: "{{choices.text}}"\n',
+}
+
+
+def write_lm_eval_tasks(folder, data_dir=""):
+    """Task YAMLs <task>_local.yaml (and the helpers they name, copied from the installed lm_eval)
+    into folder, for lm-eval's --include_path."""
+    lm_eval = importlib.util.find_spec("lm_eval").submodule_search_locations[0]
+    shutil.copy(os.path.join(lm_eval, "tasks", "hellaswag", "utils.py"),
+                os.path.join(folder, "hellaswag_utils.py"))
+    shutil.copy(os.path.join(lm_eval, "tasks", "winogrande", "preprocess_winogrande.py"), folder)
+    for name, body in LM_EVAL.items():
+        task = TASKS[name]
+        metrics = ["acc"] + ["acc_norm"] * task.norm
+        with open(os.path.join(folder, f"{name}_local.yaml"), "w") as f:
+            f.write(f"task: {name}_local\ndataset_path: json\ndataset_name: null\n"
+                    f"dataset_kwargs:\n  data_files:\n"
+                    f"    validation: {os.path.join(data_dir or EVAL_DIR, task.file)}\n"
+                    f"output_type: multiple_choice\ntraining_split: null\n"
+                    f"validation_split: validation\ntest_split: null\n{body}metric_list:\n"
+                    + "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n"
+                              for m in metrics) + "metadata:\n  version: 1.0\n")

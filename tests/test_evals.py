@@ -2,67 +2,19 @@
 BPE model trained here; and what eval.py refuses."""
 import glob
 import gzip
-import importlib.util
 import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
 
+from evals.tasks import write_lm_eval_tasks
 from conftest import ENV, ROOT, TINY, files_under, run, start
 
 TASKS = ("hellaswag", "piqa", "winogrande", "arc_easy")
-# our tasks as lm-eval's own YAMLs say them, reading the shipped file instead of the Hub
-YAML = {
-    "hellaswag": """process_docs: !function hellaswag_utils.process_docs
-doc_to_text: "{{query}}"
-doc_to_target: "{{label}}"
-doc_to_choice: "choices"
-""",
-    "piqa": """doc_to_text: "Question: {{goal}}\\nAnswer:"
-doc_to_target: label
-doc_to_choice: "{{[sol1, sol2]}}"
-""",
-    "winogrande": """doc_to_text: !function preprocess_winogrande.doc_to_text
-doc_to_target: !function preprocess_winogrande.doc_to_target
-doc_to_choice: !function preprocess_winogrande.doc_to_choice
-""",
-    "arc_easy": """doc_to_text: "Question: {{question}}\\nAnswer:"
-doc_to_target: "{{choices.label.index(answerKey)}}"
-doc_to_choice: "{{choices.text}}"
-""",
-}
-METRICS = """metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-NORM = """  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
-def lm_eval_tasks(folder):
-    """The four tasks for lm-eval's --include_path, named <task>_local."""
-    lm_eval = importlib.util.find_spec("lm_eval").submodule_search_locations[0]
-    shutil.copy(os.path.join(lm_eval, "tasks", "hellaswag", "utils.py"),
-                os.path.join(folder, "hellaswag_utils.py"))
-    shutil.copy(os.path.join(lm_eval, "tasks", "winogrande", "preprocess_winogrande.py"), folder)
-    for task, body in YAML.items():
-        data = os.path.join(ROOT, "data", "evals", f"{task}_validation.jsonl.gz")
-        with open(os.path.join(folder, f"{task}_local.yaml"), "w") as f:
-            f.write(f"task: {task}_local\ndataset_path: json\ndataset_name: null\n"
-                    f"dataset_kwargs:\n  data_files:\n    validation: {data}\n"
-                    f"output_type: multiple_choice\ntraining_split: null\n"
-                    f"validation_split: validation\ntest_split: null\n{body}{METRICS}"
-                    + ("" if task == "winogrande" else NORM) + "metadata:\n  version: 1.0\n")
-
-
 @pytest.fixture(scope="module")
 def bpe_run(tmp_path_factory):
     """A small GPT-2 BPE model, trained on Shakespeare until its choices differ clearly."""
@@ -82,7 +34,7 @@ def test_scores_equal_lm_eval(bpe_run, tmp_path):
     run("export.py", f"--out_dir={bpe_run}", f"--to={hf}")
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    lm_eval_tasks(str(tasks))
+    write_lm_eval_tasks(str(tasks))
     env = dict(ENV, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
     subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
                     f"pretrained={hf},dtype=float32", "--tasks", ",".join(f"{t}_local" for t in TASKS),
@@ -213,3 +165,16 @@ def test_ranks_share_the_examples(bpe_run, parallelism):
     assert two.returncode == 0, out
     line = re.compile(r"^step \d+: .*$", re.M)
     assert line.findall(one) and line.findall(out)[-1] == line.findall(one)[-1], (one, out)
+
+
+def test_checkpoint_without_a_tokenizer(trained, tmp_path):
+    """A char-level file with no tokenizer inside and no meta.pkl to find it by: one line."""
+    import torch
+    ckpt = torch.load(os.path.join(trained, "ckpt.pt"), weights_only=True)
+    del ckpt["tokenizer"]
+    ckpt["config"]["dataset"] = "gone"
+    torch.save(ckpt, tmp_path / "old.pt")
+    p = run("eval.py", f"--ckpt={tmp_path / 'old.pt'}", "--tasks=piqa", "--device=cpu", check=False)
+    assert p.returncode == 1
+    error = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "carries no tokenizer" in error[0] and "meta.pkl" in error[0], p.stderr
