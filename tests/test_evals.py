@@ -6,13 +6,15 @@ import json
 import math
 import os
 import re
+import signal
+import time
 import subprocess
 import sys
 
 import pytest
 
 from evals.tasks import write_lm_eval_tasks
-from conftest import ENV, ROOT, TINY, files_under, run, start
+from conftest import ENV, ROOT, TINY, files_under, run, start, wait_for
 
 TASKS = ("hellaswag", "piqa", "winogrande", "arc_easy")
 @pytest.fixture(scope="module")
@@ -178,3 +180,25 @@ def test_checkpoint_without_a_tokenizer(trained, tmp_path):
     assert p.returncode == 1
     error = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and "carries no tokenizer" in error[0] and "meta.pkl" in error[0], p.stderr
+
+
+def test_a_stop_abandons_the_task_eval(bpe_run, tmp_path):
+    """SIGTERM while all of HellaSwag is being scored: the run stops at once (the eval abandoned,
+    exit 0), not after the thousands of examples left; the resumed run scores that eval."""
+    out = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith(("--dataset", "--block_size"))]
+    args += ["--dataset=shakespeare", "--block_size=64", f"--out_dir={out}", "--eval_interval=2",
+             "--checkpoint_interval=2"]
+    run("train.py", *args, "--max_iters=2")
+    proc = start(*args, "--max_iters=4", "--eval_tasks=hellaswag", "--eval_tasks_limit=-1")
+    wait_for(proc, r"^iter 3:")  # now iteration 4's eval scores 10,042 examples
+    time.sleep(2)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and time.time() - t0 < 30, rest
+    assert "SIGTERM received at iteration 4" in rest and "step 4:" not in rest, rest
+    run("train.py", *args, "--max_iters=6", "--eval_tasks=hellaswag", "--eval_tasks_limit=5")
+    rows = [r for r in map(json.loads, open(out / "metrics.jsonl"))
+            if r["kind"] == "eval" and not r.get("superseded")]
+    assert [r["iter"] for r in rows] == [0, 2, 4, 6] and "hellaswag_acc" in rows[2], rows
