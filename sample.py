@@ -1,5 +1,6 @@
 """
-Sample from a trained model (out_dir's ckpt.pt, or a checkpoint named by --ckpt) or from OpenAI's GPT-2 weights.
+Sample from a trained model (out_dir's ckpt.pt, or a checkpoint named by --ckpt) or from OpenAI's
+GPT-2 weights.
 
     python sample.py --out_dir=out-shakespeare-char
     python sample.py --ckpt=out-shakespeare-char/ckpt-00001000.pt
@@ -20,18 +21,18 @@ from configurator import configure
 from console import UsageError, fail
 
 # -----------------------------------------------------------------------------------------------
-init_from = "resume"  # 'resume' (a checkpoint in out_dir) or GPT-2 weights: 'gpt2', ..., 'gpt2-xl', a local HF folder
+init_from = "resume"  # 'resume' (a checkpoint in out_dir), 'gpt2'...'gpt2-xl', or a local HF folder
 out_dir = "out"  # a run's folder, or its remote_dir (s3://...)
-which = "best"  # from out_dir: 'best': ckpt.pt, else the newest good checkpoint; 'latest': the newest good one
-ckpt = ""  # a checkpoint file or FSDP checkpoint folder (local or s3://...) to read instead of out_dir's
-start = ""  # the prompt: text, or FILE:path; empty: "\n" (nanoGPT's), or the vocab's first symbol if it has no newline
+which = "best"  # from out_dir: 'best': ckpt.pt, or else 'latest': the newest good checkpoint
+ckpt = ""  # a checkpoint file or FSDP folder (local or s3://...) to read instead of out_dir's
+start = ""  # the prompt: text or FILE:path; empty: "\n", or the vocab's first symbol if it has none
 num_samples = 10
 max_new_tokens = 500
-temperature = 0.8  # 1.0 samples the model's distribution as is, lower is more conservative, 0 is greedy
+temperature = 0.8  # 1.0: the model's distribution as is, lower is more conservative, 0 is greedy
 top_k = 200  # sample only among the top_k most likely tokens (0: among all)
 seed = 1337
 max_batch = 16  # samples generated together, at most (the KV cache grows with it)
-stream = True  # print a sample as it is generated when it is generated alone (num_samples=1 or max_batch=1)
+stream = True  # print a sample as it is generated, when alone (num_samples=1 or max_batch=1)
 stop_at_eot = False  # GPT-2 BPE: end a sample at <|endoftext|> (not printed)
 # Past block_size tokens the context is cut to its newest window_keep of block_size and re-read
 # once (see GPT.tokens); 1.0 slides by one token as nanoGPT does, a full forward pass per token
@@ -41,7 +42,8 @@ dtype = "auto"
 configure(globals())
 # -----------------------------------------------------------------------------------------------
 if ckpt and init_from != "resume":
-    fail(f"--ckpt reads a checkpoint, but --init_from={init_from!r} asks for GPT-2 weights; drop one of them")
+    fail(f"--ckpt reads a checkpoint, but --init_from={init_from!r} asks for GPT-2 weights; drop "
+         "one of them")
 if start.startswith("FILE:"):
     try:
         with open(start[5:], encoding="utf-8") as f:
@@ -57,12 +59,14 @@ from keep.files import CheckpointError, MODEL_ARGS  # noqa: E402
 from keep import remote, resume  # noqa: E402
 import tokenizer  # noqa: E402
 from dataset import DATA_DIR  # noqa: E402
-from devices import DeviceError, autocast_context, one_line_out_of_memory, pick_device, pick_dtype  # noqa: E402
+from devices import (DeviceError, autocast_context, one_line_out_of_memory,  # noqa: E402
+                     pick_device, pick_dtype)
 from gpt2 import GPT2Error, from_state_dict, load_gpt2  # noqa: E402
 from model import GPTConfig, cpu_decoding_layout  # noqa: E402
 
 one_line_out_of_memory("lower max_batch (the KV cache grows with it) or max_new_tokens")
-sys.stdout.reconfigure(errors="replace")  # a console that cannot show a character gets a '?', not a traceback
+# a console that cannot show a character gets a '?', not a traceback
+sys.stdout.reconfigure(errors="replace")
 
 try:
     device = pick_device(device)
@@ -71,21 +75,25 @@ except DeviceError as e:
 dtype = pick_dtype(dtype, device)
 ctx = autocast_context(device, dtype)
 
-if init_from == "resume":  # ckpt.pt, else the newest good checkpoint: resume.pick_to_read, export.py's rule too
+# ckpt.pt, else the newest good checkpoint: resume.pick_to_read, export.py's rule too
+if init_from == "resume":
     try:
-        path, state = resume.pick_to_read(out_dir, ckpt, which, log=lambda m: print(m, file=sys.stderr))
+        path, state = resume.pick_to_read(out_dir, ckpt, which,
+                                          log=lambda m: print(m, file=sys.stderr))
     except UsageError as e:
         fail(str(e))
     except (CheckpointError, remote.RemoteError) as e:
         raise SystemExit(f"error: {e}")
-    model = from_state_dict(GPTConfig(**{k: state["model_args"][k] for k in MODEL_ARGS}), state["model"])
+    model = from_state_dict(GPTConfig(**{k: state["model_args"][k] for k in MODEL_ARGS}),
+                            state["model"])
     try:  # the checkpoint's own tokenizer; an older file's comes from its dataset's meta.pkl
         record, note = tokenizer.of_checkpoint(state, DATA_DIR, path)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if note:
         print(note, file=sys.stderr)
-    print(f"sampling from {path} (iteration {state.get('iter_num')})", file=sys.stderr)  # stdout: samples only
+    # stdout: samples only
+    print(f"sampling from {path} (iteration {state.get('iter_num')})", file=sys.stderr)
     del state
 else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder
     try:
@@ -96,12 +104,15 @@ else:  # GPT-2 weights: 'gpt2', ..., 'gpt2-xl' or a local Hugging Face folder
         raise SystemExit(f"error: {e}")
     print(f"sampling from {init_from}", file=sys.stderr)
     try:
-        record = tokenizer.of_file(os.path.join(init_from, tokenizer.CHAR_VOCAB)) if os.path.isdir(init_from) else None
+        record = (tokenizer.of_file(os.path.join(init_from, tokenizer.CHAR_VOCAB))
+                  if os.path.isdir(init_from) else None)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if record is None and model.config.vocab_size < 50257:
-        raise SystemExit(f"error: {init_from} holds a model with a vocab of {model.config.vocab_size} tokens and no "
-                         f"tokenizer for it ({tokenizer.CHAR_VOCAB}, which export.py writes for character-level runs)")
+        raise SystemExit(f"error: {init_from} holds a model with a vocab of "
+                         f"{model.config.vocab_size} tokens and no tokenizer for it "
+                         f"({tokenizer.CHAR_VOCAB}, which export.py writes for character-level "
+                         "runs)")
     record = record or tokenizer.GPT2
 
 model.eval()
@@ -122,21 +133,26 @@ if not codec.has(start):
 start_ids = codec.encode(start)
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
 keep = max(1, round(window_keep * model.config.block_size))
-n_vocab = min(codec.size, model.config.vocab_size)  # a padded vocab's extra rows are no token: never drawn
+# a padded vocab's extra rows are no token: never drawn
+n_vocab = min(codec.size, model.config.vocab_size)
 
 
 def generate(first, n):
     """Samples first .. first+n-1 as one batch: lists of new token ids, each cut at <|endoftext|>
     when stop_at_eot. A lone sample is printed as it goes when stream is on (and [] returned)."""
     # torch's CPU generator keeps 32 bits of a seed: SeedSequence mixes (seed, i) into them
-    generators = [torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+    generators = [torch.Generator(device).manual_seed(
+                      int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
                   for i in range(first, first + n)]
-    steps = model.tokens(x.expand(n, -1), max_new_tokens, temperature, top_k, keep, generators, n_vocab)
+    steps = model.tokens(x.expand(n, -1), max_new_tokens, temperature, top_k, keep, generators,
+                         n_vocab)
     live = stream and n == 1
-    if not (stop_at_eot or live):  # nothing to do per token, so no wait for the device per token either
+    # nothing to do per token, so no wait for the device per token either
+    if not (stop_at_eot or live):
         return torch.cat(list(steps), dim=1).tolist()
     rows, ended = [[] for _ in range(n)], [False] * n
-    text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a BPE token may end mid-character
+    # a BPE token may end mid-character
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
     if live:
         sys.stdout.write(text.decode(b"".join(codec.token_bytes(i) for i in start_ids)))
     for step in steps:
