@@ -1,12 +1,18 @@
 """
 What a checkpoint holds, whether it is sound, and which ones a folder or a remote_dir has:
 
-    python checkpoint.py out-shakespeare-char      # list the checkpoints in a folder (exit 1 if one is bad)
-    python checkpoint.py out-shakespeare-char/ckpt.pt   # one file's metadata: its header only (mmap)
-    python checkpoint.py verify out-shakespeare-char/ckpt.pt   # the same, every CRC checked
-    python checkpoint.py s3://bucket/run           # a remote_dir's checkpoints, complete or not
-    python checkpoint.py verify s3://bucket/run    # the same, every object read back and CRC-checked
-    python checkpoint.py consolidate out/ckpt-00001000 ckpt.pt   # an FSDP folder -> one file
+    # list the checkpoints in a folder (exit 1 if one is bad)
+    python checkpoint.py out-shakespeare-char
+    # one file's metadata: its header only (mmap)
+    python checkpoint.py out-shakespeare-char/ckpt.pt
+    # the same, every CRC checked
+    python checkpoint.py verify out-shakespeare-char/ckpt.pt
+    # a remote_dir's checkpoints, complete or not
+    python checkpoint.py s3://bucket/run
+    # the same, every object read back and CRC-checked
+    python checkpoint.py verify s3://bucket/run
+    # an FSDP folder -> one file
+    python checkpoint.py consolidate out/ckpt-00001000 ckpt.pt
 
 A checkpoint is one torch.save'd dict of tensors and plain Python values, read with
 weights_only=True, so a file can never run code when loaded. It keeps nanoGPT's keys (model,
@@ -28,7 +34,8 @@ from keep.store import candidates, consolidate, inspect
 
 
 def _size(path):
-    """Bytes of a file, or of a folder's files; 0 for what cannot be stat'ed (a dangling symlink)."""
+    """Bytes of a file, or of a folder's files; 0 for what cannot be stat'ed (a dangling
+    symlink)."""
     try:
         if not os.path.isdir(path):
             return os.stat(path).st_size
@@ -38,19 +45,20 @@ def _size(path):
 
 
 def describe(path):
-    """(one line: run id, branch, iteration, val loss measured at that iteration, size, time, whether
-    it loads, or that it is gone (deleted since it was listed: retention, under a running trainer);
-    its run id, or None)."""
+    """(one line: run id, branch, iteration, val loss measured at that iteration, size, time,
+    whether it loads, or that it is gone (deleted since it was listed: retention, under a running
+    trainer); its run id, or None)."""
     try:
         ckpt, status = inspect(path, crcs=True), "ok"
     except CheckpointError as e:
         ckpt, status = {}, f"BAD: {e}"
     try:
-        st = os.stat(path) if os.path.exists(path) else os.lstat(path)  # a dangling symlink: the link's own
+        # a dangling symlink: the link's own
+        st = os.stat(path) if os.path.exists(path) else os.lstat(path)
     except OSError:
         gone = "-"
-        return (f"{os.path.basename(path):<24} {gone:>8} {gone:>6} {gone:>8} {gone:>9} {gone:>12}  {gone:<19}  "
-                f"gone (deleted since listed)"), None
+        return (f"{os.path.basename(path):<24} {gone:>8} {gone:>6} {gone:>8} {gone:>9} {gone:>12}  "
+                f"{gone:<19}  gone (deleted since listed)"), None
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.st_mtime))
     name = os.path.basename(path) + ("/" if stat.S_ISDIR(st.st_mode) else "")
     meta = ckpt.get("metadata") or {}
@@ -58,12 +66,12 @@ def describe(path):
     val = f"{val:.4f}" if isinstance(val, float) else "-"
     branch, it = (meta.get("branch", 0), ckpt["iter_num"]) if ckpt else ("-", "-")
     run = meta.get("run_id") if isinstance(meta.get("run_id"), str) else None
-    return (f"{name:<24} {run or '-':>8} {branch:>6} {it:>8} {val:>9} {_size(path) / 2**20:9.1f} MB  {when}  "
-            f"{status}"), run
+    return (f"{name:<24} {run or '-':>8} {branch:>6} {it:>8} {val:>9} {_size(path) / 2**20:9.1f} "
+            f"MB  {when}  {status}"), run
 
 
-USAGE = ("usage: python checkpoint.py OUT_DIR | REMOTE_DIR | CHECKPOINT | verify CHECKPOINT | verify REMOTE_DIR | "
-         "consolidate FOLDER OUT.pt")
+USAGE = ("usage: python checkpoint.py OUT_DIR | REMOTE_DIR | CHECKPOINT | verify CHECKPOINT | "
+         "verify REMOTE_DIR | consolidate FOLDER OUT.pt")
 
 
 def main(argv):
@@ -78,8 +86,9 @@ def main(argv):
             ckpt = consolidate(argv[1], argv[2])
         except CheckpointError as e:
             sys.exit(f"error: {e}")
-        print(f"wrote {argv[2]} (iteration {ckpt['iter_num']}, {os.path.getsize(argv[2]) / 2**20:.1f} MB): "
-              f"sample.py, export.py --ckpt and train.py --resume_from read it")
+        print(f"wrote {argv[2]} (iteration {ckpt['iter_num']}, "
+              f"{os.path.getsize(argv[2]) / 2**20:.1f} MB): sample.py, export.py --ckpt and "
+              "train.py --resume_from read it")
         return
     verify = argv[:1] == ["verify"]
     if len(argv) != 1 + verify:
@@ -102,8 +111,8 @@ def main(argv):
             sys.exit(f"error: {e}")
         if not files:
             sys.exit(f"error: no checkpoint in {target!r}")
-        print(f"{'file (newest first)':<24} {'run':>8} {'branch':>6} {'iter':>8} {'val loss':>9} {'size':>12}  "
-              f"{'written':<19}  status")
+        print(f"{'file (newest first)':<24} {'run':>8} {'branch':>6} {'iter':>8} {'val loss':>9} "
+              f"{'size':>12}  {'written':<19}  status")
         bad, runs = 0, {}
         for path in files:
             line, run = describe(path)
@@ -112,12 +121,14 @@ def main(argv):
                 runs.setdefault(run, []).append(os.path.basename(path))
             print(line, flush=True)
         if bad:  # every file listed first; then a script or CI job can tell from the exit code
-            sys.exit(f"error: {bad} of the {len(files)} checkpoints in {target} {'is' if bad == 1 else 'are'} bad "
-                     f"(see BAD above)")
+            sys.exit(f"error: {bad} of the {len(files)} checkpoints in {target} "
+                     f"{'is' if bad == 1 else 'are'} bad (see BAD above)")
         if len(runs) > 1:  # one folder holds one run: train.py refuses it too (resume.one_run)
             sys.exit(f"error: {target} holds {len(runs)} runs (" + "; ".join(
-                f"{r}: {', '.join(sorted(names))}" for r, names in sorted(runs.items(), key=lambda r: -len(r[1])))
-                + "): one folder holds one run; move each other run's files into a folder of their own")
+                f"{r}: {', '.join(sorted(names))}"
+                for r, names in sorted(runs.items(), key=lambda r: -len(r[1])))
+                + "): one folder holds one run; move each other run's files into a folder of "
+                  "their own")
         return
     try:
         ckpt = inspect(target, crcs=verify)
@@ -143,13 +154,17 @@ def main(argv):
     resumes = meta.pop("resumes", [])
     for k, v in meta.items():
         print(f"{k + ':':<15}{v}")
-    print(f"exact resume:  {'yes' if 'rng' in ckpt else 'no (no RNG state: resume is approximate)'}")
+    print("exact resume:  "
+          f"{'yes' if 'rng' in ckpt else 'no (no RNG state: resume is approximate)'}")
     record = ckpt.get("tokenizer")
-    print("tokenizer:     " + ("none inside (nanoGPT's, or older): sample.py uses its dataset's meta.pkl" if record is None
-                                else f"a char vocab of {len(record['itos'])} symbols" if record["kind"] == "char"
-                                else f"BPE {record['name']}"))
+    print("tokenizer:     "
+          + ("none inside (nanoGPT's, or older): sample.py uses its dataset's meta.pkl"
+             if record is None
+             else f"a char vocab of {len(record['itos'])} symbols" if record["kind"] == "char"
+             else f"BPE {record['name']}"))
     if "files" in ckpt:
-        print(f"sharded:       {len(ckpt['files'])} files, each CRC-checked (DCP; consolidate makes one file)")
+        print(f"sharded:       {len(ckpt['files'])} files, each CRC-checked (DCP; consolidate "
+              "makes one file)")
     elif not verify:
         print(f"checked:       its header only (the weights are not read); "
               f"python checkpoint.py verify {target} checks every byte's CRC")
@@ -158,8 +173,9 @@ def main(argv):
     print(f"lineage:       began from {meta.get('init_from', '?')}, resumed {len(resumes)} time(s)")
     for r in resumes:  # (written by train.py; shown as found in a file from elsewhere)
         changed = r.get("changed") if isinstance(r.get("changed"), dict) else {}
-        changed = ", ".join(f"{k} {' -> '.join(map(repr, v)) if isinstance(v, (list, tuple)) else repr(v)}"
-                            for k, v in changed.items()) or "nothing changed"
+        changed = ", ".join(
+            f"{k} {' -> '.join(map(repr, v)) if isinstance(v, (list, tuple)) else repr(v)}"
+            for k, v in changed.items()) or "nothing changed"
         print(f"  {r.get('time', '?')}  iteration {r.get('iter', '?')} from {r.get('from', '?')} "
               f"(branch {r.get('branch', '?')}): {changed}")
 

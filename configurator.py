@@ -5,11 +5,11 @@ Config for train.py, sample.py, bench.py and export.py: their plain-valued globa
 
 Each positional argument is a Python file executed into the script's globals; each --key=value
 then overrides one global, the value read as a Python literal (or taken as a string if it is not
-one); a bare --key sets a True/False knob to True. Then every value is checked (RANGES, CHOICES, NOT_EMPTY, and values that must fit
-together), once, here, for whichever of these keys a script has; once the data and the model's
-shape are known, check_data and check_fits judge them (block_size against the data; the training
-state and a micro-batch's activations against the device's memory). Mistakes end with one line on
-stderr and exit code 2, never a traceback.
+one); a bare --key sets a True/False knob to True. Then every value is checked (RANGES, CHOICES,
+NOT_EMPTY, and values that must fit together), once, here, for whichever of these keys a script has;
+once the data and the model's shape are known, check_data and check_fits judge them (block_size
+against the data; the training state and a micro-batch's activations against the device's memory).
+Mistakes end with one line on stderr and exit code 2, never a traceback.
 
 Exit codes, the same in every script: 2 when the command is wrong (an unknown key, a value of the
 wrong type, out of range or not fitting the data or the model, a config or prompt file that cannot
@@ -46,33 +46,41 @@ def _unknown(key, keys, where):
 
 
 def _coerce(key, value, default, where):
-    """value as the type of default: int -> float is fine, anything else that differs is an error."""
+    """value as the type of default: int -> float is fine, anything else that differs is an
+    error."""
     if default is None or type(value) is type(default):
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    fail(f"{key} {where} must be {type(default).__name__} (like {default!r}), got {type(value).__name__} {value!r}")
+    fail(f"{key} {where} must be {type(default).__name__} (like {default!r}), got "
+         f"{type(value).__name__} {value!r}")
 
 
 # (lowest, highest) allowed for numeric knobs, None for no bound; a float must also be finite
-AT_LEAST_1 = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_size", "gradient_accumulation_steps",
-              "eval_interval", "log_interval", "keep_last", "num_samples", "max_new_tokens",
-              "timed_steps", "max_batch", "num_proc", "windows", "remote_lease")
-AT_LEAST_0 = ("eval_iters", "eval_tokens", "eval_tasks_interval", "remote_wait", "max_iters", "warmup_iters", "lr_decay_iters", "checkpoint_interval", "keep_every",
-              "checkpoint_minutes", "warmup_steps", "learning_rate", "min_lr", "weight_decay", "grad_clip",
-              "peak_flops", "temperature", "top_k")
+AT_LEAST_1 = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_size",
+              "gradient_accumulation_steps", "eval_interval", "log_interval", "keep_last",
+              "num_samples", "max_new_tokens", "timed_steps", "max_batch", "num_proc", "windows",
+              "remote_lease")
+AT_LEAST_0 = ("eval_iters", "eval_tokens", "eval_tasks_interval", "remote_wait", "max_iters",
+              "warmup_iters", "lr_decay_iters", "checkpoint_interval", "keep_every",
+              "checkpoint_minutes", "warmup_steps", "learning_rate", "min_lr", "weight_decay",
+              "grad_clip", "peak_flops", "temperature", "top_k")
 RANGES = {**{k: (1, None) for k in AT_LEAST_1}, **{k: (0, None) for k in AT_LEAST_0},
-          "dropout": (0, 0.999), "beta1": (0, 0.999999), "beta2": (0, 0.999999), "seed": (0, 2**32 - 1),
-          "window_keep": (0, 1), "shard_mb": (0.001, None)}
-CHOICES = {"backend": ("auto", "nccl", "gloo"), "dtype": ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
-           "format": ("hf", "safetensors"), "which": ("best", "latest"), "mode": ("train", "checkpoint"),
-           "tokenizer": ("gpt2", "char"), "parallelism": ("ddp", "fsdp")}
+          "dropout": (0, 0.999), "beta1": (0, 0.999999), "beta2": (0, 0.999999),
+          "seed": (0, 2**32 - 1), "window_keep": (0, 1), "shard_mb": (0.001, None)}
+CHOICES = {"backend": ("auto", "nccl", "gloo"),
+           "dtype": ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+           "format": ("hf", "safetensors"), "which": ("best", "latest"),
+           "mode": ("train", "checkpoint"), "tokenizer": ("gpt2", "char"),
+           "parallelism": ("ddp", "fsdp")}
 NOT_EMPTY = ("out_dir", "dataset", "device", "to", "text_field")
-DEVICE = re.compile(r"auto|(cpu|cuda|mps)(:\d+)?")  # a device name; whether this machine has it: devices.py
+# a device name; whether this machine has it: devices.py
+DEVICE = re.compile(r"auto|(cpu|cuda|mps)(:\d+)?")
 
 
 def check(namespace):
-    """Every rule below that applies to the keys namespace has, and the values that must fit together."""
+    """Every rule below that applies to the keys namespace has, and the values that must fit
+    together."""
     for key, (low, high) in RANGES.items():
         v = namespace.get(key)
         if not isinstance(v, (int, float)) or isinstance(v, bool):
@@ -80,19 +88,22 @@ def check(namespace):
         if isinstance(v, float) and not math.isfinite(v):
             fail(f"{key}={v!r} must be a finite number")
         if v < low or (high is not None and v > high):
-            fail(f"{key}={v!r} must be " + (f"at least {low}" if high is None else f"between {low} and {high}"))
+            fail(f"{key}={v!r} must be "
+                 + (f"at least {low}" if high is None else f"between {low} and {high}"))
     for key, allowed in CHOICES.items():
-        if isinstance(namespace.get(key), str) and namespace[key] not in allowed:  # (export.py's tokenizer is a module)
+        # (export.py's tokenizer is a module)
+        if isinstance(namespace.get(key), str) and namespace[key] not in allowed:
             fail(f"{key}={namespace[key]!r} is not one of {', '.join(map(repr, allowed))}")
     for key in NOT_EMPTY:
         if namespace.get(key) == "":
             fail(f"{key} is empty; give it a value (--{key}=...)")
-    if isinstance(namespace.get("device"), str) and namespace["device"] and not DEVICE.fullmatch(namespace["device"]):
+    if (isinstance(namespace.get("device"), str) and namespace["device"]
+            and not DEVICE.fullmatch(namespace["device"])):
         fail(f"device={namespace['device']!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
     for key in ("limit", "eval_tasks_limit"):  # eval.py's and train.py's count of task examples
         if isinstance(namespace.get(key), int) and (namespace[key] == 0 or namespace[key] < -1):
-            fail(f"{key}={namespace[key]} scores no example; give N >= 1 (the first N of each task) "
-                 f"or -1 (all of them)")
+            fail(f"{key}={namespace[key]} scores no example; give N >= 1 (the first N of each "
+                 f"task) or -1 (all of them)")
     for key in ("tasks", "eval_tasks"):
         if isinstance(namespace.get(key), str) and (key == "tasks" or namespace[key]):
             try:
@@ -101,7 +112,8 @@ def check(namespace):
                 fail(f"{key}: {e}")
     if namespace.get("wandb_log") is True and importlib.util.find_spec("wandb") is None:
         fail("wandb_log=True needs the wandb package: pip install wandb", 1)
-    if "n_embd" in namespace and "n_head" in namespace and namespace["n_embd"] % namespace["n_head"]:
+    if ("n_embd" in namespace and "n_head" in namespace
+            and namespace["n_embd"] % namespace["n_head"]):
         fail(f"n_embd={namespace['n_embd']} must be a multiple of n_head={namespace['n_head']} "
              f"(each head gets n_embd/n_head dimensions)")
     if isinstance(namespace.get("remote_dir"), str) and namespace["remote_dir"]:
@@ -111,19 +123,21 @@ def check(namespace):
     for key in ("out_dir", "to", "remote_dir"):  # a file where a folder should be can never work
         if namespace.get(key) and "://" not in namespace[key]:
             _check_folders(key, namespace[key], may_be_file=key == "to", reads="ckpt" in namespace)
-    for key in ("resume_from", "ckpt"):  # a checkpoint file (or FSDP's checkpoint folder) named by the command
-        if isinstance(namespace.get(key), str) and namespace[key] and "://" not in namespace[key] and \
-                not os.path.lexists(namespace[key]):
+    # a checkpoint file (or FSDP's checkpoint folder) named by the command
+    for key in ("resume_from", "ckpt"):
+        if isinstance(namespace.get(key), str) and namespace[key] and \
+                "://" not in namespace[key] and not os.path.lexists(namespace[key]):
             fail(f"{key} {namespace[key]!r}: no such file or folder")
     if namespace.get("parallelism") == "fsdp" and namespace.get("dtype") in ("float16", "fp16"):
-        fail("dtype=float16 needs a gradient scaler, which FSDP here does without: use --dtype=bfloat16 "
-             "(or float32) with --parallelism=fsdp")
+        fail("dtype=float16 needs a gradient scaler, which FSDP here does without: use "
+             "--dtype=bfloat16 (or float32) with --parallelism=fsdp")
     if namespace.get("bench_dir") and not os.path.isdir(namespace["bench_dir"]):
         fail(f"bench_dir {namespace['bench_dir']!r} is not a folder")
 
 
 # remote_dir's protocols: object stores and disks that keep what they are given. Others that fsspec
-# knows (zip://, http://, memory://, ...) are refused: a "durable copy" there is none, or cannot work
+# knows (zip://, http://, memory://, ...) are refused: a "durable copy" there is none, or cannot
+# work
 PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "file")
 URL = re.compile(r"([a-z][a-z0-9+.-]*)://(.*)", re.I)
 
@@ -132,13 +146,15 @@ def url_problem(url):
     """Why url cannot be a remote_dir (None if it can): a well-formed URL of a known protocol with a
     bucket (s3://bucket/run), file:///absolute/path, or an absolute path. `s3:/x`, `s3:x`, `s3//x`
     and `s3://` (an unset $BUCKET) would otherwise be folders under the current directory."""
-    if any(c in url for c in "*?[]"):  # fsspec reads these as a pattern: a delete could reach past the run
+    # fsspec reads these as a pattern: a delete could reach past the run
+    if any(c in url for c in "*?[]"):
         return "holds a wildcard character (* ? [ ]); name a plain folder"
     m = URL.fullmatch(url)
     if m is None:
         if not os.path.isabs(url):
-            return ("is neither a URL (s3://bucket/run, gs://..., az://..., file:///path) nor an absolute "
-                    "path; a relative one would put the durable copy on this machine's disk")
+            return ("is neither a URL (s3://bucket/run, gs://..., az://..., file:///path) nor an "
+                    "absolute path; a relative one would put the durable copy on this machine's "
+                    "disk")
         return None
     protocol, rest = m.group(1).lower(), m.group(2)
     if protocol not in PROTOCOLS:
@@ -148,13 +164,15 @@ def url_problem(url):
         return None if rest.startswith("/") else "must be file:///absolute/path (three slashes)"
     bucket = rest.split("/", 1)[0]
     if not bucket or bucket in (".", ".."):
-        return f"names no bucket: give {protocol}://BUCKET/PATH (is a variable in the command empty?)"
+        return (f"names no bucket: give {protocol}://BUCKET/PATH (is a variable in the command "
+                "empty?)")
     return None
 
 
 def _check_folders(key, path, may_be_file, reads=False):
     """path's nearest existing ancestor (path itself included unless it may be a file) is a folder.
-    reads: the script reads a checkpoint (sample.py, export.py), so an out_dir that is one means --ckpt."""
+    reads: the script reads a checkpoint (sample.py, export.py), so an out_dir that is one means
+    --ckpt."""
     full = os.path.abspath(path)
     at = full if not may_be_file else os.path.dirname(full)
     while not os.path.exists(at):
@@ -171,8 +189,8 @@ def check_data(block_size, split_tokens, dataset):
     split_tokens: {split: number of tokens}."""
     for split, n in split_tokens.items():
         if n <= block_size:
-            fail(f"block_size={block_size} is too long for dataset {dataset!r}: its {split}.bin has {n} tokens, "
-                 f"and a batch row needs block_size+1; use a smaller --block_size")
+            fail(f"block_size={block_size} is too long for dataset {dataset!r}: its {split}.bin "
+                 f"has {n} tokens, and a batch row needs block_size+1; use a smaller --block_size")
 
 
 def check_fits(model_args, device, known, shards=1, batch_size=0, procs=1, host_copy=False):
@@ -186,18 +204,19 @@ def check_fits(model_args, device, known, shards=1, batch_size=0, procs=1, host_
     devices.one_line_out_of_memory makes that one line.) host_copy: background checkpoints keep a
     copy of the weights and AdamW's moments in host memory (12 bytes per parameter). known: the
     device's (total, available) memory in bytes (devices.memory), or None when it cannot be told."""
-    d, L, V, T = model_args["n_embd"], model_args["n_layer"], model_args["vocab_size"], model_args["block_size"]
+    d, L, V, T = (model_args["n_embd"], model_args["n_layer"], model_args["vocab_size"],
+                  model_args["block_size"])
     params = n_params(model_args)
     if known is None:
         return
     total, available = known
     state = 16 * params / shards
     if state > total:
-        fail(f"n_layer={L}, n_embd={d}, block_size={T}, vocab {V}: {params / 1e9:.1f}B parameters need "
-             f"{state / 2**30:.0f} GiB to train (weights, gradients, AdamW"
+        fail(f"n_layer={L}, n_embd={d}, block_size={T}, vocab {V}: {params / 1e9:.1f}B parameters "
+             f"need {state / 2**30:.0f} GiB to train (weights, gradients, AdamW"
              f"{f', sharded {shards} ways' if shards > 1 else ''}), more than this {device}'s "
-             f"{total / 2**30:.0f} GiB; make the model smaller" + ("" if shards > 1 else " or use --parallelism=fsdp "
-                                                                    "on several GPUs"))
+             f"{total / 2**30:.0f} GiB; make the model smaller"
+             + ("" if shards > 1 else " or use --parallelism=fsdp on several GPUs"))
     if device != "cpu" or not batch_size:
         return
     act = activation_bytes(model_args, batch_size)
@@ -206,12 +225,13 @@ def check_fits(model_args, device, known, shards=1, batch_size=0, procs=1, host_
     if procs * (state + act + STEP_OVERHEAD) <= available:
         return
     if procs * (state + STEP_OVERHEAD) > available:  # the model alone is too much
-        fail(f"{params / 1e6:.0f}M parameters need {_size(state)} to train{each} (weights, gradients, AdamW), more "
-             f"than the {_size(available)} this machine has available; make the model smaller or free memory")
-    fail(f"batch_size={batch_size} x block_size={T} needs about {_size(act)} for one micro-batch's activations "
-         f"(forward and backward) on top of {_size(state)} of training state{each}, more than the "
-         f"{_size(available)} this machine has available; lower batch_size (raising gradient_accumulation_steps "
-         f"keeps the global batch) or block_size")
+        fail(f"{params / 1e6:.0f}M parameters need {_size(state)} to train{each} (weights, "
+             f"gradients, AdamW), more than the {_size(available)} this machine has available; "
+             "make the model smaller or free memory")
+    fail(f"batch_size={batch_size} x block_size={T} needs about {_size(act)} for one micro-batch's "
+         f"activations (forward and backward) on top of {_size(state)} of training state{each}, "
+         f"more than the {_size(available)} this machine has available; lower batch_size (raising "
+         "gradient_accumulation_steps keeps the global batch) or block_size")
 
 
 def _size(n):
@@ -219,12 +239,15 @@ def _size(n):
 
 
 # Peak memory of one CPU training step (forward, backward, grad clip, fused AdamW), over what the
-# process held before it built the model: ru_maxrss of a child process running tests/test_model.py's STEP
-# (torch 2.13, eager, fp32, 2026-12-01 on 2-core AMD EPYC, one thread; the third row also with two threads and with torch.compile), MiB:
-#   n_layer n_head n_embd block_size vocab dropout batch | measured | estimate: 16 n_params + activations + overhead
+# process held before it built the model: ru_maxrss of a child process running tests/test_model.py's
+# STEP (torch 2.13, eager, fp32, 2026-12-01 on 2-core AMD EPYC, one thread; the third row also with
+# two threads and with torch.compile), MiB:
+#   n_layer n_head n_embd block_size vocab dropout batch | measured | estimate: 16 n_params +
+#                                                        |          | activations + overhead
 #         1      1      8          8    65     0.0     1 |       82 |   128
 #         6      6    384        256    65     0.0    16 |     1073 |  1449
-#         6      6    384        256    65     0.2    16 |     1788 |  3561 (two threads 1797; compiled 1317)
+#         6      6    384        256    65     0.2    16 |     1788 |  3561 (two threads 1797;
+#                                                        |          |       compiled 1317)
 #         6      6    384        256    65     0.2    32 |     3210 |  4430
 #         8      4     64        256    65     0.0     8 |      187 |   265
 #         8      4     64        256    65     0.1     8 |      492 |  1193
@@ -234,12 +257,13 @@ def _size(n):
 #         2      8     64       1024    65     0.2     4 |     1048 |  1992
 #         2      8     64       1024    65     0.0     4 |      142 |   200
 #         1      8     32        512    65     0.1     2 |      181 |   422
-#         2      8     32        512    65     0.1     2 |      268 |   650 (484 on the CI machine; 596 in a
-#                                                             |          |        full suite run, 2026-12-07)
+#         2      8     32        512    65     0.1     2 |      268 |   650 (484 on the CI machine;
+#                                                        |          |       596 in a full suite run,
+#                                                        |          |       2026-12-07)
 #         4      8     32        512    65     0.1     2 |      434 |  1106
 # Saved for backward (counted with torch.autograd.graph.saved_tensors_hooks), per token: 16 floats
-# per layer and n_embd (18 with dropout), 1 per vocab entry (the log-softmax), and with dropout 3 per
-# layer and entry of the attention matrix; without dropout the CPU's fused attention keeps no
+# per layer and n_embd (18 with dropout), 1 per vocab entry (the log-softmax), and with dropout 3
+# per layer and entry of the attention matrix; without dropout the CPU's fused attention keeps no
 # batch x n_head x block^2 matrix. The coefficients below add backward's gradients and what the
 # allocator keeps: with dropout the peak held 5-6 attention matrices per layer where each is under
 # malloc's 32 MiB mmap threshold (freed ones stay in the heap), 3.7 where each is larger. The
@@ -250,48 +274,58 @@ def _size(n):
 # the saved tensors measured 0.66x (layers), 1.1x (logits), 0.93x (attention) of fp32's: the fp32
 # figure is used for every dtype.
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest: a freed block under it stays in the process's heap
-STEP_OVERHEAD = 128 * 2**20  # the first step's kernels and thread pools (82 MiB for a 1,472-parameter model)
+# the first step's kernels and thread pools (82 MiB for a 1,472-parameter model)
+STEP_OVERHEAD = 128 * 2**20
 
 
 def n_params(model_args):
     """GPT's parameter count from its shape, biases and LayerNorms left out: 12 n_embd^2 per layer
     (attention 4, MLP 8), and the token and position embeddings."""
     d = model_args["n_embd"]
-    return 12 * model_args["n_layer"] * d * d + (model_args["vocab_size"] + model_args["block_size"]) * d
+    return (12 * model_args["n_layer"] * d * d
+            + (model_args["vocab_size"] + model_args["block_size"]) * d)
 
 
 def activation_bytes(model_args, batch_size):
-    """About the most memory one micro-batch's forward and backward hold at once on a CPU (see above)."""
-    d, L, V, T, H = (model_args[k] for k in ("n_embd", "n_layer", "vocab_size", "block_size", "n_head"))
+    """About the most memory one micro-batch's forward and backward hold at once on a CPU (see
+    above)."""
+    d, L, V, T, H = (model_args[k]
+                     for k in ("n_embd", "n_layer", "vocab_size", "block_size", "n_head"))
     tokens = batch_size * T
-    floats = tokens * (32 * L * d + 5 * V)  # the layers' saved tensors and gradients; logits, log-softmax, theirs
-    if model_args.get("dropout", 0.0) > 0:  # attention's dropout runs the math path: the whole matrix per layer
+    # the layers' saved tensors and gradients; logits, log-softmax, theirs
+    floats = tokens * (32 * L * d + 5 * V)
+    # attention's dropout runs the math path: the whole matrix per layer
+    if model_args.get("dropout", 0.0) > 0:
         matrix = batch_size * H * T * T
-        kept = 14 * L + 4 if 4 * matrix < MMAP_THRESHOLD else 6 * L + 2  # freed ones stay in the heap
+        # freed ones stay in the heap
+        kept = 14 * L + 4 if 4 * matrix < MMAP_THRESHOLD else 6 * L + 2
         floats += kept * matrix
     return 4 * floats
 
 
 def help_text(namespace, path, before=None):
-    """--help, read from the script at path so that it never drifts from the code: its docstring, then
-    each knob in the order of the code as --key=default and the comment on its line (comment lines
-    right above a knob are printed as they are: the code's own headings). A knob's line is its last
-    `key = ...` (or `key=...,` in a dict) before line `before`, the configure() call; knobs set where
-    no line of the script shows them come last."""
+    """--help, read from the script at path so that it never drifts from the code: its docstring,
+    then each knob in the order of the code as --key=default and the comment on its line (comment
+    lines right above a knob are printed as they are: the code's own headings). A knob's line is its
+    last `key = ...` (or `key=...,` in a dict) before line `before`, the configure() call; knobs set
+    where no line of the script shows them come last."""
     with open(path, encoding="utf-8") as f:
         source = f.read()
     keys = config_keys(namespace)
     doc = (ast.get_docstring(ast.parse(source)) or "").strip()
     out = [doc, ""] if doc else []
     out.append("Knobs (--key=value, config files: configurator.py), with their defaults:")
-    lines, shown, above = {}, [], []  # line number: (knob, its comment); above: comment lines over the next line
+    # line number: (knob, its comment); above: comment lines over the next line
+    lines, shown, above = {}, [], []
     tokens = [t for t in tokenize.generate_tokens(io.StringIO(source).readline)
               if t.type not in (tokenize.INDENT, tokenize.DEDENT)]
     for i, t in enumerate(tokens[:-1]):
-        first = i == 0 or tokens[i - 1].type in (tokenize.NL, tokenize.NEWLINE) or tokens[i - 1].string in ("(", ",")
+        first = (i == 0 or tokens[i - 1].type in (tokenize.NL, tokenize.NEWLINE)
+                 or tokens[i - 1].string in ("(", ","))
         if t.type == tokenize.NAME and first and tokens[i + 1].string == "=" and t.string in keys \
                 and (before is None or t.start[0] < before):
-            comment = next((c.string for c in tokens[i:] if c.start[0] == t.start[0] and c.type == tokenize.COMMENT), "")
+            comment = next((c.string for c in tokens[i:] if c.start[0] == t.start[0]
+                            and c.type == tokenize.COMMENT), "")
             lines = {row: v for row, v in lines.items() if v[0] != t.string}  # the last one counts
             lines[t.start[0]] = (t.string, comment[1:].strip())
     headings = {}
@@ -338,7 +372,8 @@ def configure(namespace, argv=None):
                 fail(f"config file {arg!r} failed: {type(e).__name__}: {e}")
             # the names the file assigns, even to their default value: on resume a file's value
             # wins over the run's stored one, so "set" must not mean "differs from the default"
-            assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
+                        and isinstance(n.ctx, ast.Store)}
             for k in sorted(assigned & scope.keys()):
                 v = scope[k]
                 if k.startswith("_") or isinstance(v, (types.ModuleType, types.FunctionType, type)):
@@ -359,8 +394,10 @@ def configure(namespace, argv=None):
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text  # not a literal: a plain string such as --device=cpu
-            if isinstance(defaults[key], float) and text.strip().lower() in ("nan", "inf", "+inf", "-inf"):
-                value = float(text)  # not a literal, but a float all the same: the range check rejects it
+            if (isinstance(defaults[key], float)
+                    and text.strip().lower() in ("nan", "inf", "+inf", "-inf")):
+                # not a literal, but a float all the same: the range check rejects it
+                value = float(text)
             if isinstance(defaults[key], str) and not isinstance(value, str):
                 value = text  # --out_dir=123 means the string '123'
             namespace[key] = _coerce(key, value, defaults[key], f"in {arg}")

@@ -37,8 +37,9 @@ FINGERPRINT_READS = 64
 # (256 MB of uint16, well under a second) is read whole; a bigger one (openwebtext's 9B-id train.bin
 # would take a minute of reading at every start) is read in SCAN_PIECES pieces of 64K ids spread
 # over it: a wrong vocab_size shows in any piece, as every id of a vocab turns up all through a
-# corpus. Every batch drawn is checked too (TokenData._rows, a max over a few thousand ids), so an id
-# the pieces missed still ends in the same one line, never an IndexError (or a CUDA assert) in the model.
+# corpus. Every batch drawn is checked too (TokenData._rows, a max over a few thousand ids), so an
+# id the pieces missed still ends in the same one line, never an IndexError (or a CUDA assert) in
+# the model.
 SCAN_ALL, SCAN_PIECES, SCAN_PIECE = 1 << 27, 256, 1 << 16
 
 
@@ -50,9 +51,11 @@ def write_bin(path, ids):
 
 
 def largest_id(ids):
-    """The largest id of a bin: all of it up to SCAN_ALL ids, else SCAN_PIECES pieces spread over it."""
+    """The largest id of a bin: all of it up to SCAN_ALL ids, else SCAN_PIECES pieces spread over
+    it."""
     if len(ids) <= SCAN_ALL:
-        return max((int(ids[at:at + (1 << 24)].max()) for at in range(0, len(ids), 1 << 24)), default=0)
+        return max((int(ids[at:at + (1 << 24)].max()) for at in range(0, len(ids), 1 << 24)),
+                   default=0)
     starts = np.linspace(0, len(ids) - SCAN_PIECE, SCAN_PIECES).astype(np.int64)
     return max(int(ids[a:a + SCAN_PIECE].max()) for a in starts)
 
@@ -80,13 +83,15 @@ class TokenData:
         self.meta = read_meta(meta) if self.meta_path else {}
         dtype = meta_dtype(self.meta)
         self.limit = self.meta.get("vocab_size", GPT2_IDS)  # every id is below it
-        self.record = tokenizer.of_meta(self.meta)  # what checkpoints store of this data's tokenizer
+        # what checkpoints store of this data's tokenizer
+        self.record = tokenizer.of_meta(self.meta)
         self.bins = {}
         for split in ("train", "val"):
             path = os.path.join(self.dir, f"{split}.bin")
             if not os.path.exists(path):
                 what = "does not exist" if not os.path.isdir(self.dir) else f"has no {split}.bin"
-                ready = sorted(d for d in os.listdir(data_dir) if os.path.exists(os.path.join(data_dir, d, "val.bin")))
+                ready = sorted(d for d in os.listdir(data_dir)
+                               if os.path.exists(os.path.join(data_dir, d, "val.bin")))
                 hint = f"run: python {prepare}" if os.path.exists(prepare) else \
                     f"prepare it first (docs/data.md); prepared here: {', '.join(ready) or 'none'}"
                 raise RunError(f"dataset {dataset!r} ({self.dir}) {what}; {hint}")
@@ -95,20 +100,24 @@ class TokenData:
                 raise RunError(f"{path} is not a whole number of {dtype} ids; "
                                f"prepare dataset {dataset!r} again")
             # (an empty file cannot be mapped; check_data then says it is too short)
-            self.bins[split] = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
+            self.bins[split] = (np.memmap(path, dtype=dtype, mode="r")
+                                if os.path.getsize(path) else np.zeros(0, dtype))
             self._check_ids(split, largest_id(self.bins[split]))
 
     def _check_ids(self, split, top):
         if top >= self.limit:
-            vocab = (f"the vocab of {self.limit} that {self.meta_path} records" if self.meta_path else
+            vocab = (f"the vocab of {self.limit} that {self.meta_path} records"
+                     if self.meta_path else
                      f"GPT-2 BPE's {self.limit} ids (there is no meta.pkl)")
-            raise RunError(f"{os.path.join(self.dir, split + '.bin')} holds id {top}, outside {vocab}; prepare dataset "
-                           f"{self.name!r} again: {prepare_command(self.dir, self.meta)}")
+            raise RunError(f"{os.path.join(self.dir, split + '.bin')} holds id {top}, outside "
+                           f"{vocab}; prepare dataset {self.name!r} again: "
+                           f"{prepare_command(self.dir, self.meta)}")
 
     def fingerprint(self):
-        """{split: [size in bytes, a hash]} of the bins, cheap at any size: the hash is of FINGERPRINT_READS
-        pieces of 4 KB spread over each file (a changed corpus changes the size or, almost always, some
-        piece), not of a full read of a 54 GB openwebtext. Checkpoints store it; a resume compares."""
+        """{split: [size in bytes, a hash]} of the bins, cheap at any size: the hash is of
+        FINGERPRINT_READS pieces of 4 KB spread over each file (a changed corpus changes the size
+        or, almost always, some piece), not of a full read of a 54 GB openwebtext. Checkpoints store
+        it; a resume compares."""
         out = {}
         for split in ("train", "val"):
             path = os.path.join(self.dir, f"{split}.bin")
@@ -136,8 +145,8 @@ class TokenData:
         return self.meta["vocab_size"]
 
     def windows(self, split, tokens, block_size):
-        """How many eval windows the split's first `tokens` tokens make (0: the whole split), each of
-        block_size scored tokens; at least one."""
+        """How many eval windows the split's first `tokens` tokens make (0: the whole split),
+        each of block_size scored tokens; at least one."""
         fit = (len(self.bins[split]) - 1) // block_size
         return fit if not tokens else max(1, min(fit, tokens // block_size))
 
@@ -149,8 +158,10 @@ class TokenData:
     def _rows(self, split, offsets, block_size):
         data = self.bins[split]  # configurator.check_data made sure it is longer than block_size
         chunk = data[offsets[:, None] + np.arange(block_size + 1)].astype(np.int64)
-        self._check_ids(split, int(chunk.max(initial=0)))  # what the scan's pieces of a big bin missed (SCAN_ALL)
-        import torch  # here, not at the top: data/prepare.py uses this module's format without torch
+        # what the scan's pieces of a big bin missed (SCAN_ALL)
+        self._check_ids(split, int(chunk.max(initial=0)))
+        # here, not at the top: data/prepare.py uses this module's format without torch
+        import torch
         chunk = torch.from_numpy(chunk)
         return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
 
@@ -158,10 +169,12 @@ class TokenData:
         rng = np.random.default_rng([seed, stream, step])
         return rng.integers(0, len(self.bins[split]) - block_size, size=count)
 
-    def train_batch(self, seed, it, micro_step, batch_size, block_size, accum_per_rank, rank=0, world_size=1):
+    def train_batch(self, seed, it, micro_step, batch_size, block_size, accum_per_rank, rank=0,
+                    world_size=1):
         """One rank's rows of iteration `it` for one micro-step. The whole global batch
         (batch_size * accum_per_rank * world_size rows) is drawn and sliced, so it does not
         depend on how the rows are split between ranks and micro-steps."""
         first = (rank * accum_per_rank + micro_step) * batch_size
-        offsets = self._offsets("train", TRAIN_STREAM, seed, it, batch_size * accum_per_rank * world_size, block_size)
+        offsets = self._offsets("train", TRAIN_STREAM, seed, it,
+                                batch_size * accum_per_rank * world_size, block_size)
         return self._rows("train", offsets[first:first + batch_size], block_size)

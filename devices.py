@@ -26,13 +26,16 @@ def pick_device(device):
     """'auto' -> cuda > mps > cpu; anything else is taken as given (cuda:1, cpu, ...) once it is
     known to exist here."""
     if device != "auto":
-        d = torch.device(device)  # a malformed name raises RuntimeError; configurator.py checks names first
+        # a malformed name raises RuntimeError; configurator.py checks names first
+        d = torch.device(device)
         if d.type not in ("cpu", "cuda", "mps"):
             raise ValueError(f"device={device!r}: this project runs on cpu, cuda or mps")
         if d.type == "cuda" and not torch.cuda.is_available():
-            raise DeviceError(f"device={device!r} but no CUDA GPU is visible; use --device=cpu or --device=auto")
+            raise DeviceError(f"device={device!r} but no CUDA GPU is visible; use --device=cpu or "
+                              "--device=auto")
         if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
-            raise DeviceError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+            raise DeviceError(f"device={device!r} but this machine has {torch.cuda.device_count()} "
+                              "CUDA GPU(s)")
         if d.type == "mps" and not torch.backends.mps.is_available():
             raise DeviceError(f"device={device!r} but MPS is not available here; use --device=auto")
         return device
@@ -57,8 +60,8 @@ def pick_dtype(dtype, device, log=None):
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype={dtype!r} is not one of auto, float32, bfloat16, float16")
     if log and device == "cpu" and dtype != "float32":
-        log(f"warning: {dtype} on this CPU is much slower than float32 (no bf16/fp16 matrix units); "
-            f"use --dtype=float32 for speed")
+        log(f"warning: {dtype} on this CPU is much slower than float32 (no bf16/fp16 matrix "
+            "units); use --dtype=float32 for speed")
     return dtype
 
 
@@ -94,15 +97,16 @@ def memory(device):
     return total, available
 
 
-def one_line_out_of_memory(advice="lower batch_size (raising gradient_accumulation_steps keeps the global "
-                                   "batch), block_size or the model's size"):
+def one_line_out_of_memory(advice="lower batch_size (raising gradient_accumulation_steps keeps the "
+                                   "global batch), block_size or the model's size"):
     """Running out of memory anywhere (a batch or model too big for the device) ends the process
     with one error line and exit 1 instead of a traceback; checkpoints already written are intact.
     For scripts: it installs the process's excepthook."""
     previous = sys.excepthook
 
     def hook(kind, e, tb):
-        if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e):
+        if (isinstance(e, (torch.OutOfMemoryError, MemoryError))
+                or "can't allocate memory" in str(e)):
             say(f"error: out of memory ({first_line(e)[:160]}); {advice}", err=True)
         else:
             previous(kind, e, tb)
@@ -124,7 +128,8 @@ def peak_flops_for(device, dtype, configured=0.0):
         name = torch.cuda.get_device_name(device)
         for key, peak in GPU_PEAK_FLOPS.items():
             if key in name:
-                return peak if dtype != "float32" else peak / 2  # tf32 runs at about half the bf16 rate
+                # tf32 runs at about half the bf16 rate
+                return peak if dtype != "float32" else peak / 2
     return measure_matmul_flops(device)
 
 

@@ -31,15 +31,16 @@ def under_torchrun():
 
 
 def init(device, backend, fsdp=False):
-    """Join the process group torchrun set up. Returns (local_rank, world_size, device). FSDP needs a
-    process group even alone (`python train.py --parallelism=fsdp`): a group of one, in memory."""
+    """Join the process group torchrun set up. Returns (local_rank, world_size, device). FSDP needs
+    a process group even alone (`python train.py --parallelism=fsdp`): a group of one, in memory."""
     if backend == "auto":
         backend = "nccl" if device.startswith("cuda") else "gloo"
     if not under_torchrun():
         if fsdp:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
         return 0, 1, device
-    local_rank, world_size, rank = int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    local_rank, world_size, rank = (int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]),
+                                    int(os.environ["RANK"]))
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
@@ -52,20 +53,23 @@ def init(device, backend, fsdp=False):
     return local_rank, world_size, device
 
 
-PEER_ENDED = re.compile(r"Connection (closed|reset) by peer|remote process exited|NCCL communicator was aborted")
+PEER_ENDED = re.compile(r"Connection (closed|reset) by peer|remote process exited|NCCL "
+                        r"communicator was aborted")
 
 
 def _quiet_when_a_peer_ends(rank):
-    """A rank that stops with its one error line (a bad file, an unwritable out_dir) leaves the others
-    in a collective, where torch raises: those ranks then exit 1 with one plain line (not `error:`,
-    so a job's log holds one error line, the one that says why) instead of a traceback each."""
+    """A rank that stops with its one error line (a bad file, an unwritable out_dir) leaves the
+    others in a collective, where torch raises: those ranks then exit 1 with one plain line (not
+    `error:`, so a job's log holds one error line, the one that says why) instead of a traceback
+    each."""
     previous = sys.excepthook
 
     def hook(kind, e, tb):
         if not (isinstance(e, RuntimeError) and PEER_ENDED.search(str(e))):
             return previous(kind, e, tb)
         err = sys.__stderr__ or sys.stderr
-        err.write(f"rank {rank}: stopping, another rank ended (its error line says why)\n")  # one write
+        # one write
+        err.write(f"rank {rank}: stopping, another rank ended (its error line says why)\n")
         exit_now(1, err)
     sys.excepthook = hook
 
@@ -76,8 +80,9 @@ def restart_store(rank, world_size):
         return None  # no shared store (or TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): fresh each restart
     if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
         if rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
-            say("warning: with --max-restarts on several nodes, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
-                "on every node, or a restart may reuse the dead group's addresses and fail")
+            say("warning: with --max-restarts on several nodes, set "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node, or a restart may reuse the "
+                "dead group's addresses and fail")
         return None
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=False, timeout=timedelta(minutes=10))
@@ -87,7 +92,8 @@ def restart_store(rank, world_size):
 def teardown():
     gc.collect()  # work objects still referenced by cycles go now, while the group is whole
     if dist.is_initialized():
-        dist.barrier()  # rank 0 may still be writing; tearing down gloo under it aborts the other ranks
+        # rank 0 may still be writing; tearing down gloo under it aborts the other ranks
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -111,10 +117,10 @@ def shard(model, dtype):
 
 
 def steady_heap():
-    """On a CPU, FSDP allocates and frees every block's gathered weights and gradients at every step.
-    glibc raises its mmap threshold each time such a buffer is freed, so the next ones come from
-    the heap, which does not shrink: a rank's RSS grew to about DDP's (docs/distributed.md). A fixed
-    threshold (1 MB) keeps big buffers in mmap, returned to the OS when freed. glibc only."""
+    """On a CPU, FSDP allocates and frees every block's gathered weights and gradients at every
+    step. glibc raises its mmap threshold each time such a buffer is freed, so the next ones come
+    from the heap, which does not shrink: a rank's RSS grew to about DDP's (docs/distributed.md). A
+    fixed threshold (1 MB) keeps big buffers in mmap, returned to the OS when freed. glibc only."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
@@ -127,7 +133,8 @@ def local(t):
 
 
 def any_rank(flags, device):
-    """The flags OR-ed over all ranks (one small all-reduce), so that every rank takes the same branch."""
+    """The flags OR-ed over all ranks (one small all-reduce), so that every rank takes the same
+    branch."""
     if not dist.is_initialized():
         return [bool(f) for f in flags]
     t = torch.tensor([float(f) for f in flags], device=device)
@@ -189,6 +196,6 @@ def rank():
 def per_rank(accumulation_steps, world_size):
     """Micro-steps per rank: the global batch does not change with the number of ranks."""
     if accumulation_steps % world_size:
-        raise UsageError(f"gradient_accumulation_steps={accumulation_steps} must be a multiple of the "
-                         f"world size {world_size}")
+        raise UsageError(f"gradient_accumulation_steps={accumulation_steps} must be a multiple "
+                         f"of the world size {world_size}")
     return accumulation_steps // world_size

@@ -17,7 +17,7 @@ from configurator import configure
 from console import one_line_errors, say
 
 # -----------------------------------------------------------------------------------------------
-init_from = "resume"  # 'resume' (a checkpoint of out_dir or --ckpt) or 'gpt2', ..., a local HF folder
+init_from = "resume"  # 'resume' (a checkpoint of out_dir or --ckpt); 'gpt2', ..., an HF folder
 out_dir = "out"  # a run's folder, or its remote_dir (s3://...)
 which = "best"  # from out_dir: 'best': ckpt.pt, else the newest good checkpoint; 'latest'
 ckpt = ""  # a checkpoint file or FSDP checkpoint folder (local or s3://...) instead of out_dir's

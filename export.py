@@ -2,7 +2,8 @@
 Export a checkpoint for use outside this project.
 
     python export.py --out_dir=out-shakespeare --format=hf --to=hf-out/
-    python export.py --out_dir=out-shakespeare --which=latest --format=safetensors --to=model.safetensors
+    python export.py --out_dir=out-shakespeare --which=latest --format=safetensors \
+        --to=model.safetensors
     python export.py --ckpt=out-shakespeare/ckpt-00000020.pt --to=hf-20/
 
 The checkpoint is picked as sample.py picks it (resume.pick_to_read): --ckpt's file or FSDP folder,
@@ -24,9 +25,12 @@ new one is written beside it, then renamed into place), so no file of the old ex
 the new one. A folder holding anything else is refused.
 
 --format=safetensors writes our own state dict (nanoGPT's names and layout) as one file, without
-pickle, atomically; an existing file is replaced only if it is such an export itself. transformer.wte.weight is stored once, lm_head.weight is tied to it; model_args are in the
-file's metadata:  model = GPT(GPTConfig(**json.loads(safe_open(path, "pt").metadata()["model_args"])))
-                  safetensors.torch.load_model(model, path)
+pickle, atomically; an existing file is replaced only if it is such an export itself.
+transformer.wte.weight is stored once, lm_head.weight is tied to it; model_args are in the
+file's metadata:
+
+    model = GPT(GPTConfig(**json.loads(safe_open(path, "pt").metadata()["model_args"])))
+    safetensors.torch.load_model(model, path)
 """
 import json
 import os
@@ -39,10 +43,10 @@ from console import UsageError, fail
 
 # -----------------------------------------------------------------------------------------------
 out_dir = "out"  # a run's folder, or its remote_dir (s3://...)
-which = "best"  # from out_dir: 'best': ckpt.pt, else the newest good checkpoint; 'latest': the newest good one
-ckpt = ""  # a checkpoint file or FSDP checkpoint folder (local or s3://...) to read instead of out_dir's
+which = "best"  # from out_dir: 'best': ckpt.pt, or else 'latest': the newest good checkpoint
+ckpt = ""  # a checkpoint file or FSDP folder (local or s3://...) to read instead of out_dir's
 format = "hf"  # 'hf': a Hugging Face GPT-2 folder; 'safetensors': our weights alone, one file
-to = "hf-out"  # the output folder (hf), or file (safetensors; a folder gets model.safetensors in it)
+to = "hf-out"  # the output folder (hf), or file (safetensors; a folder gets model.safetensors)
 configure(globals())
 # -----------------------------------------------------------------------------------------------
 
@@ -56,8 +60,9 @@ if format == "hf" and os.path.exists(to):
         fail(f"--to={to!r} is a file; --format=hf writes a folder")
     if os.listdir(to) and not os.path.isfile(os.path.join(to, MANIFEST)):
         names = sorted(os.listdir(to))
-        raise SystemExit(f"error: {to} holds other files ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}), "
-                         f"not a previous export; export into a new or empty folder")
+        raise SystemExit(f"error: {to} holds other files "
+                         f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}), not a "
+                         "previous export; export into a new or empty folder")
 
 # torch and what uses it (seconds to import) only now: a wrong flag or --to is refused at once
 from safetensors import SafetensorError, safe_open  # noqa: E402
@@ -98,8 +103,8 @@ print(f"exporting {path} (iteration {iter_num}, {model.get_num_params() / 1e6:.2
 if format == "safetensors":  # one file: written whole, then renamed into place
     # one name per tensor: lm_head.weight is tied to wte, keep wte
     weights = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    meta = {"format": "pt", "model_args": json.dumps(model_args), "iter_num": str(iter_num), "dataset": dataset_name,
-            "tokenizer": json.dumps(record)}
+    meta = {"format": "pt", "model_args": json.dumps(model_args), "iter_num": str(iter_num),
+            "dataset": dataset_name, "tokenizer": json.dumps(record)}
     try:
         os.makedirs(os.path.dirname(os.path.abspath(to)), exist_ok=True)
         atomic_write(to, lambda f: save_safetensors(weights, f, meta))
@@ -119,23 +124,30 @@ try:
     hf_config, weights = to_hf(model)
     hf_config.save_pretrained(tmp)
     with open(os.path.join(tmp, "model.safetensors"), "wb") as f:
-        save_safetensors(weights, f, {"format": "pt"})  # "pt": PyTorch tensors, as transformers writes it
+        # "pt": PyTorch tensors, as transformers writes it
+        save_safetensors(weights, f, {"format": "pt"})
     written = ["config.json", "model.safetensors"]
     if record["kind"] == "char":
         tokenizer.save_chars(record, tmp)
         written.append(tokenizer.CHAR_VOCAB)
-        print(f"a character-level run: its vocab goes into {tokenizer.CHAR_VOCAB} (HF has no tokenizer for it)")
+        print(f"a character-level run: its vocab goes into {tokenizer.CHAR_VOCAB} (HF has no "
+              "tokenizer for it)")
     elif model_args["vocab_size"] < 50257:  # HF's tokenizer would make ids the model does not have
-        print(f"no tokenizer written: vocab_size {model_args['vocab_size']} is smaller than GPT-2 BPE's 50257")
+        print(f"no tokenizer written: vocab_size {model_args['vocab_size']} is smaller than GPT-2 "
+              "BPE's 50257")
     else:  # GPT-2 BPE: HF's GPT2Tokenizer reads the same two files under its own names
-        shutil.copyfile(os.path.join(tokenizer.BPE_DIR, "encoder.json"), os.path.join(tmp, "vocab.json"))
-        shutil.copyfile(os.path.join(tokenizer.BPE_DIR, "vocab.bpe"), os.path.join(tmp, "merges.txt"))
+        shutil.copyfile(os.path.join(tokenizer.BPE_DIR, "encoder.json"),
+                        os.path.join(tmp, "vocab.json"))
+        shutil.copyfile(os.path.join(tokenizer.BPE_DIR, "vocab.bpe"),
+                        os.path.join(tmp, "merges.txt"))
         written += ["vocab.json", "merges.txt"]
     with open(os.path.join(tmp, MANIFEST), "w") as f:
-        json.dump(dict(source=os.path.abspath(path), iter_num=iter_num, dataset=dataset_name, files=written), f)
+        json.dump(dict(source=os.path.abspath(path), iter_num=iter_num, dataset=dataset_name,
+                       files=written), f)
     fsync_tree(tmp)  # whole on disk before it has its name
     replace_folder(tmp, to)
-except BaseException as e:  # a failed or interrupted export leaves no half-written folder, and the old export
+except BaseException as e:
+    # a failed or interrupted export leaves no half-written folder, and the old export
     old = temp_name(to, OLD_TAG)  # where replace_folder puts the old export aside
     if os.path.isdir(old) and not os.path.exists(to):
         os.rename(old, to)

@@ -2,9 +2,9 @@
 OpenAI's GPT-2 weights in (load_gpt2) and our model out (to_hf), through Hugging Face
 transformers; from_state_dict builds a GPT around given tensors (an import, or export.py's
 checkpoint). transformers is imported inside these functions only, so training from scratch never
-pays its few seconds of import. Both models name their tensors alike (transformer.h.0.attn.c_attn.weight,
-...); the differences are HF's Conv1D, which stores (in, out) where nn.Linear stores (out, in), and
-its biases.
+pays its few seconds of import. Both models name their tensors alike
+(transformer.h.0.attn.c_attn.weight, ...); the differences are HF's Conv1D, which stores (in, out)
+where nn.Linear stores (out, in), and its biases.
 
 Library code: weights that cannot be had (not in the cache, offline, not GPT-2, a variant this GPT
 does not implement) raise GPT2Error (a script's one line, exit 1); a name that is neither GPT-2's
@@ -20,7 +20,8 @@ from model import GPT, GPTConfig
 
 
 class GPT2Error(RunError):
-    """GPT-2 weights that cannot be loaded; the message says what was looked for, where, and how to get them."""
+    """GPT-2 weights that cannot be loaded; the message says what was looked for, where, and how to
+    get them."""
 
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M, 1558M parameters
@@ -37,20 +38,20 @@ def from_state_dict(config, state_dict):
 
 
 def _hf_load(load, name, **kwargs):
-    """load(name) for a from_pretrained: a folder as it is; a GPT-2 name from the HF cache, else from
-    the Hub unless HF_HUB_OFFLINE is set. Every failure is a GPT2Error of one line: what was looked
-    for, where, and how to get it."""
+    """load(name) for a from_pretrained: a folder as it is; a GPT-2 name from the HF cache, else
+    from the Hub unless HF_HUB_OFFLINE is set. Every failure is a GPT2Error of one line: what was
+    looked for, where, and how to get it."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
     if os.path.isdir(name):
         try:
             return load(name, **kwargs)
         except Exception as e:  # no config.json, no weights, a truncated file: the same answer
-            raise GPT2Error(f"{name} is not a Hugging Face GPT-2 checkpoint folder (config.json and "
-                            f"model.safetensors or pytorch_model.bin) ({first_line(e)})")
+            raise GPT2Error(f"{name} is not a Hugging Face GPT-2 checkpoint folder (config.json "
+                            f"and model.safetensors or pytorch_model.bin) ({first_line(e)})")
     cache = constants.HF_HUB_CACHE
-    how = (f"on a machine with internet run `hf download {name}` (`huggingface-cli download {name}` with older "
-           f"huggingface_hub) and copy its cache to {cache} (or point HF_HOME at it), or pass a local folder "
-           f"holding the weights as init_from")
+    how = (f"on a machine with internet run `hf download {name}` (`huggingface-cli download "
+           f"{name}` with older huggingface_hub) and copy its cache to {cache} (or point HF_HOME "
+           "at it), or pass a local folder holding the weights as init_from")
     try:
         return load(name, local_files_only=True, **kwargs)
     except Exception:
@@ -63,12 +64,13 @@ def _hf_load(load, name, **kwargs):
     try:
         get_hf_file_metadata(hf_hub_url(name, "config.json"))
     except Exception as e:
-        raise GPT2Error(f"GPT-2 weights {name!r} are not in the Hugging Face cache {cache} and the Hub "
-                        f"cannot be reached ({first_line(e)}); {how}")
+        raise GPT2Error(f"GPT-2 weights {name!r} are not in the Hugging Face cache {cache} and the "
+                        f"Hub cannot be reached ({first_line(e)}); {how}")
     try:
         return load(name, **kwargs)
     except Exception as e:
-        raise GPT2Error(f"downloading GPT-2 weights {name!r} into {cache} failed ({first_line(e)}); {how}")
+        raise GPT2Error(f"downloading GPT-2 weights {name!r} into {cache} failed "
+                        f"({first_line(e)}); {how}")
 
 
 def load_gpt2(name_or_folder, dropout=None):
@@ -76,8 +78,8 @@ def load_gpt2(name_or_folder, dropout=None):
     local folder with an HF GPT-2 checkpoint of any size, vocab and context. The shape comes from
     the weights' config.json; dropout is the only setting of ours (None: 0.0, as in nanoGPT)."""
     if not os.path.isdir(name_or_folder) and name_or_folder not in GPT2_NAMES:
-        raise UsageError(f"init_from={name_or_folder!r} is neither GPT-2 weights by name ({', '.join(GPT2_NAMES)}) "
-                         f"nor an existing folder")
+        raise UsageError(f"init_from={name_or_folder!r} is neither GPT-2 weights by name "
+                         f"({', '.join(GPT2_NAMES)}) nor an existing folder")
     from transformers import AutoConfig
     hf_config = _hf_load(AutoConfig.from_pretrained, name_or_folder)
     if hf_config.model_type != "gpt2":
@@ -92,13 +94,17 @@ def load_gpt2(name_or_folder, dropout=None):
         ("add_cross_attention", not c.add_cross_attention),
         ("tie_word_embeddings", c.tie_word_embeddings)) if not ok]
     if unsupported:
-        raise GPT2Error(f"{name_or_folder} is a GPT-2 variant this GPT does not implement: {', '.join(unsupported)}")
-    config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                       n_embd=c.n_embd, dropout=0.0 if dropout is None else dropout, bias=True)
+        raise GPT2Error(f"{name_or_folder} is a GPT-2 variant this GPT does not implement: "
+                        f"{', '.join(unsupported)}")
+    config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                       n_head=c.n_head, n_embd=c.n_embd,
+                       dropout=0.0 if dropout is None else dropout, bias=True)
     from transformers import GPT2LMHeadModel  # imported only now: the slower half of transformers
     from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # its per-tensor bar is noise in a log; the callers say what is loading
-    hf = _hf_load(GPT2LMHeadModel.from_pretrained, name_or_folder, config=hf_config, dtype=torch.float32)
+    # its per-tensor bar is noise in a log; the callers say what is loading
+    hf_logging.disable_progress_bar()
+    hf = _hf_load(GPT2LMHeadModel.from_pretrained, name_or_folder, config=hf_config,
+                  dtype=torch.float32)
     hf_state = hf.state_dict()
     del hf
     # HF's tensors are still mostly on disk (safetensors maps the file). Each is copied into our
@@ -122,14 +128,16 @@ def to_hf(model):
     from transformers import GPT2Config
     c = model.config
     eot = 50256 if c.vocab_size > 50256 else None  # <|endoftext|> exists only in a GPT-2 BPE vocab
-    hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                           n_head=c.n_head, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
-                           activation_function="gelu_new", layer_norm_epsilon=1e-5, bos_token_id=eot,
-                           eos_token_id=eot, architectures=["GPT2LMHeadModel"])
+    hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                           n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=c.dropout,
+                           embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+                           activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                           bos_token_id=eot, eos_token_id=eot, architectures=["GPT2LMHeadModel"])
     state = {}
     for k, v in model.state_dict().items():
         if k != "lm_head.weight":  # tied to wte: HF ties it back (tie_word_embeddings)
-            state[k] = v.t() if k.endswith(TRANSPOSED) else v  # a view: save_safetensors copies one at a time
+            # a view: save_safetensors copies one at a time
+            state[k] = v.t() if k.endswith(TRANSPOSED) else v
     if not c.bias:
         # HF's Conv1D and LayerNorm always have a bias. A zero bias adds exactly nothing, so the
         # export computes what our bias-free model does and keeps the standard GPT-2 layout that
@@ -141,7 +149,8 @@ def to_hf(model):
     return hf_config, state
 
 
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.float64: "F64"}
 
 
 def save_safetensors(tensors, f, metadata):
@@ -155,7 +164,8 @@ def save_safetensors(tensors, f, metadata):
     header, offset = {"__metadata__": metadata}, 0
     for name, t in sorted(tensors.items()):
         size = t.numel() * t.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)

@@ -29,7 +29,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         if config.n_embd % config.n_head != 0:
             raise ValueError(f"n_embd={config.n_embd} must be divisible by n_head={config.n_head}")
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        # q, k, v in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
@@ -40,7 +41,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is not None:  # generation: attend to every position stored so far, this one included
+        # generation: attend to every position stored so far, this one included
+        if cache is not None:
             k, v = cache.extend(layer, k, v)
         # the fused kernel (flash attention on GPU) is faster than a manual softmax on CPU too.
         # One new query after cached positions sees them all: no mask (is_causal's mask is
@@ -119,7 +121,8 @@ class GPT(nn.Module):
             return cls(config)
 
     def get_num_params(self, non_embedding=True):
-        """Parameters counted once (tied weights too); position embeddings left out by default, as in papers."""
+        """Parameters counted once (tied weights too); position embeddings left out by default, as
+        in papers."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
@@ -129,7 +132,8 @@ class GPT(nn.Module):
         b, t = idx.size()
         start = 0 if cache is None else cache.length
         if start + t > self.config.block_size:
-            raise ValueError(f"sequence of length {start + t} is longer than block_size {self.config.block_size}")
+            raise ValueError(f"sequence of length {start + t} is longer than block_size "
+                             f"{self.config.block_size}")
         pos = torch.arange(start, start + t, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
@@ -150,7 +154,8 @@ class GPT(nn.Module):
     def crop_block_size(self, block_size):
         """Shrink the context (e.g. GPT-2's 1024 to 256) by cutting the position embeddings."""
         if block_size > self.config.block_size:
-            raise ValueError(f"cannot grow block_size from {self.config.block_size} to {block_size}")
+            raise ValueError(f"cannot grow block_size from {self.config.block_size} to "
+                             f"{block_size}")
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
@@ -162,8 +167,10 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         # The fused kernel does the whole update in one pass, on CUDA and on CPU alike.
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+        fused = ("fused" in inspect.signature(torch.optim.AdamW).parameters
+                 and device_type in ("cuda", "cpu"))
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
+                                 **({"fused": True} if fused else {}))
 
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward), the PaLM appendix B estimate."""
@@ -178,12 +185,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, **kw):
-        """idx (B, T) followed by max_new_tokens new tokens; call under model.eval(). See tokens()."""
+        """idx (B, T) followed by max_new_tokens new tokens; call under model.eval(). See
+        tokens()."""
         return torch.cat([idx, *self.tokens(idx, max_new_tokens, temperature, top_k, **kw)], dim=1)
 
     @torch.no_grad()
-    def tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, keep=None, generators=None, n_vocab=None,
-               use_cache=True):
+    def tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, keep=None, generators=None,
+               n_vocab=None, use_cache=True):
         """Yield the next token of each row of idx (B, T), a (B, 1) tensor per step.
 
         temperature 0 is greedy (the most likely token); top_k None or 0 samples from the whole
@@ -203,7 +211,8 @@ class GPT(nn.Module):
         if not 1 <= keep <= T:
             raise ValueError(f"keep={keep} must be between 1 and block_size {T}")
         window = idx[:, -T:]
-        cache = KVCache(self.config.n_layer, min(T, window.size(1) + max_new_tokens)) if use_cache else None
+        cache = (KVCache(self.config.n_layer, min(T, window.size(1) + max_new_tokens))
+                 if use_cache else None)
         logits, _ = self(window, cache=cache)
         for step in range(max_new_tokens):
             nxt = pick(logits[:, -1, :n_vocab], temperature, top_k, generators)
@@ -222,29 +231,31 @@ class GPT(nn.Module):
 
 def cpu_decoding_layout(model):
     """Batch-1 generation on a CPU reads every weight once per token, and the BLAS's matrix-vector
-    product x @ W.T streams W faster stored transposed ((in, out) contiguous) than in nn.Linear's own
-    (out, in) rows (bench/bench_sample.py gives the share of the memory bound that sampling reaches).
-    So each Linear's weight gets that layout: the same shape and values, a transposed view
-    of a copy. The old copy's pages, when they are a checkpoint's memory-mapped file (sample.py), are
-    handed back one tensor at a time, so memory never holds both copies of the weights."""
+    product x @ W.T streams W faster stored transposed ((in, out) contiguous) than in nn.Linear's
+    own (out, in) rows (bench/bench_sample.py gives the share of the memory bound that sampling
+    reaches). So each Linear's weight gets that layout: the same shape and values, a transposed view
+    of a copy. The old copy's pages, when they are a checkpoint's memory-mapped file (sample.py),
+    are handed back one tensor at a time, so memory never holds both copies of the weights."""
     for module in model.modules():
         if isinstance(module, nn.Linear) and module.weight.stride() != (1, module.weight.size(0)):
-            old = module.weight.data  # (wte is lm_head's weight: the embedding reads the new layout too)
+            # (wte is lm_head's weight: the embedding reads the new layout too)
+            old = module.weight.data
             module.weight.data = old.t().contiguous().t()
             _page_out(old)
 
 
 def _page_out(t):
-    """Ask Linux to reclaim the pages of t's storage now (MADV_PAGEOUT: a file's clean pages are dropped,
-    to be read again if ever used; nothing is lost, whatever memory it is). Elsewhere, or on a kernel
-    older than 5.4, nothing happens and the pages go when the mapping does."""
+    """Ask Linux to reclaim the pages of t's storage now (MADV_PAGEOUT: a file's clean pages are
+    dropped, to be read again if ever used; nothing is lost, whatever memory it is). Elsewhere, or
+    on a kernel older than 5.4, nothing happens and the pages go when the mapping does."""
     if sys.platform != "linux":
         return
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     start, size, page = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes(), 4096
-    first, end = -(-start // page) * page, (start + size) // page * page  # whole pages inside the storage only
+    # whole pages inside the storage only
+    first, end = -(-start // page) * page, (start + size) // page * page
     if end > first:
         libc.madvise(first, end - first, 21)  # MADV_PAGEOUT
 

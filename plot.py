@@ -1,15 +1,16 @@
 """
 Draw a run's loss curve from its metrics.jsonl (see metrics.py), or several runs on one figure.
 
-    python plot.py out-shakespeare-char                  # -> out-shakespeare-char/loss.png
-    python plot.py out-a out-b --to=compare.png          # runs side by side, labelled by folder
-    python plot.py out-shakespeare-char --x=tokens       # tokens seen on the x axis -> loss-tokens.png
+    python plot.py out-shakespeare-char             # -> out-shakespeare-char/loss.png
+    python plot.py out-a out-b --to=compare.png     # runs side by side, labelled by folder
+    python plot.py out-shakespeare-char --x=tokens  # tokens seen on the x axis -> loss-tokens.png
 
 Top panel: train loss (a thin line per logged iteration) and val loss (dots at each eval), on a
 log scale when the loss falls by more than 2x; checkpoints are ticks along the bottom, resumes
 dashed vertical lines. Then, when the runs have them, the val loss in bits per byte (which a
 char run and a BPE run of the same text share) and each task's accuracy (eval_tasks; one marker
-per task, one color per run). Bottom panel: the learning rate. Rows marked superseded (work redone after a resume) are left out.
+per task, one color per run). Bottom panel: the learning rate. Rows marked superseded (work redone
+after a resume) are left out.
 """
 import argparse
 import os
@@ -24,15 +25,19 @@ from console import fail  # noqa: E402
 from metrics import METRICS, read_rows  # noqa: E402
 
 
-NEEDS = {"train": ("loss", "lr"), "eval": ("val_loss",), "event": ("event",)}  # what a row must have to be drawn
+# what a row must have to be drawn
+NEEDS = {"train": ("loss", "lr"), "eval": ("val_loss",), "event": ("event",)}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="loss curves from out_dir/metrics.jsonl")
-    ap.add_argument("out_dirs", nargs="+", help="run folders (each holds a metrics.jsonl), or metrics.jsonl files")
-    ap.add_argument("--x", choices=("iter", "tokens"), default="iter", help="x axis: iterations or tokens seen")
-    ap.add_argument("--to", default="", help="the PNG to write (default: OUT_DIR/loss.png for one run, "
-                                             "loss-compare.png here for several; loss-tokens.png with --x=tokens)")
+    ap.add_argument("out_dirs", nargs="+",
+                    help="run folders (each holds a metrics.jsonl), or metrics.jsonl files")
+    ap.add_argument("--x", choices=("iter", "tokens"), default="iter",
+                    help="x axis: iterations or tokens seen")
+    ap.add_argument("--to", default="", help="the PNG to write (default: OUT_DIR/loss.png for one "
+                                             "run, loss-compare.png here for several; "
+                                             "loss-tokens.png with --x=tokens)")
     args = ap.parse_args(argv)
     key = "iter" if args.x == "iter" else "tokens"
     runs = []
@@ -41,14 +46,17 @@ def main(argv=None):
             out_dir = os.path.dirname(out_dir) or "."
         path = os.path.join(out_dir, METRICS)
         if not os.path.isfile(path):
-            fail(f"{out_dir!r} has no {METRICS}: train into it first (every run writes one), or check the folder")
+            fail(f"{out_dir!r} has no {METRICS}: train into it first (every run writes one), or "
+                 "check the folder")
         rows = [r for r in read_rows(path) if not r.get("superseded") and all(
-            r.get(k) is not None for k in (key, *NEEDS.get(r["kind"], ())))]  # (a null loss: the step that diverged)
+            # (a null loss: the step that diverged)
+            r.get(k) is not None for k in (key, *NEEDS.get(r["kind"], ())))]
         if not any(r["kind"] in ("train", "eval") for r in rows):
             raise SystemExit(f"error: {path} has no train or eval rows yet")
         runs.append((out_dir.rstrip("/"), rows))
     png = "loss.png" if args.x == "iter" else "loss-tokens.png"
-    to = args.to or (os.path.join(runs[0][0], png) if len(runs) == 1 else png.replace("loss", "loss-compare"))
+    to = args.to or (os.path.join(runs[0][0], png)
+                     if len(runs) == 1 else png.replace("loss", "loss-compare"))
 
     evals = [r for _, rows in runs for r in rows if r["kind"] == "eval"]
     bpb = any(r.get("val_bpb") is not None for r in evals)  # runs since evals in bits per byte
@@ -68,11 +76,12 @@ def main(argv=None):
         start = next((r for r in events if r["event"] == "start"), {})
         size = f", {start['params'] / 1e6:.2f}M params" if start.get("params") else ""
         resumes = sum(r["event"] == "resume" for r in events)
-        label = name if len(runs) <= 3 else f"{name}{size}"  # many runs: details in the legend, not the title
-        ax.plot([r[key] for r in train], [r["loss"] for r in train], color=color, alpha=0.35, lw=0.8,
-                label=f"{label} train" if len(runs) <= 3 else None)
-        ax.plot([r[key] for r in evals], [r["val_loss"] for r in evals], "o-", color=color, ms=4, lw=1.5,
-                label=f"{label} val" if len(runs) <= 3 else label)
+        # many runs: details in the legend, not the title
+        label = name if len(runs) <= 3 else f"{name}{size}"
+        ax.plot([r[key] for r in train], [r["loss"] for r in train], color=color, alpha=0.35,
+                lw=0.8, label=f"{label} train" if len(runs) <= 3 else None)
+        ax.plot([r[key] for r in evals], [r["val_loss"] for r in evals], "o-", color=color, ms=4,
+                lw=1.5, label=f"{label} val" if len(runs) <= 3 else label)
         ax_lr.plot([r[key] for r in train], [r["lr"] for r in train], color=color, lw=1)
         if ax_bpb is not None:  # bits per byte of the text: a char run and a BPE run compare here
             pts = [r for r in evals if r.get("val_bpb") is not None]
@@ -83,14 +92,16 @@ def main(argv=None):
             ax_tasks.plot([r[key] for r in pts], [r[task] for r in pts], marker="os^vD"[j % 5],
                           color=color, ms=4, lw=1, label=task[:-4] if i == 0 else None)
         ckpts = [r[key] for r in events if r["event"] == "checkpoint"]
-        ax.plot(ckpts, [0.0] * len(ckpts), "|", color=color, ms=14, mew=2, transform=ax.get_xaxis_transform(),
+        ax.plot(ckpts, [0.0] * len(ckpts), "|", color=color, ms=14, mew=2,
+                transform=ax.get_xaxis_transform(),
                 label=f"{label} checkpoints" if ckpts and len(runs) <= 3 else None)
         for r in events:
             if r["event"] == "resume":
                 ax.axvline(r[key], color=color, ls="--", lw=0.8)
                 ax_lr.axvline(r[key], color=color, ls="--", lw=0.8)
         titles.append(f"{name}{size}" + (f", resumed {resumes}x" if resumes else ""))
-    log_scale = min(losses) > 0 and max(losses) / min(losses) > 2  # a curve that falls far: log scale shows it all
+    # a curve that falls far: log scale shows it all
+    log_scale = min(losses) > 0 and max(losses) / min(losses) > 2
     if log_scale:
         ax.set_yscale("log")
         for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
@@ -98,8 +109,10 @@ def main(argv=None):
     ax.set_ylabel("loss (cross-entropy" + (", log scale)" if log_scale else ")"))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8 if len(runs) <= 3 else 7, ncol=1 if len(runs) <= 3 else 2)
-    title = "; ".join(titles) if len(runs) <= 3 else f"{len(runs)} runs (val loss; train loss faint)"
-    ax.set_title(title + ("\n(dashed: resumed here)" if any("resumed" in t for t in titles) else ""), fontsize=10)
+    title = ("; ".join(titles)
+             if len(runs) <= 3 else f"{len(runs)} runs (val loss; train loss faint)")
+    ax.set_title(title + ("\n(dashed: resumed here)"
+                          if any("resumed" in t for t in titles) else ""), fontsize=10)
     if ax_bpb is not None:
         ax_bpb.set_ylabel("val bits per byte")
         ax_bpb.grid(True, alpha=0.3)

@@ -40,7 +40,7 @@ def read_model(init_from, out_dir, ckpt="", which="best", log=print):
         except ValueError as e:
             raise RunError(str(e)) from None
     if record is None and model.config.vocab_size < 50257:
-        raise RunError(f"{init_from} holds a model with a vocab of {model.config.vocab_size} tokens "
-                       f"and no tokenizer for it ({tokenizer.CHAR_VOCAB}, which export.py writes "
-                       f"for character-level runs)")
+        raise RunError(f"{init_from} holds a model with a vocab of {model.config.vocab_size} "
+                       f"tokens and no tokenizer for it ({tokenizer.CHAR_VOCAB}, which export.py "
+                       f"writes for character-level runs)")
     return model, record or tokenizer.GPT2, init_from

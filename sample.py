@@ -1,5 +1,6 @@
 """
-Sample from a trained model (out_dir's ckpt.pt, or a checkpoint named by --ckpt) or from OpenAI's GPT-2 weights.
+Sample from a trained model (out_dir's ckpt.pt, or a checkpoint named by --ckpt) or from OpenAI's
+GPT-2 weights.
 
     python sample.py --out_dir=out-shakespeare-char
     python sample.py --ckpt=out-shakespeare-char/ckpt-00001000.pt
@@ -20,18 +21,18 @@ from configurator import configure
 from console import RunError, UsageError, fail
 
 # -----------------------------------------------------------------------------------------------
-init_from = "resume"  # 'resume' (a checkpoint in out_dir) or GPT-2 weights: 'gpt2', ..., 'gpt2-xl', a local HF folder
+init_from = "resume"  # 'resume' (a checkpoint in out_dir), 'gpt2'...'gpt2-xl', or a local HF folder
 out_dir = "out"  # a run's folder, or its remote_dir (s3://...)
-which = "best"  # from out_dir: 'best': ckpt.pt, else the newest good checkpoint; 'latest': the newest good one
-ckpt = ""  # a checkpoint file or FSDP checkpoint folder (local or s3://...) to read instead of out_dir's
-start = ""  # the prompt: text, or FILE:path; empty: "\n" (nanoGPT's), or the vocab's first symbol if it has no newline
+which = "best"  # from out_dir: 'best': ckpt.pt, or else 'latest': the newest good checkpoint
+ckpt = ""  # a checkpoint file or FSDP folder (local or s3://...) to read instead of out_dir's
+start = ""  # the prompt: text or FILE:path; empty: "\n", or the vocab's first symbol if it has none
 num_samples = 10
 max_new_tokens = 500
-temperature = 0.8  # 1.0 samples the model's distribution as is, lower is more conservative, 0 is greedy
+temperature = 0.8  # 1.0: the model's distribution as is, lower is more conservative, 0 is greedy
 top_k = 200  # sample only among the top_k most likely tokens (0: among all)
 seed = 1337
 max_batch = 16  # samples generated together, at most (the KV cache grows with it)
-stream = True  # print a sample as it is generated when it is generated alone (num_samples=1 or max_batch=1)
+stream = True  # print a sample as it is generated, when alone (num_samples=1 or max_batch=1)
 stop_at_eot = False  # GPT-2 BPE: end a sample at <|endoftext|> (not printed)
 # Past block_size tokens the context is cut to its newest window_keep of block_size and re-read
 # once (see GPT.tokens); 1.0 slides by one token as nanoGPT does, a full forward pass per token
@@ -41,7 +42,8 @@ dtype = "auto"
 configure(globals())
 # -----------------------------------------------------------------------------------------------
 if ckpt and init_from != "resume":
-    fail(f"--ckpt reads a checkpoint, but --init_from={init_from!r} asks for GPT-2 weights; drop one of them")
+    fail(f"--ckpt reads a checkpoint, but --init_from={init_from!r} asks for GPT-2 weights; drop "
+         "one of them")
 if start.startswith("FILE:"):
     try:
         with open(start[5:], encoding="utf-8") as f:
@@ -54,12 +56,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import tokenizer  # noqa: E402
-from devices import DeviceError, autocast_context, one_line_out_of_memory, pick_device, pick_dtype  # noqa: E402
+from devices import (DeviceError, autocast_context, one_line_out_of_memory,  # noqa: E402
+                     pick_device, pick_dtype)
 from model import cpu_decoding_layout  # noqa: E402
 from reading import read_model  # noqa: E402
 
 one_line_out_of_memory("lower max_batch (the KV cache grows with it) or max_new_tokens")
-sys.stdout.reconfigure(errors="replace")  # a console that cannot show a character gets a '?', not a traceback
+# a console that cannot show a character gets a '?', not a traceback
+sys.stdout.reconfigure(errors="replace")
 
 try:
     device = pick_device(device)
@@ -95,21 +99,26 @@ if not codec.has(start):
 start_ids = codec.encode(start)
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
 keep = max(1, round(window_keep * model.config.block_size))
-n_vocab = min(codec.size, model.config.vocab_size)  # a padded vocab's extra rows are no token: never drawn
+# a padded vocab's extra rows are no token: never drawn
+n_vocab = min(codec.size, model.config.vocab_size)
 
 
 def generate(first, n):
     """Samples first .. first+n-1 as one batch: lists of new token ids, each cut at <|endoftext|>
     when stop_at_eot. A lone sample is printed as it goes when stream is on (and [] returned)."""
     # torch's CPU generator keeps 32 bits of a seed: SeedSequence mixes (seed, i) into them
-    generators = [torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+    generators = [torch.Generator(device).manual_seed(
+                      int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
                   for i in range(first, first + n)]
-    steps = model.tokens(x.expand(n, -1), max_new_tokens, temperature, top_k, keep, generators, n_vocab)
+    steps = model.tokens(x.expand(n, -1), max_new_tokens, temperature, top_k, keep, generators,
+                         n_vocab)
     live = stream and n == 1
-    if not (stop_at_eot or live):  # nothing to do per token, so no wait for the device per token either
+    # nothing to do per token, so no wait for the device per token either
+    if not (stop_at_eot or live):
         return torch.cat(list(steps), dim=1).tolist()
     rows, ended = [[] for _ in range(n)], [False] * n
-    text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a BPE token may end mid-character
+    # a BPE token may end mid-character
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
     if live:
         sys.stdout.write(text.decode(b"".join(codec.token_bytes(i) for i in start_ids)))
     for step in steps:

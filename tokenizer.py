@@ -5,8 +5,8 @@ character vocab that a char dataset's prepare writes to meta.pkl (and export.py,
 char_vocab.json, into an HF folder, so that the folder samples with its own vocab).
 
 The record (checkpoint key "tokenizer", plain data for weights_only loading):
-    {"kind": "char", "itos": [one string per token id]}          the vocab itself
-    {"kind": "bpe", "name": "gpt2", "sha256": [vocab.bpe's, encoder.json's]}   a name and a fingerprint
+  {"kind": "char", "itos": [one string per token id]}                       the vocab itself
+  {"kind": "bpe", "name": "gpt2", "sha256": [vocab.bpe's, encoder.json's]}  a name and a fingerprint
 
 A char dataset's vocab lives in its meta.pkl (the bin format itself is dataset.py's): read here
 without running any pickled code (read_meta), and judged before it is used.
@@ -35,15 +35,18 @@ def gpt2_encoding():
     tiktoken.get_encoding('gpt2') downloads, so they come first: offline that call would
     only wait on the network and fail. get_encoding is the fallback if the files are gone."""
     global _gpt2
-    if _gpt2 is None:  # tiktoken is imported here: checkpoints are judged without it (tokenizer.problem)
+    # tiktoken is imported here: checkpoints are judged without it (tokenizer.problem)
+    if _gpt2 is None:
         import tiktoken
         from tiktoken.load import data_gym_to_mergeable_bpe_ranks
         from tiktoken_ext.openai_public import r50k_pat_str
         encoder_json = os.path.join(BPE_DIR, "encoder.json")
         vocab_bpe = os.path.join(BPE_DIR, "vocab.bpe")
         if os.path.exists(encoder_json) and os.path.exists(vocab_bpe):
-            ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json,
-                                                    vocab_bpe_hash=VOCAB_BPE_SHA256, encoder_json_hash=ENCODER_JSON_SHA256)
+            ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe,
+                                                    encoder_json_file=encoder_json,
+                                                    vocab_bpe_hash=VOCAB_BPE_SHA256,
+                                                    encoder_json_hash=ENCODER_JSON_SHA256)
             _gpt2 = tiktoken.Encoding(name="gpt2", explicit_n_vocab=50257, pat_str=r50k_pat_str,
                                       mergeable_ranks=ranks, special_tokens={ENDOFTEXT: 50256})
         else:
@@ -52,7 +55,8 @@ def gpt2_encoding():
 
 
 def of_meta(meta):
-    """The record of the tokenizer a dataset's meta.pkl describes (dataset.py: no itos means GPT-2 BPE)."""
+    """The record of the tokenizer a dataset's meta.pkl describes (dataset.py: no itos means GPT-2
+    BPE)."""
     itos = meta.get("itos")
     if itos is None:
         return GPT2
@@ -63,11 +67,12 @@ def of_meta(meta):
 
 
 def of_file(path):
-    """The record from a dataset's meta.pkl or an export's char_vocab.json; None when there is no file.
-    Raises ValueError for a file that is not one."""
+    """The record from a dataset's meta.pkl or an export's char_vocab.json; None when there is no
+    file. Raises ValueError for a file that is not one."""
     if not path or not os.path.exists(path):
         return None
-    if not path.endswith(".json"):  # a dataset's meta.pkl: judged, in train.py's words (read_meta, below)
+    # a dataset's meta.pkl: judged, in train.py's words (read_meta, below)
+    if not path.endswith(".json"):
         try:
             return of_meta(read_meta(path))
         except RunError as e:
@@ -76,16 +81,19 @@ def of_file(path):
         with open(path, encoding="utf-8") as f:
             return {"kind": "char", "itos": list(json.load(f)["itos"])}
     except Exception as e:  # unreadable, not JSON, no itos: one line for the caller
-        raise ValueError(f"{path} is not a vocab file ({type(e).__name__}: {str(e)[:100]})") from None
+        raise ValueError(f"{path} is not a vocab file ({type(e).__name__}: "
+                         f"{str(e)[:100]})") from None
 
 
 def problem(record, vocab_size):
-    """What makes a checkpoint's tokenizer record unusable for a model of vocab_size ids, or None."""
+    """What makes a checkpoint's tokenizer record unusable for a model of vocab_size ids, or
+    None."""
     if not isinstance(record, dict) or record.get("kind") not in ("char", "bpe"):
         return "tokenizer is not a record of a char vocab or a BPE"
     if record["kind"] == "bpe":
         if record.get("name") != "gpt2" or record.get("sha256") != GPT2["sha256"]:
-            return f"tokenizer is the BPE {str(record.get('name'))[:40]!r} with other files than GPT-2's, which this project has"
+            return (f"tokenizer is the BPE {str(record.get('name'))[:40]!r} with other files than "
+                    "GPT-2's, which this project has")
         return None
     itos = record.get("itos")
     if not (isinstance(itos, list) and itos and all(isinstance(s, str) and s for s in itos)
@@ -97,7 +105,8 @@ def problem(record, vocab_size):
 
 
 def changes(old, new):
-    """How the tokenizer record `new` differs from `old`, in a few words, or None when it does not."""
+    """How the tokenizer record `new` differs from `old`, in a few words, or None when it does
+    not."""
     if old == new:
         return None
     if old["kind"] != new["kind"]:
@@ -108,7 +117,8 @@ def changes(old, new):
     moved = [(c, i, now[c]) for i, c in enumerate(a) if c in now and now[c] != i]
     before = set(a)
     gone, added = [c for c in a if c not in now], [c for c in b if c not in before]
-    said = [f"{len(moved)} symbol(s) have other ids ({', '.join(f'{c!r} {i} -> {j}' for c, i, j in moved[:3])})"
+    said = [f"{len(moved)} symbol(s) have other ids "
+            f"({', '.join(f'{c!r} {i} -> {j}' for c, i, j in moved[:3])})"
             if moved else "", f"not there now: {''.join(gone[:10])!r}" if gone else "",
             f"new: {''.join(added[:10])!r}" if added else ""]
     return "; ".join(s for s in said if s)
@@ -117,7 +127,8 @@ def changes(old, new):
 class Codec(NamedTuple):
     encode: Callable[[str], list]  # text -> ids
     decode: Callable[[list], str]  # ids -> text
-    token_bytes: Callable[[int], bytes]  # one id -> its bytes (a BPE token may hold part of a character)
+    # one id -> its bytes (a BPE token may hold part of a character)
+    token_bytes: Callable[[int], bytes]
     size: int  # ids below this decode to text
     eot: Optional[int]  # <|endoftext|>: GPT-2 BPE only
     has: Callable[[str], bool]  # whether text encodes (a char vocab lacks most characters)
@@ -129,10 +140,11 @@ def codec(record):
         itos = dict(enumerate(record["itos"]))
         stoi = {c: i for i, c in itos.items()}
         return Codec(lambda s: [stoi[c] for c in s], lambda ids: "".join(itos[i] for i in ids),
-                     lambda i: itos[i].encode("utf-8"), len(itos), None, lambda s: all(c in stoi for c in s))
+                     lambda i: itos[i].encode("utf-8"), len(itos), None,
+                     lambda s: all(c in stoi for c in s))
     enc = gpt2_encoding()
-    return Codec(lambda s: enc.encode(s, allowed_special={ENDOFTEXT}), enc.decode, enc.decode_single_token_bytes,
-                 enc.n_vocab, enc.eot_token, lambda s: True)
+    return Codec(lambda s: enc.encode(s, allowed_special={ENDOFTEXT}), enc.decode,
+                 enc.decode_single_token_bytes, enc.n_vocab, enc.eot_token, lambda s: True)
 
 
 def get_codec(vocab_path=None):
@@ -153,7 +165,8 @@ def default_prompt(c):
     if c.has("\n"):
         return "\n", None
     first = c.decode([0])
-    return first, f"no --start given and the vocab has no newline: the prompt is its first symbol, {first!r}"
+    return (first, "no --start given and the vocab has no newline: the prompt is its first symbol, "
+                   f"{first!r}")
 
 
 def of_checkpoint(ckpt, data_dir, where):
@@ -170,9 +183,11 @@ def of_checkpoint(ckpt, data_dir, where):
     if record is not None and record["kind"] == "char":
         return record, f"note: {old}: using {meta}"
     if ckpt["model_args"]["vocab_size"] >= 50257:
-        return GPT2, f"note: {old}: its vocab of {ckpt['model_args']['vocab_size']} is GPT-2's, so GPT-2 BPE"
-    raise ValueError(f"{old}, and its model's vocab of {ckpt['model_args']['vocab_size']} tokens is no GPT-2 BPE: "
-                     f"it needs its dataset's meta.pkl ({meta or 'no dataset named'}), which is not there")
+        return (GPT2, f"note: {old}: its vocab of {ckpt['model_args']['vocab_size']} is GPT-2's, "
+                      "so GPT-2 BPE")
+    raise ValueError(f"{old}, and its model's vocab of {ckpt['model_args']['vocab_size']} tokens "
+                     "is no GPT-2 BPE: it needs its dataset's meta.pkl "
+                     f"({meta or 'no dataset named'}), which is not there")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -186,7 +201,8 @@ class _PlainUnpickler(pickle.Unpickler):
     # meta.pkl holds only dicts, lists, str and int, which unpickle without find_class;
     # anything that names a class or function is refused, so a planted file runs nothing.
     def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: meta.pkl may hold plain data only")
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: meta.pkl may hold plain "
+                                     "data only")
 
 
 def load_meta(path):
@@ -202,7 +218,8 @@ def prepare_command(folder, meta=None):
     if os.path.exists(own):
         return f"python {os.path.relpath(own)}"
     meta = meta if isinstance(meta, dict) else {}
-    source = meta.get("source") if isinstance(meta.get("source"), str) and meta.get("source") else "YOUR_FILES"
+    source = meta.get("source") if isinstance(meta.get("source"), str) and meta.get("source") \
+        else "YOUR_FILES"
     char = " --tokenizer=char" if "itos" in meta or meta.get("tokenizer") == "char" else ""
     return (f"python {os.path.relpath(os.path.join(DATA_DIR, 'prepare.py'))} --input={source} "
             f"--dataset={os.path.basename(folder)}{char}")
@@ -214,15 +231,17 @@ def meta_problem(meta):
         return f"is not a dict but a pickled {type(meta).__name__}"
     size = meta.get("vocab_size")
     if type(size) is not int or size < 1:
-        return "has no vocab_size" if size is None else f"has vocab_size {size!r}, not a whole number above 0"
+        return ("has no vocab_size" if size is None
+                else f"has vocab_size {size!r}, not a whole number above 0")
     if meta.get("dtype", "uint16") not in ("uint16", "uint32"):
         return f"has dtype {meta['dtype']!r}, not uint16 or uint32"
     tokenizer = meta.get("tokenizer", "char" if "itos" in meta else None)
     if tokenizer == "gpt2" and "itos" not in meta:
-        return None if size == GPT2_IDS else f"says GPT-2 BPE but has vocab_size {size}, not {GPT2_IDS}"
+        return (None if size == GPT2_IDS
+                else f"says GPT-2 BPE but has vocab_size {size}, not {GPT2_IDS}")
     if "itos" not in meta:  # never taken for GPT-2 BPE: a model of 50304 ids trained on char ids
-        return f"has vocab_size {size} but no itos (the char vocab's ids -> characters; GPT-2 BPE data says " \
-               f"tokenizer 'gpt2')"
+        return f"has vocab_size {size} but no itos (the char vocab's ids -> characters; GPT-2 " \
+               f"BPE data says tokenizer 'gpt2')"
     if tokenizer != "char":
         return f"has tokenizer {tokenizer!r} and an itos; a char vocab says 'char'"
     itos = meta["itos"]

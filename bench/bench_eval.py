@@ -26,7 +26,7 @@ from tokenizer import BPE_DIR  # noqa: E402
 
 
 def gpt2_folder(path):
-    """GPT-2 124M's shape with random weights, saved as transformers saves it, with its tokenizer."""
+    """GPT-2 124M's shape with random weights, saved by transformers, with its tokenizer."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
     torch.manual_seed(0)
@@ -70,18 +70,19 @@ def main():
     for i in range(a.pairs):
         times["lm-eval"].append(timed(theirs, env))
         times["ours"].append(timed(ours, env))
-        print(f"pair {i + 1}: lm-eval {times['lm-eval'][-1]:.1f} s, ours {times['ours'][-1]:.1f} s, "
-              f"{times['lm-eval'][-1] / times['ours'][-1]:.2f}x", flush=True)
+        lm, mine = times["lm-eval"][-1], times["ours"][-1]
+        print(f"pair {i + 1}: lm-eval {lm:.1f} s, ours {mine:.1f} s, {lm / mine:.2f}x", flush=True)
     mine = json.load(open(os.path.join(tmp, "ours.json")))[a.task]
     [path] = sorted(glob.glob(os.path.join(tmp, "lm", "*", "results_*.json")))[-1:]
     lm = json.load(open(path))["results"][f"{a.task}_local"]
     same = all(abs(mine[k] - lm[f"{k},none"]) < 1e-9 for k in ("acc", "acc_norm") if k in mine)
     print(f"{a.task}, first {a.limit}, batch {a.batch_size}: ours acc {mine['acc']:.4f} "
           f"acc_norm {mine.get('acc_norm', float('nan')):.4f}; lm-eval acc {lm['acc,none']:.4f} "
-          f"acc_norm {lm.get('acc_norm,none', float('nan')):.4f} ({'equal' if same else 'DIFFERENT'})")
+          f"acc_norm {lm.get('acc_norm,none', float('nan')):.4f} "
+          f"({'equal' if same else 'DIFFERENT'})")
+    ratio = statistics.median(t / o for t, o in zip(times["lm-eval"], times["ours"]))
     print(f"median wall: lm-eval {statistics.median(times['lm-eval']):.1f} s, ours "
-          f"{statistics.median(times['ours']):.1f} s; ours is "
-          f"{statistics.median(t / o for t, o in zip(times['lm-eval'], times['ours'])):.2f}x as fast")
+          f"{statistics.median(times['ours']):.1f} s; ours is {ratio:.2f}x as fast")
     subprocess.run(["rm", "-rf", tmp])
 
 

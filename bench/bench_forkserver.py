@@ -26,9 +26,10 @@ with tempfile.TemporaryDirectory() as out:
             if kind == "forked":
                 conftest.run("train.py", *args)
             else:
-                subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=conftest.ENV,
-                               capture_output=True, check=True)
+                subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
+                               env=conftest.ENV, capture_output=True, check=True)
             times_of.append(time.perf_counter() - t)
 for kind, v in times.items():
     print(f"{kind:>17}: median {statistics.median(v):.2f} s of {' '.join(f'{x:.2f}' for x in v)}")
-print(f"ratio: {statistics.median(times['fresh interpreter']) / statistics.median(times['forked']):.1f}x")
+print("ratio: "
+      f"{statistics.median(times['fresh interpreter']) / statistics.median(times['forked']):.1f}x")

@@ -2,9 +2,12 @@
 Data-prepare speed and memory against the tokenizer's own limit (docs/performance.md). From the
 project root:
 
-    python bench/bench_prepare.py                      # a 200 MB corpus, 1 and 2 threads, 3 pairs each
-    python bench/bench_prepare.py --mb=400 --pairs=1   # the corpus doubled: peak memory should not move
-    python bench/bench_prepare.py --jsonl              # the same documents as one .jsonl file
+    # a 200 MB corpus, 1 and 2 threads, 3 pairs each
+    python bench/bench_prepare.py
+    # the corpus doubled: peak memory should not move
+    python bench/bench_prepare.py --mb=400 --pairs=1
+    # the same documents as one .jsonl file
+    python bench/bench_prepare.py --jsonl
 
 The corpus is made once, outside the repo (--corpus, default /tmp/prepare-bench-<mb>mb): a folder
 of .txt documents of 1-20 KB, each a random draw of lines of the shipped tiny Shakespeare with
@@ -107,12 +110,15 @@ def child(cmd):
 
 def ours(corpus, procs):
     shutil.rmtree(os.path.join(ROOT, "data", NAME), ignore_errors=True)
-    cmd = [sys.executable, "data/prepare.py", f"--input={corpus}", f"--dataset={NAME}", f"--num_proc={procs}"]
+    cmd = [sys.executable, "data/prepare.py", f"--input={corpus}", f"--dataset={NAME}",
+           f"--num_proc={procs}"]
     # peak RSS: a fresh grandchild per run, so RUSAGE_CHILDREN of a wrapper is this run's alone
-    wrapper = [sys.executable, "-c", "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+    wrapper = [sys.executable, "-c", "import resource, subprocess, sys; "
+               "subprocess.run(sys.argv[1:], check=True); "
                "print('rss', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)", *cmd]
     seconds, out = child(wrapper)
-    train, val = (int(x.replace(",", "")) for x in re.search(r"train ([\d,]+) tokens, val ([\d,]+)", out).groups())
+    train, val = (int(x.replace(",", ""))
+                  for x in re.search(r"train ([\d,]+) tokens, val ([\d,]+)", out).groups())
     rss = int(re.search(r"^rss (\d+)", out, re.M).group(1)) / 1024
     shutil.rmtree(os.path.join(ROOT, "data", NAME), ignore_errors=True)
     return (train + val) / seconds, rss
@@ -143,6 +149,7 @@ if __name__ == "__main__":
             mine, rss = ours(corpus, procs)
             limit = reference(corpus, procs)
             ratios.append(mine / limit)
-            print(f"threads {procs} pair {pair + 1}: prepare {mine / 1e6:.2f}M tokens/s (peak RSS {rss:.0f} MB), "
-                  f"tiktoken encode_ordinary_batch {limit / 1e6:.2f}M tokens/s: {mine / limit:.1%}", flush=True)
+            print(f"threads {procs} pair {pair + 1}: prepare {mine / 1e6:.2f}M tokens/s (peak RSS "
+                  f"{rss:.0f} MB), tiktoken encode_ordinary_batch {limit / 1e6:.2f}M tokens/s: "
+                  f"{mine / limit:.1%}", flush=True)
         print(f"threads {procs}: median {statistics.median(ratios):.1%} of tiktoken's rate")

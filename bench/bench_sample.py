@@ -1,13 +1,19 @@
 """
 Sampling speed, side by side (docs/performance.md). Run from the project root:
 
-    python bench/bench_sample.py char          # ours vs nanoGPT's sample.py: 6 layers, 384 wide, block 256, vocab 65
-    python bench/bench_sample.py gpt2          # ours vs nanoGPT's sample.py: GPT-2 124M's shape, random weights
-    python bench/bench_sample.py char --batch  # ours: 10 samples in one batch vs the same 10 one after another
+    # ours vs nanoGPT's sample.py: 6 layers, 384 wide, block 256, vocab 65
+    python bench/bench_sample.py char
+    # ours vs nanoGPT's sample.py: GPT-2 124M's shape, random weights
+    python bench/bench_sample.py gpt2
+    # ours: 10 samples in one batch vs the same 10 one after another
+    python bench/bench_sample.py char --batch
     python bench/bench_sample.py gpt2 --batch
-    python bench/bench_sample.py char --ours=--window_keep=1.0   # ours sliding the window by one token, as nanoGPT
-    python bench/bench_sample.py char --new=240 --top_k=1        # greedy, within the window (prompt + 240 < 256)
-    python bench/bench_sample.py gpt2 --compile --new=200        # static-cache decode step: eager vs torch.compile
+    # ours sliding the window by one token, as nanoGPT
+    python bench/bench_sample.py char --ours=--window_keep=1.0
+    # greedy, within the window (prompt + 240 < 256)
+    python bench/bench_sample.py char --new=240 --top_k=1
+    # static-cache decode step: eager vs torch.compile
+    python bench/bench_sample.py gpt2 --compile --new=200
 
 Without --batch it also prints the memory bound of batch 1: the bytes of weights one token reads,
 over a copy bandwidth measured in the same process, and each script's tokens/s as a share of it.
@@ -36,7 +42,8 @@ PROMPT = "\n"  # both scripts' default
 
 def wall(cmd, cwd, env=None):
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       text=True)
     if p.returncode:
         sys.exit(f"error: {' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
     return time.perf_counter() - t0
@@ -46,11 +53,13 @@ def char_checkpoint(tmp):
     """ckpt.pt of the char shape, from two iterations of our train.py (weights barely trained:
     the speed does not depend on them), readable by both sample.py scripts."""
     if not os.path.exists(os.path.join(ROOT, "data", "shakespeare_char", "train.bin")):
-        subprocess.run([sys.executable, "data/shakespeare_char/prepare.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "data/shakespeare_char/prepare.py"], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL)
     out = os.path.join(tmp, "char")
-    subprocess.run([sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
-                    f"--out_dir={out}", "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--batch_size=1",
-                    "--always_save_checkpoint=True"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu",
+                    "--compile=False", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2",
+                    "--eval_iters=1", "--batch_size=1", "--always_save_checkpoint=True"], cwd=ROOT,
+                   check=True, stdout=subprocess.DEVNULL)
     return ["--out_dir=" + out], ["--out_dir=" + out]
 
 
@@ -67,8 +76,9 @@ def gpt2_checkpoint(tmp):
     c = model.config
     os.makedirs(os.path.join(tmp, "ng-gpt2"))
     torch.save({"model": model.state_dict(), "config": {},
-                "model_args": dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
-                                   bias=c.bias, vocab_size=c.vocab_size, dropout=0.0)},
+                "model_args": dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                                   block_size=c.block_size, bias=c.bias, vocab_size=c.vocab_size,
+                                   dropout=0.0)},
                os.path.join(tmp, "ng-gpt2", "ckpt.pt"))
     return ["--init_from=" + folder], ["--out_dir=" + os.path.join(tmp, "ng-gpt2")]
 
@@ -82,7 +92,8 @@ def tiktoken_cache(tmp):
     env = dict(os.environ, TIKTOKEN_CACHE_DIR=os.path.join(tmp, "tiktoken-cache"))
     fetch, saved = tiktoken.load.read_file, os.environ.copy()
     # tiktoken fills its cache from what read_file returns: the shipped file of the same name
-    tiktoken.load.read_file = lambda blobpath: open(os.path.join(BPE_DIR, os.path.basename(blobpath)), "rb").read()
+    tiktoken.load.read_file = lambda blobpath: open(
+        os.path.join(BPE_DIR, os.path.basename(blobpath)), "rb").read()
     os.environ.update(env)
     try:
         gpt2()
@@ -106,7 +117,8 @@ def copy_bandwidth():
 
 
 def weight_bytes_per_token(shape):
-    """What one token reads at batch 1 in fp32: every weight once (wte as lm_head), one row of wpe."""
+    """What one token reads at batch 1 in fp32: every weight once (wte as lm_head), one row of
+    wpe."""
     L, C, V = shape["n_layer"], shape["n_embd"], shape["vocab_size"]
     per_layer = 12 * C * C + 13 * C  # attention and MLP matrices with their biases, two LayerNorms
     return 4 * (L * per_layer + V * C + 2 * C + C)
@@ -118,8 +130,9 @@ SHAPES = {"char": dict(n_layer=6, n_embd=384, vocab_size=65, block_size=256),
 
 def static_step(model, token, pos, K, V):
     """One token through the model with a static KV cache of block_size positions (K, V: per layer
-    (1, n_head, block_size, head_size)) and a position tensor: the same shapes at every step, which is
-    what torch.compile needs to trace it once. A measurement only: sample.py's cache grows instead."""
+    (1, n_head, block_size, head_size)) and a position tensor: the same shapes at every step, which
+    is what torch.compile needs to trace it once. A measurement only: sample.py's cache grows
+    instead."""
     import torch
     import torch.nn.functional as F
     c, t = model.config, model.transformer
@@ -138,12 +151,13 @@ def static_step(model, token, pos, K, V):
 
 
 def bench_compile(shape, pairs, new):
-    """Whether torch.compile helps batch-1 decoding here: the static-cache step eager against the same
-    step compiled (compiled once before timing; its compile time is printed), A B A B."""
+    """Whether torch.compile helps batch-1 decoding here: the static-cache step eager against the
+    same step compiled (compiled once before timing; its compile time is printed), A B A B."""
     import torch
     from model import GPT, GPTConfig
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**SHAPES[shape], n_head=12 if shape == "gpt2" else 6, bias=True, dropout=0.0)).eval()
+    model = GPT(GPTConfig(**SHAPES[shape], n_head=12 if shape == "gpt2" else 6, bias=True,
+                          dropout=0.0)).eval()
     c = model.config
     compiled = torch.compile(static_step, dynamic=False)
 
@@ -153,72 +167,85 @@ def bench_compile(shape, pairs, new):
         tokens = [torch.zeros(1, 1, dtype=torch.long)]
         t0 = time.perf_counter()
         for p in range(new):
-            tokens.append(step(model, tokens[-1], torch.tensor(p), K, V)[:, -1].argmax(-1, keepdim=True))
+            tokens.append(
+                step(model, tokens[-1], torch.tensor(p), K, V)[:, -1].argmax(-1, keepdim=True))
         return new / (time.perf_counter() - t0), torch.cat(tokens[1:], dim=1)
     with torch.inference_mode():
         t0 = time.perf_counter()
         _, got = rate(compiled)
         print(f"compile (and one pass): {time.perf_counter() - t0:.1f} s", flush=True)
         want = torch.cat(list(model.tokens(torch.zeros(1, 1, dtype=torch.long), new, 0.0)), dim=1)
-        print(f"the compiled static step gives sample.py's greedy tokens: {torch.equal(got, want)}", flush=True)
+        print(f"the compiled static step gives sample.py's greedy tokens: {torch.equal(got, want)}",
+              flush=True)
         ratios = []
         for i in range(pairs):
             (eager, _), (comp, _) = rate(static_step), rate(compiled)
             ratios.append(comp / eager)
-            print(f"pair {i + 1}: eager {eager:.1f} tokens/s, compiled {comp:.1f} tokens/s, ratio {ratios[-1]:.2f}", flush=True)
+            print(f"pair {i + 1}: eager {eager:.1f} tokens/s, compiled {comp:.1f} tokens/s, ratio "
+                  f"{ratios[-1]:.2f}", flush=True)
     print(f"median ratio compiled/eager: {statistics.median(ratios):.2f}x")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("shape", choices=("char", "gpt2"))
-    ap.add_argument("--batch", action="store_true", help="ours: 10 samples batched vs one after another")
+    ap.add_argument("--batch", action="store_true",
+                    help="ours: 10 samples batched vs one after another")
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--new", type=int, default=500, help="new tokens per sample")
     ap.add_argument("--top_k", type=int, default=200, help="both scripts' top_k (1: greedy)")
-    ap.add_argument("--ours", default="", help="more flags for our sample.py, e.g. --ours=--window_keep=1.0")
-    ap.add_argument("--compile", action="store_true", help="a static-cache decode step, eager vs torch.compile")
+    ap.add_argument("--ours", default="",
+                    help="more flags for our sample.py, e.g. --ours=--window_keep=1.0")
+    ap.add_argument("--compile", action="store_true",
+                    help="a static-cache decode step, eager vs torch.compile")
     a = ap.parse_args()
     if a.compile:
         return bench_compile(a.shape, a.pairs, min(a.new, SHAPES[a.shape]["block_size"]))
     if not os.path.isdir(NANOGPT):
-        sys.exit(f"error: nanoGPT's reference copy is not at {os.path.normpath(NANOGPT)}; this benchmark runs "
-                 f"from a checkout beside the team's shared/ folder")
+        sys.exit(f"error: nanoGPT's reference copy is not at {os.path.normpath(NANOGPT)}; this "
+                 "benchmark runs from a checkout beside the team's shared/ folder")
     common = ["--device=cpu", f"--start={PROMPT}", "--seed=1337", f"--top_k={a.top_k}"]
     with tempfile.TemporaryDirectory(dir=ROOT, prefix="bench-sample-") as tmp:
         ours_args, ng_args = (char_checkpoint if a.shape == "char" else gpt2_checkpoint)(tmp)
-        ours = [sys.executable, os.path.join(ROOT, "sample.py"), *ours_args, *common, "--dtype=float32", *a.ours.split()]
+        ours = [sys.executable, os.path.join(ROOT, "sample.py"), *ours_args, *common,
+                "--dtype=float32", *a.ours.split()]
         if a.batch:
             runs = {"batched": ([*ours, "--num_samples=10", "--max_batch=10"], ROOT, None, 10),
                     "one by one": ([*ours, "--num_samples=10", "--max_batch=1"], ROOT, None, 10)}
         else:
             ng = os.path.join(tmp, "nanogpt")
             shutil.copytree(NANOGPT, ng)
-            if a.shape == "char":  # nanoGPT finds the vocab at data/<dataset>/meta.pkl under its cwd
+            # nanoGPT finds the vocab at data/<dataset>/meta.pkl under its cwd
+            if a.shape == "char":
                 os.makedirs(os.path.join(ng, "data", "shakespeare_char"))
-                shutil.copy(os.path.join(ROOT, "data", "shakespeare_char", "meta.pkl"), os.path.join(ng, "data", "shakespeare_char"))
+                shutil.copy(os.path.join(ROOT, "data", "shakespeare_char", "meta.pkl"),
+                            os.path.join(ng, "data", "shakespeare_char"))
             runs = {"project": ([*ours, "--num_samples=1"], ROOT, None, 1),
-                    "nanoGPT": ([sys.executable, "sample.py", *ng_args, *common, "--num_samples=1", "--dtype=float32"],
+                    "nanoGPT": ([sys.executable, "sample.py", *ng_args, *common, "--num_samples=1",
+                                 "--dtype=float32"],
                                 ng, tiktoken_cache(tmp), 1)}
         rates = {name: [] for name in runs}
         for pair in range(1, a.pairs + 1):
             line = []
             for name, (cmd, cwd, env, samples) in runs.items():
-                seconds = wall([*cmd, f"--max_new_tokens={a.new}"], cwd, env) - wall([*cmd, "--max_new_tokens=1"], cwd, env)
+                seconds = (wall([*cmd, f"--max_new_tokens={a.new}"], cwd, env)
+                           - wall([*cmd, "--max_new_tokens=1"], cwd, env))
                 rates[name].append(samples * (a.new - 1) / seconds)
                 line.append(f"{name} {rates[name][-1]:.1f} tokens/s ({seconds:.2f} s)")
             print(f"pair {pair}: " + ", ".join(line), flush=True)
         (first, r1), (second, r2) = rates.items()
         ratios = [x / y for x, y in zip(r1, r2)]
-        print(f"median tokens/s: {first} {statistics.median(r1):.1f}, {second} {statistics.median(r2):.1f}; "
-              f"median ratio {first}/{second}: {statistics.median(ratios):.2f}x (per pair: "
+        print(f"median tokens/s: {first} {statistics.median(r1):.1f}, {second} "
+              f"{statistics.median(r2):.1f}; median ratio {first}/{second}: "
+              f"{statistics.median(ratios):.2f}x (per pair: "
               + ", ".join(f"{r:.2f}" for r in ratios) + ")")
         if not a.batch:  # batch 1 reads every weight once per token: the memory's speed bounds it
             bandwidth, per_token = copy_bandwidth(), weight_bytes_per_token(SHAPES[a.shape])
             bound = bandwidth / per_token
-            print(f"memory bound: {per_token / 2**20:.1f} MB of weights per token at a copy bandwidth of "
-                  f"{bandwidth / 1e9:.1f} GB/s (read + written) = {bound:.1f} tokens/s; {first} reaches "
-                  f"{statistics.median(r1) / bound:.0%} of it, {second} {statistics.median(r2) / bound:.0%}")
+            print(f"memory bound: {per_token / 2**20:.1f} MB of weights per token at a copy "
+                  f"bandwidth of {bandwidth / 1e9:.1f} GB/s (read + written) = {bound:.1f} "
+                  f"tokens/s; {first} reaches {statistics.median(r1) / bound:.0%} of it, {second} "
+                  f"{statistics.median(r2) / bound:.0%}")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 How fast a run stops and comes back (docs/preemption.md). Every argument is
 passed to train.py, which runs in a fresh temp out_dir each round:
 
-    python bench/bench_stop.py config/train_shakespeare_char_cpu.py            # the CPU recipe
-    BENCH_ROUNDS=2 BENCH_EVAL_AT=3 python bench/bench_stop.py --dataset=shakespeare --n_layer=12 --n_head=12 \
-        --n_embd=768 --block_size=1024 --batch_size=1 --gradient_accumulation_steps=1 --device=cpu \
-        --compile=False --eval_iters=10                                  # GPT-2 124M's shape on a CPU
-    BENCH_RESTART=1 python bench/bench_stop.py config/train_shakespeare_char_cpu.py --gradient_accumulation_steps=2
+    # the CPU recipe
+    python bench/bench_stop.py config/train_shakespeare_char_cpu.py
+    # GPT-2 124M's shape on a CPU
+    BENCH_ROUNDS=2 BENCH_EVAL_AT=3 python bench/bench_stop.py --dataset=shakespeare --n_layer=12 \
+        --n_head=12 --n_embd=768 --block_size=1024 --batch_size=1 --gradient_accumulation_steps=1 \
+        --device=cpu --compile=False --eval_iters=10
+    BENCH_RESTART=1 python bench/bench_stop.py config/train_shakespeare_char_cpu.py \
+        --gradient_accumulation_steps=2
 
 BENCH_ROUNDS (3): rounds of each measurement; BENCH_EVAL_AT (20): the iteration whose eval the
 second measurement interrupts.
@@ -27,18 +30,23 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project root: train.py runs there
+# the project root: train.py runs there
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
-EVAL_AT = int(os.environ.get("BENCH_EVAL_AT", "20"))  # the eval that the second measurement interrupts
+# the eval that the second measurement interrupts
+EVAL_AT = int(os.environ.get("BENCH_EVAL_AT", "20"))
 
 
 def start(cmd, out, *extra):
-    args = [*cmd, *sys.argv[1:], f"--out_dir={out}", "--log_interval=1", "--max_iters=1000000", *extra]
-    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = [*cmd, *sys.argv[1:], f"--out_dir={out}", "--log_interval=1", "--max_iters=1000000",
+            *extra]
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
 def children(pid):
-    return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                           text=True).stdout.split()]
 
 
 def wait_for(proc, pattern):
@@ -51,10 +59,12 @@ def wait_for(proc, pattern):
 def stop_seconds(during_eval):
     out = tempfile.mkdtemp(prefix="bench-stop-", dir=ROOT)
     try:
-        extra = [f"--eval_interval={EVAL_AT}", "--checkpoint_interval=0"] if during_eval else ["--eval_interval=1000000"]
+        extra = ([f"--eval_interval={EVAL_AT}", "--checkpoint_interval=0"]
+                 if during_eval else ["--eval_interval=1000000"])
         proc = start([sys.executable, "train.py"], out, *extra)
         if during_eval:
-            wait_for(proc, rf"^iter {EVAL_AT - 1}:")  # the loop goes on to the eval of iteration EVAL_AT
+            # the loop goes on to the eval of iteration EVAL_AT
+            wait_for(proc, rf"^iter {EVAL_AT - 1}:")
         else:
             wait_for(proc, r"^iter 5:")
             time.sleep(random.uniform(0, 2))
@@ -63,7 +73,8 @@ def stop_seconds(during_eval):
         rest = proc.communicate()[0]
         took = time.perf_counter() - t0
         if proc.returncode != 0 or "checkpoint saved at iteration" not in rest:
-            raise SystemExit(f"error: the run did not save and exit 0 (exit {proc.returncode}):\n{rest}")
+            raise SystemExit("error: the run did not save and exit 0 (exit "
+                             f"{proc.returncode}):\n{rest}")
         return took
     finally:
         shutil.rmtree(out)
@@ -102,4 +113,5 @@ if os.environ.get("BENCH_RESTART"):
     report("kill -9 of a worker -> training again", restart_seconds())
 else:
     report("SIGTERM while training -> exited, saved", [stop_seconds(False) for _ in range(ROUNDS)])
-    report("SIGTERM as an eval begins -> exited, saved", [stop_seconds(True) for _ in range(ROUNDS)])
+    report("SIGTERM as an eval begins -> exited, saved",
+           [stop_seconds(True) for _ in range(ROUNDS)])

@@ -3,12 +3,17 @@ The fault sweep (docs/checkpoints.md): as SQLite fails its Nth I/O call for ever
 failure point of a short training run's save and load paths is tried, one at a time, and what is
 left on disk is checked after each. From the project root:
 
-    python bench/fault_sweep.py                       # every point of every scenario (hours: see --sample)
-    python bench/fault_sweep.py --sample=40           # at most 40 points a scenario, spread over syscalls and kinds
+    # every point of every scenario (hours: see --sample)
+    python bench/fault_sweep.py
+    # at most 40 points a scenario, spread over syscalls and kinds
+    python bench/fault_sweep.py --sample=40
     python bench/fault_sweep.py --scenarios=folders --syscalls=rename,fsync --kinds=kill
-    python bench/fault_sweep.py --list                # the points of each scenario, without running them
-    python bench/fault_sweep.py --point=files/fsync/eio/3   # one point again, its output shown (a failure's repro)
-    python bench/fault_sweep.py --scenarios=remote-file,remote-s3 --sample=20   # the remote tier
+    # the points of each scenario, without running them
+    python bench/fault_sweep.py --list
+    # one point again, its output shown (a failure's repro)
+    python bench/fault_sweep.py --point=files/fsync/eio/3
+    # the remote tier
+    python bench/fault_sweep.py --scenarios=remote-file,remote-s3 --sample=20
 
 Scenarios: train.py on tests/conftest.py's TINY model, 6 iterations, a checkpoint every 2, an eval
 every 3, keep_last=2. 'files' writes ckpt-*.pt and ckpt.pt; 'folders' is FSDP on 2 gloo ranks under
@@ -44,8 +49,8 @@ points are mostly not tried.
    - the same command without faults then exits 0, leaves no temporary behind, and its final
      checkpoint's model, optimizer and torch RNG are bitwise those of the clean run.
 At most two points run at a time (--jobs), every process with OMP_NUM_THREADS=1. The summary counts
-points tried and survived per scenario, syscall and kind; each failure is listed with its reasons and
-the command that reproduces it (its work folder is kept).
+points tried and survived per scenario, syscall and kind; each failure is listed with its reasons
+and the command that reproduces it (its work folder is kept).
 """
 import argparse
 import os
@@ -66,22 +71,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the projec
 sys.path.insert(0, ROOT)  # its modules (store.load), when run as python bench/fault_sweep.py
 
 # tests/conftest.py's TINY: a training step takes milliseconds on a CPU
-TINY = ["--device=cpu", "--compile=False", "--dataset=shakespeare_char", "--n_layer=2", "--n_head=2",
-        "--n_embd=32", "--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=1",
-        "--eval_iters=2", "--log_interval=1", "--warmup_iters=5", "--lr_decay_iters=100", "--learning_rate=1e-3",
-        "--peak_flops=1e11"]
+TINY = ["--device=cpu", "--compile=False", "--dataset=shakespeare_char", "--n_layer=2",
+        "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+        "--gradient_accumulation_steps=1", "--eval_iters=2", "--log_interval=1",
+        "--warmup_iters=5", "--lr_decay_iters=100", "--learning_rate=1e-3", "--peak_flops=1e11"]
 RUN = ["--checkpoint_interval=2", "--eval_interval=3", "--keep_last=2"]
 KEEP_LAST = 2
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
-FAULTED = ["fsync", "fdatasync", "rename", "renameat", "renameat2", "link", "linkat", "unlink", "unlinkat", "rmdir",
-           "mkdir", "mkdirat", "ftruncate", "openat"]  # EIO and kill at every call
+# EIO and kill at every call
+FAULTED = ["fsync", "fdatasync", "rename", "renameat", "renameat2", "link", "linkat", "unlink",
+           "unlinkat", "rmdir", "mkdir", "mkdirat", "ftruncate", "openat"]
 WRITES = ["write", "pwrite64"]  # ENOSPC and kill at a sample of the calls (there are hundreds)
-SENDS = ["sendto", "sendmsg"]  # remote-s3: a request's bytes going out (EIO: botocore retries), sampled as writes
+# remote-s3: a request's bytes going out (EIO: botocore retries), sampled as writes
+SENDS = ["sendto", "sendmsg"]
 KINDS = ("eio", "enospc", "kill", "fsize")
 # names that are a checkpoint's (NAMES): files, folders, ckpt.pt, another branch's kept best
 NAMES = re.compile(r"ckpt(\.pt|-best-b\d+-\d{8}\.pt|-\d{8}(-b\d+)?(\.pt)?)$")
-TEMPORARY = re.compile(r"^\..*\.(tmp|old)-")  # keep/atomic.py's '.<name>.tmp-<pid>' and '.<name>.old-<pid>'
+# keep/atomic.py's '.<name>.tmp-<pid>' and '.<name>.old-<pid>'
+TEMPORARY = re.compile(r"^\..*\.(tmp|old)-")
 
 
 @dataclass
@@ -90,66 +98,82 @@ class Scenario:
     args: list
     final: int  # the iteration of the last checkpoint
     torchrun: bool = False
-    setup: list = None  # a run made once before (not faulted): every point starts from a copy of its out_dir
-    remote: str = ""  # 'file' or 's3': each out_dir gets a remote_dir of its own, and the points are its calls
-    fsize: bool = False  # the points are RLIMIT_FSIZE cutting one checkpoint's write short (fsize_points)
+    # a run made once before (not faulted): every point starts from a copy of its out_dir
+    setup: list = None
+    # 'file' or 's3': each out_dir gets a remote_dir of its own, and the points are its calls
+    remote: str = ""
+    # the points are RLIMIT_FSIZE cutting one checkpoint's write short (fsize_points)
+    fsize: bool = False
     pure: bool = True  # points whose Nth call, in another thread, is elsewhere are skipped (stray)
 
     def final_name(self):
         return f"ckpt-{self.final:08d}" + ("" if self.torchrun else ".pt")
 
     def command(self, out, strace=None, rank=None, trace=None, logs=None):
-        """The train.py command into `out`; strace: its arguments (less -o) to run it under, on one rank
-        (`rank`) or every rank (None) under torchrun; trace: strace's output file (.<rank> added)."""
+        """The train.py command into `out`; strace: its arguments (less -o) to run it under, on one
+        rank (`rank`) or every rank (None) under torchrun; trace: strace's output file (.<rank>
+        added)."""
         train = [sys.executable, os.path.join(ROOT, "train.py"), *self.args, f"--out_dir={out}"]
         if self.remote:
             train.append(f"--remote_dir={remote_url(self, out)}")
         if not self.torchrun:
             return [*(["strace", *strace, "-o", trace] if strace else []), *train]
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc_per_node=2"]
         if logs:  # each rank's output in a file of its own, apart from the launcher's report
             launch += ["--redirects=3", f"--log-dir={logs}"]
         if not strace:
             return [*launch, *train[1:]]
-        script = (f'if [ -z "{"" if rank is None else rank}" ] || [ "$LOCAL_RANK" = "{rank}" ]; then '
-                  f'exec {shlex.join(["strace", *strace])} -o {shlex.quote(trace)}."$LOCAL_RANK" "$@"; fi; exec "$@"')
+        script = (f'if [ -z "{"" if rank is None else rank}" ] || [ "$LOCAL_RANK" = "{rank}" ]; '
+                  f'then exec {shlex.join(["strace", *strace])} -o '
+                  f'{shlex.quote(trace)}."$LOCAL_RANK" "$@"; fi; exec "$@"')
         return [*launch, "--no-python", "sh", "-c", script, "sh", *train]
 
 
 SCENARIOS = {
     "files": Scenario("files", [*TINY, *RUN, "--max_iters=6"], final=6, pure=False),
-    "folders": Scenario("folders", [*TINY, "--gradient_accumulation_steps=2", "--parallelism=fsdp", *RUN,
-                                    "--max_iters=6"], final=6, torchrun=True, pure=False),
-    "resume": Scenario("resume", [*TINY, *RUN, "--max_iters=8"], final=8, setup=[*TINY, *RUN, "--max_iters=4"], pure=False),
+    "folders": Scenario("folders", [*TINY, "--gradient_accumulation_steps=2", "--parallelism=fsdp",
+                                    *RUN, "--max_iters=6"], final=6, torchrun=True, pure=False),
+    "resume": Scenario("resume", [*TINY, *RUN, "--max_iters=8"], final=8,
+                       setup=[*TINY, *RUN, "--max_iters=4"], pure=False),
     # the same saves written by the background thread (--async_save): its calls are counted apart
-    "files-async": Scenario("files-async", [*TINY, *RUN, "--max_iters=6", "--async_save=True"], final=6),
-    "folders-async": Scenario("folders-async", [*TINY, "--gradient_accumulation_steps=2", "--parallelism=fsdp", *RUN,
-                                                "--max_iters=6", "--async_save=True"], final=6, torchrun=True),
+    "files-async": Scenario("files-async", [*TINY, *RUN, "--max_iters=6", "--async_save=True"],
+                            final=6),
+    "folders-async": Scenario("folders-async", [*TINY, "--gradient_accumulation_steps=2",
+                                                "--parallelism=fsdp", *RUN, "--max_iters=6",
+                                                "--async_save=True"], final=6, torchrun=True),
     # a short write: torch raises RuntimeError (not OSError) when the file size limit cuts it
     "fsize": Scenario("fsize", [*TINY, *RUN, "--max_iters=6"], final=6, fsize=True),
-    # the remote tier: the points are the uploader's calls on remote_dir (remote_wait: the end waits for it)
-    "remote-file": Scenario("remote-file", [*TINY, *RUN, "--max_iters=6", "--remote_wait=30"], final=6, remote="file"),
-    "remote-s3": Scenario("remote-s3", [*TINY, *RUN, "--max_iters=6", "--remote_wait=30"], final=6, remote="s3"),
+    # the remote tier: the points are the uploader's calls on remote_dir (remote_wait: the end waits
+    # for it)
+    "remote-file": Scenario("remote-file", [*TINY, *RUN, "--max_iters=6", "--remote_wait=30"],
+                            final=6, remote="file"),
+    "remote-s3": Scenario("remote-s3", [*TINY, *RUN, "--max_iters=6", "--remote_wait=30"], final=6,
+                          remote="s3"),
 }
 S3_BUCKET = "sweep"
-_s3 = {}  # the one SeaweedFS server of the whole sweep (start_s3), started by the first remote-s3 run
+# the one SeaweedFS server of the whole sweep (start_s3), started by the first remote-s3 run
+_s3 = {}
 
 
 def remote_url(scenario, out):
-    """The remote_dir of an out_dir: <its folder>/remote, or a prefix of its own in the sweep's bucket."""
+    """The remote_dir of an out_dir: <its folder>/remote, or a prefix of its own in the sweep's
+    bucket."""
     folder = os.path.dirname(out)
     if scenario.remote == "file":
         return "file://" + os.path.join(folder, "remote")
-    return f"s3://{S3_BUCKET}/{os.path.basename(os.path.dirname(folder))}/{os.path.basename(folder)}"
+    return (f"s3://{S3_BUCKET}/{os.path.basename(os.path.dirname(folder))}/"
+            f"{os.path.basename(folder)}")
 
 
 def start_s3(work):
-    """tests/s3server.py's SeaweedFS on loopback, its credentials in ENV (every run and checkpoint.py
-    gets them); killed when the sweep ends."""
+    """tests/s3server.py's SeaweedFS on loopback, its credentials in ENV (every run and
+    checkpoint.py gets them); killed when the sweep ends."""
     if not _s3:
         import atexit
         import importlib.util
-        spec = importlib.util.spec_from_file_location("s3server", os.path.join(ROOT, "tests", "s3server.py"))
+        spec = importlib.util.spec_from_file_location("s3server",
+                                                      os.path.join(ROOT, "tests", "s3server.py"))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         server = module.S3Server(os.path.join(work, "s3"))
@@ -168,8 +192,8 @@ CALL = re.compile(r"^(\d+)\s+(\d+\.\d+)\s+(\w+)\((.*)$")
 RESUMED = re.compile(r"^(\d+)\s+\d+\.\d+\s+<\.\.\. (\w+) resumed>(.*)$")
 RESULT = re.compile(r"\)\s+=\s+(-?\d+|\?)(?: (\w+))?")
 TOKEN = re.compile(r'(\d+|AT_FDCWD)<((?:[^>\\]|\\.)*)>|"((?:[^"\\]|\\.)*)"')
-PATH_ARGS = {"openat", "rename", "renameat", "renameat2", "link", "linkat", "unlink", "unlinkat", "rmdir", "mkdir",
-             "mkdirat"}
+PATH_ARGS = {"openat", "rename", "renameat", "renameat2", "link", "linkat", "unlink", "unlinkat",
+             "rmdir", "mkdir", "mkdirat"}
 
 
 @dataclass
@@ -191,7 +215,8 @@ class Call:
 
 
 def _unescape(s):
-    return s.encode("latin-1", "backslashreplace").decode("unicode_escape", "replace") if "\\" in s else s
+    return (s.encode("latin-1", "backslashreplace").decode("unicode_escape", "replace")
+            if "\\" in s else s)
 
 
 def _paths(name, args):
@@ -218,7 +243,8 @@ def read_trace(path):
             if m:
                 tid, ts, name, rest = int(m[1]), float(m[2]), m[3], m[4]
                 counts[tid, name] += 1
-                call = Call(tid, ts, name, counts[tid, name], _paths(name, rest), f"{name}({rest.strip()}")
+                call = Call(tid, ts, name, counts[tid, name], _paths(name, rest),
+                            f"{name}({rest.strip()}")
                 calls.append(call)
                 if rest.rstrip().endswith("<unfinished ...>"):
                     open_calls[tid] = call
@@ -246,7 +272,8 @@ def remote_folder(out):
     return os.path.join(os.path.dirname(out), "remote")  # a file:// remote_dir (remote_url)
 
 
-HTTP = set()  # the sockets ('socket:[inode]', as strace -y shows them) that requests to S3 went out on
+# the sockets ('socket:[inode]', as strace -y shows them) that requests to S3 went out on
+HTTP = set()
 
 
 def find_http(calls):
@@ -266,14 +293,18 @@ def describe(call, out):
     as 's3'."""
     rem = remote_folder(out)
     rel = [("." if p == out else os.path.relpath(p, out)) if under(p, out) else
-           "remote:" + os.path.relpath(p, rem) if under(p, rem) else "s3" if is_s3(p) else p for p in call.paths]
-    request = REQUEST.search(call.text) if rel == ["s3"] else None  # a request's first bytes: what it asks
+           "remote:" + os.path.relpath(p, rem) if under(p, rem) else "s3" if is_s3(p) else p
+           for p in call.paths]
+    # a request's first bytes: what it asks
+    request = REQUEST.search(call.text) if rel == ["s3"] else None
     rel += [f"{request[1]} {request[3] or '.'}{request[4] or ''}"] if request else []
-    rel = [re.sub(r"(data/\.?\d{8}-)[0-9a-f]{8}", r"\1XXXXXXXX", re.sub(r"(\.(tmp|old)-)\d+", r"\1PID", p)) for p in rel]
+    rel = [re.sub(r"(data/\.?\d{8}-)[0-9a-f]{8}", r"\1XXXXXXXX",
+                  re.sub(r"(\.(tmp|old)-)\d+", r"\1PID", p)) for p in rel]
     return f"{call.name} " + " -> ".join(rel)
 
 
-# 'PUT /sweep/remote-s3/<folder>/<key>?uploads HTTP/1.1': the method, the key below remote_dir, a query's name
+# 'PUT /sweep/remote-s3/<folder>/<key>?uploads HTTP/1.1': the method, the key below remote_dir, a
+# query's name
 REQUEST = re.compile(rf'"([A-Z]+) /{S3_BUCKET}/[^/ ?]+/[^/ ?]+(/([^ ?]*))?(\?[a-zA-Z-]+)?')
 
 
@@ -291,8 +322,11 @@ def stray(scenario, out, call):
     Nth, an import at start-up. The new scenarios skip a point whose Nth call, in some thread, is
     on a file outside the point's folder (pipes and sockets are fine: stdout survives EIO)."""
     if scenario.pure and call.name in SENDS and not any(is_s3(p) for p in call.paths):
-        return True  # asyncio's wake-up byte: its EIO is swallowed, the wake-up lost and fsspec's sync() waits forever
-    return scenario.pure and any(p.startswith("/") and not under(p, os.path.dirname(out)) for p in call.paths)
+        # asyncio's wake-up byte: its EIO is swallowed, the wake-up lost and fsspec's sync() waits
+        # forever
+        return True
+    return (scenario.pure
+            and any(p.startswith("/") and not under(p, os.path.dirname(out)) for p in call.paths))
 
 
 ANNOUNCED = re.compile(r'"saved (\S+?)(?:\\n| \()')
@@ -307,7 +341,8 @@ def deleted(calls):
     """(time, path) of each checkpoint name that a successful call took away."""
     gone = []
     for c in calls:
-        if c.ok() and c.paths and (c.name in ("unlink", "unlinkat", "rmdir") or c.name.startswith("rename")):
+        if (c.ok() and c.paths
+                and (c.name in ("unlink", "unlinkat", "rmdir") or c.name.startswith("rename"))):
             gone.append((c.ts, c.paths[0]))
     return [(t, p) for t, p in gone if NAMES.fullmatch(os.path.basename(p))]
 
@@ -322,12 +357,14 @@ class Point:
     syscall: str
     kind: str
     n: int
-    targets: list  # the calls of the clean run that it hits (the n-th of its thread), touching out_dir
+    # the calls of the clean run that it hits (the n-th of its thread), touching out_dir
+    targets: list
     torchrun: bool = False
 
     @property
     def id(self):
-        return "/".join([self.scenario, *([f"r{self.rank}"] if self.torchrun else []), self.syscall, self.kind, str(self.n)])
+        return "/".join([self.scenario, *([f"r{self.rank}"] if self.torchrun else []), self.syscall,
+                         self.kind, str(self.n)])
 
     def inject(self):
         if self.kind == "fsize":
@@ -339,7 +376,8 @@ class Point:
 
 @dataclass(repr=False)
 class Clean:
-    """The clean (unfaulted) run of a scenario: its calls per rank, what it announced and deleted."""
+    """The clean (unfaulted) run of a scenario: its calls per rank, what it announced and
+    deleted."""
     scenario: Scenario
     out: str
     template: str  # the out_dir every point starts from ('' for an empty one)
@@ -378,19 +416,22 @@ def make_points(clean, writes=12):
                 seen.add((c.name, c.n))
             if stray(sc, clean.out, c):
                 skip.add((c.name, c.n))
-            elif watched(sc, clean.out, c) or sc.pure and any(under(p, os.path.dirname(clean.out)) for p in c.paths):
+            elif (watched(sc, clean.out, c) or sc.pure
+                    and any(under(p, os.path.dirname(clean.out)) for p in c.paths)):
                 hits[c.name, c.n].append(c)  # also hit: the fault's time is the first's
         for name in [*FAULTED, *WRITES, *SENDS]:
             ns = sorted(n for s, n in seen if s == name and (s, n) not in skip)
             for n in spread(ns, writes) if name in WRITES + SENDS else ns:
                 for kind in ("enospc", "kill") if name in WRITES else ("eio", "kill"):
-                    points.append(Point(clean.scenario.name, rank, name, kind, n, hits[name, n], clean.scenario.torchrun))
+                    points.append(Point(clean.scenario.name, rank, name, kind, n, hits[name, n],
+                                        clean.scenario.torchrun))
     clean.points = points
     return points
 
 
 def sample(points, k):
-    """At most k points: each (rank, syscall, kind) group gets a share in turn, spread over the group."""
+    """At most k points: each (rank, syscall, kind) group gets a share in turn, spread over the
+    group."""
     if k is None or len(points) <= k:
         return points
     groups = defaultdict(list)
@@ -405,23 +446,25 @@ def sample(points, k):
     return [p for g, m in share.items() for p in spread(groups[g], m)]
 
 
-# python -c FSIZE_HOOK K LIMIT train.py ARGS: train.py with the file size limit at LIMIT bytes from the
-# Kth checkpoint file it opens for writing to the next one (an audit hook on open: no race with the
-# run), so that the Kth save alone is cut short. Python ignores SIGXFSZ: the write past the limit is
-# short, the next one EFBIG, and torch's writer raises RuntimeError.
+# python -c FSIZE_HOOK K LIMIT train.py ARGS: train.py with the file size limit at LIMIT bytes from
+# the Kth checkpoint file it opens for writing to the next one (an audit hook on open: no race with
+# the run), so that the Kth save alone is cut short. Python ignores SIGXFSZ: the write past the
+# limit is short, the next one EFBIG, and torch's writer raises RuntimeError.
 FSIZE_HOOK = """
 import os, re, resource, runpy, sys
 k, limit = int(sys.argv[1]), int(sys.argv[2])
 sys.argv, count, hard = sys.argv[3:], 0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]
 def hook(event, args):
     global count
-    if event == "open" and isinstance(args[0], str) and re.match(r"[.]ckpt.*[.]tmp-", os.path.basename(args[0])) \
+    if event == "open" and isinstance(args[0], str) \
+            and re.match(r"[.]ckpt.*[.]tmp-", os.path.basename(args[0])) \
             and ("w" in (args[1] or "") or (args[2] or 0) & os.O_CREAT):
         count += 1
         if count in (k, k + 1):
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit if count == k else hard, hard))
         if count == k:
-            print(f"fault_sweep: the file size limit is {limit} bytes for {args[0]}", file=sys.stderr, flush=True)
+            print(f"fault_sweep: the file size limit is {limit} bytes for {args[0]}",
+                  file=sys.stderr, flush=True)
 sys.addaudithook(hook)
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -430,19 +473,23 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def fsize_points(clean):
     """One point per checkpoint file the clean run wrote (openat of a temporary with O_CREAT), in
     order: its limit is half the size of the clean run's checkpoint files."""
-    opens = sorted((c for c in clean.calls[0] if c.name == "openat" and "O_CREAT" in c.text and c.paths
-                    and under(c.paths[0], clean.out) and TEMPORARY.match(os.path.basename(c.paths[0]))
-                    and NAMES.fullmatch(os.path.basename(c.paths[0])[1:].split(".tmp-")[0])), key=lambda c: c.ts)
+    opens = sorted((c for c in clean.calls[0] if c.name == "openat" and "O_CREAT" in c.text
+                    and c.paths and under(c.paths[0], clean.out)
+                    and TEMPORARY.match(os.path.basename(c.paths[0]))
+                    and NAMES.fullmatch(os.path.basename(c.paths[0])[1:].split(".tmp-")[0])),
+                   key=lambda c: c.ts)
     return [Point(clean.scenario.name, 0, "save", "fsize", k, [c]) for k, c in enumerate(opens, 1)]
 
 
 def fsize_limit(clean):
-    return min(os.path.getsize(os.path.join(clean.out, n)) for n in checkpoint_names(clean.out)) // 2
+    return min(os.path.getsize(os.path.join(clean.out, n))
+               for n in checkpoint_names(clean.out)) // 2
 
 
-FAMILIES = {"rename": ("rename", "renameat", "renameat2"), "unlink": ("unlink", "unlinkat", "rmdir"),
-            "mkdir": ("mkdir", "mkdirat"), "fsync": ("fsync", "fdatasync"), "write": ("write", "pwrite64"),
-            "link": ("link", "linkat")}
+FAMILIES = {"rename": ("rename", "renameat", "renameat2"),
+            "unlink": ("unlink", "unlinkat", "rmdir"),
+            "mkdir": ("mkdir", "mkdirat"), "fsync": ("fsync", "fdatasync"),
+            "write": ("write", "pwrite64"), "link": ("link", "linkat")}
 
 
 def pick(clean, family, kind, target, rank=0, which=0):
@@ -455,8 +502,8 @@ def pick(clean, family, kind, target, rank=0, which=0):
     matches = [p for p in ps if any(re.search(target, describe(c, clean.out)) for c in p.targets)]
     if not matches:
         seen = sorted({describe(c, clean.out) for p in ps for c in p.targets})
-        raise LookupError(f"no {family} call on rank {rank} matches {target!r} in the clean {clean.scenario.name} "
-                          f"run; its {family} calls: {seen}")
+        raise LookupError(f"no {family} call on rank {rank} matches {target!r} in the clean "
+                          f"{clean.scenario.name} run; its {family} calls: {seen}")
     return matches[which]
 
 
@@ -483,8 +530,8 @@ def run(cmd, timeout, pids=None):
     """(exit code, stdout and stderr) of a command from the project root; None for the code when it
     ran past `timeout` (then it and every process under it are killed: torchrun's workers lead
     sessions of their own). pids: a list its pid is appended to."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")
     if pids is not None:
         pids.append(proc.pid)
     try:
@@ -521,26 +568,31 @@ def fresh_out(clean, folder):
 
 def clean_run(scenario, work, timeout=600):
     """The scenario's clean run under strace (every syscall that points are made of), in
-    work/<scenario>/clean; a scenario with a setup run makes it first, into work/<scenario>/template."""
+    work/<scenario>/clean; a scenario with a setup run makes it first, into
+    work/<scenario>/template."""
     folder = os.path.join(work, scenario.name)
     os.makedirs(folder, exist_ok=True)
     template = ""
     if scenario.setup:
         template = os.path.join(folder, "template")
-        code, output = run(Scenario("setup", scenario.setup, 0, scenario.torchrun).command(template), timeout)
+        code, output = run(Scenario("setup", scenario.setup, 0,
+                                    scenario.torchrun).command(template), timeout)
         if code != 0:
-            raise RuntimeError(f"the {scenario.name} setup run failed (exit {code}):\n{output[-3000:]}")
+            raise RuntimeError(f"the {scenario.name} setup run failed (exit "
+                               f"{code}):\n{output[-3000:]}")
     if scenario.remote == "s3":
         start_s3(work)
     clean = Clean(scenario, "", template, {})
     clean.out = fresh_out(clean, os.path.join(folder, "clean"))
     trace = os.path.join(folder, "clean", "trace")
     os.makedirs(os.path.dirname(trace), exist_ok=True)
-    cmd = scenario.command(clean.out, strace_args([*FAULTED, *WRITES, *(SENDS if scenario.remote == "s3" else [])]), trace=trace,
-                           logs=os.path.join(folder, "clean", "logs"))
+    cmd = scenario.command(clean.out, strace_args([*FAULTED, *WRITES,
+                                                   *(SENDS if scenario.remote == "s3" else [])]),
+                           trace=trace, logs=os.path.join(folder, "clean", "logs"))
     code, output = run(cmd, timeout)
     if code != 0:
-        raise RuntimeError(f"the clean {scenario.name} run failed (exit {code}): {shlex.join(cmd)}\n{output[-3000:]}")
+        raise RuntimeError(f"the clean {scenario.name} run failed (exit {code}): "
+                           f"{shlex.join(cmd)}\n{output[-3000:]}")
     if scenario.torchrun:
         clean.calls = {r: read_trace(f"{trace}.{r}") for r in (0, 1)}
     else:
@@ -575,8 +627,8 @@ def reference_state(clean):
 
 
 def state_difference(a, b):
-    """None if two checkpoints hold the same model, optimizer and torch RNG bit for bit, else what differs
-    (tests/test_resume.py's assert_same_state)."""
+    """None if two checkpoints hold the same model, optimizer and torch RNG bit for bit, else what
+    differs (tests/test_resume.py's assert_same_state)."""
     import torch
     if a["iter_num"] != b["iter_num"]:
         return f"iter_num {a['iter_num']} != {b['iter_num']}"
@@ -627,16 +679,20 @@ PEER_DIED = re.compile(r"Connection (closed|reset) by peer")
 
 
 def try_point(clean, point, work, timeout=600, keep=False, rerun=True):
-    """Run one point and check what it left; returns a Result (its work folder removed if it survived).
-    rerun=False: when the faulted run itself ended well (exit 0), its final checkpoint is compared
-    without running the command again (faster; the temporaries check is then skipped)."""
+    """Run one point and check what it left; returns a Result (its work folder removed if it
+    survived). rerun=False: when the faulted run itself ended well (exit 0), its final checkpoint is
+    compared without running the command again (faster; the temporaries check is then skipped)."""
     scenario, t0 = clean.scenario, time.time()
-    folder = tempfile.mkdtemp(prefix=point.id.replace("/", "-") + "-", dir=os.path.join(work, scenario.name))
-    out, trace, logs = fresh_out(clean, folder), os.path.join(folder, "trace"), os.path.join(folder, "logs")
+    folder = tempfile.mkdtemp(prefix=point.id.replace("/", "-") + "-",
+                              dir=os.path.join(work, scenario.name))
+    out, trace, logs = (fresh_out(clean, folder), os.path.join(folder, "trace"),
+                        os.path.join(folder, "logs"))
     if scenario.fsize:
-        cmd = [sys.executable, "-c", FSIZE_HOOK, str(point.n), str(fsize_limit(clean)), *scenario.command(out)[1:]]
+        cmd = [sys.executable, "-c", FSIZE_HOOK, str(point.n), str(fsize_limit(clean)),
+               *scenario.command(out)[1:]]
     else:
-        cmd = scenario.command(out, strace_args([point.syscall], point.inject()), rank=point.rank, trace=trace, logs=logs)
+        cmd = scenario.command(out, strace_args([point.syscall], point.inject()), rank=point.rank,
+                               trace=trace, logs=logs)
     code, output = run(cmd, timeout)
     # what the fault hit: the n-th call of the syscall in some thread (INJECTED for an error; for a
     # kill, the call that never returned)
@@ -647,9 +703,11 @@ def try_point(clean, point, work, timeout=600, keep=False, rerun=True):
     texts = rank_logs(logs) if scenario.torchrun else {0: output}
     reasons = [*_how_it_ended(point, scenario, code, output, texts, bool(hit), timeout),
                *_unloadable(out), *_lost(clean, point, out)]
-    if scenario.fsize and hit:  # the one save cut short: one line says so (a warning, or the final save's error)
+    # the one save cut short: one line says so (a warning, or the final save's error)
+    if scenario.fsize and hit:
         said = [ln for ln in output.splitlines() if ln.startswith(("warning:", "error:"))]
-        reasons += [] if len(said) == 1 else [f"{len(said)} warning and error lines for one failed save: {said}"]
+        reasons += ([] if len(said) == 1
+                    else [f"{len(said)} warning and error lines for one failed save: {said}"])
     if scenario.remote:
         reasons += _remote_problems(scenario, out)
     code2, output2, pids = 0, "(not run: the faulted run ended well)", []
@@ -659,9 +717,11 @@ def try_point(clean, point, work, timeout=600, keep=False, rerun=True):
     if code2 == 0:
         reasons += _final_difference(clean, out)
         if scenario.remote:
-            reasons += _remote_problems(scenario, out, final=scenario.final_name(), rerun=pids[0] if pids else None)
+            reasons += _remote_problems(scenario, out, final=scenario.final_name(),
+                                        rerun=pids[0] if pids else None)
     result = Result(point, reasons, hit, shlex.join(cmd), folder,
-                    output + "".join(f"\n--- rank {r} ---\n{t}" for r, t in sorted(texts.items()) if scenario.torchrun)
+                    output + "".join(f"\n--- rank {r} ---\n{t}" for r, t in sorted(texts.items())
+                                     if scenario.torchrun)
                     + "\n--- the same command without faults ---\n" + output2, time.time() - t0)
     if result.ok and not keep:
         shutil.rmtree(folder, ignore_errors=True)
@@ -672,22 +732,27 @@ RANK_ERROR = re.compile(r"^rank \d+: error: ")
 
 
 def _how_it_ended(point, scenario, code, output, texts, hit, timeout):
-    """No traceback; exit 0, or 1 with one error line (rank 0's, or under torchrun the line of the one
-    rank that met it, 'rank N: error: ...'); killed when the kill was reached."""
+    """No traceback; exit 0, or 1 with one error line (rank 0's, or under torchrun the line of the
+    one rank that met it, 'rank N: error: ...'); killed when the kill was reached."""
     reasons = [f"hung: still running after {timeout}s"] if code is None else []
     # a rank whose peer was killed may die in a collective with torch's traceback: not counted
-    mine = "".join(t for r, t in texts.items() if not (point.kind == "kill" and r != point.rank and PEER_DIED.search(t)))
+    mine = "".join(t for r, t in texts.items()
+                   if not (point.kind == "kill" and r != point.rank and PEER_DIED.search(t)))
     if "Traceback" in mine or ("Traceback" in output and "ChildFailedError" not in output):
-        reasons.append("a traceback: " + _around(mine if "Traceback" in mine else output, "Traceback"))
+        reasons.append("a traceback: " + _around(mine if "Traceback" in mine else output,
+                                                 "Traceback"))
     lines = [ln for t in texts.values() for ln in t.splitlines()]
     errors = [ln for ln in lines if ln.startswith("error:")]
-    if not errors:  # an error that one rank alone met (its own EIO) is its line, 'rank N: error: ...'
+    # an error that one rank alone met (its own EIO) is its line, 'rank N: error: ...'
+    if not errors:
         errors = [ln for ln in lines if RANK_ERROR.match(ln)][:1]
     if code is not None and point.kind == "kill" and hit:
         if code not in ((1,) if scenario.torchrun else (-9, 137)):
             reasons.append(f"exit {code} after a kill")
-    elif code is not None and (code not in (0, 1) or (code == 1 and len(errors) != 1) or (code == 0 and errors)):
-        reasons.append(f"exit {code} with {len(errors)} error lines" + (f": {errors}" if errors else ""))
+    elif (code is not None
+            and (code not in (0, 1) or (code == 1 and len(errors) != 1) or (code == 0 and errors))):
+        reasons.append(f"exit {code} with {len(errors)} error lines"
+                       + (f": {errors}" if errors else ""))
     return reasons
 
 
@@ -722,8 +787,8 @@ def _lost(clean, point, out):
     return reasons
 
 
-# checkpoint.py verify URL's listing (remote.describe: each complete checkpoint's objects read back, their
-# CRCs checked), then {prefix without a commit object: the pids its intents name} as JSON
+# checkpoint.py verify URL's listing (remote.describe: each complete checkpoint's objects read back,
+# their CRCs checked), then {prefix without a commit object: the pids its intents name} as JSON
 VERIFY = """
 import json, sys
 from keep import remote
@@ -734,7 +799,8 @@ except remote.RemoteError as e:
     lines = [f"error: {e}"]
 print("\\n".join(lines))
 listing = remote.Remote(url).checkpoints()
-print(json.dumps({p: [i.get("pid") for i in listing.intents.get(p, [])] for p in listing.leftovers}))
+print(json.dumps({p: [i.get("pid") for i in listing.intents.get(p, [])]
+                  for p in listing.leftovers}))
 """
 
 
@@ -753,23 +819,26 @@ def _remote_problems(scenario, out, final=None, rerun=None):
         return reasons
     listed = [ln.split()[0] for ln in lines[1:-1] if "complete" in ln and "INCOMPLETE" not in ln]
     if not listed or listed[0] != final:
-        reasons.append(f"remote_dir's newest complete checkpoint is {listed[0] if listed else 'none'}, not {final}")
+        reasons.append("remote_dir's newest complete checkpoint is "
+                       f"{listed[0] if listed else 'none'}, not {final}")
     import json
     mine = [p for p, pids in json.loads(lines[-1]).items() if rerun in pids]
-    return reasons + ([f"the run without faults left uploads without a commit object in remote_dir: {mine}"] if mine else [])
+    return reasons + (["the run without faults left uploads without a commit object in remote_dir: "
+                       f"{mine}"] if mine else [])
 
 
 def _rerun_problems(code, output, out):
     if code != 0:
         return [f"the same command without faults exited {code}: " + _tail(output)]
-    reasons = ["a traceback in the run without faults: " + _around(output, "Traceback")] if "Traceback" in output else []
+    reasons = (["a traceback in the run without faults: " + _around(output, "Traceback")]
+               if "Traceback" in output else [])
     left = [n for n in os.listdir(out) if TEMPORARY.match(n)]
     return reasons + ([f"temporaries left after the run without faults: {left}"] if left else [])
 
 
 def _final_difference(clean, out):
-    """The final periodic checkpoint is bitwise the clean run's. When only its own save failed, ckpt.pt
-    of the final eval holds the same state, and a rerun rightly finds the run complete."""
+    """The final periodic checkpoint is bitwise the clean run's. When only its own save failed,
+    ckpt.pt of the final eval holds the same state, and a rerun rightly finds the run complete."""
     name = clean.scenario.final_name()
     final = name if os.path.lexists(os.path.join(out, name)) else "ckpt.pt"
     try:
@@ -793,9 +862,11 @@ def _tail(text, lines=6):
 
 
 def sweep(items, work, jobs=2, timeout=600, keep=False, rerun=True, progress=None):
-    """Try each (Clean, Point) of items, `jobs` at a time (at most 2); returns their Results in order."""
+    """Try each (Clean, Point) of items, `jobs` at a time (at most 2); returns their Results in
+    order."""
     with ThreadPoolExecutor(max(1, min(jobs, 2))) as pool:
-        futures = [pool.submit(try_point, clean, p, work, timeout, keep, rerun) for clean, p in items]
+        futures = [pool.submit(try_point, clean, p, work, timeout, keep, rerun)
+                   for clean, p in items]
         results = []
         for i, f in enumerate(futures):
             results.append(f.result())
@@ -823,7 +894,8 @@ def summary(results, clean_runs):
         lines.append(f"\n{len(failed)} failed:")
         for r in failed:
             lines += [f"- {r.point.id}: {' '.join(r.point.inject().split(':')[1:])} at "
-                      f"{'; '.join(sorted({describe(c, clean_runs[r.point.scenario].out) for c in r.point.targets}))}"
+                      f"""{'; '.join(sorted({describe(c, clean_runs[r.point.scenario].out)
+                                             for c in r.point.targets}))}"""
                       + (f" (hit: {'; '.join(r.hit)})" if r.hit else " (not reached)"),
                       *[f"    {x}" for x in r.reasons],
                       f"    again: python bench/fault_sweep.py --point={r.point.id}",
@@ -832,17 +904,23 @@ def summary(results, clean_runs):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
+                    help="comma-separated: " + ", ".join(SCENARIOS))
     ap.add_argument("--syscalls", default="", help="only these syscalls (comma-separated)")
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated: " + ", ".join(KINDS))
     ap.add_argument("--sample", type=int, default=None, help="at most this many points a scenario")
-    ap.add_argument("--writes", type=int, default=12, help="write calls tried, per rank and syscall")
-    ap.add_argument("--point", action="append", default=[], help="only this point (an id as listed); repeatable")
+    ap.add_argument("--writes", type=int, default=12,
+                    help="write calls tried, per rank and syscall")
+    ap.add_argument("--point", action="append", default=[],
+                    help="only this point (an id as listed); repeatable")
     ap.add_argument("--jobs", type=int, default=2, help="points at a time (at most 2)")
     ap.add_argument("--timeout", type=int, default=600, help="seconds a run may take")
-    ap.add_argument("--work", default="", help="folder for the runs (default: a new one under /tmp)")
-    ap.add_argument("--keep", action="store_true", help="keep every point's folder (failures' are always kept)")
+    ap.add_argument("--work", default="",
+                    help="folder for the runs (default: a new one under /tmp)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep every point's folder (failures' are always kept)")
     ap.add_argument("--list", action="store_true", help="list the points and stop")
     a = ap.parse_args()
     if shutil.which("strace") is None:
@@ -851,7 +929,8 @@ def main():
     if unknown:
         sys.exit(f"error: unknown scenario or kind {sorted(unknown)}")
     if not os.path.exists(os.path.join(ROOT, "data", "shakespeare_char", "train.bin")):
-        sys.exit("error: no data/shakespeare_char/train.bin; run python data/shakespeare_char/prepare.py first")
+        sys.exit("error: no data/shakespeare_char/train.bin; run python "
+                 "data/shakespeare_char/prepare.py first")
     work = a.work or tempfile.mkdtemp(prefix="fault-sweep-")
     os.makedirs(work, exist_ok=True)
     import torch
@@ -868,10 +947,12 @@ def main():
         print(f"{name}: {len(points)} points", flush=True)
         if a.list:
             for p in points:
-                print(f"  {p.id:<28} {'; '.join(sorted({describe(c, clean.out) for c in p.targets}))}")
+                print(f"  {p.id:<28} "
+                      f"{'; '.join(sorted({describe(c, clean.out) for c in p.targets}))}")
         items += [(clean, p) for p in points]
     if a.point and len(items) < len(set(a.point)):
-        sys.exit(f"error: no such point: {sorted(set(a.point) - {p.id for _, p in items})} (--list shows them)")
+        sys.exit(f"error: no such point: {sorted(set(a.point) - {p.id for _, p in items})} (--list "
+                 "shows them)")
 
     def progress(i, n, r):
         print(f"[{i}/{n}] {r.point.id}: {'ok' if r.ok else 'FAILED: ' + '; '.join(r.reasons)}"
@@ -880,7 +961,8 @@ def main():
             print(r.output)
     results = [] if a.list else sweep(items, work, a.jobs, a.timeout, a.keep, progress=progress)
     if results:
-        print(f"\n{summary(results, cleans)}\n\n{len(results)} points in {time.time() - t0:.0f}s; work folder {work}")
+        print(f"\n{summary(results, cleans)}\n\n{len(results)} points in {time.time() - t0:.0f}s; "
+              f"work folder {work}")
     if not a.keep and all(r.ok for r in results):
         shutil.rmtree(work, ignore_errors=True)
     sys.exit(0 if all(r.ok for r in results) else 1)

@@ -1,5 +1,6 @@
-# tiny Shakespeare on a CPU: the CPU recipe (74 s of training on 2 cores, README), used by `make demo`
-# on machines without a GPU. Same data and vocab as the GPU recipe, a smaller model and context.
+# tiny Shakespeare on a CPU: the CPU recipe (74 s of training on 2 cores, README), used by
+# `make demo` on machines without a GPU. Same data and vocab as the GPU recipe, a smaller model and
+# context.
 
 out_dir = "out-shakespeare-char"
 eval_interval = 250
@@ -26,5 +27,6 @@ beta2 = 0.99
 warmup_iters = 100
 
 device = "cpu"
-dtype = "float32"  # bf16 autocast is many times slower on CPUs without bf16 matrix units (bench.py --dtype=...)
+# bf16 autocast is many times slower on CPUs without bf16 matrix units (bench.py --dtype=...)
+dtype = "float32"
 compile = False  # no speed-up for a model this small, and compiling takes a good part of the run

@@ -91,8 +91,8 @@ class TextFile:
             return buf.decode("utf-8")
         except UnicodeDecodeError as e:
             if not self.warned:
-                tqdm.write(f"warning: {self.path} is not UTF-8 (byte {e.start}); such bytes become U+FFFD",
-                           file=sys.stderr)
+                tqdm.write(f"warning: {self.path} is not UTF-8 (byte {e.start}); such bytes become "
+                           "U+FFFD", file=sys.stderr)
                 self.warned = True
             return buf.decode("utf-8", errors="replace")
 
@@ -120,7 +120,8 @@ class TextFile:
 def _field(record, field):
     """record's text (a null text is an empty document), or ValueError saying what is wrong."""
     if not isinstance(record, dict) or field not in record:
-        fields = ", ".join(map(repr, record)) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+        fields = (", ".join(map(repr, record))
+                  if isinstance(record, dict) else f"a JSON {type(record).__name__}")
         raise ValueError(f"has no text field {field!r} (it has {fields}); pass --text_field=NAME")
     text = record[field]
     if text is not None and not isinstance(text, str):
@@ -155,7 +156,8 @@ class JsonLines:
                 try:
                     record = json.loads(line)
                 except ValueError as e:
-                    raise PrepareError(f"{self.path}, line {self._line_number(at)}: not a JSON line ({e})")
+                    raise PrepareError(f"{self.path}, line {self._line_number(at)}: not a JSON "
+                                       f"line ({e})")
                 try:
                     text = _field(record, self.field)
                 except ValueError as e:
@@ -181,8 +183,8 @@ class Rows:
         else:
             columns = table.column_names
         if field not in columns:
-            raise PrepareError(f"{name} has no column {field!r} (it has {', '.join(map(repr, columns))}); "
-                               f"pass --text_field=NAME")
+            raise PrepareError(f"{name} has no column {field!r} (it has "
+                               f"{', '.join(map(repr, columns))}); pass --text_field=NAME")
 
     def count(self):
         return self.parquet.metadata.num_rows if self.table is None else len(self.table)
@@ -197,7 +199,8 @@ class Rows:
         for group in range(self.parquet.num_row_groups):
             n = self.parquet.metadata.row_group(group).num_rows
             if row + n > pos:
-                for batch in self.parquet.iter_batches(batch_size=1024, row_groups=[group], columns=[self.field]):
+                for batch in self.parquet.iter_batches(batch_size=1024, row_groups=[group],
+                                                       columns=[self.field]):
                     yield row, batch.column(0).to_pylist()
                     row += batch.num_rows
             else:
@@ -207,7 +210,8 @@ class Rows:
         for first, texts in self._batches(pos):
             for i, text in enumerate(texts[max(0, pos - first):], start=max(pos, first)):
                 if text is not None and not isinstance(text, str):
-                    raise PrepareError(f"{self.path}, row {i}: {self.field!r} is {type(text).__name__}, not text")
+                    raise PrepareError(f"{self.path}, row {i}: {self.field!r} is "
+                                       f"{type(text).__name__}, not text")
                 yield i + 1, text or "", True
 
 
@@ -228,8 +232,8 @@ def find_sources(spec, field):
         if not paths:
             raise UsageError(f"--input={spec!r}: no .txt, .jsonl or .parquet files in that folder")
         if skipped:
-            print(f"{len(paths)} file{'s' * (len(paths) != 1)} in {spec} ({skipped} other{'s' * (skipped != 1)} "
-                  f"skipped: only .txt, .jsonl and .parquet are read)")
+            print(f"{len(paths)} file{'s' * (len(paths) != 1)} in {spec} ({skipped} "
+                  f"other{'s' * (skipped != 1)} skipped: only .txt, .jsonl and .parquet are read)")
     elif os.path.isfile(spec):
         paths = [spec]
     else:
@@ -250,7 +254,8 @@ def fingerprint(sources):
     out = []
     for s in sources:
         if getattr(s, "table", None) is not None:
-            out.append([getattr(s.table, "_fingerprint", None), len(s.table)])  # not its name: a path may be relative
+            # not its name: a path may be relative
+            out.append([getattr(s.table, "_fingerprint", None), len(s.table)])
         else:
             st = os.stat(s.path)
             out.append([os.path.abspath(s.path), st.st_size, st.st_mtime_ns])
@@ -267,9 +272,11 @@ def gpt2_encoder():
     def encode(text):
         try:  # encode_to_numpy with nothing special: encode_ordinary's ids, without a list of ints
             return enc.encode_to_numpy(text, disallowed_special=())
-        except UnicodeEncodeError:  # a lone surrogate (JSON can hold one): as tiktoken's own fallback
-            return enc.encode_to_numpy(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"),
-                                       disallowed_special=())
+        except UnicodeEncodeError:
+            # a lone surrogate (JSON can hold one): as tiktoken's own fallback
+            return enc.encode_to_numpy(
+                text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"),
+                disallowed_special=())
     return encode, enc.eot_token, enc.n_vocab
 
 
@@ -277,7 +284,8 @@ def _code_points(text):
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
-SURROGATES = slice(0xD800, 0xE000)  # lone halves of UTF-16 pairs (JSON can hold them): U+FFFD, as tiktoken does
+# lone halves of UTF-16 pairs (JSON can hold them): U+FFFD, as tiktoken does
+SURROGATES = slice(0xD800, 0xE000)
 
 
 def char_encoder(chars):
@@ -310,8 +318,9 @@ def corpus_chars(sources, total):
 
 def by_position(n_docs, fraction):
     """Whether val is cut by position: when its share is less than one whole document (fewer than
-    1/fraction documents), taking a whole one would give val far more than asked (one of three novels
-    is a third of the data, not a tenth), and one document cannot be split by documents at all."""
+    1/fraction documents), taking a whole one would give val far more than asked (one of three
+    novels is a third of the data, not a tenth), and one document cannot be split by documents at
+    all."""
     return n_docs * fraction < 1
 
 
@@ -329,12 +338,13 @@ def _percent(fraction):
 
 
 def cut_by_position(files, n, fraction, itemsize):
-    """Move the last `fraction` of the n ids written to train.bin.partial into val.bin.partial (which
-    holds none): at least one id, at most all but one. Returns the val count. Done again from the
-    start if interrupted: train.bin.partial is cut short only after val.bin.partial holds the tail,
-    and a re-run that finds it short starts over."""
+    """Move the last `fraction` of the n ids written to train.bin.partial into val.bin.partial
+    (which holds none): at least one id, at most all but one. Returns the val count. Done again from
+    the start if interrupted: train.bin.partial is cut short only after val.bin.partial holds the
+    tail, and a re-run that finds it short starts over."""
     if n < 2:
-        raise PrepareError(f"the input has {n} token{'s' * (n != 1)}: too little text to split into train and val")
+        raise PrepareError(f"the input has {n} token{'s' * (n != 1)}: too little text to split "
+                           "into train and val")
     n_val = min(n - 1, max(1, round(fraction * n)))
     train, val = files["train"], files["val"]
     train.seek((n - n_val) * itemsize)
@@ -359,13 +369,15 @@ def _encode_group(pieces, encode, eot, dtype):
         out[is_val].append(encode(text))
         if end:
             out[is_val].append(tail)
-    return tuple(np.concatenate(out[v]).astype(dtype) if out[v] else np.zeros(0, dtype) for v in (False, True))
+    return tuple(np.concatenate(out[v]).astype(dtype) if out[v] else np.zeros(0, dtype)
+                 for v in (False, True))
 
 
 def _split(pieces, k):
     """pieces in up to k runs of about equal text, in order."""
     sizes = np.cumsum([len(p[0]) for p in pieces])
-    bounds = [0, *np.searchsorted(sizes, sizes[-1] * np.arange(1, k) / k, side="right").tolist(), len(pieces)]
+    bounds = [0, *np.searchsorted(sizes, sizes[-1] * np.arange(1, k) / k, side="right").tolist(),
+              len(pieces)]
     return [pieces[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
@@ -375,11 +387,13 @@ def _save_manifest(path, state):
 
 def _done(state):
     """The last finished shard: where the next one starts, and the ids so far."""
-    return state["shards"][-1] if state["shards"] else dict(source=0, pos=0, documents=0, train=0, val=0)
+    return (state["shards"][-1]
+            if state["shards"] else dict(source=0, pos=0, documents=0, train=0, val=0))
 
 
 def _tokens(state):
-    """{split: ids} of a finished prepare (recorded once val is cut by position), else of its last shard."""
+    """{split: ids} of a finished prepare (recorded once val is cut by position), else of its last
+    shard."""
     return state.get("tokens") or _done(state)
 
 
@@ -388,9 +402,11 @@ def _dtype(state):
 
 
 def _usable_state(out, key, keep):
-    """The manifest's state when this prepare may go on from it (or is done), else None, saying why."""
+    """The manifest's state when this prepare may go on from it (or is done), else None, saying
+    why."""
     ours = ("train.bin", "val.bin", META, MANIFEST, "train.bin.partial", "val.bin.partial", *keep)
-    foreign = sorted(f for f in (os.listdir(out) if os.path.isdir(out) else []) if f not in ours and f[0] != ".")
+    foreign = sorted(f for f in (os.listdir(out) if os.path.isdir(out) else [])
+                     if f not in ours and f[0] != ".")
     manifest = os.path.join(out, MANIFEST)
     if foreign or (not os.path.exists(manifest) and os.path.exists(os.path.join(out, "train.bin"))):
         names = ", ".join(foreign[:3]) + ", ..." * (len(foreign) > 3) or "train.bin"
@@ -412,9 +428,11 @@ def _usable_state(out, key, keep):
     size = _dtype(state).itemsize
     if state["complete"]:
         bins = {split: os.path.join(out, f"{split}.bin") for split in ("train", "val")}
-        if all(os.path.exists(p) and os.path.getsize(p) == _tokens(state)[split] * size for split, p in bins.items()):
+        if all(os.path.exists(p) and os.path.getsize(p) == _tokens(state)[split] * size
+               for split, p in bins.items()):
             return state
-        print(f"{out}'s bins are missing or not the size {MANIFEST} records: preparing again from the start")
+        print(f"{out}'s bins are missing or not the size {MANIFEST} records: preparing again from "
+              "the start")
         return None
     done = _done(state)
     for split in ("train", "val"):
@@ -429,24 +447,29 @@ def _usable_state(out, key, keep):
 def prepare(sources, name, tokenizer="gpt2", val_fraction=0.1, seed=1337, num_proc=1, shard_mb=32.0,
             origin="", data_dir=DATA_DIR, keep=()):
     """sources -> data_dir/name/{train,val}.bin and meta.pkl. Returns the finished manifest.
-    keep: files of data_dir/name/ other than its own that it leaves alone (a dataset's prepare.py)."""
+    keep: files of data_dir/name/ other than its own that it leaves alone (a dataset's
+    prepare.py)."""
     out = os.path.join(data_dir, name)
     manifest = os.path.join(out, MANIFEST)
     finals = [os.path.join(out, f) for f in ("train.bin", "val.bin", META)]
     partial = {split: os.path.join(out, f"{split}.bin.partial") for split in ("train", "val")}
     # what the bins depend on (threads and shard size change nothing in them)
-    key = dict(format=FORMAT, inputs=fingerprint(sources), tokenizer=tokenizer, val_fraction=val_fraction,
-               seed=seed, text_field=getattr(sources[0], "field", None))
+    key = dict(format=FORMAT, inputs=fingerprint(sources), tokenizer=tokenizer,
+               val_fraction=val_fraction, seed=seed, text_field=getattr(sources[0], "field", None))
     state = _usable_state(out, key, keep)
     if state is not None and state["complete"]:
         print(f"{out} is already prepared from these inputs ({state['documents']:,} documents, "
-              f"train {_tokens(state)['train']:,} tokens, val {_tokens(state)['val']:,}); nothing to do")
+              f"train {_tokens(state)['train']:,} tokens, val {_tokens(state)['val']:,}); nothing "
+              "to do")
         return state
     if state is None:  # plan: count the documents (and, for char, collect the vocab) once
-        empty = [s.path for s in sources if getattr(s, "table", None) is None and os.path.getsize(s.path) == 0]
-        if len(empty) == len(sources):  # (an empty file among others is an empty document, as a null text is)
+        empty = [s.path for s in sources if getattr(s, "table", None) is None
+                 and os.path.getsize(s.path) == 0]
+        # (an empty file among others is an empty document, as a null text is)
+        if len(empty) == len(sources):
             raise PrepareError(f"{', '.join(empty[:3])}{', ...' * (len(empty) > 3)} "
-                               f"{'is' if len(empty) == 1 else 'are'} empty: there is nothing to prepare")
+                               f"{'is' if len(empty) == 1 else 'are'} empty: there is nothing to "
+                               "prepare")
         n_docs = sum(s.count() for s in sources)
         if n_docs == 0:
             raise PrepareError("the input has no documents (only blank lines or no rows)")
@@ -460,15 +483,18 @@ def prepare(sources, name, tokenizer="gpt2", val_fraction=0.1, seed=1337, num_pr
         state = dict(key=key, documents=n_docs, chars=chars, shards=[], complete=False)
         _save_manifest(manifest, state)
     else:
-        print(f"resuming: {len(state['shards'])} shards done ({state['shards'][-1]['documents']:,} of "
-              f"{state['documents']:,} documents)" if state["shards"] else "resuming from the first shard")
+        print(f"resuming: {len(state['shards'])} shards done ({state['shards'][-1]['documents']:,} "
+              f"of {state['documents']:,} documents)" if state["shards"]
+              else "resuming from the first shard")
 
-    encode, eot, vocab_size = gpt2_encoder() if tokenizer == "gpt2" else char_encoder(state["chars"])
+    encode, eot, vocab_size = (gpt2_encoder()
+                               if tokenizer == "gpt2" else char_encoder(state["chars"]))
     dtype = _dtype(state)
     val_docs = val_documents(state["documents"], val_fraction, seed)
     done = _done(state)
     files = {}
-    for split, path in partial.items():  # drop whatever an interrupted shard left after the last finished one
+    # drop whatever an interrupted shard left after the last finished one
+    for split, path in partial.items():
         files[split] = open(path, "r+b" if os.path.exists(path) else "wb")
         files[split].truncate(done[split] * dtype.itemsize)
         files[split].seek(0, os.SEEK_END)
@@ -476,7 +502,8 @@ def prepare(sources, name, tokenizer="gpt2", val_fraction=0.1, seed=1337, num_pr
     next_val = int(np.searchsorted(val_docs, doc))
     shard_chars = int(shard_mb * 2**20)
     started, new_tokens = time.time(), 0
-    bar = tqdm(total=state["documents"], initial=doc, unit="doc", desc=name, file=sys.stderr, smoothing=0.1)
+    bar = tqdm(total=state["documents"], initial=doc, unit="doc", desc=name, file=sys.stderr,
+               smoothing=0.1)
     try:
         with ThreadPoolExecutor(num_proc) as pool:
             def finish(shard):
@@ -488,19 +515,23 @@ def prepare(sources, name, tokenizer="gpt2", val_fraction=0.1, seed=1337, num_pr
                     try:
                         for fut in futures:
                             ids = fut.result()[k]
-                            f.write(ids.data)  # not ndarray.tofile, whose stdio buffer loses a failed write's error
+                            # not ndarray.tofile, whose stdio buffer loses a failed write's error
+                            f.write(ids.data)
                             counts[split] += len(ids)
                             new_tokens += len(ids)
                         f.flush()
                         os.fsync(f.fileno())
                     except OSError as e:
                         raise OSError(e.errno, e.strerror, f.name) from e
-                    if os.fstat(f.fileno()).st_size != counts[split] * dtype.itemsize:  # trust, but check
-                        raise PrepareError(f"{f.name} is shorter than what was written to it; is the disk full?")
+                    # trust, but check
+                    if os.fstat(f.fileno()).st_size != counts[split] * dtype.itemsize:
+                        raise PrepareError(f"{f.name} is shorter than what was written to it; is "
+                                           "the disk full?")
                 state["shards"].append(dict(where, **counts))
                 _save_manifest(manifest, state)
                 bar.update(where["documents"] - bar.n)
-                bar.set_postfix_str(f"{new_tokens / max(time.time() - started, 1e-9):,.0f} tokens/s")
+                bar.set_postfix_str(f"{new_tokens / max(time.time() - started, 1e-9):,.0f} "
+                                    "tokens/s")
 
             # A shard is encoded while the next one is read and the one before is written: the
             # threads never wait for the disk or for this loop.
@@ -529,34 +560,40 @@ def prepare(sources, name, tokenizer="gpt2", val_fraction=0.1, seed=1337, num_pr
     if eot is not None and counts["train"] + counts["val"] == state["documents"]:
         raise PrepareError("the input has no text: every document is empty")
     if doc != state["documents"]:
-        raise PrepareError(f"the inputs changed while being read: {doc:,} documents, not {state['documents']:,}; "
-                           f"run the command again")
+        raise PrepareError(f"the inputs changed while being read: {doc:,} documents, not "
+                           f"{state['documents']:,}; run the command again")
     position = by_position(state["documents"], val_fraction)
     if position:
         with open(partial["train"], "r+b") as train, open(partial["val"], "r+b") as val:
             val.truncate(0)
-            n_val = cut_by_position(dict(train=train, val=val), counts["train"], val_fraction, dtype.itemsize)
+            n_val = cut_by_position(dict(train=train, val=val), counts["train"], val_fraction,
+                                    dtype.itemsize)
         counts = {"train": counts["train"] - n_val, "val": n_val}
         n = state["documents"]
-        print(f"one document: val is its last {_percent(val_fraction)} by position ({n_val:,} tokens)" if n == 1 else
+        print(f"one document: val is its last {_percent(val_fraction)} by position "
+              f"({n_val:,} tokens)" if n == 1 else
               f"{n} documents, fewer than 1/val_fraction={1 / val_fraction:g}: val is the last "
               f"{_percent(val_fraction)} of the tokens by position ({n_val:,} tokens)")
-    meta = dict(vocab_size=vocab_size, dtype=dtype.name, tokenizer=tokenizer, documents=state["documents"],
-                val_documents=len(val_docs), tokens=dict(train=counts["train"], val=counts["val"]),
-                split="position" if position else "documents", val_fraction=val_fraction, seed=seed, source=origin)
+    meta = dict(vocab_size=vocab_size, dtype=dtype.name, tokenizer=tokenizer,
+                documents=state["documents"], val_documents=len(val_docs),
+                tokens=dict(train=counts["train"], val=counts["val"]),
+                split="position" if position else "documents", val_fraction=val_fraction, seed=seed,
+                source=origin)
     if tokenizer == "char":
         meta["itos"] = dict(enumerate(state["chars"]))
         meta["stoi"] = {c: i for i, c in enumerate(state["chars"])}
     save_meta(finals[2], meta)
-    for split in ("val", "train"):  # train.bin last: TokenData needs both, so a half-renamed pair is never read
+    # train.bin last: TokenData needs both, so a half-renamed pair is never read
+    for split in ("val", "train"):
         os.replace(partial[split], os.path.join(out, f"{split}.bin"))
     state["complete"], state["tokens"] = True, counts
     _save_manifest(manifest, state)
     seconds = time.time() - started
     in_val = "val by position" if position else f"{len(val_docs):,} in val"
-    print(f"{name}: {state['documents']:,} document{'s' * (state['documents'] != 1)} ({in_val}), train {counts['train']:,} tokens, "
-          f"val {counts['val']:,} ({counts['val'] / max(1, counts['train'] + counts['val']):.2%}), {dtype.name}, "
-          f"vocab {vocab_size:,}; {new_tokens / max(seconds, 1e-9):,.0f} tokens/s")
+    print(f"{name}: {state['documents']:,} document{'s' * (state['documents'] != 1)} ({in_val}), "
+          f"train {counts['train']:,} tokens, val {counts['val']:,} "
+          f"({counts['val'] / max(1, counts['train'] + counts['val']):.2%}), {dtype.name}, vocab "
+          f"{vocab_size:,}; {new_tokens / max(seconds, 1e-9):,.0f} tokens/s")
     return state
 
 
@@ -580,9 +617,11 @@ def check_dataset(name, windows=3, window_tokens=64, seed=0):
     from tokenizer import get_codec
     codec = get_codec(data.meta_path)  # BPE when meta.pkl holds no char vocab
     bpe = codec.eot is not None
-    print(f"{data.dir}: {data.bins['train'].dtype}, {'GPT-2 BPE' if bpe else f'characters, vocab {codec.size:,}'}"
-          + (f", {meta['documents']:,} documents (" + ("val by position" if meta.get("split") == "position" else
-                                                       f"{meta['val_documents']:,} in val") + ")"
+    print(f"{data.dir}: {data.bins['train'].dtype}, "
+          f"{'GPT-2 BPE' if bpe else f'characters, vocab {codec.size:,}'}"
+          + (f", {meta['documents']:,} documents ("
+             + ("val by position" if meta.get("split") == "position" else
+                f"{meta['val_documents']:,} in val") + ")"
              if "documents" in meta else ""))
     rng = np.random.default_rng(seed)
     total = sum(len(b) for b in data.bins.values())
@@ -594,14 +633,15 @@ def check_dataset(name, windows=3, window_tokens=64, seed=0):
             eots += int(np.count_nonzero(chunk == codec.eot)) if bpe else 0
         recorded = meta.get("tokens", {}).get(split)
         if recorded is not None and recorded != len(ids):
-            raise PrepareError(f"{split}.bin of {name!r} holds {len(ids):,} tokens, but meta.pkl records {recorded:,}; "
-                               f"prepare it again")
+            raise PrepareError(f"{split}.bin of {name!r} holds {len(ids):,} tokens, but meta.pkl "
+                               f"records {recorded:,}; prepare it again")
         print(f"{split}: {len(ids):,} tokens ({len(ids) / max(total, 1):.2%})"
               + (f", {eots:,} <|endoftext|>" if bpe else "") + f", largest id {top:,}")
         if top >= codec.size:
-            raise PrepareError(f"{split}.bin of {name!r} holds id {top:,}, outside its vocab of {codec.size:,}; "
-                               f"prepare it again")
-    for split, ids in data.bins.items():  # after the counts, so that a window is all that a frame holds
+            raise PrepareError(f"{split}.bin of {name!r} holds id {top:,}, outside its vocab of "
+                               f"{codec.size:,}; prepare it again")
+    # after the counts, so that a window is all that a frame holds
+    for split, ids in data.bins.items():
         for _ in range(windows if len(ids) else 0):
             at = int(rng.integers(0, max(1, len(ids) - window_tokens)))
             text = codec.decode([int(t) for t in ids[at:at + window_tokens]])
@@ -624,13 +664,16 @@ def run(work):
         work()
     except UsageError as e:
         fail(str(e))
-    except (PrepareError, RunError) as e:  # RunError: dataset.TokenData's word on a dataset --check reads
+    except (PrepareError, RunError) as e:
+        # RunError: dataset.TokenData's word on a dataset --check reads
         sys.exit(f"error: {e}")
-    except OSError as e:  # a full disk, a file that cannot be read: what is on disk resumes with the same command
+    except OSError as e:
+        # a full disk, a file that cannot be read: what is on disk resumes with the same command
         sys.exit(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}; "
                  f"finished shards are kept: run the same command again to go on")
     except KeyboardInterrupt:
-        print("interrupted; finished shards are kept: run the same command again to go on", file=sys.stderr)
+        print("interrupted; finished shards are kept: run the same command again to go on",
+              file=sys.stderr)
         sys.exit(130)
 
 if __name__ == "__main__":
@@ -641,25 +684,29 @@ if __name__ == "__main__":
         dataset="",  # the name: data/<dataset>/, and train.py --dataset=<dataset>
         tokenizer="gpt2",  # 'gpt2' (BPE, <|endoftext|> after each document) or 'char'
         text_field="text",  # the field holding the text in .jsonl and .parquet files
-        val_fraction=0.1,  # of the documents, whole (of the tokens, by position, under 1/val_fraction documents)
+        val_fraction=0.1,  # of the documents, whole (by position, under 1/val_fraction documents)
         seed=1337,  # which documents go to val
         num_proc=os.cpu_count() or 1,  # threads encoding a shard
         shard_mb=32.0,  # text per shard: the work a re-run may have to redo, and the memory in use
-        check=False,  # print counts, the val fraction and decoded windows (after preparing, with --input)
+        check=False,  # print counts, val fraction, decoded windows (after preparing, with --input)
         windows=3,  # random windows --check decodes per split
     )
     configure(knobs)
     k = SimpleNamespace(**knobs)
     if not 0 < k.val_fraction < 1:
-        fail(f"val_fraction={k.val_fraction!r} must be between 0 and 1 (the share of documents that go to val)")
+        fail(f"val_fraction={k.val_fraction!r} must be between 0 and 1 (the share of documents "
+             "that go to val)")
     if not k.input and not k.check:
-        fail("give --input=PATH (a file, folder or glob of .txt, .jsonl or .parquet) and --dataset=NAME")
-    if not k.dataset.replace("-", "").replace("_", "").replace(".", "").isalnum() or k.dataset.startswith("."):
-        fail(f"dataset={k.dataset!r} must be a plain folder name (letters, digits, '-', '_', '.'): data/<dataset>/")
+        fail("give --input=PATH (a file, folder or glob of .txt, .jsonl or .parquet) and "
+             "--dataset=NAME")
+    if (not k.dataset.replace("-", "").replace("_", "").replace(".", "").isalnum()
+            or k.dataset.startswith(".")):
+        fail(f"dataset={k.dataset!r} must be a plain folder name (letters, digits, '-', '_', '.'): "
+             "data/<dataset>/")
     def work():
         if k.input:
-            prepare(find_sources(k.input, k.text_field), k.dataset, k.tokenizer, k.val_fraction, k.seed, k.num_proc,
-                    k.shard_mb, origin=origin_of(k.input))
+            prepare(find_sources(k.input, k.text_field), k.dataset, k.tokenizer, k.val_fraction,
+                    k.seed, k.num_proc, k.shard_mb, origin=origin_of(k.input))
             print(f"train on it: python train.py --dataset={k.dataset}")
         if k.check:
             check_dataset(k.dataset, k.windows)

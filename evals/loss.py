@@ -1,10 +1,10 @@
 """
 The loss eval of a training run, on text that every run of a dataset shares: the first
-eval_tokens tokens of each split (0: all of val, and as many of train), read as windows of block_size tokens, each
-token scored once, whatever the run's seed or batch size. block_size changes how much context
-each token is scored with, not which tokens are scored (up to the last partial window). The val
-loss is also given in bits per byte of the text it scores (nanochat's bpb), which compares runs
-whose tokenizers differ: a char run and a BPE run of the same text.
+eval_tokens tokens of each split (0: all of val, and as many of train), read as windows of
+block_size tokens, each token scored once, whatever the run's seed or batch size. block_size
+changes how much context each token is scored with, not which tokens are scored (up to the last
+partial window). The val loss is also given in bits per byte of the text it scores (nanochat's
+bpb), which compares runs whose tokenizers differ: a char run and a BPE run of the same text.
 """
 import math
 

@@ -91,7 +91,8 @@ def check_vocab(codec, name, examples):
     text = "".join(c + k for e in examples for c, k in e.pairs)
     missing = sorted({ch for ch in set(text) if not codec.has(ch)})
     if missing:
-        shown = "".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        more = len(missing) - 20
+        shown = "".join(missing[:20]) + (f" and {more} more" if more > 0 else "")
         raise RunError(f"the model's character vocab cannot encode task {name}: it lacks {shown!r} "
                        f"(a char-level model scores only text made of its own characters)")
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 from console import RunError, UsageError
 
-EVAL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "evals")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVAL_DIR = os.path.join(ROOT, "data", "evals")
 DELIMITER = " "  # lm-eval's target_delimiter: between a context and its continuation
 
 
@@ -52,7 +53,8 @@ def hellaswag(doc):
 
 
 def piqa(doc):
-    return _choices(f"Question: {doc['goal']}\nAnswer:", [doc["sol1"], doc["sol2"]], int(doc["label"]))
+    return _choices(f"Question: {doc['goal']}\nAnswer:", [doc["sol1"], doc["sol2"]],
+                    int(doc["label"]))
 
 
 def arc_easy(doc):
@@ -82,7 +84,8 @@ class Task:
 
 TASKS = {t.name: t for t in [
     Task("hellaswag", "hellaswag_validation.jsonl.gz",
-         "d5c08c3e5771307e73886dc9d2744df8ca5f372a7857f32fe77df8c58942f950", 10042, hellaswag, True),
+         "d5c08c3e5771307e73886dc9d2744df8ca5f372a7857f32fe77df8c58942f950", 10042, hellaswag,
+         True),
     Task("piqa", "piqa_validation.jsonl.gz",
          "61533005e22f175534909b1ec8eacb6da03c233933558d1bafb15787453b1f55", 1838, piqa, True),
     Task("winogrande", "winogrande_validation.jsonl.gz",
@@ -159,5 +162,6 @@ def write_lm_eval_tasks(folder, data_dir=""):
                     f"    validation: {os.path.join(data_dir or EVAL_DIR, task.file)}\n"
                     f"output_type: multiple_choice\ntraining_split: null\n"
                     f"validation_split: validation\ntest_split: null\n{body}metric_list:\n"
-                    + "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n"
-                              for m in metrics) + "metadata:\n  version: 1.0\n")
+                    + "".join(f"  - metric: {m}\n    aggregation: mean\n"
+                              "    higher_is_better: true\n" for m in metrics)
+                    + "metadata:\n  version: 1.0\n")

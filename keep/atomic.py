@@ -70,7 +70,8 @@ def remove_whole(path):
         gone = temp_name(path, suffix="-del")
         os.rename(path, gone)
         fsync_dir(os.path.dirname(os.path.abspath(path)))
-        shutil.rmtree(gone, ignore_errors=True)  # a leftover is a temporary: removed at the next start
+        # a leftover is a temporary: removed at the next start
+        shutil.rmtree(gone, ignore_errors=True)
     else:
         os.remove(path)
 

@@ -41,7 +41,8 @@ INTENT_NAME = re.compile(rf"{PREFIX.pattern}\.(\d+){re.escape(INTENT)}")
 
 # what _put_small leaves in a file:// remote_dir when killed before its rename: never an object (an
 # object store has no rename), so neither a checkpoint nor someone else's object
-PUT_TEMP = re.compile(rf"(.*/)?\.({re.escape(LEASE)}|{re.escape(METRICS)}|ckpt[^/]*{re.escape(COMMIT)}|[^/]*{re.escape(INTENT)})"
+PUT_TEMP = re.compile(rf"(.*/)?\.({re.escape(LEASE)}|{re.escape(METRICS)}|"
+                      rf"ckpt[^/]*{re.escape(COMMIT)}|[^/]*{re.escape(INTENT)})"
                       rf"{re.escape(TMP_TAG)}\d+")
 KINDS = ("periodic", "best", "kept")
 HOST = socket.gethostname()
@@ -57,16 +58,18 @@ def _is_int(v):
 
 
 def judge_commit(c, name):
-    """A commit object read from remote_dir, judged before anything uses it: the commit, or ValueError
-    saying what is wrong. Its data prefix must be one of ours and every object a safe relative name
-    under a checkpoint's name (its own, or the one it had before it was kept under another), with an
-    integer size and CRC."""
+    """A commit object read from remote_dir, judged before anything uses it: the commit, or
+    ValueError saying what is wrong. Its data prefix must be one of ours and every object a safe
+    relative name under a checkpoint's name (its own, or the one it had before it was kept under
+    another), with an integer size and CRC."""
     if not isinstance(c, dict) or c.get("format") != FORMAT:
-        raise ValueError(f"format {c.get('format') if isinstance(c, dict) else '?'!r}, not {FORMAT}")
+        raise ValueError(f"format {c.get('format') if isinstance(c, dict) else '?'!r}, not "
+                         f"{FORMAT}")
     c.setdefault("branch", 0)
     problems = [k for k, ok in (
-        ("name", c.get("name") == name), ("iter_num", _is_int(c.get("iter_num"))), ("branch", _is_int(c["branch"])),
-        ("kind", c.get("kind") in KINDS), ("data", isinstance(c.get("data"), str) and PREFIX.fullmatch(c["data"])),
+        ("name", c.get("name") == name), ("iter_num", _is_int(c.get("iter_num"))),
+        ("branch", _is_int(c["branch"])), ("kind", c.get("kind") in KINDS),
+        ("data", isinstance(c.get("data"), str) and PREFIX.fullmatch(c["data"])),
         ("run_id", c.get("run_id") is None or isinstance(c.get("run_id"), str)),
         ("val_loss", c.get("val_loss") is None or isinstance(c.get("val_loss"), (int, float))),
         ("objects", isinstance(c.get("objects"), dict) and c["objects"] and all(
@@ -84,10 +87,11 @@ def lease_problem(lease):
     if not isinstance(lease, dict) or lease.get("format", FORMAT) != FORMAT:
         return "not a lease of this format"
     bad = [k for k, ok in (
-        ("attempt", isinstance(lease.get("attempt"), str)), ("run_id", lease.get("run_id") is None or
-                                                              isinstance(lease.get("run_id"), str)),
+        ("attempt", isinstance(lease.get("attempt"), str)),
+        ("run_id", lease.get("run_id") is None or isinstance(lease.get("run_id"), str)),
         ("host", isinstance(lease.get("host"), str)), ("pid", _is_int(lease.get("pid"))),
-        ("bound", isinstance(lease.get("bound"), (int, float)) and 0 < lease["bound"] < 1e7)) if not ok]
+        ("bound", isinstance(lease.get("bound"), (int, float)) and 0 < lease["bound"] < 1e7))
+           if not ok]
     return f"bad {', '.join(bad)}" if bad else None
 
 
@@ -154,7 +158,8 @@ class Claims(Store):
                 rel = missing[0]
                 got = (objects.get(f"{c['data']}/{rel}") or {}).get("size")
                 out.bad.append((name, f"{rel} is " + ("missing" if got is None else
-                                                      f"{got} bytes, its commit says {c['objects'][rel][0]}")))
+                                                      f"{got} bytes, its commit says "
+                                                      f"{c['objects'][rel][0]}")))
             else:
                 out.good.append(c)
         for key in objects:
@@ -167,7 +172,8 @@ class Claims(Store):
                 continue
             # judged with plain checks, not assert (python -O drops those): intents decide deletions
             if not (isinstance(intent, dict) and intent.get("prefix") == f"{DATA}/{m.group(1)}" and
-                    isinstance(intent.get("run_id"), str) and isinstance(intent.get("attempt"), str)):
+                    isinstance(intent.get("run_id"), str) and
+                    isinstance(intent.get("attempt"), str)):
                 continue
             intent["key"] = key
             out.intents.setdefault(intent["prefix"], []).append(intent)
@@ -191,7 +197,8 @@ class Claims(Store):
                 continue
             if prefix in out.intents:
                 out.leftovers[prefix] = out.leftovers.get(prefix, 0) + (info.get("size") or 0)
-            elif key not in ours and not key.startswith(".probe-") and not (self.local and PUT_TEMP.fullmatch(key)):
+            elif (key not in ours and not key.startswith(".probe-")
+                    and not (self.local and PUT_TEMP.fullmatch(key))):
                 out.foreign.append(key)
         for prefix in out.intents:  # an intent whose data never arrived is a leftover too
             if prefix not in named:
@@ -202,20 +209,21 @@ class Claims(Store):
         return out
 
     def owner_problem(self, listing, run_id):
-        """Why a run with this id (None: a run not started yet) may not write to remote_dir, or None."""
+        """Why a run with this id (None: a run not started yet) may not write to remote_dir, or
+        None."""
         others = sorted(listing.runs - {run_id})
         if run_id is not None and others:
-            return (f"remote_dir {self.url} holds run {others[0]}, this run is {run_id}: one remote_dir "
-                    f"holds one run; give this run its own remote_dir (or continue run {others[0]} in its own "
-                    f"out_dir)")
+            return (f"remote_dir {self.url} holds run {others[0]}, this run is {run_id}: one "
+                    "remote_dir holds one run; give this run its own remote_dir (or continue run "
+                    f"{others[0]} in its own out_dir)")
         if len(others) > 1:
-            return (f"remote_dir {self.url} holds more than one run ({', '.join(others)}): give this run its "
-                    f"own remote_dir")
+            return (f"remote_dir {self.url} holds more than one run ({', '.join(others)}): give "
+                    "this run its own remote_dir")
         if not listing.runs and listing.foreign:
             n = len(listing.foreign)
-            return (f"remote_dir {self.url} is not empty and holds no run ({n} other object{'s' * (n > 1)}, "
-                    f"e.g. {sorted(listing.foreign)[0]!r}): give this run an empty or new remote_dir (a "
-                    f"subfolder); nothing of it is touched")
+            return (f"remote_dir {self.url} is not empty and holds no run ({n} other "
+                    f"object{'s' * (n > 1)}, e.g. {sorted(listing.foreign)[0]!r}): give this run "
+                    "an empty or new remote_dir (a subfolder); nothing of it is touched")
         return None
 
     # -- writing -----------------------------------------------------------------------------------
@@ -227,21 +235,24 @@ class Claims(Store):
             pid=os.getpid())).encode())
 
     def delete(self, commit, attempt):
-        """An intent for its data, then the commit object (the checkpoint is invisible from then on),
-        then its data: a failure or a kill midway leaves data that the run's next start deletes."""
+        """An intent for its data, then the commit object (the checkpoint is invisible from then
+        on), then its data: a failure or a kill midway leaves data that the run's next start
+        deletes."""
         self.intent(commit["data"], commit["run_id"], attempt)
         self.fs.rm_file(self.key(commit["name"] + COMMIT))
         self.drop(commit["data"])
 
     def drop(self, prefix):
-        """A data prefix of this run's: its objects, the parts of its unfinished multipart uploads, then
-        its intents (last: a kill midway leaves the record that lets the next start finish the job)."""
+        """A data prefix of this run's: its objects, the parts of its unfinished multipart uploads,
+        then its intents (last: a kill midway leaves the record that lets the next start finish the
+        job)."""
         if self.fs.exists(self.key(prefix)):
             self.fs.rm(self.key(prefix), recursive=True)
         for up in self.unfinished(prefix + "/"):
             self.abort(up["Key"], up["UploadId"])
         root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
-        for key in self.fs.glob(self.key(f"{prefix}.*{INTENT}")):  # intents of ours only, by their name
+        # intents of ours only, by their name
+        for key in self.fs.glob(self.key(f"{prefix}.*{INTENT}")):
             if INTENT_NAME.fullmatch(key[len(root):]) and key[len(root):].startswith(prefix + "."):
                 self.fs.rm_file(key)
 

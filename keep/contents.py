@@ -17,10 +17,13 @@ from keep.rng import python_rng
 from model import GPT, GPTConfig
 
 
-# What a checkpoint holds, judged by check_contents: a file with valid CRCs may still come from another
-# program, another version or a hand edit, and each script would otherwise fail on it with a traceback.
-REQUIRED = ("model", "optimizer", "model_args", "iter_num", "best_val_loss")  # nanoGPT's keys (and config)
-MASK = re.compile(r"transformer\.h\.\d+\.attn\.bias")  # nanoGPT's causal-mask buffer (torch < 2.0): not a weight
+# What a checkpoint holds, judged by check_contents: a file with valid CRCs may still come from
+# another program, another version or a hand edit, and each script would otherwise fail on it with a
+# traceback.
+# nanoGPT's keys (and config)
+REQUIRED = ("model", "optimizer", "model_args", "iter_num", "best_val_loss")
+# nanoGPT's causal-mask buffer (torch < 2.0): not a weight
+MASK = re.compile(r"transformer\.h\.\d+\.attn\.bias")
 BLOCK = "transformer.h.0."
 SCALER = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
 
@@ -38,10 +41,11 @@ def _name(v):
 
 
 # metadata that train.py, resume and this file's CLI read, and what each must be
-META = dict(run_id=_name, init_from=_name, dataset=_name, branch=_count, world_size=_count, train_seconds=_number,
-            tokens_seen=lambda v: v is None or _count(v), val_loss=lambda v: v is None or _number(v),
-            last_eval=lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == 2 and _count(v[0])
-                                              and _number(v[1])),
+META = dict(run_id=_name, init_from=_name, dataset=_name, branch=_count, world_size=_count,
+            train_seconds=_number, tokens_seen=lambda v: v is None or _count(v),
+            val_loss=lambda v: v is None or _number(v),
+            last_eval=lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == 2
+                                              and _count(v[0]) and _number(v[1])),
             resumes=lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
             scores=lambda v: v is None or (isinstance(v, dict) and all(
                 isinstance(k, str) and _number(x) for k, x in v.items())))
@@ -52,13 +56,15 @@ def _plain_problem(ckpt):
     if not _count(ckpt["iter_num"]):
         return f"iter_num is {show(ckpt['iter_num'])}, not a whole number"
     best = ckpt["best_val_loss"]  # nanoGPT stores a 0-d tensor
-    if not (_number(best) or isinstance(best, torch.Tensor) and best.numel() == 1 and best.is_floating_point()):
+    if not (_number(best) or isinstance(best, torch.Tensor) and best.numel() == 1
+            and best.is_floating_point()):
         return f"best_val_loss is {show(best)}, not a number"
     version = ckpt.get("format_version")
     if version is not None and not _count(version):
         return f"format_version is {show(version)}, not a number"
     if version is not None and version > FORMAT_VERSION:
-        return f"format_version {version}: written by a newer version of this project, which reads {FORMAT_VERSION}"
+        return (f"format_version {version}: written by a newer version of this project, which "
+                f"reads {FORMAT_VERSION}")
     config = ckpt.get("config", {})
     if not isinstance(config, dict):
         return f"config is {show(config)}, not a dict of the run's settings"
@@ -77,7 +83,8 @@ def _plain_problem(ckpt):
             return why
     prints = ckpt.get("data_fingerprint")
     if prints is not None and not (isinstance(prints, dict) and all(
-            isinstance(v, list) and len(v) == 2 and _count(v[0]) and isinstance(v[1], str) for v in prints.values())):
+            isinstance(v, list) and len(v) == 2 and _count(v[0]) and isinstance(v[1], str)
+            for v in prints.values())):
         return "data_fingerprint is not the bins' sizes and hashes"
     scaler = ckpt.get("scaler")
     if scaler and not (isinstance(scaler, dict) and all(_number(scaler.get(k)) for k in SCALER)):
@@ -89,7 +96,8 @@ def _plain_problem(ckpt):
         try:  # restored into throw-away generators: the process's own stay untouched
             random.Random().setstate(python_rng(r["python"]))
             name, keys, pos, has_gauss, cached = r["numpy"]
-            np.random.RandomState().set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+            np.random.RandomState().set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss,
+                                               cached))
             torch.Generator().set_state(r["torch"])
             if not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in r["cuda"]):
                 raise TypeError
@@ -121,7 +129,8 @@ def _args_problem(args):
 def _one_block(n_head, n_embd, block_size, bias, vocab_size):
     """(name, shape) of a one-block GPT's state dict and of its parameters (in the order AdamW's
     groups take them): built on the meta device, so it costs neither memory nor an init."""
-    gpt = GPT.skeleton(GPTConfig(n_layer=1, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+    gpt = GPT.skeleton(GPTConfig(n_layer=1, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                                 bias=bias,
                                  vocab_size=vocab_size))
     return ([(n, tuple(t.shape)) for n, t in gpt.state_dict().items()],
             [(n, tuple(p.shape)) for n, p in gpt.named_parameters()])
@@ -140,21 +149,24 @@ def _blocks(pairs, n_layer):
 
 
 def _tensors_problem(model, optimizer, args):
-    """What keeps `model` from being exactly GPT(model_args)'s tensors, or `optimizer` from being its
-    AdamW's state, or None."""
+    """What keeps `model` from being exactly GPT(model_args)'s tensors, or `optimizer` from being
+    its AdamW's state, or None."""
     if not isinstance(model, dict) or \
             not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in model.items()):
         return "model is not a dict of named tensors"
     model = {k: t for k, t in strip_prefixes(model).items() if not MASK.fullmatch(k)}
-    state_dict, params = _one_block(*(args[k] for k in ("n_head", "n_embd", "block_size", "bias", "vocab_size")))
+    state_dict, params = _one_block(*(args[k] for k in ("n_head", "n_embd", "block_size", "bias",
+                                                        "vocab_size")))
     n_layer = args["n_layer"]
     want = len(state_dict) + (n_layer - 1) * sum(n.startswith(BLOCK) for n, _ in state_dict)
-    if n_layer > len(model):  # no file of that model could have so few tensors: not worth listing them
+    # no file of that model could have so few tensors: not worth listing them
+    if n_layer > len(model):
         return f"model holds {len(model)} tensors, GPT(model_args) has {want}"
     shapes = dict(_blocks(state_dict, n_layer))
     missing, extra = [n for n in shapes if n not in model], [n for n in model if n not in shapes]
     if missing:
-        return f"model lacks {missing[0]}" + (f" and {len(missing) - 1} more of GPT(model_args)'s {want} tensors"
+        return f"model lacks {missing[0]}" + (f" and {len(missing) - 1} more of GPT(model_args)'s "
+                                              f"{want} tensors"
                                               if len(missing) > 1 else "")
     if extra:
         return f"model holds {extra[0]}, which GPT(model_args) has no place for" + (
@@ -166,14 +178,16 @@ def _tensors_problem(model, optimizer, args):
         if not t.is_floating_point() or t.layout != torch.strided:
             return f"model's {n} holds {t.dtype} ({t.layout}), not floating-point weights"
     groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
-    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) or not isinstance(groups, list) \
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) \
+            or not isinstance(groups, list) \
             or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
         return "optimizer is not an optimizer's state_dict, with state and param_groups"
-    order = _blocks(params, n_layer)  # GPT.configure_optimizers' groups, as nanoGPT's: matrices, then the rest
+    # GPT.configure_optimizers' groups, as nanoGPT's: matrices, then the rest
+    order = _blocks(params, n_layer)
     ours = [[p for p in order if len(p[1]) >= 2], [p for p in order if len(p[1]) < 2]]
     if [len(g["params"]) for g in groups] != [len(g) for g in ours]:
-        return (f"optimizer's param groups hold {[len(g['params']) for g in groups]} parameters, GPT(model_args)'s "
-                f"AdamW {[len(g) for g in ours]}")
+        return (f"optimizer's param groups hold {[len(g['params']) for g in groups]} parameters, "
+                f"GPT(model_args)'s AdamW {[len(g) for g in ours]}")
     ids = [i for g in groups for i in g["params"]]
     if not all(type(i) is int for i in ids) or len(set(ids)) != len(ids):
         return "optimizer's param groups do not number each parameter once"
@@ -189,8 +203,10 @@ def _tensors_problem(model, optimizer, args):
         name, shape = param[i]
         for k in ("exp_avg", "exp_avg_sq"):
             t = st.get(k)
-            if not (isinstance(t, torch.Tensor) and tuple(t.shape) == shape and t.is_floating_point()):
-                what = f"has shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else f"is {show(t)}"
+            if not (isinstance(t, torch.Tensor) and tuple(t.shape) == shape
+                    and t.is_floating_point()):
+                what = (f"has shape {tuple(t.shape)}" if isinstance(t, torch.Tensor)
+                        else f"is {show(t)}")
                 return f"optimizer's {k} of {name} {what}, not a float tensor of shape {shape}"
         step = st.get("step")
         if not (_number(step) or isinstance(step, torch.Tensor) and step.numel() == 1):

@@ -1,9 +1,10 @@
 """
-The checkpoint file: its names, writing one whole or not at all, and reading one safely. A checkpoint
-is one torch.save'd dict of tensors and plain Python values, so torch.load with weights_only=True
-reads it and a file can never run code when loaded; every record's CRC-32 (torch writes them, torch
-never checks them) is checked here. crc_of is the project's one CRC reader (folders, the remote copy).
-What a checkpoint holds is judged by contents.py; finding and loading the right one is store.py's.
+The checkpoint file: its names, writing one whole or not at all, and reading one safely. A
+checkpoint is one torch.save'd dict of tensors and plain Python values, so torch.load with
+weights_only=True reads it and a file can never run code when loaded; every record's CRC-32 (torch
+writes them, torch never checks them) is checked here. crc_of is the project's one CRC reader
+(folders, the remote copy). What a checkpoint holds is judged by contents.py; finding and loading
+the right one is store.py's.
 """
 import errno
 import os
@@ -21,11 +22,15 @@ from keep.atomic import atomic_write
 
 
 FORMAT_VERSION = 1
-BEST = "ckpt.pt"                  # nanoGPT's file: best val loss so far (or every eval), read by sample.py
-PERIODIC = "ckpt-{:08d}.pt"       # every checkpoint_interval iterations, on signals, at the end (branch 0)
-BRANCHED = "ckpt-{:08d}-b{}.pt"   # the same for branch b > 0 (a run resumed by hand from an older file)
+# nanoGPT's file: best val loss so far (or every eval), read by sample.py
+BEST = "ckpt.pt"
+# every checkpoint_interval iterations, on signals, at the end (branch 0)
+PERIODIC = "ckpt-{:08d}.pt"
+# the same for branch b > 0 (a run resumed by hand from an older file)
+BRANCHED = "ckpt-{:08d}-b{}.pt"
 KEPT_BEST = "ckpt-best-b{}-{:08d}.pt"  # another branch's ckpt.pt, kept when a branch writes its own
-NAMES = re.compile(r"ckpt(\.pt|-best-b\d+-\d{8}\.pt|-\d{8}(-b\d+)?(\.pt)?)$")  # periodic ones: files or folders
+# periodic ones: files or folders
+NAMES = re.compile(r"ckpt(\.pt|-best-b\d+-\d{8}\.pt|-\d{8}(-b\d+)?(\.pt)?)$")
 STATE = "state.pt"  # a checkpoint folder's plain part; the rest of the folder is DCP's
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 
@@ -55,7 +60,8 @@ def os_error(e):
     if c is not None and c.errno:
         return f"[Errno {c.errno}] {c.strerror}"
     if "unexpected pos" in str(e):  # torch's zip writer got fewer bytes written than it gave
-        return f"a short write: the disk, a quota or a file-size limit is full ({str(e).splitlines()[0][:100]})"
+        return ("a short write: the disk, a quota or a file-size limit is full "
+                f"({str(e).splitlines()[0][:100]})")
     return f"{type(e).__name__}: {e}"
 
 
@@ -150,8 +156,10 @@ def check_crcs(path, names=None):
             else:
                 bad = next((n for n in (filter(names, zf.namelist()) if callable(names) else names)
                             if not _record_ok(zf, n)), None)
-    except Exception as e:  # BadZipFile, and EOFError or UnicodeDecodeError from a damaged local header
-        raise CheckpointError(f"{path}: unreadable (a damaged zip archive: {first_line(e)})") from None
+    except Exception as e:
+        # BadZipFile, and EOFError or UnicodeDecodeError from a damaged local header
+        raise CheckpointError(f"{path}: unreadable (a damaged zip archive: "
+                              f"{first_line(e)})") from None
     if bad is not None:
         raise CheckpointError(f"{path}: corrupt (CRC mismatch in {bad})")
 
@@ -167,12 +175,13 @@ def _record_ok(zf, name):
 
 
 def weight_records(path, ckpt):
-    """The zip records that hold the model's weights, or None (all of them) when that cannot be told.
-    torch.save names storages data/0, data/1, ... as the pickler first meets them, so when `model` is
-    the dict's first key (ours and nanoGPT's) its storages are the first ones."""
+    """The zip records that hold the model's weights, or None (all of them) when that cannot be
+    told. torch.save names storages data/0, data/1, ... as the pickler first meets them, so when
+    `model` is the dict's first key (ours and nanoGPT's) its storages are the first ones."""
     if next(iter(ckpt)) != "model":
         return None
-    storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in ckpt["model"].values()}
+    storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+                for t in ckpt["model"].values()}
     with zipfile.ZipFile(path) as zf:
         prefix = zf.namelist()[0].split("/")[0]
     return [f"{prefix}/data/{i}" for i in range(len(storages))]
@@ -185,19 +194,21 @@ def show(v):
 
 
 def torch_load(path, map_location="cpu", mmap=False):
-    """torch.load(weights_only=True) of a regular file, every failure turned into a one-line CheckpointError."""
+    """torch.load(weights_only=True) of a regular file, every failure turned into a one-line
+    CheckpointError."""
     if kind_of(path) == "folder":
         raise CheckpointError(f"{path}: a folder, not a checkpoint file")
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
-        raise CheckpointError(f"{path}: unreadable (not a torch.save archive: truncated, or not a checkpoint)")
+        raise CheckpointError(f"{path}: unreadable (not a torch.save archive: truncated, or not a "
+                              "checkpoint)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # torch's message is a page long; what matters in it is the global it refused to import
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"it names {found.group(1)}" if found else cut_line(str(e).strip().splitlines()[-1])
-        raise CheckpointError(f"{path}: refused, loading it would need arbitrary pickle, which can run code "
-                              f"({what}, not plain data)") from None
+        raise CheckpointError(f"{path}: refused, loading it would need arbitrary pickle, which can "
+                              f"run code ({what}, not plain data)") from None
     except Exception as e:  # truncated zip, bad magic, unreadable: all mean "not a usable file"
         raise CheckpointError(f"{path}: unreadable ({first_line(e)})") from None
     if not isinstance(ckpt, dict):

@@ -20,8 +20,9 @@ LOST = threading.Lock()
 
 def lease_record(run_id, attempt, bound):
     """The lease's bytes: who holds remote_dir, and after how long without a refresh it lapses."""
-    return json.dumps(dict(format=FORMAT, run_id=run_id, attempt=attempt, host=HOST, pid=os.getpid(),
-                           bound=bound, written=time.strftime("%Y-%m-%dT%H:%M:%S%z"))).encode()
+    return json.dumps(dict(format=FORMAT, run_id=run_id, attempt=attempt, host=HOST,
+                           pid=os.getpid(), bound=bound,
+                           written=time.strftime("%Y-%m-%dT%H:%M:%S%z"))).encode()
 
 
 def alive(pid):
@@ -45,8 +46,9 @@ class Leased(Claims):
         """Hold remote_dir for this process: refuse it (RemoteError) when it holds another run, or
         while another live process holds it. A lease of this host's process that has ended is taken
         over at once; another host's after its bound without a refresh (a lost machine), waiting for
-        that when it is this very run (a re-queued job on a new machine). Once held, a thread rewrites
-        it every bound/4 seconds (again with this run id, when a new run learns its own)."""
+        that when it is this very run (a re-queued job on a new machine). Once held, a thread
+        rewrites it every bound/4 seconds (again with this run id, when a new run learns its
+        own)."""
         mine = lease_record(run_id, attempt, bound)
         try:
             waited = False
@@ -56,29 +58,32 @@ class Leased(Claims):
                 if problem:
                     raise RemoteError(problem)
                 if LEASE in listing.foreign:  # never written over: it may be someone else's file
-                    raise RemoteError(f"remote_dir {self.url} holds a {LEASE} that is not a lease of this "
-                                      f"format; remove it if nothing uses it, or give this run its own remote_dir")
+                    raise RemoteError(f"remote_dir {self.url} holds a {LEASE} that is not a lease "
+                                      "of this format; remove it if nothing uses it, or give this "
+                                      "run its own remote_dir")
                 lease = listing.lease  # (judged: claims.lease_problem)
                 if lease is None or lease["attempt"] == attempt:
                     break
                 age = self.now() - lease["mtime"]
                 lapse = lease["bound"]  # the holder's
-                who = (f"run {lease.get('run_id')} (host {lease.get('host')}, pid {lease.get('pid')}, refreshed "
-                       f"{age:.0f}s ago)")
+                who = (f"run {lease.get('run_id')} (host {lease.get('host')}, pid "
+                       f"{lease.get('pid')}, refreshed {age:.0f}s ago)")
                 if age > lapse:
-                    log(f"note: taking over remote_dir's lease of {who}: not refreshed for longer than "
-                        f"its remote_lease={lapse:g}s, so its machine is taken for lost")
+                    log(f"note: taking over remote_dir's lease of {who}: not refreshed for longer "
+                        f"than its remote_lease={lapse:g}s, so its machine is taken for lost")
                     break
                 if lease.get("host") == HOST and not alive(lease.get("pid")):
                     break  # a process of this host that has ended (killed): nothing else writes
                 if lease.get("run_id") != run_id or waited:
-                    raise RemoteError(f"remote_dir {self.url} is in use by {who}: one live run writes to a "
-                                      f"remote_dir; stop that one, or give this run its own remote_dir"
-                                      + (" (a lost machine's lease lapses remote_lease seconds after its "
-                                         "last refresh)" if lease.get("run_id") == run_id else ""))
-                log(f"note: remote_dir is held by this run's process on host {lease.get('host')} (pid "
-                    f"{lease.get('pid')}, refreshed {age:.0f}s ago); waiting up to {lapse - age + 1:.0f}s for it "
-                    f"to lapse, as a lost machine's does")
+                    raise RemoteError(f"remote_dir {self.url} is in use by {who}: one live run "
+                                      "writes to a remote_dir; stop that one, or give this run its "
+                                      "own remote_dir"
+                                      + (" (a lost machine's lease lapses remote_lease seconds "
+                                         "after its last refresh)" if lease.get("run_id") == run_id
+                                         else ""))
+                log(f"note: remote_dir is held by this run's process on host {lease.get('host')} "
+                    f"(pid {lease.get('pid')}, refreshed {age:.0f}s ago); waiting up to "
+                    f"{lapse - age + 1:.0f}s for it to lapse, as a lost machine's does")
                 seen = lease["mtime"]
                 deadline = time.time() + lapse - age + 1
                 while time.time() < deadline:
@@ -94,7 +99,8 @@ class Leased(Claims):
         except RemoteError:
             raise
         except Exception as e:
-            raise RemoteError(f"cannot take remote_dir's lease ({self.url}): {self.why(e)}") from None
+            raise RemoteError(f"cannot take remote_dir's lease ({self.url}): "
+                              f"{self.why(e)}") from None
 
     def check_lease(self):
         """Who took the lease from this process (one line, said once as a warning), or None while it
@@ -111,12 +117,14 @@ class Leased(Claims):
         except ValueError:  # (JSON's decode errors are ValueErrors)
             lease = "an object that is not a lease (not JSON)"
         with LOST:  # (the uploader and the lease's thread both ask)
-            if self.lost is not None or (isinstance(lease, dict) and lease.get("attempt") == held[1]):
+            if (self.lost is not None
+                    or (isinstance(lease, dict) and lease.get("attempt") == held[1])):
                 return self.lost
-            self.lost = (f"run {lease.get('run_id')} on host {lease.get('host')} (pid {lease.get('pid')})"
+            self.lost = (f"run {lease.get('run_id')} on host {lease.get('host')} (pid "
+                         f"{lease.get('pid')})"
                          if isinstance(lease, dict) else str(lease))
-            say(f"warning: remote_dir {self.url} was taken over by {self.lost}: this process copies nothing "
-                f"more there (its checkpoints stay in out_dir)", err=True)
+            say(f"warning: remote_dir {self.url} was taken over by {self.lost}: this process "
+                "copies nothing more there (its checkpoints stay in out_dir)", err=True)
             return self.lost
 
     def _keep_lease(self):
@@ -131,8 +139,9 @@ class Leased(Claims):
                 pass
 
     def release(self, reachable=True):
-        """Give the lease up at the end of the run (only while it is still this process's). A failure,
-        or a store known unreachable, costs nothing: the lease lapses by itself after its bound."""
+        """Give the lease up at the end of the run (only while it is still this process's). A
+        failure, or a store known unreachable, costs nothing: the lease lapses by itself after its
+        bound."""
         held, self.held = self.held, None
         if held is None or not reachable or self.lost is not None:
             return

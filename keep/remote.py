@@ -30,7 +30,8 @@ class Refused(RemoteError):
     """An upload that would write over what this run cannot prove its own: never tried again."""
 
 
-OTHERS_WAIT = 600.0  # seconds rank 0 waits for the other ranks' shards of a folder before it tries again
+# seconds rank 0 waits for the other ranks' shards of a folder before it tries again
+OTHERS_WAIT = 600.0
 
 
 def open_files(path, mine=lambda name: True):
@@ -40,7 +41,8 @@ def open_files(path, mine=lambda name: True):
     name = os.path.basename(path)
     if not os.path.isdir(path):
         return [(name, os.open(path, os.O_RDONLY))]
-    return [(f"{name}/{f}", os.open(os.path.join(path, f), os.O_RDONLY)) for f in sorted(os.listdir(path))
+    return [(f"{name}/{f}", os.open(os.path.join(path, f), os.O_RDONLY))
+            for f in sorted(os.listdir(path))
             if mine(f) and os.path.isfile(os.path.join(path, f))]
 
 
@@ -83,14 +85,19 @@ class Remote(Leased):
             self._replaced(kept, header)  # absent, or this run's own
             self._put_small(kept + COMMIT, json.dumps(dict(old, name=kept, kind="kept")).encode())
             old = None  # its data is named by the kept commit now
-        commit = dict(format=FORMAT, name=name, data=prefix, objects=objects, written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                      **{k: header.get(k) for k in ("iter_num", "run_id", "branch", "kind", "val_loss")})
-        if old is not None and old["data"] != prefix:  # once replaced, only an intent proves its data ours
+        commit = dict(format=FORMAT, name=name, data=prefix, objects=objects,
+                      written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      **{k: header.get(k)
+                         for k in ("iter_num", "run_id", "branch", "kind", "val_loss")})
+        # once replaced, only an intent proves its data ours
+        if old is not None and old["data"] != prefix:
             self.intent(old["data"], header["run_id"], attempt)
         self._put_small(name + COMMIT, json.dumps(commit).encode())
         # the commit proves the data ours from now on (names known: no listing needed); what is left
-        # after a failure here is a leftover the run's next start cleans: a warning, not a failed copy
-        ranks = {0} | {int(m.group(1)) for rel in (others or {}) if (m := re.search(r"/__(\d+)_", rel))}
+        # after a failure here is a leftover the run's next start cleans: a warning, not a failed
+        # copy
+        ranks = {0} | {int(m.group(1))
+                       for rel in (others or {}) if (m := re.search(r"/__(\d+)_", rel))}
         try:
             for r in ranks:
                 try:
@@ -100,8 +107,8 @@ class Remote(Leased):
             if old is not None and old["data"] != prefix:
                 self.drop(old["data"])
         except Exception as e:
-            say(f"warning: {name} is in remote_dir, but cleaning up after it failed ({self.why(e)}); the "
-                f"run's next start finishes it", err=True)
+            say(f"warning: {name} is in remote_dir, but cleaning up after it failed "
+                f"({self.why(e)}); the run's next start finishes it", err=True)
         return commit
 
     def _replaced(self, name, header):
@@ -113,8 +120,8 @@ class Remote(Leased):
         except FileNotFoundError:
             return None
         except ValueError:
-            raise Refused(f"remote_dir's {name}{COMMIT} is not a commit of this run's format; it is left "
-                          f"as it is and {name} is not copied") from None
+            raise Refused(f"remote_dir's {name}{COMMIT} is not a commit of this run's format; it "
+                          f"is left as it is and {name} is not copied") from None
         if header["run_id"] is None or old["run_id"] != header["run_id"]:
             raise Refused(f"remote_dir's {name} belongs to run {old['run_id']}, not this run "
                           f"({header['run_id']}); it is not written over")
@@ -131,11 +138,12 @@ class Remote(Leased):
 
     # -- reading -----------------------------------------------------------------------------------
     def download(self, commit, dest_dir):
-        """The checkpoint of `commit` into dest_dir under its name, each object's size and CRC checked
-        first: whole, or not there at all. Returns its path. Raises RemoteError."""
+        """The checkpoint of `commit` into dest_dir under its name, each object's size and CRC
+        checked first: whole, or not there at all. Returns its path. Raises RemoteError."""
         name = commit["name"]
         final = os.path.join(dest_dir, name)
-        tmp = temp_name(final)  # a temporary: never read, removed at the next start (atomic.recover)
+        # a temporary: never read, removed at the next start (atomic.recover)
+        tmp = temp_name(final)
         folder = any("/" in rel for rel in commit["objects"])
         try:
             for rel, (size, crc) in commit["objects"].items():
@@ -181,7 +189,8 @@ class Remote(Leased):
         if problem:
             raise RemoteError(problem)
         if self.hold is not None:  # before anything is downloaded: a second live run stops here
-            self.take_lease(local["run_id"] if local else next(iter(listing.runs), None), *self.hold, log=log)
+            self.take_lease(local["run_id"] if local else next(iter(listing.runs), None),
+                            *self.hold, log=log)
         for name, why in listing.bad:
             say(f"warning: remote_dir's {name} is not complete ({why}); not used", err=True)
         good = listing.good
@@ -192,11 +201,13 @@ class Remote(Leased):
             try:
                 path = self.download(c, out_dir)
             except RemoteError as e:
-                nxt = f"trying {good[i + 1]['name']}" if i + 1 < len(good) else "no older complete one left"
+                nxt = (f"trying {good[i + 1]['name']}" if i + 1 < len(good)
+                       else "no older complete one left")
                 say(f"warning: skipping remote_dir's {c['name']}: {e}; {nxt}", err=True)
                 continue
             mb = sum(size for size, _ in c["objects"].values()) / 2**20
-            log(f"downloaded {c['name']} (iteration {c['iter_num']}, {mb:.1f} MB in {time.time() - t0:.1f}s) from "
+            log(f"downloaded {c['name']} (iteration {c['iter_num']}, {mb:.1f} MB in "
+                f"{time.time() - t0:.1f}s) from "
                 f"{self.url}: " + ("out_dir had no checkpoint" if local is None else
                                    f"newer than out_dir's {os.path.basename(local['path'])}"))
             if not os.path.exists(os.path.join(out_dir, METRICS)):
@@ -206,7 +217,8 @@ class Remote(Leased):
                 except FileNotFoundError:
                     pass
                 except Exception as e:  # the checkpoint is what matters; the curve starts afresh
-                    say(f"warning: could not download remote_dir's {METRICS} ({self.why(e)})", err=True)
+                    say(f"warning: could not download remote_dir's {METRICS} ({self.why(e)})",
+                        err=True)
             return path
         return None
 
@@ -227,8 +239,10 @@ class Remote(Leased):
         else:
             pick = next((c for c in good if c["name"] == which), None)
             if pick is None:
-                raise RemoteError(f"remote_dir {self.url} has no complete checkpoint named {which!r}")
-        cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanogpt-remote",
+                raise RemoteError(f"remote_dir {self.url} has no complete checkpoint named "
+                                  f"{which!r}")
+        cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                             "nanogpt-remote",
                              hashlib.blake2b(self.url.encode(), digest_size=8).hexdigest())
         try:
             os.makedirs(cache, exist_ok=True)
@@ -244,12 +258,13 @@ class Remote(Leased):
                 if other != pick["name"] and NAMES.match(other):
                     remove_whole(os.path.join(cache, other))
             if not fresh:
-                log(f"downloading {pick['name']} (iteration {pick['iter_num']}) from {self.url} into {cache}")
+                log(f"downloading {pick['name']} (iteration {pick['iter_num']}) from {self.url} "
+                    f"into {cache}")
                 self.download(pick, cache)
                 atomic_write(marker, lambda f: f.write(json.dumps(pick).encode()))
         except OSError as e:
-            raise RemoteError(f"cannot use the cache folder {cache} ({first_line(e)}): set XDG_CACHE_HOME to a "
-                              f"writable folder") from None
+            raise RemoteError(f"cannot use the cache folder {cache} ({first_line(e)}): set "
+                              "XDG_CACHE_HOME to a writable folder") from None
         return cache
 
 
@@ -260,9 +275,11 @@ def connect(url, out_dir, attempt, bound):
     remote = Remote(url)
     remote.hold = (attempt, bound)
     if remote.local and os.path.realpath(remote.root) == os.path.realpath(out_dir):
-        raise RemoteError(f"remote_dir {url!r} is out_dir itself: the durable copy must be elsewhere")
+        raise RemoteError(f"remote_dir {url!r} is out_dir itself: the durable copy must be "
+                          "elsewhere")
     remote.probe()
-    problem = remote.owner_problem(remote.checkpoints(), None)  # (out_dir's run is judged once it is held)
+    # (out_dir's run is judged once it is held)
+    problem = remote.owner_problem(remote.checkpoints(), None)
     if problem:
         raise RemoteError(problem)
     return remote
@@ -278,16 +295,18 @@ def join(url, out_dir, bound, master):
 
 
 def describe(url, verify=False):
-    """checkpoint.py's listing of a remote_dir: one line per checkpoint, complete or not and why, the
-    leftovers of killed uploads and what is not a run's. verify: every object of the complete ones
-    read back and its CRC checked. Returns (lines, whether every checkpoint is complete and sound)."""
+    """checkpoint.py's listing of a remote_dir: one line per checkpoint, complete or not and why,
+    the leftovers of killed uploads and what is not a run's. verify: every object of the complete
+    ones read back and its CRC checked. Returns (lines, whether every checkpoint is complete and
+    sound)."""
     remote = Remote(url)
     remote.probe_read()
     listing = remote.checkpoints()
     if not listing.good and not listing.bad and not listing.leftovers and not listing.foreign:
         raise RemoteError(f"no checkpoint in remote_dir {url!r}")
     ok = not listing.bad
-    lines = [f"{'checkpoint (newest first)':<26} {'branch':>6} {'iter':>8} {'val loss':>9} {'size':>12}  {'written':<24}  status"]
+    lines = [f"{'checkpoint (newest first)':<26} {'branch':>6} {'iter':>8} {'val loss':>9} "
+             f"{'size':>12}  {'written':<24}  status"]
     for c in listing.good:
         val = f"{c['val_loss']:.4f}" if isinstance(c.get("val_loss"), float) else "-"
         mb = sum(size for size, _ in c["objects"].values()) / 2**20
@@ -302,12 +321,15 @@ def describe(url, verify=False):
         lines.append(f"{c['name']:<26} {c['branch']:>6} {c['iter_num']:>8} {val:>9} {mb:9.1f} MB  "
                      f"{str(c.get('written', '?')):<24}  {status}")
     for name, why in listing.bad:
-        lines.append(f"{name:<26} {'-':>6} {'-':>8} {'-':>9} {'-':>12}  {'-':<24}  INCOMPLETE: {why}")
+        lines.append(f"{name:<26} {'-':>6} {'-':>8} {'-':>9} {'-':>12}  {'-':<24}  INCOMPLETE: "
+                     f"{why}")
     for prefix, size in sorted(listing.leftovers.items()):
-        lines.append(f"{prefix:<26} {'-':>6} {'-':>8} {'-':>9} {size / 2**20:9.1f} MB  {'-':<24}  no commit object: an "
-                     f"upload in progress or killed (removed by the run's next start)")
+        lines.append(f"{prefix:<26} {'-':>6} {'-':>8} {'-':>9} {size / 2**20:9.1f} MB  {'-':<24}  "
+                     "no commit object: an upload in progress or killed (removed by the run's next "
+                     "start)")
     for key in sorted(listing.foreign)[:20]:
-        lines.append(f"{key:<26} {'-':>6} {'-':>8} {'-':>9} {'-':>12}  {'-':<24}  not ours: never touched")
+        lines.append(f"{key:<26} {'-':>6} {'-':>8} {'-':>9} {'-':>12}  {'-':<24}  not ours: never "
+                     "touched")
     if len(listing.foreign) > 20:
         lines.append(f"... and {len(listing.foreign) - 20} more objects that are not ours")
     return lines, ok

@@ -23,7 +23,8 @@ def capture_rng():
     version, state, gauss = random.getstate()
     np_state = np.random.get_state()
     return {
-        "python": [version, torch.tensor(state, dtype=torch.int64), gauss],  # (see checkpoint.python_rng)
+        # (see checkpoint.python_rng)
+        "python": [version, torch.tensor(state, dtype=torch.int64), gauss],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -37,8 +38,8 @@ def restore_rng(rng):
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         if len(rng["cuda"]) != torch.cuda.device_count():
-            say(f"warning: checkpoint has CUDA RNG for {len(rng['cuda'])} devices, this machine has "
-                f"{torch.cuda.device_count()}; CUDA RNG restored where it can be")
+            say(f"warning: checkpoint has CUDA RNG for {len(rng['cuda'])} devices, this machine "
+                f"has {torch.cuda.device_count()}; CUDA RNG restored where it can be")
         for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(state, i)
 

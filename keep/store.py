@@ -11,7 +11,8 @@ import torch
 from console import first_line, say
 from keep.atomic import fsync_dir, remove_whole
 from keep.contents import MASK, check_contents
-from keep.files import (BEST, KEPT_BEST, NAMES, STORAGE, CheckpointError, check_crcs, kind_of, torch_load,
+from keep.files import (BEST, KEPT_BEST, NAMES, STORAGE, CheckpointError, check_crcs, kind_of,
+                        torch_load,
                         weight_records, os_error, save, strip_prefixes)
 from keep.folders import check_folder, dcp_metadata, folder_state, read_shards, verify_folder
 
@@ -41,8 +42,9 @@ def load(path, map_location="cpu", tensors=True):
         ckpt = verify_folder(path)
         if tensors:  # the weights first, as a file has them (consolidate writes this dict)
             model, optimizer = read_shards(path, ckpt)
-            ckpt = dict(model=model, optimizer=optimizer, **{k: v for k, v in ckpt.items()
-                                                             if k not in ("files", "aliases", "optimizer_groups")})
+            ckpt = dict(model=model, optimizer=optimizer,
+                        **{k: v for k, v in ckpt.items()
+                           if k not in ("files", "aliases", "optimizer_groups")})
         return ckpt
     check_crcs(path)
     ckpt = torch_load(path, map_location)
@@ -54,14 +56,17 @@ def _plain_weights(ckpt, path):
     """A judged file's dict as every reader wants it: real tensors (not meta), plain names (no
     prefixes, no causal-mask buffers), best_val_loss a float (nanoGPT stores a 0-d tensor)."""
     if any(t.is_meta for t in ckpt["model"].values()):
-        raise CheckpointError(f"{path}: not a GPT checkpoint (its model holds meta tensors: shapes without weights)")
-    ckpt["model"] = {k: t for k, t in strip_prefixes(ckpt["model"]).items() if not MASK.fullmatch(k)}
+        raise CheckpointError(f"{path}: not a GPT checkpoint (its model holds meta tensors: shapes "
+                              "without weights)")
+    ckpt["model"] = {k: t for k, t in strip_prefixes(ckpt["model"]).items()
+                     if not MASK.fullmatch(k)}
     if isinstance(ckpt["best_val_loss"], torch.Tensor):
         ckpt["best_val_loss"] = ckpt["best_val_loss"].item()
     return ckpt
 
 
-WEIGHTS = ("model", "model_args", "iter_num", "best_val_loss", "config", "tokenizer", "format_version", "metadata")
+WEIGHTS = ("model", "model_args", "iter_num", "best_val_loss", "config", "tokenizer",
+           "format_version", "metadata")
 
 
 def load_weights(path):
@@ -74,7 +79,8 @@ def load_weights(path):
         ckpt = verify_folder(path)
         ckpt["model"] = read_shards(path, ckpt, optimizer=False)[0]
     else:
-        check_crcs(path, lambda name: not STORAGE.search(name))  # the pickle and the small records, first
+        # the pickle and the small records, first
+        check_crcs(path, lambda name: not STORAGE.search(name))
         ckpt = torch_load(path, mmap=True)
         check_contents(ckpt, path)
         try:
@@ -87,9 +93,9 @@ def load_weights(path):
 
 
 def read_header(path):
-    """What ranks a file, read without its tensors (memory-mapped: the tensors are never read): iteration,
-    run id, branch, kind, val loss. Its contents are judged (check_contents: shapes, not values);
-    only load() checks the CRCs."""
+    """What ranks a file, read without its tensors (memory-mapped: the tensors are never read):
+    iteration, run id, branch, kind, val loss. Its contents are judged (check_contents: shapes, not
+    values); only load() checks the CRCs."""
     if kind_of(path) == "folder":
         ckpt = folder_state(path)
         check_folder(path, ckpt, dcp_metadata(path))
@@ -99,7 +105,8 @@ def read_header(path):
     meta = ckpt.get("metadata") or {}
     name = os.path.basename(path)
     kind = "best" if name == BEST else "kept" if name.startswith("ckpt-best-") else "periodic"
-    return dict(path=path, iter_num=ckpt["iter_num"], run_id=meta.get("run_id"), branch=meta.get("branch", 0),
+    return dict(path=path, iter_num=ckpt["iter_num"], run_id=meta.get("run_id"),
+                branch=meta.get("branch", 0),
                 kind=kind, val_loss=meta.get("val_loss"))
 
 
@@ -121,7 +128,8 @@ def scan(out_dir, tries=5):
         except (FileNotFoundError, NotADirectoryError):
             return [], []
         except OSError as e:
-            raise CheckpointError(f"out_dir {out_dir!r} cannot be listed ([Errno {e.errno}] {e.strerror})") from None
+            raise CheckpointError(f"out_dir {out_dir!r} cannot be listed ([Errno {e.errno}] "
+                                  f"{e.strerror})") from None
         heads, bad, vanished = [], [], False
         for name in filter(NAMES.match, names):
             path = os.path.join(out_dir, name)
@@ -151,23 +159,27 @@ def load_latest(out_dir, map_location="cpu", log=say, tensors=True, load_one=Non
     for path, why in bad:
         log(f"warning: skipping {why}; left in place, not counted as a checkpoint")
     if not heads and not bad:
-        raise CheckpointError(f"no checkpoint in {out_dir!r} (looked for {BEST}, ckpt-*.pt and ckpt-*/ folders)")
+        raise CheckpointError(f"no checkpoint in {out_dir!r} (looked for {BEST}, ckpt-*.pt and "
+                              "ckpt-*/ folders)")
     for i, h in enumerate(heads):
         try:
             return h["path"], load_one(h["path"])
         except CheckpointError as e:
-            nxt = f"falling back to {os.path.basename(heads[i + 1]['path'])}" if i + 1 < len(heads) else "no older one left"
+            nxt = (f"falling back to {os.path.basename(heads[i + 1]['path'])}"
+                   if i + 1 < len(heads) else "no older one left")
             log(f"warning: skipping {e}; {nxt}")
-    raise CheckpointError(f"none of the {len(heads) + len(bad)} checkpoint(s) in {out_dir!r} loads (see warnings above)")
+    raise CheckpointError(f"none of the {len(heads) + len(bad)} checkpoint(s) in {out_dir!r} loads "
+                          "(see warnings above)")
 
 
 def inspect(path, crcs):
-    """The plain values of a checkpoint, judged (check_contents), its tensors never read into memory:
-    a file's are memory-mapped and left alone. crcs: every CRC checked too, in one streaming read
-    (a folder's always are, as load does)."""
+    """The plain values of a checkpoint, judged (check_contents), its tensors never read into
+    memory: a file's are memory-mapped and left alone. crcs: every CRC checked too, in one streaming
+    read (a folder's always are, as load does)."""
     if kind_of(path) == "folder":
         return load(path, tensors=False)
-    check_crcs(path, None if crcs else lambda name: not STORAGE.search(name))  # the header's records at least
+    # the header's records at least
+    check_crcs(path, None if crcs else lambda name: not STORAGE.search(name))
     ckpt = torch_load(path, mmap=True)
     check_contents(ckpt, path)
     return ckpt
@@ -176,9 +188,12 @@ def inspect(path, crcs):
 def consolidate(folder, out):
     """A checkpoint folder -> one checkpoint file, as a single process would have written it."""
     if not os.path.isdir(folder):
-        raise CheckpointError(f"{folder}: not a checkpoint folder (consolidate turns a folder into a file)")
-    if os.path.exists(out):  # never over a run's ckpt.pt, nor any other file: nothing is lost by a typo
-        raise CheckpointError(f"{out} exists; give a new file name (remove {out} yourself to replace it)")
+        raise CheckpointError(f"{folder}: not a checkpoint folder (consolidate turns a folder into "
+                              "a file)")
+    # never over a run's ckpt.pt, nor any other file: nothing is lost by a typo
+    if os.path.exists(out):
+        raise CheckpointError(f"{out} exists; give a new file name (remove {out} yourself to "
+                              "replace it)")
     ckpt = load(folder)
     save(ckpt, out)
     return ckpt
@@ -200,9 +215,9 @@ def retained(checkpoints, keep_last, keep_every, good=lambda c: True):
 
 
 def keep_others_best(out_dir, run_id, branch, resumed_from=None, log=say):
-    """Before this run first writes ckpt.pt: if the ckpt.pt there belongs to another branch (or run),
-    keep it under KEPT_BEST rather than replace it, and say so. Called before this process first writes
-    ckpt.pt (and again at the next best if keeping it failed)."""
+    """Before this run first writes ckpt.pt: if the ckpt.pt there belongs to another branch (or
+    run), keep it under KEPT_BEST rather than replace it, and say so. Called before this process
+    first writes ckpt.pt (and again at the next best if keeping it failed)."""
     best = os.path.join(out_dir, BEST)
     if not os.path.exists(best):
         return
@@ -216,11 +231,13 @@ def keep_others_best(out_dir, run_id, branch, resumed_from=None, log=say):
     kept = os.path.join(out_dir, KEPT_BEST.format(h["branch"], h["iter_num"]))
     if not os.path.exists(kept):
         try:
-            os.rename(best, kept)  # this run writes ckpt.pt right after; until then sample.py falls back
+            # this run writes ckpt.pt right after; until then sample.py falls back
+            os.rename(best, kept)
             fsync_dir(out_dir)
         except OSError as e:
-            raise CheckpointError(f"could not keep branch {h['branch']}'s {BEST} as {os.path.basename(kept)} "
-                                  f"({os_error(e)}), so this branch's {BEST} is not written") from None
+            raise CheckpointError(f"could not keep branch {h['branch']}'s {BEST} as "
+                                  f"{os.path.basename(kept)} ({os_error(e)}), so this branch's "
+                                  f"{BEST} is not written") from None
     val = f", val loss {h['val_loss']:.4f}" if isinstance(h["val_loss"], float) else ""
     log(f"note: {BEST} held branch {h['branch']}'s best (iteration {h['iter_num']}{val}); kept as "
         f"{os.path.basename(kept)}, this branch writes its own {BEST}")
@@ -228,7 +245,8 @@ def keep_others_best(out_dir, run_id, branch, resumed_from=None, log=say):
 
 def own_periodic(out_dir, run_id, branch):
     """{path: {"path", "iter_num", "good": None (not checked yet)}} of out_dir's periodic
-    checkpoints of this run and branch (nanoGPT-era files, which have no run id, count as its own)."""
+    checkpoints of this run and branch (nanoGPT-era files, which have no run id, count as its
+    own)."""
     return {h["path"]: {"path": h["path"], "iter_num": h["iter_num"], "good": None}
             for h in scan(out_dir)[0]
             if h["kind"] == "periodic" and h["branch"] == branch and h["run_id"] in (run_id, None)}

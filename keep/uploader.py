@@ -44,7 +44,8 @@ class Uploader:
     an earlier start are told from this start's uploads in flight). On rank 0 the remote holds the
     lease (Remote.take_lease): one found taken stops this process's copying with one line."""
 
-    def __init__(self, remote, out_dir, *, run_id, branch, keep_last, keep_every, attempt, rank=0, log=say):
+    def __init__(self, remote, out_dir, *, run_id, branch, keep_last, keep_every, attempt, rank=0,
+                 log=say):
         self.remote, self.out_dir, self.run_id, self.branch = remote, out_dir, run_id, branch
         self.keep_last, self.keep_every, self.rank, self.log = keep_last, keep_every, rank, log
         self.attempt = attempt
@@ -59,31 +60,35 @@ class Uploader:
             async def low():
                 lower_priority()
             sync(remote.fs.loop, low)
-        self.worker = Worker("remote-upload", setup=lower_priority, failed=self._failed, daemon=True)
+        self.worker = Worker("remote-upload", setup=lower_priority, failed=self._failed,
+                             daemon=True)
 
     def new_prefix(self, it):
         return new_prefix(it)
 
     def push(self, path, header, prefix=None):
-        """Hand over a checkpoint just made durable (its files are opened now). prefix: a folder's data
-        prefix, the same on every rank, each rank copying its own files of it."""
+        """Hand over a checkpoint just made durable (its files are opened now). prefix: a folder's
+        data prefix, the same on every rank, each rank copying its own files of it."""
         header = dict(header, name=os.path.basename(path))
         others = None
         if prefix is None:
             files = open_files(path)
         else:
             def mine(f):
-                return f.startswith(f"__{self.rank}_") or (self.rank == 0 and not f.startswith("__"))
+                return (f.startswith(f"__{self.rank}_")
+                        or (self.rank == 0 and not f.startswith("__")))
             files = open_files(path, mine)
             try:
                 if self.rank == 0:  # state.pt names every rank's file with its size and CRC
-                    others = {f"{header['name']}/{f}": list(v) for f, v in folder_files(path).items()
+                    others = {f"{header['name']}/{f}": list(v)
+                              for f, v in folder_files(path).items()
                               if not mine(f)}
             except BaseException:
                 close_files(files)
                 raise
         job = dict(header=header, files=files, prefix=prefix, others=others)
-        _, dropped = self.worker.submit(self._copy, job, replaces=lambda j: self._replaces(job, j.args[0]))
+        _, dropped = self.worker.submit(self._copy, job,
+                                        replaces=lambda j: self._replaces(job, j.args[0]))
         for old in dropped:
             close_files(old.args[0]["files"])
         with self.worker.cv:
@@ -111,10 +116,12 @@ class Uploader:
                 try:
                     self.remote.clean(self.remote.checkpoints(), self.run_id, self.attempt)
                 except Exception as e:  # they stay for the next start; the copy goes on
-                    say(f"warning: could not clean remote_dir {self.remote.url} ({self.remote.why(e)}); "
-                        f"the next start tries again", err=True)
-            self.remote.upload(job["files"], job["header"], self.attempt, job["prefix"], job["others"],
-                               abandon=lambda: any(self._replaces(j.args[0], job) for j in self.worker.waiting))
+                    say(f"warning: could not clean remote_dir {self.remote.url} "
+                        f"({self.remote.why(e)}); the next start tries again", err=True)
+            self.remote.upload(job["files"], job["header"], self.attempt, job["prefix"],
+                               job["others"],
+                               abandon=lambda: any(self._replaces(j.args[0], job)
+                                                   for j in self.worker.waiting))
         self.seconds = time.time() - t0
         close_files(job["files"])
         with self.worker.cv:
@@ -124,14 +131,15 @@ class Uploader:
             self.backoff.reset()
             if self.done is None or rank(job["header"]) >= rank(self.done):
                 self.done = job["header"]
-        if not self.rank:  # the copy is complete: what follows is housekeeping, its failure a warning
+        # the copy is complete: what follows is housekeeping, its failure a warning
+        if not self.rank:
             self._after(job["header"])
 
     def _failed(self, wjob, e):
-        """A copy failed (the Worker's lock held): one warning for the whole outage, then the job goes
-        back to the front of the queue, unless a newer one replaces it, and is tried again after a
-        pause (RETRY, doubling). Once the lease is lost, every job is dropped; a refusal (what it would
-        write over is not this run's) drops this job, with one warning."""
+        """A copy failed (the Worker's lock held): one warning for the whole outage, then the job
+        goes back to the front of the queue, unless a newer one replaces it, and is tried again
+        after a pause (RETRY, doubling). Once the lease is lost, every job is dropped; a refusal
+        (what it would write over is not this run's) drops this job, with one warning."""
         job = wjob.args[0]
         if isinstance(e, Refused):
             self.refused = first_line(e)
@@ -146,8 +154,8 @@ class Uploader:
         if self.outage is None:
             self.outage = first_line(e) if isinstance(e, RemoteError) else self.remote.why(e)
             say(f"warning: could not copy {job['header']['name']} to remote_dir {self.remote.url} "
-                f"({self.outage}); training goes on, retrying in the background (said once until it works)",
-                err=True)
+                f"({self.outage}); training goes on, retrying in the background (said once until "
+                "it works)", err=True)
         if any(self._replaces(j.args[0], job) for j in self.worker.waiting):
             close_files(job["files"])  # a newer one is waiting: copy that instead
         else:
@@ -155,8 +163,9 @@ class Uploader:
         return self.backoff.next()
 
     def _after(self, header):
-        """Remote retention and metrics.jsonl after a commit. A failure is one warning (said once per
-        kind) and is tried again after the next commit; it never makes the checkpoint go up again."""
+        """Remote retention and metrics.jsonl after a commit. A failure is one warning (said once
+        per kind) and is tried again after the next commit; it never makes the checkpoint go up
+        again."""
         for what, step in (("apply keep_last in", lambda: self._retain(header)),
                            (f"copy {METRICS} to", lambda: self.remote.copy_metrics(self.out_dir))):
             try:
@@ -164,11 +173,12 @@ class Uploader:
             except Exception as e:
                 if what not in self.warned:
                     self.warned.add(what)
-                    say(f"warning: could not {what} remote_dir {self.remote.url} ({self.remote.why(e)}); "
-                        f"tried again after the next copy", err=True)
+                    say(f"warning: could not {what} remote_dir {self.remote.url} "
+                        f"({self.remote.why(e)}); tried again after the next copy", err=True)
 
     def _retain(self, newest):
-        if newest["kind"] != "periodic" or self.run_id is None:  # (a commit without an id proves nothing)
+        # (a commit without an id proves nothing)
+        if newest["kind"] != "periodic" or self.run_id is None:
             return
         mine = [c for c in self.remote.checkpoints().good if c["kind"] == "periodic" and
                 c["run_id"] == self.run_id and c["branch"] == self.branch]
@@ -177,10 +187,10 @@ class Uploader:
                 self.remote.delete(c, self.attempt)
 
     def finish(self, bound, interrupted=lambda: False):
-        """At the end of a run or at a stop: wait up to `bound` seconds for what is waiting or in flight
-        (less if interrupted() turns true: a stop signal), then give the lease up. Returns (True,
-        line) when the newest checkpoint handed over is complete in remote_dir, else (False, line)
-        saying what is lost if this machine is."""
+        """At the end of a run or at a stop: wait up to `bound` seconds for what is waiting or in
+        flight (less if interrupted() turns true: a stop signal), then give the lease up. Returns
+        (True, line) when the newest checkpoint handed over is complete in remote_dir, else (False,
+        line) saying what is lost if this machine is."""
         if self.worker.busy():
             self.log(f"waiting up to {bound:g}s (remote_wait) for the copy to remote_dir")
         cut = not self.worker.wait(time.time() + bound, interrupted) and interrupted()
@@ -191,14 +201,16 @@ class Uploader:
         if newest is None:
             return True, None
         if done is not None and rank(done) >= rank(newest):
-            return True, f"remote_dir {self.remote.url} holds the newest checkpoint ({newest['name']}, iteration {newest['iter_num']})"
+            return (True, f"remote_dir {self.remote.url} holds the newest checkpoint "
+                          f"({newest['name']}, iteration {newest['iter_num']})")
         why = f" ({self.outage or self.refused})" if self.outage or self.refused else \
             f" (taken over by {self.remote.lost})" if self.remote.lost else ""
-        has = f"its newest complete one is {done['name']} (iteration {done['iter_num']})" if done else \
-            "it has nothing of this process's"
+        has = f"its newest complete one is {done['name']} (iteration {done['iter_num']})" \
+            if done else "it has nothing of this process's"
         when = "the wait was cut short by a signal" if cut else f"within remote_wait={bound:g}s"
-        return False, (f"warning: {newest['name']} (iteration {newest['iter_num']}) did not reach remote_dir "
-                       f"{self.remote.url} {when}{why}; it is in out_dir only, and {has}")
+        return False, (f"warning: {newest['name']} (iteration {newest['iter_num']}) did not reach "
+                       f"remote_dir {self.remote.url} {when}{why}; it is in out_dir only, and "
+                       f"{has}")
 
 
 def catch_up(remote, out_dir, *, run_id, branch, attempt, keep_last, keep_every, wait, log=say):
@@ -206,7 +218,8 @@ def catch_up(remote, out_dir, *, run_id, branch, attempt, keep_last, keep_every,
     periodic checkpoint and ckpt.pt, durable in out_dir, may never have reached remote_dir (a kill
     during their upload). Copy those the remote lacks (an earlier start's leftovers are cleaned
     first, as at every start), wait up to `wait` seconds, say so, and give the lease up."""
-    up = Uploader(remote, out_dir, run_id=run_id, branch=branch, keep_last=keep_last, keep_every=keep_every,
+    up = Uploader(remote, out_dir, run_id=run_id, branch=branch, keep_last=keep_last,
+                  keep_every=keep_every,
                   attempt=attempt, log=log)
     have = {c["name"]: c for c in remote.checkpoints().good}
     heads = [h for h in scan(out_dir)[0] if h["run_id"] in (run_id, None) and h["branch"] == branch]

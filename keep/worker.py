@@ -54,9 +54,9 @@ class Backoff:
 
 class Worker:
     """One background thread. failed(job, error), called with the lock held when a job raised,
-    returns None (the job is done, its error kept on it) or a pause in seconds: the owner has put the
-    job back in `waiting` (or dropped it, and then it is the owner's) and the thread waits that long,
-    or until a new job comes.
+    returns None (the job is done, its error kept on it) or a pause in seconds: the owner has put
+    the job back in `waiting` (or dropped it, and then it is the owner's) and the thread waits that
+    long, or until a new job comes.
     setup() runs first in the thread (its priority: the writers yield to training)."""
 
     def __init__(self, name, setup=lambda: None, failed=lambda job, error: None, daemon=False):
@@ -66,7 +66,8 @@ class Worker:
         self.thread.start()
 
     def submit(self, fn, *args, replaces=lambda job: False):
-        """Queue fn(*args); waiting jobs that `replaces` takes are dropped (returned with the job)."""
+        """Queue fn(*args); waiting jobs that `replaces` takes are dropped (returned with the
+        job)."""
         job = Job(fn, args)
         with self.cv:
             dropped = [j for j in self.waiting if replaces(j)]
@@ -81,9 +82,11 @@ class Worker:
             return bool(self.waiting) or self.current is not None
 
     def wait(self, deadline, interrupted=lambda: False):
-        """Until nothing is waiting or running, `deadline` (time.time()) or interrupted(); True if idle."""
+        """Until nothing is waiting or running, `deadline` (time.time()) or interrupted(); True if
+        idle."""
         with self.cv:
-            while (self.waiting or self.current is not None) and time.time() < deadline and not interrupted():
+            while ((self.waiting or self.current is not None) and time.time() < deadline
+                    and not interrupted()):
                 self.cv.wait(timeout=max(0.01, min(0.5, deadline - time.time())))
             return not self.waiting and self.current is None
 
@@ -101,7 +104,8 @@ class Worker:
         while True:
             with self.cv:
                 while not self.waiting:
-                    if not threading.main_thread().is_alive():  # the process is ending: nothing more comes
+                    # the process is ending: nothing more comes
+                    if not threading.main_thread().is_alive():
                         return
                     self.cv.wait(timeout=0.5)
                 job = self.current = self.waiting.pop(0)
@@ -110,13 +114,15 @@ class Worker:
             pause = None
             try:
                 job.value, job.error = job.fn(*job.args), None
-            except BaseException as e:  # (DCP's CheckpointException is one): the owner still hears of it
+            except BaseException as e:
+                # (DCP's CheckpointException is one): the owner still hears of it
                 job.error = e
             with self.cv:
                 if job.error is not None:
                     try:
                         pause = self.failed(job, job.error)
-                    except Exception:  # (a dead thread would leave `current` set and every wait to its end)
+                    except Exception:
+                        # (a dead thread would leave `current` set and every wait to its end)
                         pause = None
                 if pause is None:
                     job.finished.set()
@@ -151,8 +157,9 @@ def snapshot(obj, buffers, memo=None, key=()):
 
 def yield_to_training():
     """The background writer runs at the lowest CPU priority (Linux's SCHED_IDLE, which applies per
-    thread): where training keeps every core busy (a CPU run), the write takes the time training leaves
-    idle instead of slowing every thread of the step (docs/checkpoints.md; bench/bench_checkpoint.py)."""
+    thread): where training keeps every core busy (a CPU run), the write takes the time training
+    leaves idle instead of slowing every thread of the step (docs/checkpoints.md;
+    bench/bench_checkpoint.py)."""
     try:
         os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):  # not Linux: the writer runs at training's priority

@@ -17,9 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # A model small enough that a training step takes milliseconds on a CPU.
-TINY = ["--device=cpu", "--compile=False", "--dataset=shakespeare_char", "--n_layer=2", "--n_head=2",
-        "--n_embd=32", "--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=1",
-        "--eval_iters=2", "--log_interval=1", "--warmup_iters=5", "--lr_decay_iters=100", "--learning_rate=1e-3",
+TINY = ["--device=cpu", "--compile=False", "--dataset=shakespeare_char", "--n_layer=2",
+        "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+        "--gradient_accumulation_steps=1", "--eval_iters=2", "--log_interval=1",
+        "--warmup_iters=5", "--lr_decay_iters=100", "--learning_rate=1e-3",
         "--peak_flops=1e11"]  # a fixed MFU reference: skips measuring the CPU at every start
 # One thread per test process: tiny models gain nothing from more, and two processes each
 # spinning two OpenMP threads on a 2-core machine slow each other down tenfold.
@@ -45,17 +46,19 @@ def popen(script, args, env=None, launcher=None, cwd=ROOT, **options):
     """A script (a path in the project, or absolute) as a child process, with Popen's interface.
     launcher: the command that runs it (the default: this Python)."""
     script, full_env = os.path.join(ROOT, script), dict(ENV, **(env or {}))
-    if (launcher or set(options) - {"stdout", "stderr", "text"} or os.environ.get("TEST_EXEC") == "1"
+    if (launcher or set(options) - {"stdout", "stderr", "text"}
+            or os.environ.get("TEST_EXEC") == "1"
             or any(READ_AT_START.match(k) for k in env or {})):
-        return subprocess.Popen([*(launcher or [sys.executable]), script, *args], cwd=cwd, env=full_env, **options)
+        return subprocess.Popen([*(launcher or [sys.executable]), script, *args], cwd=cwd,
+                                env=full_env, **options)
     return server().popen(script, args, cwd, full_env, **options)
 
 
 def run(script, *args, env=None, timeout=300, check=True, prefix=(), cwd=ROOT, **popen_options):
     """Run one of the project's scripts as a user would, in a process of its own (prefix: a command
     that runs it, such as setpriv; popen_options: e.g. a preexec_fn that sets a resource limit)."""
-    proc = popen(script, args, env, [*prefix, sys.executable] if prefix else None, cwd, stdout=subprocess.PIPE,
-                 stderr=subprocess.PIPE, text=True, **popen_options)
+    proc = popen(script, args, env, [*prefix, sys.executable] if prefix else None, cwd,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_options)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -63,7 +66,8 @@ def run(script, *args, env=None, timeout=300, check=True, prefix=(), cwd=ROOT, *
         proc.communicate()
         raise
     if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}\n{stdout}\n{stderr}")
+        raise AssertionError(f"{script} {' '.join(args)} exited "
+                             f"{proc.returncode}\n{stdout}\n{stderr}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
@@ -72,32 +76,35 @@ STARTED = []
 
 def start(*args, torchrun=None, env=None, **popen_options):
     """train.py as a background job, stdout piped (stderr with it unless told otherwise). torchrun:
-    a list of torchrun flags, to launch it under torchrun (--standalone unless the flags say --nnodes)."""
+    a list of torchrun flags, to launch it under torchrun (--standalone unless the flags say
+    --nnodes)."""
     launcher = None
     if torchrun is not None:
         launcher = [sys.executable, "-m", "torch.distributed.run",
-                    *([] if any(f.startswith("--nnodes") for f in torchrun) else ["--standalone"]), *torchrun]
+                    *([] if any(f.startswith("--nnodes") for f in torchrun) else ["--standalone"]),
+                    *torchrun]
     proc = popen("train.py", args, env, launcher,
-                 **{"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, **popen_options})
+                 **{"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True,
+                    **popen_options})
     STARTED.append(proc)
     return proc
 
 
 def ranks(n, *args, prefix=None, **popen_options):
     """train.py as the n ranks of one job, given what torchrun gives its workers (RANK, WORLD_SIZE,
-    MASTER_ADDR, ...) but without torchrun, which ends the other ranks once one exits: each rank's own
-    exit code and lines are seen. prefix: {rank: a command that runs that rank (strace)}. Returns the
-    processes, rank 0 first (stdout and stderr piped)."""
+    MASTER_ADDR, ...) but without torchrun, which ends the other ranks once one exits: each rank's
+    own exit code and lines are seen. prefix: {rank: a command that runs that rank (strace)}.
+    Returns the processes, rank 0 first (stdout and stderr piped)."""
     with socket.socket() as s:  # a free port for the group's store
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = []
     for r in range(n):
-        env = dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), GROUP_RANK="0")
+        env = dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GROUP_RANK="0")
         launcher = [*prefix[r], sys.executable] if r in (prefix or {}) else None
-        procs.append(popen("train.py", args, env, launcher, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           **popen_options))
+        procs.append(popen("train.py", args, env, launcher, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, **popen_options))
         STARTED.append(procs[-1])
     return procs
 
@@ -124,8 +131,8 @@ def children(pid):
 
 @pytest.fixture(autouse=True)
 def no_orphans():
-    """A failed test must not leave an endless training job behind (it would hold the suite), nor its
-    children: torchrun's workers lead sessions of their own and outlive a killed agent."""
+    """A failed test must not leave an endless training job behind (it would hold the suite), nor
+    its children: torchrun's workers lead sessions of their own and outlive a killed agent."""
     yield
     while STARTED:
         proc = STARTED.pop()
@@ -138,7 +145,8 @@ def no_orphans():
 
 
 def wait_for(proc, pattern, seen=None):
-    """Read a job's stdout until a line matches (re.search); returns the match. seen collects the lines."""
+    """Read a job's stdout until a line matches (re.search); returns the match. seen collects the
+    lines."""
     seen = [] if seen is None else seen
     for line in proc.stdout:
         seen.append(line)
@@ -150,8 +158,8 @@ def wait_for(proc, pattern, seen=None):
 
 
 def listing(out):
-    """A run folder's checkpoint files: less the .lock that train.py holds while it runs (it names its
-    pid) and the metrics and console lines it appends to (metrics.py)."""
+    """A run folder's checkpoint files: less the .lock that train.py holds while it runs (it names
+    its pid) and the metrics and console lines it appends to (metrics.py)."""
     return [n for n in os.listdir(out) if n not in (".lock", "metrics.jsonl", "console.log")]
 
 
@@ -161,15 +169,16 @@ def contents(out):
 
 
 def files_under(folder, mtimes=False):
-    """{relative path: bytes} (with mtimes: (bytes, mtime in ns)) of every file under folder: to show
-    that nothing was touched."""
+    """{relative path: bytes} (with mtimes: (bytes, mtime in ns)) of every file under folder: to
+    show that nothing was touched."""
     found = {}
     for root, _, files in os.walk(folder):
         for f in files:
             path = os.path.join(root, f)
             with open(path, "rb") as fh:
                 data = fh.read()
-            found[os.path.relpath(path, folder)] = (data, os.stat(path).st_mtime_ns) if mtimes else data
+            found[os.path.relpath(path, folder)] = ((data, os.stat(path).st_mtime_ns)
+                                                    if mtimes else data)
     return found
 
 
@@ -189,7 +198,8 @@ def project_without_data(dst):
     for name in os.listdir(ROOT):
         if name.endswith(".py"):
             shutil.copyfile(os.path.join(ROOT, name), os.path.join(dst, name))
-    shutil.copytree(os.path.join(ROOT, "keep"), os.path.join(dst, "keep"), ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(os.path.join(ROOT, "keep"), os.path.join(dst, "keep"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
     return str(dst)
 
 
@@ -197,17 +207,19 @@ def project_without_data(dst):
 def shakespeare_char():
     """The char-level bins, prepared once (the text ships with the project)."""
     folder = os.path.join(ROOT, "data", "shakespeare_char")
-    if not all(os.path.exists(os.path.join(folder, f)) for f in ("train.bin", "val.bin", "meta.pkl")):
+    if not all(os.path.exists(os.path.join(folder, f))
+               for f in ("train.bin", "val.bin", "meta.pkl")):
         run("data/shakespeare_char/prepare.py")
     return folder
 
 
 @pytest.fixture(scope="session")
 def trained(shakespeare_char, tmp_path_factory):
-    """A finished tiny char-level run: checkpoints at 5 and 10, and ckpt.pt (one per test worker: tests
-    copy it before they change anything)."""
+    """A finished tiny char-level run: checkpoints at 5 and 10, and ckpt.pt (one per test worker:
+    tests copy it before they change anything)."""
     out = tmp_path_factory.mktemp("trained")
-    run("train.py", *TINY, f"--out_dir={out}", "--max_iters=10", "--eval_interval=5", "--checkpoint_interval=5")
+    run("train.py", *TINY, f"--out_dir={out}", "--max_iters=10", "--eval_interval=5",
+        "--checkpoint_interval=5")
     return str(out)
 
 
@@ -219,8 +231,8 @@ def tmpfs(tmp_path):
     def mount(size):
         mnt = tmp_path / f"tmpfs{len(mounted)}"
         mnt.mkdir()
-        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
-                           text=True)
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                           capture_output=True, text=True)
         if p.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
         mounted.append(mnt)

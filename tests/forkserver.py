@@ -99,8 +99,9 @@ class Server:
     def __init__(self, env):
         self.folder = tempfile.mkdtemp(prefix="forkserver-")
         self.path = os.path.join(self.folder, "socket")
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), self.path], env=env, cwd=self.folder,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), self.path],
+                                     env=env, cwd=self.folder, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
         if self.proc.stdout.readline() != "ready\n":
             raise RuntimeError(f"the fork server did not start (exit code {self.proc.wait()})")
 
@@ -169,8 +170,10 @@ class Forked:
         """Reads stdout and stderr to their ends (in threads, as a child may fill either pipe),
         then waits; a timeout leaves the reading going for the next call, as Popen's does."""
         if self._readers is None:
-            self._readers = [threading.Thread(target=lambda n=n, f=f: self._output.__setitem__(n, f.read()),
-                                              daemon=True) for n, f in (("stdout", self.stdout), ("stderr", self.stderr)) if f]
+            self._readers = [
+                threading.Thread(target=lambda n=n, f=f: self._output.__setitem__(n, f.read()),
+                                 daemon=True)
+                for n, f in (("stdout", self.stdout), ("stderr", self.stderr)) if f]
             for t in self._readers:
                 t.start()
         for t in self._readers:

@@ -16,11 +16,13 @@ def _key(bucket, prefix, *parts):
 
 
 def calls(fs, bucket, prefix, state):
-    """[(call, function)] in an order where each finds what the ones before left: the calls remote.py
-    makes, as s3fs makes them. Each function takes no argument and raises on a refusal. state: a dict
-    shared by the calls ("tmp": a folder for a local file; "upload": the upload left in progress)."""
+    """[(call, function)] in an order where each finds what the ones before left: the calls
+    remote.py makes, as s3fs makes them. Each function takes no argument and raises on a refusal.
+    state: a dict shared by the calls ("tmp": a folder for a local file; "upload": the upload left
+    in progress)."""
     from fsspec.asyn import sync
-    small, big = _key(bucket, prefix, "small.json"), _key(bucket, prefix, "data", "00000002-0a0b0c0d", "ckpt.pt")
+    small, big = (_key(bucket, prefix, "small.json"),
+                  _key(bucket, prefix, "data", "00000002-0a0b0c0d", "ckpt.pt"))
     upload_prefix = f"{prefix}/data/00000004-01020304/"
 
     def s3(method, **kw):
@@ -33,16 +35,18 @@ def calls(fs, bucket, prefix, state):
         fs.put_file(path, big, chunksize=PART)
 
     def create_upload():  # an upload left in progress, as a killed run leaves it
-        state["upload"] = s3("create_multipart_upload", Bucket=bucket, Key=upload_prefix + "ckpt.pt")["UploadId"]
-        s3("upload_part", Bucket=bucket, Key=upload_prefix + "ckpt.pt", UploadId=state["upload"], PartNumber=1,
-           Body=b"x" * 1024)
+        state["upload"] = s3("create_multipart_upload", Bucket=bucket,
+                             Key=upload_prefix + "ckpt.pt")["UploadId"]
+        s3("upload_part", Bucket=bucket, Key=upload_prefix + "ckpt.pt", UploadId=state["upload"],
+           PartNumber=1, Body=b"x" * 1024)
 
     def list_uploads_prefix():
         out = s3("list_multipart_uploads", Bucket=bucket, Prefix=upload_prefix)
         found = [(u["Key"], u["UploadId"]) for u in out.get("Uploads", [])]
         assert (upload_prefix + "ckpt.pt", state["upload"]) in found, found
 
-    def list_uploads_paginated():  # the second page's form: KeyMarker and UploadIdMarker with the prefix
+    # the second page's form: KeyMarker and UploadIdMarker with the prefix
+    def list_uploads_paginated():
         s3("list_multipart_uploads", Bucket=bucket, Prefix=upload_prefix, MaxUploads=1,
            KeyMarker=upload_prefix + "ckpt.pt", UploadIdMarker=state["upload"])
 
@@ -50,7 +54,8 @@ def calls(fs, bucket, prefix, state):
         sync(fs.loop, fs._list_multipart_uploads, bucket)
 
     def abort_upload():
-        s3("abort_multipart_upload", Bucket=bucket, Key=upload_prefix + "ckpt.pt", UploadId=state["upload"])
+        s3("abort_multipart_upload", Bucket=bucket, Key=upload_prefix + "ckpt.pt",
+           UploadId=state["upload"])
 
     def put_small():
         fs.pipe_file(small, b'{"iter_num": 2}')
@@ -75,11 +80,14 @@ def calls(fs, bucket, prefix, state):
     def delete_one():
         fs.rm_file(small)
 
-    def delete_many():  # what fs.rm of a prefix sends once it has listed it (ListObjectsV2, above). s3fs's
-        # fs.rm ignores the per-key errors of the answer (a refused key is not raised): they are checked here
-        out = s3("delete_objects", Bucket=bucket, Delete=dict(Objects=[dict(Key=big.split("/", 1)[1])], Quiet=False))
+    # what fs.rm of a prefix sends once it has listed it (ListObjectsV2, above). s3fs's fs.rm
+    # ignores the per-key errors of the answer (a refused key is not raised): they are checked here
+    def delete_many():
+        out = s3("delete_objects", Bucket=bucket,
+                 Delete=dict(Objects=[dict(Key=big.split("/", 1)[1])], Quiet=False))
         if out.get("Errors"):
-            raise PermissionError(f"DeleteObjects: {out['Errors'][0].get('Code')}: {out['Errors'][0].get('Message')}")
+            raise PermissionError(f"DeleteObjects: {out['Errors'][0].get('Code')}: "
+                                  f"{out['Errors'][0].get('Message')}")
 
     return [("PutObject (pipe_file)", put_small),
             ("CreateMultipartUpload+UploadPart+CompleteMultipartUpload (put_file)", multipart_put),
@@ -99,8 +107,9 @@ def calls(fs, bucket, prefix, state):
 
 def run_all(fs, bucket, prefix, tmp, setup_fs=None):
     """{call: None if allowed, else the exception's first line}. setup_fs (an identity allowed
-    everything): where a refused call would have made something (an object, an upload), setup_fs makes
-    it, so that each later call is tried on its own; and it removes what the calls left at the end."""
+    everything): where a refused call would have made something (an object, an upload), setup_fs
+    makes it, so that each later call is tried on its own; and it removes what the calls left at the
+    end."""
     state = dict(tmp=tmp)
     helper = dict(calls(setup_fs, bucket, prefix, state)) if setup_fs is not None else {}
     results = {}
@@ -122,7 +131,8 @@ def clear(fs, bucket, prefix):
     from fsspec.asyn import sync
     for up in sync(fs.loop, fs._list_multipart_uploads, bucket):
         if up["Key"].startswith(prefix + "/"):
-            sync(fs.loop, fs._call_s3, "abort_multipart_upload", Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+            sync(fs.loop, fs._call_s3, "abort_multipart_upload", Bucket=bucket, Key=up["Key"],
+                 UploadId=up["UploadId"])
     fs.invalidate_cache()
     if fs.find(_key(bucket, prefix)):
         fs.rm(_key(bucket, prefix), recursive=True)
@@ -135,8 +145,10 @@ TRIED = {
     "List:b": ["List:perm-a"],
     "Tagging:b": ["Tagging:perm-a"],
     "Read:b+Write:b+List:b": ["Read:perm-a", "Write:perm-a", "List:perm-a"],
-    "Read+Write+List on b/prefix*": ["Read:perm-a/run/*", "Write:perm-a/run/*", "List:perm-a/run/*"],
-    "Read+Write+List on b/prefix (no *)": ["Read:perm-a/run", "Write:perm-a/run", "List:perm-a/run"],
+    "Read+Write+List on b/prefix*": ["Read:perm-a/run/*", "Write:perm-a/run/*",
+                                     "List:perm-a/run/*"],
+    "Read+Write+List on b/prefix (no *)": ["Read:perm-a/run", "Write:perm-a/run",
+                                           "List:perm-a/run"],
     "Read+Write (no List)": ["Read:perm-a", "Write:perm-a"],
     "Admin:b": ["Admin:perm-a"],
 }
@@ -147,7 +159,8 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from s3server import S3Server
     folder = tempfile.mkdtemp(prefix="s3calls-")
-    extra = [{"name": f"id{i}", "credentials": [{"accessKey": f"AKIDTRY{i:04d}", "secretKey": f"secret-{i}"}],
+    extra = [{"name": f"id{i}",
+              "credentials": [{"accessKey": f"AKIDTRY{i:04d}", "secretKey": f"secret-{i}"}],
               "actions": actions} for i, actions in enumerate(TRIED.values())]
     server = S3Server(folder, identities=extra)
     try:

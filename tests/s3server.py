@@ -12,16 +12,17 @@ import time
 
 KEY, SECRET = "AKIDTESTRUN", "secret-of-the-test-run"
 READER = ("AKIDREADONLY", "secret-of-the-reader")  # may read and list, not write
-# The least a run needs (docs/remote.md, "Minimal S3 permissions"): SeaweedFS's Read, Write and List,
-# each scoped to one run's remote_dir, s3://runner/runs/gpt2 ("Write:runner/runs/gpt2/*"), no Admin,
-# no Tagging; refused on any other prefix or bucket (tests/s3calls.py measured what each action
-# allows). Like the documented AWS policy's s3:prefix condition, it may list only with a Prefix under
-# runs/gpt2/, in-progress multipart uploads included.
+# The least a run needs (docs/remote.md, "Minimal S3 permissions"): SeaweedFS's Read, Write and
+# List, each scoped to one run's remote_dir, s3://runner/runs/gpt2 ("Write:runner/runs/gpt2/*"), no
+# Admin, no Tagging; refused on any other prefix or bucket (tests/s3calls.py measured what each
+# action allows). Like the documented AWS policy's s3:prefix condition, it may list only with a
+# Prefix under runs/gpt2/, in-progress multipart uploads included.
 RUNNER = ("AKIDRUNNERONLY", "secret-of-the-runner")
 RUNNER_BUCKET, RUNNER_DIR = "runner", "runs/gpt2"
 RUNNER_ACTIONS = ("Read", "Write", "List")
 # RUNNER less one of its actions: {"Write": (key, secret), ...}
-LACKING = {a: (f"AKIDRUNNERNO{a.upper()}", f"secret-of-the-runner-without-{a.lower()}") for a in RUNNER_ACTIONS}
+LACKING = {a: (f"AKIDRUNNERNO{a.upper()}", f"secret-of-the-runner-without-{a.lower()}")
+           for a in RUNNER_ACTIONS}
 
 
 def scoped(*actions):
@@ -46,12 +47,13 @@ def _free_port():
 
 class S3Server:
     def __init__(self, folder, idle=False, identities=()):
-        """idle: at the lowest CPU priority (SCHED_IDLE), as a server on another machine takes none of
-        training's CPU time (bench/bench_remote.py). identities: more entries for the identities file
-        (tests/s3calls.py tries one action at a time)."""
+        """idle: at the lowest CPU priority (SCHED_IDLE), as a server on another machine takes none
+        of training's CPU time (bench/bench_remote.py). identities: more entries for the identities
+        file (tests/s3calls.py tries one action at a time)."""
         self.folder, self.idle = folder, idle
         os.makedirs(folder, exist_ok=True)
-        self.weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
+        self.weed = (shutil.which("weed", path=os.path.dirname(sys.executable))
+                     or shutil.which("weed"))
         self.ports = [_free_port() for _ in range(4)]
         self.url = f"http://127.0.0.1:{self.ports[0]}"
         self.ids = os.path.join(folder, "identities.json")
@@ -59,12 +61,16 @@ class S3Server:
             json.dump({"identities": [
                 {"name": "run", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
                  "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
-                {"name": "reader", "credentials": [{"accessKey": READER[0], "secretKey": READER[1]}],
+                {"name": "reader",
+                 "credentials": [{"accessKey": READER[0], "secretKey": READER[1]}],
                  "actions": ["Read", "List"]},
-                {"name": "runner", "credentials": [{"accessKey": RUNNER[0], "secretKey": RUNNER[1]}],
+                {"name": "runner",
+                 "credentials": [{"accessKey": RUNNER[0], "secretKey": RUNNER[1]}],
                  "actions": scoped(*RUNNER_ACTIONS)},
-                *[{"name": f"runner-without-{a.lower()}", "credentials": [{"accessKey": k, "secretKey": secret}],
-                   "actions": scoped(*(b for b in RUNNER_ACTIONS if b != a))} for a, (k, secret) in LACKING.items()],
+                *[{"name": f"runner-without-{a.lower()}",
+                   "credentials": [{"accessKey": k, "secretKey": secret}],
+                   "actions": scoped(*(b for b in RUNNER_ACTIONS if b != a))}
+                  for a, (k, secret) in LACKING.items()],
                 *identities]}, f)
         self.proc = None
         self.start()
@@ -78,11 +84,12 @@ class S3Server:
         os.makedirs(os.path.join(self.folder, "data"), exist_ok=True)
         self.proc = subprocess.Popen(
             [self.weed, "server", f"-dir={self.folder}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             "-s3", f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-             f"-s3.config={self.ids}", "-s3.autoCreateBucket=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-             "-master.telemetry=false"],
+             "-s3", f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}",
+             f"-filer.port={filer}", f"-s3.config={self.ids}", "-s3.autoCreateBucket=false",
+             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"],
             stdout=open(os.path.join(self.folder, "weed.log"), "ab"), stderr=subprocess.STDOUT,
-            preexec_fn=(lambda: os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))) if self.idle else None)
+            preexec_fn=(lambda: os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0)))
+                       if self.idle else None)
         deadline = time.time() + 60
         while True:  # ready once a bucket can be listed
             try:
@@ -100,8 +107,9 @@ class S3Server:
 
     def fs(self, key=KEY, secret=SECRET):
         import s3fs
-        return s3fs.S3FileSystem(key=key, secret=secret, endpoint_url=self.url, skip_instance_cache=True,
-                                 use_listings_cache=False, config_kwargs=dict(retries=dict(max_attempts=1)))
+        return s3fs.S3FileSystem(key=key, secret=secret, endpoint_url=self.url,
+                                 skip_instance_cache=True, use_listings_cache=False,
+                                 config_kwargs=dict(retries=dict(max_attempts=1)))
 
     def bucket(self, name):
         fs = self.fs()

@@ -17,7 +17,8 @@ from keep import store
 from conftest import ROOT, TINY, copy_run, project_without_data, run
 from dataset import DATA_DIR
 
-GREEDY = ["--num_samples=1", "--max_new_tokens=40", "--temperature=0", "--device=cpu", "--start=ROMEO"]
+GREEDY = ["--num_samples=1", "--max_new_tokens=40", "--temperature=0", "--device=cpu",
+          "--start=ROMEO"]
 
 
 def script(folder, name, *args, check=True):
@@ -54,17 +55,20 @@ def test_a_run_copied_without_its_data_folder_samples_and_exports_the_same(train
     script(elsewhere, "export.py", f"--out_dir={out}", f"--to={tmp_path / 'hf'}")
     ckpt = torch.load(os.path.join(trained, "ckpt.pt"), weights_only=True)
     with open(tmp_path / "hf" / "char_vocab.json", encoding="utf-8") as f:
-        assert json.load(f)["itos"] == ckpt["tokenizer"]["itos"] and len(ckpt["tokenizer"]["itos"]) == 65
+        assert (json.load(f)["itos"] == ckpt["tokenizer"]["itos"]
+                and len(ckpt["tokenizer"]["itos"]) == 65)
     assert script(elsewhere, "sample.py", f"--init_from={tmp_path / 'hf'}", *GREEDY).stdout == here
     # a damaged vocab file beside the export is one line, not a traceback
     (tmp_path / "hf" / "char_vocab.json").write_text('{"itos": ', encoding="utf-8")
     p = script(elsewhere, "sample.py", f"--init_from={tmp_path / 'hf'}", *GREEDY, check=False)
-    assert p.returncode == 1 and "Traceback" not in p.stderr and "is not a vocab file" in p.stderr, p.stderr
+    assert (p.returncode == 1 and "Traceback" not in p.stderr
+            and "is not a vocab file" in p.stderr), p.stderr
 
 
 def test_nanogpt_file_without_a_vocab_uses_meta_pkl_with_a_note(trained, tmp_path):
     ckpt = torch.load(os.path.join(trained, "ckpt.pt"), weights_only=True)
-    nanogpt = {k: ckpt[k] for k in ("model", "optimizer", "model_args", "iter_num", "best_val_loss", "config")}
+    nanogpt = {k: ckpt[k]
+               for k in ("model", "optimizer", "model_args", "iter_num", "best_val_loss", "config")}
     (tmp_path / "old").mkdir()
     torch.save(nanogpt, tmp_path / "old" / "ckpt.pt")
     here = run("sample.py", f"--out_dir={trained}", *GREEDY).stdout
@@ -76,30 +80,36 @@ def test_nanogpt_file_without_a_vocab_uses_meta_pkl_with_a_note(trained, tmp_pat
     (tmp_path / "data" / "broken" / "meta.pkl").write_bytes(b"\x80\x04not a pickle")
     old = project_without_data(tmp_path / "machine")
     shutil.copytree(tmp_path / "data", os.path.join(old, "data"))
-    torch.save(dict(nanogpt, config=dict(nanogpt["config"], dataset="broken")), tmp_path / "old" / "ckpt.pt")
+    torch.save(dict(nanogpt, config=dict(nanogpt["config"], dataset="broken")),
+               tmp_path / "old" / "ckpt.pt")
     p = script(old, "sample.py", f"--out_dir={tmp_path / 'old'}", *GREEDY, check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
-    assert "meta.pkl cannot be read as a pickle of plain data" in p.stderr and "prepare dataset 'broken'" in p.stderr
-    # with neither a vocab inside nor its dataset's meta.pkl: one error line, never GPT-2 BPE guessed
+    assert ("meta.pkl cannot be read as a pickle of plain data" in p.stderr
+            and "prepare dataset 'broken'" in p.stderr)
+    # with neither a vocab inside nor its dataset's meta.pkl: one error line, never GPT-2 BPE
+    # guessed
     nanogpt["config"] = dict(nanogpt["config"], dataset=f"gone-{os.getpid()}")
     torch.save(nanogpt, tmp_path / "old" / "ckpt.pt")
     for cmd in (["sample.py", f"--out_dir={tmp_path / 'old'}", *GREEDY],
                 ["export.py", f"--out_dir={tmp_path / 'old'}", f"--to={tmp_path / 'hf'}"]):
         p = run(*cmd, check=False)
         assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
-        assert p.stderr.count("error:") == 1 and "carries no tokenizer" in p.stderr and "meta.pkl" in p.stderr
+        assert (p.stderr.count("error:") == 1 and "carries no tokenizer" in p.stderr
+                and "meta.pkl" in p.stderr)
 
 
 def test_sample_export_and_inspect_read_only_the_weights(trained, tmp_path):
-    """The optimizer's records are never read: damaged, they stop a resume (load checks every CRC) but
-    not sample.py or export.py, which give what they gave before; a damaged weight stops all of them."""
+    """The optimizer's records are never read: damaged, they stop a resume (load checks every CRC)
+    but not sample.py or export.py, which give what they gave before; a damaged weight stops all of
+    them."""
     here = run("sample.py", f"--out_dir={trained}", *GREEDY).stdout
     out = copy_run(trained, tmp_path / "out")
     for name in os.listdir(out):
         if name != "ckpt.pt" and name.startswith("ckpt"):
             os.remove(out / name)
     path = out / "ckpt.pt"
-    weights = len({t.untyped_storage().data_ptr() for t in torch.load(path, weights_only=True, mmap=True)["model"].values()})
+    weights = len({t.untyped_storage().data_ptr()
+                   for t in torch.load(path, weights_only=True, mmap=True)["model"].values()})
     flip(path, weights + 3)  # an optimizer moment
     with pytest.raises(CheckpointError, match="CRC mismatch"):
         store.load(str(path))
@@ -112,9 +122,11 @@ def test_sample_export_and_inspect_read_only_the_weights(trained, tmp_path):
     assert p.returncode == 1 and "CRC mismatch" in p.stderr
 
     flip(path, 1)  # a weight
-    for cmd in (["sample.py", f"--out_dir={out}", *GREEDY], ["export.py", f"--out_dir={out}", f"--to={tmp_path / 'hf2'}"]):
+    for cmd in (["sample.py", f"--out_dir={out}", *GREEDY],
+                ["export.py", f"--out_dir={out}", f"--to={tmp_path / 'hf2'}"]):
         p = run(*cmd, check=False)
-        assert p.returncode == 1 and "CRC mismatch" in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert (p.returncode == 1 and "CRC mismatch" in p.stderr
+                and "Traceback" not in p.stderr), p.stderr
     assert not os.path.exists(tmp_path / "hf2")
 
 
@@ -130,8 +142,10 @@ def dataset(tmp_path):
         shutil.rmtree(tmp_path / "in", ignore_errors=True)
         (tmp_path / "in").mkdir()
         for i in range(10):
-            (tmp_path / "in" / f"doc{i}.txt").write_text(txt[i * 3000:(i + 1) * 3000], encoding="utf-8")
-        run("data/prepare.py", f"--input={tmp_path / 'in'}", f"--dataset={name}", "--tokenizer=char")
+            (tmp_path / "in" / f"doc{i}.txt").write_text(txt[i * 3000:(i + 1) * 3000],
+                                                         encoding="utf-8")
+        run("data/prepare.py", f"--input={tmp_path / 'in'}", f"--dataset={name}",
+            "--tokenizer=char")
     prepare(text)
     yield name, text, prepare
     shutil.rmtree(os.path.join(DATA_DIR, name), ignore_errors=True)
@@ -140,13 +154,16 @@ def dataset(tmp_path):
 def test_default_prompt_and_data_changed_under_a_run(dataset, tmp_path):
     name, text, prepare = dataset
     out = tmp_path / "out"
-    train = ["train.py", *TINY, f"--dataset={name}", f"--out_dir={out}", "--eval_interval=4", "--checkpoint_interval=4"]
+    train = ["train.py", *TINY, f"--dataset={name}", f"--out_dir={out}", "--eval_interval=4",
+             "--checkpoint_interval=4"]
     run(*train, "--max_iters=4")
     # no --start and no newline in the vocab: the prompt is a symbol it has, and it says which
-    p = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=10", "--device=cpu")
+    p = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=10",
+            "--device=cpu")
     assert "no newline" in p.stderr and "' '" in p.stderr and len(p.stdout) > 10
 
-    # the same text with every 'z' made '~': as many symbols, other ids; refused, naming what changed
+    # the same text with every 'z' made '~': as many symbols, other ids; refused, naming what
+    # changed
     assert "z" in text and "~" not in text
     prepare(text.replace("z", "~"))
     p = run(*train, "--max_iters=6", check=False)

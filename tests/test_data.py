@@ -17,7 +17,8 @@ from dataset import DATA_DIR, TokenData
 from tokenizer import load_meta
 from tokenizer import get_codec, gpt2_encoding
 
-_spec = importlib.util.spec_from_file_location("char_prepare", os.path.join(ROOT, "data", "shakespeare_char", "prepare.py"))
+_spec = importlib.util.spec_from_file_location(
+    "char_prepare", os.path.join(ROOT, "data", "shakespeare_char", "prepare.py"))
 char_prepare = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(char_prepare)
 prepare = char_prepare.prepare
@@ -35,7 +36,8 @@ def test_prepare_small_text(tmp_path):
 
 
 def test_shipped_shakespeare(shakespeare_char):
-    out = subprocess.run([sys.executable, os.path.join(shakespeare_char, "prepare.py")], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, os.path.join(shakespeare_char, "prepare.py")],
+                         capture_output=True, text=True)
     assert "vocab size: 65" in out.stdout and "1,003,854" in out.stdout and "111,540" in out.stdout
     assert os.path.getsize(os.path.join(shakespeare_char, "train.bin")) == 2 * 1_003_854
     assert os.path.getsize(os.path.join(shakespeare_char, "val.bin")) == 2 * 111_540
@@ -50,8 +52,10 @@ def test_gpt2_tokenizer_offline():
     assert enc.n_vocab == 50257 and enc.eot_token == 50256
     codec = get_codec(None)
     ids = codec.encode("To be, or not to be<|endoftext|> ünï 😀")
-    assert codec.decode(ids) == "To be, or not to be<|endoftext|> ünï 😀" and ids[7] == codec.eot == 50256
-    assert b"".join(codec.token_bytes(i) for i in ids).decode() == codec.decode(ids)  # what streaming prints
+    assert (codec.decode(ids) == "To be, or not to be<|endoftext|> ünï 😀"
+            and ids[7] == codec.eot == 50256)
+    # what streaming prints
+    assert b"".join(codec.token_bytes(i) for i in ids).decode() == codec.decode(ids)
 
 
 def test_meta_pkl_with_code_is_refused(tmp_path):
@@ -72,10 +76,12 @@ def test_batches_are_a_pure_function_of_seed_and_iteration(shakespeare_char):
     c = data.train_batch(1337, 8, 0, 4, 16, 1)
     assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
     x, y = a
-    assert x.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
+    # targets are inputs shifted by one
+    assert x.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
     # one rank with 4 micro-steps sees the same rows as 2 ranks with 2 micro-steps each
     one = torch.cat([data.train_batch(1337, 3, m, 2, 16, 4)[0] for m in range(4)])
-    two = torch.cat([data.train_batch(1337, 3, m, 2, 16, 2, rank=r, world_size=2)[0] for r in range(2) for m in range(2)])
+    two = torch.cat([data.train_batch(1337, 3, m, 2, 16, 2, rank=r, world_size=2)[0]
+                     for r in range(2) for m in range(2)])
     assert torch.equal(one, two)
     # evaluation windows are the split's first tokens, one after another, and no training batch
     x, y = data.window_rows("val", 1, 2, 16)
@@ -100,11 +106,13 @@ class Planted:
 
 DAMAGED = [  # meta.pkl's dict (shakespeare_char's ids, 0-64, in the bins), words the one line holds
     ("small-vocab", lambda m: dict(m, vocab_size=10), ["vocab_size 10", "its itos has 65"]),
-    ("small-vocab-and-itos", lambda m: dict(vocab_size=10, itos={i: m["itos"][i] for i in range(10)},
+    ("small-vocab-and-itos", lambda m: dict(vocab_size=10,
+                                            itos={i: m["itos"][i] for i in range(10)},
                                             stoi={m["itos"][i]: i for i in range(10)}),
      ["train.bin holds id 64", "vocab of 10"]),
     ("no-itos", lambda m: dict(vocab_size=65), ["vocab_size 65 but no itos"]),
-    ("char-no-itos", lambda m: dict(vocab_size=65, tokenizer="char"), ["vocab_size 65 but no itos"]),
+    ("char-no-itos", lambda m: dict(vocab_size=65, tokenizer="char"),
+     ["vocab_size 65 but no itos"]),
     ("not-a-dict", lambda m: [m], ["is not a dict"]),
     ("no-vocab-size", lambda m: dict(itos=m["itos"], stoi=m["stoi"]), ["has no vocab_size"]),
     ("planted", lambda m: dict(m, vocab_size=Planted()), ["refus", "posix.system"]),
@@ -113,7 +121,8 @@ DAMAGED = [  # meta.pkl's dict (shakespeare_char's ids, 0-64, in the bins), word
 
 @pytest.fixture
 def damaged(shakespeare_char, request):
-    """data/<name>/ with shakespeare_char's bins and a damaged meta.pkl (train.py reads only data/)."""
+    """data/<name>/ with shakespeare_char's bins and a damaged meta.pkl (train.py reads only
+    data/)."""
     tag, change, words = request.param
     name = f"test-meta-{tag}-{os.getpid()}"
     folder = os.path.join(DATA_DIR, name)
@@ -138,20 +147,24 @@ def error_line(p):
 def test_a_damaged_meta_pkl_is_one_line_before_anything_is_made(damaged, trained, tmp_path):
     name, words = damaged
     out = tmp_path / "out"
-    line = error_line(run("train.py", *TINY, f"--dataset={name}", f"--out_dir={out}", "--max_iters=2", check=False))
+    line = error_line(run("train.py", *TINY, f"--dataset={name}", f"--out_dir={out}",
+                          "--max_iters=2", check=False))
     for w in words + [os.path.join("data", name), "python data/prepare.py", f"--dataset={name}"]:
         assert w in line, line
     assert not out.exists()  # judged before out_dir, its .lock or metrics.jsonl
     assert not os.path.exists(os.path.join(ROOT, "planted-pwned"))
     if "bin holds id" in line:
         return  # the bins are train.py's to read; sample.py and export.py read meta.pkl alone
-    # a checkpoint without its own vocab (nanoGPT's) falls back to its dataset's meta.pkl: the same line
+    # a checkpoint without its own vocab (nanoGPT's) falls back to its dataset's meta.pkl: the same
+    # line
     ckpt = torch.load(os.path.join(trained, "ckpt.pt"), weights_only=True)
-    old = {k: ckpt[k] for k in ("model", "optimizer", "model_args", "iter_num", "best_val_loss", "config")}
+    old = {k: ckpt[k]
+           for k in ("model", "optimizer", "model_args", "iter_num", "best_val_loss", "config")}
     old["config"] = dict(old["config"], dataset=name)
     (tmp_path / "old").mkdir()
     torch.save(old, tmp_path / "old" / "ckpt.pt")
-    for cmd in (["sample.py", f"--out_dir={tmp_path / 'old'}", "--device=cpu", "--num_samples=1", "--max_new_tokens=3"],
+    for cmd in (["sample.py", f"--out_dir={tmp_path / 'old'}", "--device=cpu", "--num_samples=1",
+                 "--max_new_tokens=3"],
                 ["export.py", f"--out_dir={tmp_path / 'old'}", f"--to={tmp_path / 'hf'}"]):
         assert error_line(run(*cmd, check=False)) == line
     assert not (tmp_path / "hf").exists()
@@ -180,5 +193,6 @@ def test_a_big_bin_is_checked_in_pieces_and_every_batch_too(tmp_path, monkeypatc
             continue
         data = TokenData("big", data_dir=str(tmp_path))
         data.train_batch(0, 0, 0, 4, 16, 1)
-        with pytest.raises(RunError, match="train.bin holds id 70, outside the vocab of 65 .*data/prepare.py"):
+        with pytest.raises(RunError, match="train.bin holds id 70, outside the vocab of 65 "
+                                           ".*data/prepare.py"):
             data._rows("train", np.array([2490]), 16)

@@ -12,13 +12,15 @@ import pytest
 import forkserver
 from conftest import ENV, ROOT, popen
 
-pytestmark = pytest.mark.skipif(os.environ.get("TEST_EXEC") == "1", reason="TEST_EXEC=1: nothing is forked")
+pytestmark = pytest.mark.skipif(os.environ.get("TEST_EXEC") == "1",
+                                reason="TEST_EXEC=1: nothing is forked")
 
 PROBE = """
 import atexit, json, os, sys, threading, time
 import numpy as np
 print(json.dumps({"argv": sys.argv, "name": __name__, "file": __file__, "path0": sys.path[0],
-                  "cwd": os.getcwd(), "probe": os.environ.get("PROBE"), "home": "HOME" in os.environ}))
+                  "cwd": os.getcwd(), "probe": os.environ.get("PROBE"),
+                  "home": "HOME" in os.environ}))
 print("on stderr", file=sys.stderr)
 how = sys.argv[1]
 if how == "exit":
@@ -48,8 +50,8 @@ def both(probe, how):
     env = {"PROBE": "seen"}
     forked = popen(probe, [how], env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = forked.communicate(timeout=60)
-    fresh = subprocess.run([sys.executable, probe, how], cwd=ROOT, env=dict(ENV, **env), capture_output=True,
-                           text=True, timeout=60)
+    fresh = subprocess.run([sys.executable, probe, how], cwd=ROOT, env=dict(ENV, **env),
+                           capture_output=True, text=True, timeout=60)
     assert isinstance(forked, forkserver.Forked), "the probe was not forked"
     return (forked.returncode, out, err), (fresh.returncode, fresh.stdout, fresh.stderr)
 
@@ -65,12 +67,14 @@ def test_an_uncaught_exception_exits_1_with_its_traceback(probe):
     (code, out, err), (fresh_code, fresh_out, fresh_err) = both(probe, "raise")
     assert code == fresh_code == 1 and out == fresh_out
     # the traceback holds two more frames (the server's runpy call); its start and end are the same
-    assert err.splitlines()[:2] == fresh_err.splitlines()[:2] and err.splitlines()[-1] == "ValueError: boom"
+    assert (err.splitlines()[:2] == fresh_err.splitlines()[:2]
+            and err.splitlines()[-1] == "ValueError: boom")
     assert fresh_err.splitlines()[-1] == "ValueError: boom"
 
 
 def test_each_child_draws_its_own_numpy_seed(probe):
-    jobs = [popen(probe, ["seed"], None, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    jobs = [popen(probe, ["seed"], None, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                  text=True)
             for _ in range(3)]
     draws = {job.communicate(timeout=60)[0].splitlines()[-1] for job in jobs}
     assert len(draws) == 3
@@ -78,11 +82,13 @@ def test_each_child_draws_its_own_numpy_seed(probe):
 
 def test_a_child_is_a_process_of_its_own(probe):
     """Its own pid, which a signal reaches; wait() times out as Popen's does."""
-    job = popen(probe, ["thread"], None, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    job = popen(probe, ["thread"], None, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                text=True)
     assert job.pid not in (os.getpid(), os.getppid())
     with open(f"/proc/{job.pid}/cmdline", "rb") as f:
         assert f.read()  # alive, in /proc
     job.kill()
     assert job.wait(timeout=60) == -9
     with pytest.raises(subprocess.TimeoutExpired):
-        popen(probe, ["thread"], None, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait(timeout=0.01)
+        popen(probe, ["thread"], None, stdout=subprocess.DEVNULL,
+              stderr=subprocess.DEVNULL).wait(timeout=0.01)

@@ -39,14 +39,17 @@ def test_a_killed_and_resumed_run_reads_as_the_straight_one(straight, tmp_path):
     run("train.py", *ARGS, f"--out_dir={out}")
     ours, rows = kept(out)
     theirs, _ = kept(straight)
-    assert ours == theirs  # same iterations, none twice, none missing, the same losses, lr and tokens
+    # same iterations, none twice, none missing, the same losses, lr and tokens
+    assert ours == theirs
     train = [r["iter"] for r in ours if r["kind"] == "train"]
     assert train == list(range(40))
     stale = [r for r in read_rows(os.path.join(out, METRICS)) if r.get("superseded")]
-    assert {r["iter"] for r in stale if r["kind"] == "train"} >= set(range(20, 25))  # the redone work, marked
+    # the redone work, marked
+    assert {r["iter"] for r in stale if r["kind"] == "train"} >= set(range(20, 25))
     assert all(r["iter"] >= 20 for r in stale)
     resumes = [r for r in rows if r["kind"] == "event" and r["event"] == "resume"]
-    assert len(resumes) == 1 and resumes[0]["iter"] == 20 and resumes[0]["path"].endswith("ckpt-00000020.pt")
+    assert (len(resumes) == 1 and resumes[0]["iter"] == 20
+            and resumes[0]["path"].endswith("ckpt-00000020.pt"))
     ckpts = [r["iter"] for r in rows if r["kind"] == "event" and r["event"] == "checkpoint"]
     assert sorted(set(ckpts)) == [10, 20, 30, 40]
 
@@ -77,21 +80,26 @@ def test_plot_one_and_two_runs(straight, tmp_path):
     png(os.path.join(straight, "loss.png"))
     run("plot.py", straight, straight, "--x=tokens", f"--to={tmp_path / 'both.png'}")
     png(tmp_path / "both.png")
-    p = run("plot.py", os.path.join(straight, METRICS), "--x=tokens")  # the file itself names its run too
+    # the file itself names its run too
+    p = run("plot.py", os.path.join(straight, METRICS), "--x=tokens")
     png(os.path.join(straight, "loss-tokens.png"))
 
 
 def test_plot_without_metrics_is_one_line(tmp_path):
     p = run("plot.py", str(tmp_path), check=False)
-    assert p.returncode == 2 and p.stderr.strip().startswith("error:") and "no metrics.jsonl" in p.stderr
+    assert (p.returncode == 2 and p.stderr.strip().startswith("error:")
+            and "no metrics.jsonl" in p.stderr)
     assert "\n" not in p.stderr.strip() and not os.listdir(tmp_path)
-    (tmp_path / METRICS).write_text('{"kind": "eval", "iter": 5}\n')  # a row without its fields: not drawn
+    # a row without its fields: not drawn
+    (tmp_path / METRICS).write_text('{"kind": "eval", "iter": 5}\n')
     p = run("plot.py", str(tmp_path), check=False)
     assert p.returncode == 1 and p.stderr.strip().endswith("has no train or eval rows yet")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (make test installs it)")
-def test_wandb_offline_run_killed_and_resumed_is_one_run_with_each_step_once(shakespeare_char, tmp_path):
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
+                    reason="wandb is not installed (make test installs it)")
+def test_wandb_offline_run_killed_and_resumed_is_one_run_with_each_step_once(shakespeare_char,
+                                                                             tmp_path):
     out = tmp_path / "run"
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     p = start(*ARGS, f"--out_dir={out}", "--max_iters=100000", "--wandb_log=True", env=env)
@@ -100,8 +108,10 @@ def test_wandb_offline_run_killed_and_resumed_is_one_run_with_each_step_once(sha
     p.send_signal(signal.SIGKILL)
     p.wait()
     run("train.py", *ARGS, f"--out_dir={out}", "--wandb_log=True", env=env)
-    runs = sorted(d for d in os.listdir(out / "wandb") if d.startswith("offline-run-"))  # wandb's files: in out_dir
-    assert len(runs) == 2 and len({d.rsplit("-", 1)[1] for d in runs}) == 1  # one wandb run id, continued
+    # wandb's files: in out_dir
+    runs = sorted(d for d in os.listdir(out / "wandb") if d.startswith("offline-run-"))
+    # one wandb run id, continued
+    assert len(runs) == 2 and len({d.rsplit("-", 1)[1] for d in runs}) == 1
     # every step once, in order: the steps the killed process had not written out (wandb writes
     # whole 32 KiB blocks) are sent again from metrics.jsonl, the redone ones are not sent twice
     assert wandb_offline_steps(str(out), runs[0].rsplit("-", 1)[1]) == list(range(41))

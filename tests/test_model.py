@@ -78,7 +78,8 @@ def test_optimizer_decays_only_matrices():
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert (all(p.dim() >= 2 for p in decay["params"])
+            and all(p.dim() < 2 for p in no_decay["params"]))
     n = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n == sum(p.numel() for p in model.parameters())  # each parameter once, tied ones too
     assert opt.defaults.get("fused") is True
@@ -125,15 +126,17 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 
 
 @pytest.mark.parametrize("shape, batch", [
-    (dict(n_layer=1, n_head=2, n_embd=64, block_size=128, vocab_size=50304, dropout=0.0), 4),  # mostly logits
-    (dict(n_layer=2, n_head=8, n_embd=32, block_size=512, vocab_size=65, dropout=0.1), 2),  # the attention matrix
+    # mostly logits
+    (dict(n_layer=1, n_head=2, n_embd=64, block_size=128, vocab_size=50304, dropout=0.0), 4),
+    # the attention matrix
+    (dict(n_layer=2, n_head=8, n_embd=32, block_size=512, vocab_size=65, dropout=0.1), 2),
 ])
 def test_the_cpu_memory_estimate_covers_a_real_training_step(shape, batch):
-    """configurator.check_fits refuses a CPU run whose training state and activations exceed the memory
-    available; an estimate below what a real step takes would let a too-big batch through to the OOM
-    killer, one far above it would refuse runs that fit."""
-    p = subprocess.run([sys.executable, "-c", STEP, json.dumps(shape), str(batch)], cwd=ROOT, capture_output=True,
-                       text=True, env=dict(ENV, PYTHONPATH=ROOT), check=True)
+    """configurator.check_fits refuses a CPU run whose training state and activations exceed the
+    memory available; an estimate below what a real step takes would let a too-big batch through to
+    the OOM killer, one far above it would refuse runs that fit."""
+    p = subprocess.run([sys.executable, "-c", STEP, json.dumps(shape), str(batch)], cwd=ROOT,
+                       capture_output=True, text=True, env=dict(ENV, PYTHONPATH=ROOT), check=True)
     measured = int(p.stdout)
     estimate = 16 * n_params(shape) + activation_bytes(shape, batch) + STEP_OVERHEAD
     # the upper bound is loose: where malloc keeps freed attention matrices depends on the machine

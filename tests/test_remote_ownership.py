@@ -26,41 +26,45 @@ ARGS = [*TINY, "--eval_interval=4", "--checkpoint_interval=2", "--keep_last=2"]
 
 def one_error(p, code=1):
     lines = p.stderr.strip().splitlines()
-    assert p.returncode == code and len(lines) == 1 and lines[0].startswith("error: "), (p.returncode, p.stdout,
-                                                                                         p.stderr)
+    assert p.returncode == code and len(lines) == 1 and lines[0].startswith("error: "), \
+        (p.returncode, p.stdout, p.stderr)
     assert "iter " not in p.stdout
     return lines[0]
 
 
-@pytest.mark.parametrize("url", ["s3:/runs/x", "s3:runs/x", "s3//runs/x", "s3://", "s3:///x", "ftp://host/x",
-                                 "zip://a.zip", "reference://x", "file://relative/x", "some/relative/dir",
-                                 "s3://bucket/run*", "file:///tmp/runs/[ab]"])
+@pytest.mark.parametrize("url", ["s3:/runs/x", "s3:runs/x", "s3//runs/x", "s3://", "s3:///x",
+                                 "ftp://host/x", "zip://a.zip", "reference://x",
+                                 "file://relative/x", "some/relative/dir", "s3://bucket/run*",
+                                 "file:///tmp/runs/[ab]"])
 def test_a_malformed_remote_dir_is_one_line_and_makes_nothing(shakespeare_char, tmp_path, url):
-    """Before: `s3:/runs/x` made a folder `s3:` under the current directory and reported the run safe
-    in a "remote" copy on the same disk; ftp:// ended in a traceback; a wildcard (which fsspec reads
-    as a pattern, so a delete could reach other folders) was taken."""
+    """Before: `s3:/runs/x` made a folder `s3:` under the current directory and reported the run
+    safe in a "remote" copy on the same disk; ftp:// ended in a traceback; a wildcard (which fsspec
+    reads as a pattern, so a delete could reach other folders) was taken."""
     work = tmp_path / "cwd"
     work.mkdir()
-    p = run("train.py", *TINY, f"--out_dir={tmp_path / 'out'}", f"--remote_dir={url}", "--max_iters=2", cwd=str(work),
-            check=False)
+    p = run("train.py", *TINY, f"--out_dir={tmp_path / 'out'}", f"--remote_dir={url}",
+            "--max_iters=2", cwd=str(work), check=False)
     line = one_error(p, code=2)
     assert "remote_dir" in line and url in line
     assert os.listdir(work) == [] and not (tmp_path / "out").exists()
 
 
-def test_other_files_are_refused_before_a_run_and_never_touched_beside_one(shakespeare_char, tmp_path):
+def test_other_files_are_refused_before_a_run_and_never_touched_beside_one(shakespeare_char,
+                                                                           tmp_path):
     """A remote_dir holding someone's files and no run is refused with one line; files that come
-    into a run's remote_dir later (photos, a commit of a newer format and its data) are listed as not
-    ours and are still there, byte for byte, after the run's uploads, retention and cleanup."""
+    into a run's remote_dir later (photos, a commit of a newer format and its data) are listed as
+    not ours and are still there, byte for byte, after the run's uploads, retention and cleanup."""
     disk = tmp_path / "backup"
     (disk / "data" / "photos").mkdir(parents=True)
     (disk / "data" / "photos" / "2019.jpg").write_bytes(b"\xff\xd8 a photo")
     (disk / "notes.txt").write_text("mine")
     before = files_under(disk)
     out = tmp_path / "out"
-    p = run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir=file://{disk}", "--max_iters=4", check=False)
+    p = run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir=file://{disk}", "--max_iters=4",
+            check=False)
     line = one_error(p)
-    assert "not empty and holds no run" in line and "data/photos/2019.jpg" in line or "notes.txt" in line, line
+    assert ("not empty and holds no run" in line and "data/photos/2019.jpg" in line
+            or "notes.txt" in line), line
     assert files_under(disk) == before
 
     remote = f"file://{tmp_path / 'run-copy'}"
@@ -71,11 +75,12 @@ def test_other_files_are_refused_before_a_run_and_never_touched_beside_one(shake
     (copy / "ckpt-00000099.pt.commit").write_text(json.dumps(dict(format=2, name="ckpt-00000099.pt",
                                                                   data="data/00000099-0badf00d")))
     (copy / "data" / "00000099-0badf00d").mkdir()
-    (copy / "data" / "00000099-0badf00d" / "ckpt-00000099.pt").write_bytes(b"a newer format's bytes")
+    (copy / "data" / "00000099-0badf00d" / "ckpt-00000099.pt").write_bytes(
+        b"a newer format's bytes")
     (copy / "data" / "00000007-12345678").mkdir()  # no commit, no intent: not provably ours
     (copy / "data" / "00000007-12345678" / "x").write_bytes(b"someone's")
-    foreign = {k: v for k, v in files_under(copy).items() if "photos" in k or "0badf00d" in k or "00000099" in k
-               or "12345678" in k}
+    foreign = {k: v for k, v in files_under(copy).items()
+               if "photos" in k or "0badf00d" in k or "00000099" in k or "12345678" in k}
     assert len(foreign) == 4
     listing = run("checkpoint.py", remote).stdout
     for key in ("data/photos/2019.jpg", "ckpt-00000099.pt.commit", "data/00000007-12345678/x"):
@@ -87,16 +92,18 @@ def test_other_files_are_refused_before_a_run_and_never_touched_beside_one(shake
 
 
 def test_another_runs_copy_is_never_written_over(shakespeare_char, tmp_path):
-    """Run Y's remote copy at iteration 4; run X's out_dir at iteration 8 (newer) given Y's remote_dir:
-    one line naming both run ids; Y's copy unchanged. Before: X's commits replaced Y's."""
+    """Run Y's remote copy at iteration 4; run X's out_dir at iteration 8 (newer) given Y's
+    remote_dir: one line naming both run ids; Y's copy unchanged. Before: X's commits replaced
+    Y's."""
     remote = tmp_path / "y-remote"
-    run("train.py", *ARGS, f"--out_dir={tmp_path / 'y'}", f"--remote_dir=file://{remote}", "--max_iters=4")
+    run("train.py", *ARGS, f"--out_dir={tmp_path / 'y'}", f"--remote_dir=file://{remote}",
+        "--max_iters=4")
     run("train.py", *ARGS, f"--out_dir={tmp_path / 'x'}", "--max_iters=8")
     x = read_header(str(tmp_path / "x" / "ckpt-00000008.pt"))["run_id"]
     y = read_header(str(tmp_path / "y" / "ckpt-00000004.pt"))["run_id"]
     before = files_under(remote)
-    p = run("train.py", *ARGS, f"--out_dir={tmp_path / 'x'}", f"--remote_dir=file://{remote}", "--max_iters=10",
-            check=False)
+    p = run("train.py", *ARGS, f"--out_dir={tmp_path / 'x'}", f"--remote_dir=file://{remote}",
+            "--max_iters=10", check=False)
     line = one_error(p)
     assert x in line and y in line and "one remote_dir holds one run" in line
     assert files_under(remote) == before
@@ -108,17 +115,18 @@ def test_two_live_runs_on_one_remote_dir(shakespeare_char, tmp_path):
     its lease. A lease that a lost machine left is taken over once it lapses, with one note. Before:
     both wrote, and both said the remote_dir held their newest checkpoint."""
     remote = f"file://{tmp_path / 'remote'}"
-    first = start(*ARGS, f"--out_dir={tmp_path / 'a'}", f"--remote_dir={remote}", "--max_iters=100000",
-                  "--remote_lease=10", "--eval_interval=1000")
+    first = start(*ARGS, f"--out_dir={tmp_path / 'a'}", f"--remote_dir={remote}",
+                  "--max_iters=100000", "--remote_lease=10", "--eval_interval=1000")
     seen = []
     wait_for(first, r"saved .*ckpt-00000004\.pt", seen)
     lease = json.loads((tmp_path / "remote" / "lease.json").read_text())
-    p = run("train.py", *ARGS, f"--out_dir={tmp_path / 'b'}", f"--remote_dir={remote}", "--max_iters=6", check=False)
+    p = run("train.py", *ARGS, f"--out_dir={tmp_path / 'b'}", f"--remote_dir={remote}",
+            "--max_iters=6", check=False)
     line = one_error(p)
     assert lease["run_id"] in line  # (in use, or: holds run X, this run is Y)
     shutil.copytree(tmp_path / "a", tmp_path / "a-copy", ignore=shutil.ignore_patterns(".lock"))
-    p = run("train.py", *ARGS, f"--out_dir={tmp_path / 'a-copy'}", f"--remote_dir={remote}", "--max_iters=100000",
-            check=False)
+    p = run("train.py", *ARGS, f"--out_dir={tmp_path / 'a-copy'}", f"--remote_dir={remote}",
+            "--max_iters=100000", check=False)
     assert "waiting up to" in p.stdout
     line = one_error(p)
     assert f"in use by run {lease['run_id']}" in line
@@ -130,9 +138,11 @@ def test_two_live_runs_on_one_remote_dir(shakespeare_char, tmp_path):
 
     # a lost machine's lease: another host, refreshed long ago
     (tmp_path / "remote" / "lease.json").write_text(json.dumps(dict(
-        format=1, run_id=lease["run_id"], attempt="feedf00d", host="a-lost-machine", pid=1, bound=120)))
+        format=1, run_id=lease["run_id"], attempt="feedf00d", host="a-lost-machine", pid=1,
+        bound=120)))
     os.utime(tmp_path / "remote" / "lease.json", (time.time() - 600,) * 2)
-    p = run("train.py", *ARGS, f"--out_dir={tmp_path / 'a'}", f"--remote_dir={remote}", f"--max_iters={last + 2}")
+    p = run("train.py", *ARGS, f"--out_dir={tmp_path / 'a'}", f"--remote_dir={remote}",
+            f"--max_iters={last + 2}")
     assert "taking over remote_dir's lease of run" in p.stdout and "host a-lost-machine" in p.stdout
     assert f"holds the newest checkpoint (ckpt-{last + 2:08d}.pt" in p.stdout
 
@@ -149,43 +159,48 @@ def test_stored_config_restores_knobs_only(trained, tmp_path):
     store.save(ckpt, path)
     os.remove(out / "ckpt.pt")
     p = run("train.py", *TINY, f"--out_dir={out}", "--max_iters=14", "--checkpoint_interval=2")
-    assert "'ckpt_path', 'master', 'rank'" in p.stdout and "not a knob of train.py; ignored" in p.stdout
+    assert ("'ckpt_path', 'master', 'rank'" in p.stdout
+            and "not a knob of train.py; ignored" in p.stdout)
     assert (out / "ckpt-00000014.pt").exists() and (out / "ckpt-00000012.pt").exists()
 
 
 def test_a_malformed_commit_is_one_line_and_skipped(shakespeare_char, tmp_path):
     """Commit objects whose objects are not pairs, whose branch is a string or whose data points
-    outside data/ are each listed as damaged and skipped; train.py, sample.py and checkpoint.py still
-    use the complete ones. Before: the whole listing failed (train.py, sample.py and export.py refused
-    the remote_dir) or a TypeError traceback came out of restore()."""
+    outside data/ are each listed as damaged and skipped; train.py, sample.py and checkpoint.py
+    still use the complete ones. Before: the whole listing failed (train.py, sample.py and export.py
+    refused the remote_dir) or a TypeError traceback came out of restore()."""
     disk = tmp_path / "remote"
     out = tmp_path / "out"
     remote = f"file://{disk}"
-    run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir={remote}", "--max_iters=8", "--keep_every=2")
+    run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir={remote}", "--max_iters=8",
+        "--keep_every=2")
     periodic = sorted(p.name[:-len(".commit")] for p in disk.glob("ckpt-*.pt.commit"))
-    assert len(periodic) >= 3, periodic  # (a newer one waiting replaces an older one not yet copied)
+    # (a newer one waiting replaces an older one not yet copied)
+    assert len(periodic) >= 3, periodic
     doctored = periodic[-3:]
-    for name, change in zip(doctored, (dict(objects={"x": [1, 2, 3]}), dict(branch="x"), dict(data="../../etc"))):
+    for name, change in zip(doctored, (dict(objects={"x": [1, 2, 3]}), dict(branch="x"),
+                                       dict(data="../../etc"))):
         c = json.loads((disk / f"{name}.commit").read_text())
         c.update(change)
         (disk / f"{name}.commit").write_text(json.dumps(c))
     listing = run("checkpoint.py", remote, check=False)
     assert listing.returncode == 1
     for name in doctored:
-        assert re.search(rf"^{name} .*INCOMPLETE: its commit object is damaged", listing.stdout, re.M), listing.stdout
+        assert re.search(rf"^{name} .*INCOMPLETE: its commit object is damaged", listing.stdout,
+                         re.M), listing.stdout
     assert re.search(r"^ckpt\.pt .* complete$", listing.stdout, re.M)
     shutil.rmtree(out)
     p = run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir={remote}", "--max_iters=10")
     assert "downloaded ckpt.pt (iteration 8" in p.stdout and p.stderr.count("is not complete") == 3
-    s = run("sample.py", f"--out_dir={remote}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5",
-            env=dict(XDG_CACHE_HOME=str(tmp_path / "cache")))
+    s = run("sample.py", f"--out_dir={remote}", "--device=cpu", "--num_samples=1",
+            "--max_new_tokens=5", env=dict(XDG_CACHE_HOME=str(tmp_path / "cache")))
     assert s.stdout.strip()
 
 
 def test_fsdp_shards_of_other_ranks_survive_rank0s_first_cleanup(tmp_path):
-    """Under FSDP, rank 1 may upload its shards of a folder before rank 0 starts its first job, whose
-    cleanup used to delete every prefix no commit names: rank 1's shards went, and rank 0 waited
-    OTHERS_WAIT for them. Here rank 1's Uploader finishes first, for real, then rank 0's."""
+    """Under FSDP, rank 1 may upload its shards of a folder before rank 0 starts its first job,
+    whose cleanup used to delete every prefix no commit names: rank 1's shards went, and rank 0
+    waited OTHERS_WAIT for them. Here rank 1's Uploader finishes first, for real, then rank 0's."""
     folder = tmp_path / "out" / "ckpt-00000004"
     folder.mkdir(parents=True)
     (folder / "__0_0.distcp").write_bytes(b"rank zero's shard")
@@ -195,8 +210,8 @@ def test_fsdp_shards_of_other_ranks_survive_rank0s_first_cleanup(tmp_path):
     remote = remote_copy.Remote(f"file://{tmp_path / 'remote'}")
     prefix = remote_copy.new_prefix(4)
     header = dict(iter_num=4, run_id="0123abcd", branch=0, kind="periodic", val_loss=None)
-    one = Uploader(remote, str(tmp_path / "out"), run_id="0123abcd", branch=0, keep_last=3, keep_every=0,
-                               attempt="aaaa0000", rank=1)
+    one = Uploader(remote, str(tmp_path / "out"), run_id="0123abcd", branch=0, keep_last=3,
+                   keep_every=0, attempt="aaaa0000", rank=1)
     one.push(str(folder), header, prefix)
     one.finish(30)
     zero = Uploader(remote, str(tmp_path / "out"), run_id="0123abcd", branch=0, keep_last=3,
@@ -213,7 +228,8 @@ def test_verify_reads_every_remote_object_back(shakespeare_char, tmp_path):
     """`checkpoint.py verify REMOTE` reads each complete checkpoint's objects and checks their CRCs:
     a flipped byte (same size) is BAD there and exit 1, while the listing by sizes says complete."""
     disk = tmp_path / "remote"
-    run("train.py", *ARGS, f"--out_dir={tmp_path / 'out'}", f"--remote_dir=file://{disk}", "--max_iters=4")
+    run("train.py", *ARGS, f"--out_dir={tmp_path / 'out'}", f"--remote_dir=file://{disk}",
+        "--max_iters=4")
     good = run("checkpoint.py", "verify", f"file://{disk}").stdout
     assert re.search(r"^ckpt-00000004\.pt .* complete, every CRC checked$", good, re.M), good
     c = json.loads((disk / "ckpt-00000004.pt.commit").read_text())
@@ -221,17 +237,20 @@ def test_verify_reads_every_remote_object_back(shakespeare_char, tmp_path):
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(bytes(raw))
-    assert re.search(r"^ckpt-00000004\.pt .* complete$", run("checkpoint.py", f"file://{disk}").stdout, re.M)
+    assert re.search(r"^ckpt-00000004\.pt .* complete$",
+                     run("checkpoint.py", f"file://{disk}").stdout, re.M)
     p = run("checkpoint.py", "verify", f"file://{disk}", check=False)
-    assert p.returncode == 1 and re.search(r"^ckpt-00000004\.pt .* BAD: .*damaged \(CRC-32", p.stdout, re.M), p.stdout
+    assert p.returncode == 1 and re.search(r"^ckpt-00000004\.pt .* BAD: .*damaged \(CRC-32",
+                                           p.stdout, re.M), p.stdout
 
 
 def test_an_unusable_cache_folder_is_one_line(shakespeare_char, tmp_path):
     disk = tmp_path / "remote"
-    run("train.py", *ARGS, f"--out_dir={tmp_path / 'out'}", f"--remote_dir=file://{disk}", "--max_iters=4")
+    run("train.py", *ARGS, f"--out_dir={tmp_path / 'out'}", f"--remote_dir=file://{disk}",
+        "--max_iters=4")
     (tmp_path / "cache").write_text("a file, not a folder")
-    p = run("sample.py", f"--out_dir=file://{disk}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5",
-            env=dict(XDG_CACHE_HOME=str(tmp_path / "cache")), check=False)
+    p = run("sample.py", f"--out_dir=file://{disk}", "--device=cpu", "--num_samples=1",
+            "--max_new_tokens=5", env=dict(XDG_CACHE_HOME=str(tmp_path / "cache")), check=False)
     assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith("error: ") and \
         "Traceback" not in p.stderr and "XDG_CACHE_HOME" in p.stderr, p.stderr
 
@@ -244,8 +263,9 @@ def test_a_signal_cuts_the_end_of_run_wait_for_the_copy(shakespeare_char, tmp_pa
     s3 = S3Server(str(tmp_path / "s3"))
     try:
         remote = f"s3://{s3.bucket('runs')}/run"
-        proc, seen = start(*TINY, f"--out_dir={tmp_path / 'out'}", f"--remote_dir={remote}", "--max_iters=30",
-                           "--checkpoint_interval=10", "--eval_interval=1000", "--remote_wait=300", env=s3.env()), []
+        proc, seen = start(*TINY, f"--out_dir={tmp_path / 'out'}", f"--remote_dir={remote}",
+                           "--max_iters=30", "--checkpoint_interval=10", "--eval_interval=1000",
+                           "--remote_wait=300", env=s3.env()), []
         wait_for(proc, r"saved .*ckpt-00000010\.pt", seen)
         s3.kill()
         wait_for(proc, r"waiting up to 300s \(remote_wait\)", seen)
@@ -253,8 +273,8 @@ def test_a_signal_cuts_the_end_of_run_wait_for_the_copy(shakespeare_char, tmp_pa
         proc.send_signal(sig)
         output = "".join(seen) + proc.communicate(timeout=60)[0]
         assert time.time() - t0 < 20 and proc.returncode == code, output
-        assert re.search(r"warning: ckpt-00000030\.pt \(iteration 30\) did not reach remote_dir .* the wait was cut "
-                         r"short by a signal", output), output
+        assert re.search(r"warning: ckpt-00000030\.pt \(iteration 30\) did not reach remote_dir .* "
+                         r"the wait was cut short by a signal", output), output
     finally:
         s3.kill()
 
@@ -274,21 +294,22 @@ def test_a_branch_keeps_the_other_branchs_best_in_the_remote_too(shakespeare_cha
     assert kept["data"] == best0["data"] and kept["kind"] == "kept"
     assert json.loads((disk / "ckpt.pt.commit").read_text())["branch"] == 1
     listing = run("checkpoint.py", "verify", f"file://{disk}").stdout
-    assert re.search(r"^ckpt-best-b0-00000008\.pt .* complete, every CRC checked$", listing, re.M), listing
+    assert re.search(r"^ckpt-best-b0-00000008\.pt .* complete, every CRC checked$", listing,
+                     re.M), listing
     assert re.search(r"^ckpt\.pt +1 +6 .* complete, every CRC checked$", listing, re.M), listing
 
 
 def test_a_retention_failure_in_the_remote_is_a_warning_not_a_lost_copy(shakespeare_char, tmp_path):
     """Remote retention that cannot delete an old checkpoint's data (an immutable folder: chattr +i)
-    is one warning; the checkpoint just copied counts as copied (not uploaded again, and the end says
-    the remote holds it); the next start, once the folder can be deleted, removes what is left, which
-    an intent written before the delete proves the run's. Before: the copy was retried as a failed
-    upload and the end said it did not reach remote_dir."""
+    is one warning; the checkpoint just copied counts as copied (not uploaded again, and the end
+    says the remote holds it); the next start, once the folder can be deleted, removes what is left,
+    which an intent written before the delete proves the run's. Before: the copy was retried as a
+    failed upload and the end said it did not reach remote_dir."""
     if shutil.which("chattr") is None:
         pytest.skip("no chattr")
     disk = tmp_path / "remote"
-    command = [*TINY, "--eval_interval=1000", "--checkpoint_interval=2", "--keep_last=1", f"--out_dir={tmp_path / 'out'}",
-               f"--remote_dir=file://{disk}", "--remote_wait=20"]
+    command = [*TINY, "--eval_interval=1000", "--checkpoint_interval=2", "--keep_last=1",
+               f"--out_dir={tmp_path / 'out'}", f"--remote_dir=file://{disk}", "--remote_wait=20"]
     run("train.py", *command, "--max_iters=2")
     old = disk / json.loads((disk / "ckpt-00000002.pt.commit").read_text())["data"]
     if subprocess.run(["chattr", "+i", str(old)], capture_output=True).returncode:
@@ -306,9 +327,10 @@ def test_a_retention_failure_in_the_remote_is_a_warning_not_a_lost_copy(shakespe
 
 
 def test_metrics_come_down_whole_or_not_at_all(shakespeare_char, tmp_path):
-    """A new machine's start downloads metrics.jsonl with the checkpoint; killed as the file is written
-    in out_dir, it leaves no partial metrics.jsonl (which the next start would then keep, and the
-    curve of the first machine would be lost). Before: it was written straight into out_dir."""
+    """A new machine's start downloads metrics.jsonl with the checkpoint; killed as the file is
+    written in out_dir, it leaves no partial metrics.jsonl (which the next start would then keep,
+    and the curve of the first machine would be lost). Before: it was written straight into
+    out_dir."""
     from test_faults import traced
     disk, out = tmp_path / "remote", tmp_path / "out"
     command = [*ARGS, f"--out_dir={out}", f"--remote_dir=file://{disk}"]
@@ -329,11 +351,13 @@ def test_a_process_whose_lease_was_taken_copies_nothing_more(shakespeare_char, t
     than remote_lease, say) says so once and writes nothing more to remote_dir; its end says its
     newest checkpoint did not reach it."""
     disk = tmp_path / "remote"
-    proc, seen = start(*ARGS, f"--out_dir={tmp_path / 'out'}", f"--remote_dir=file://{disk}", "--max_iters=100000",
-                       "--remote_lease=2", "--eval_interval=1000", "--checkpoint_interval=20"), []
+    proc, seen = start(*ARGS, f"--out_dir={tmp_path / 'out'}", f"--remote_dir=file://{disk}",
+                       "--max_iters=100000", "--remote_lease=2", "--eval_interval=1000",
+                       "--checkpoint_interval=20"), []
     wait_for(proc, r"saved .*ckpt-00000040\.pt", seen)
     lease = json.loads((disk / "lease.json").read_text())
-    (disk / "lease.json").write_text(json.dumps(dict(lease, attempt="another1", host="elsewhere", pid=1)))
+    (disk / "lease.json").write_text(
+        json.dumps(dict(lease, attempt="another1", host="elsewhere", pid=1)))
     wait_for(proc, r"was taken over by run .* on host elsewhere", seen)
     commits = sorted(p.name for p in disk.glob("*.commit"))
     wait_for(proc, r"saved .*ckpt-\d{8}\.pt", seen)
@@ -343,39 +367,48 @@ def test_a_process_whose_lease_was_taken_copies_nothing_more(shakespeare_char, t
     assert proc.returncode == 0 and output.count("was taken over") == 1, output
     assert re.search(r"did not reach remote_dir .*\(taken over by run", output), output
     assert sorted(p.name for p in disk.glob("*.commit")) == commits
-    assert json.loads((disk / "lease.json").read_text())["attempt"] == "another1"  # not given up: not ours
+    # not given up: not ours
+    assert json.loads((disk / "lease.json").read_text())["attempt"] == "another1"
 
 
-def test_a_run_killed_before_its_final_copy_completes_it_at_the_next_start(shakespeare_char, tmp_path):
-    """The state a kill leaves as the final checkpoint's commit object is about to be written: its data
-    and intent in remote_dir, no commit (made here by deleting the commit of a finished run). The same
-    command finds the run complete and, before it says so, copies the final checkpoint, and cleans
-    the orphaned data. Before: it exited at once and remote_dir never got it (found by the fault
-    sweep's remote-file scenario, a kill at that rename)."""
+def test_a_run_killed_before_its_final_copy_completes_it_at_the_next_start(shakespeare_char,
+                                                                           tmp_path):
+    """The state a kill leaves as the final checkpoint's commit object is about to be written: its
+    data and intent in remote_dir, no commit (made here by deleting the commit of a finished run).
+    The same command finds the run complete and, before it says so, copies the final checkpoint, and
+    cleans the orphaned data. Before: it exited at once and remote_dir never got it (found by the
+    fault sweep's remote-file scenario, a kill at that rename)."""
     disk = tmp_path / "remote"
-    command = [*ARGS, f"--out_dir={tmp_path / 'out'}", f"--remote_dir=file://{disk}", "--max_iters=6"]
+    command = [*ARGS, f"--out_dir={tmp_path / 'out'}", f"--remote_dir=file://{disk}",
+               "--max_iters=6"]
     run("train.py", *command)
     final = json.loads((disk / "ckpt-00000006.pt.commit").read_text())
-    orphan = final["data"]  # as a killed upload leaves it: its intent (an earlier start's), its data
-    (disk / f"{orphan}.0.intent").write_text(json.dumps(dict(format=1, prefix=orphan, run_id=final["run_id"],
+    # as a killed upload leaves it: its intent (an earlier start's), its data
+    orphan = final["data"]
+    (disk / f"{orphan}.0.intent").write_text(json.dumps(dict(format=1, prefix=orphan,
+                                                             run_id=final["run_id"],
                                                              attempt="0ld0ld00", rank=0)))
     os.remove(disk / "ckpt-00000006.pt.commit")
     p = run("train.py", *command)
     assert "the run is complete" in p.stdout
-    assert "holds the newest checkpoint (ckpt-00000006.pt, iteration 6)" in p.stdout, p.stdout + p.stderr
+    assert "holds the newest checkpoint (ckpt-00000006.pt, iteration 6)" in p.stdout, \
+        p.stdout + p.stderr
     assert re.search(r"^ckpt-00000006\.pt .* complete, every CRC checked$",
                      run("checkpoint.py", "verify", f"file://{disk}").stdout, re.M)
     assert not (disk / orphan).exists() and not list(disk.glob("data/*.intent"))
 
 
-def test_a_commit_whose_object_names_leave_the_folder_is_damaged_and_never_downloaded(shakespeare_char, tmp_path):
+def test_a_commit_whose_object_names_leave_the_folder_is_damaged_and_never_downloaded(
+        shakespeare_char, tmp_path):
     """A commit object naming `ckpt-....//ABSOLUTE/PATH` (or a `.` part) is judged damaged: a new
     machine's start skips it, takes the complete one before it, and the file at that path is never
     touched. Before, the judge took the name; an object store that keeps `//` in keys (S3) lists the
     object, and the download joined the name onto its temp folder, got the absolute path and wrote
-    over that file (here, a file:// remote_dir, whose listing folds `//`, shows the judge's word)."""
+    over that file (here, a file:// remote_dir, whose listing folds `//`, shows the judge's
+    word)."""
     disk, victim = tmp_path / "remote", tmp_path / "precious.txt"
-    run("train.py", *ARGS, f"--out_dir={tmp_path / 'out'}", f"--remote_dir=file://{disk}", "--max_iters=6")
+    run("train.py", *ARGS, f"--out_dir={tmp_path / 'out'}", f"--remote_dir=file://{disk}",
+        "--max_iters=6")
     victim.write_text("precious")
     newest = sorted(disk.glob("ckpt-0*.pt.commit"))[-1]  # the one a new machine downloads first
     c = json.loads(newest.read_text())
@@ -386,8 +419,10 @@ def test_a_commit_whose_object_names_leave_the_folder_is_damaged_and_never_downl
         doctored = dict(c, objects={rel: [len("ATTACKER"), 0], **c["objects"]})  # downloaded first
         with pytest.raises(ValueError, match="bad objects"):
             judge_commit(json.loads(json.dumps(doctored)), c["name"])
-    newest.write_text(json.dumps(dict(c, objects={f"ckpt-00000099/{victim}": [len("ATTACKER"), 0], **c["objects"]})))
-    p = run("train.py", *ARGS, f"--out_dir={tmp_path / 'new'}", f"--remote_dir=file://{disk}", "--max_iters=8")
+    newest.write_text(json.dumps(
+        dict(c, objects={f"ckpt-00000099/{victim}": [len("ATTACKER"), 0], **c["objects"]})))
+    p = run("train.py", *ARGS, f"--out_dir={tmp_path / 'new'}", f"--remote_dir=file://{disk}",
+            "--max_iters=8")
     assert victim.read_text() == "precious"
     assert f"{c['name']} is not complete" in p.stderr, p.stderr
     assert "downloaded ckpt.pt (iteration 6" in p.stdout, p.stdout  # the complete one before it
@@ -396,8 +431,8 @@ def test_a_commit_whose_object_names_leave_the_folder_is_damaged_and_never_downl
 def test_a_commit_without_a_run_id_is_never_written_over(shakespeare_char, tmp_path):
     """A ckpt.pt commit in a run's remote_dir that names no run id (this code never writes one) is
     not the run's to replace: the resumed run says so once, copies its other checkpoints, and that
-    commit and its data stay as they are, with no upload left behind. Before: it was replaced and its
-    data deleted."""
+    commit and its data stay as they are, with no upload left behind. Before: it was replaced and
+    its data deleted."""
     disk, out = tmp_path / "remote", tmp_path / "out"
     run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir=file://{disk}", "--max_iters=4")
     best = disk / "ckpt.pt.commit"
@@ -414,11 +449,12 @@ def test_a_commit_without_a_run_id_is_never_written_over(shakespeare_char, tmp_p
 
 def test_only_the_runs_own_intents_are_deleted_with_its_data(shakespeare_char, tmp_path):
     """Retention deletes a data prefix and its intents by their exact names: an object beside them
-    whose name merely matches the pattern (`<prefix>.notes.intent`) stays. Before: a glob took it."""
+    whose name merely matches the pattern (`<prefix>.notes.intent`) stays. Before: a glob took
+    it."""
     disk, out = tmp_path / "remote", tmp_path / "out"
     run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir=file://{disk}", "--max_iters=4")
-    notes = [disk / f"{p}.notes.intent" for p in sorted(q.relative_to(disk) for q in (disk / "data").iterdir()
-                                                         if q.is_dir())]
+    notes = [disk / f"{p}.notes.intent"
+             for p in sorted(q.relative_to(disk) for q in (disk / "data").iterdir() if q.is_dir())]
     for n in notes:
         n.write_text("someone's notes")
     run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir=file://{disk}", "--max_iters=12")
@@ -433,6 +469,7 @@ def test_a_lease_file_that_is_not_ours_is_refused_not_written_over(shakespeare_c
     disk, out = tmp_path / "remote", tmp_path / "out"
     run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir=file://{disk}", "--max_iters=4")
     (disk / "lease.json").write_text('{"owner": "someone else", "bound": 1e999}')
-    p = run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir=file://{disk}", "--max_iters=6", check=False)
+    p = run("train.py", *ARGS, f"--out_dir={out}", f"--remote_dir=file://{disk}", "--max_iters=6",
+            check=False)
     assert "lease.json that is not a lease" in one_error(p)
     assert (disk / "lease.json").read_text() == '{"owner": "someone else", "bound": 1e999}'

@@ -48,10 +48,10 @@ def reference(shakespeare_char, tmp_path_factory):
 
 
 def test_stop_and_resume_is_bitwise_exact(reference, tmp_path):
-    """Stopped at 1 (the first step), 4 (right after a checkpoint), 5 (at an eval) and 6 (right after
-    an eval), resumed each time with no config at all but a longer max_iters: dataset, batch, schedule,
-    shape, dropout and device come from the checkpoint's stored config, and the losses and the end
-    state are those of the uninterrupted run."""
+    """Stopped at 1 (the first step), 4 (right after a checkpoint), 5 (at an eval) and 6 (right
+    after an eval), resumed each time with no config at all but a longer max_iters: dataset, batch,
+    schedule, shape, dropout and device come from the checkpoint's stored config, and the losses and
+    the end state are those of the uninterrupted run."""
     ref_out, ref_losses = reference
     p = run("train.py", *ARGS, f"--out_dir={tmp_path}", "--max_iters=1")
     seen = losses(p.stdout)
@@ -91,7 +91,8 @@ def test_signal_saves_and_resume_is_exact(long_reference, tmp_path):
     uninterrupted run's."""
     out = tmp_path / "run"
     last = 6
-    for sig, code in [(signal.SIGTERM, 0), (signal.SIGINT, 130), (signal.SIGHUP, 0), (signal.SIGUSR1, 0)]:
+    for sig, code in [(signal.SIGTERM, 0), (signal.SIGINT, 130), (signal.SIGHUP, 0),
+                      (signal.SIGUSR1, 0)]:
         proc = start(*LONG, f"--out_dir={out}", stderr=subprocess.PIPE)
         lines = []
         wait_for(proc, rf"^iter {last + 6}:", lines)
@@ -106,7 +107,8 @@ def test_signal_saves_and_resume_is_exact(long_reference, tmp_path):
             assert f"resuming from {out / PERIODIC.format(last)}" in stdout
         last = k
     p = run("train.py", *LONG, f"--out_dir={out}")  # the very same command again
-    assert "continuing it" in p.stdout and f"resuming from {out / PERIODIC.format(last)}" in p.stdout
+    assert ("continuing it" in p.stdout
+            and f"resuming from {out / PERIODIC.format(last)}" in p.stdout)
     assert_same_state(final_state(out, 300), long_reference)
 
 
@@ -121,7 +123,8 @@ def test_kill_9_fuzz(shakespeare_char, tmp_path):
     rng = random.Random(1234)
     kills = 0
     for attempt in range(40):
-        proc = start(*ARGS, f"--out_dir={out}", f"--max_iters={M}", "--checkpoint_interval=1", "--keep_last=2", stderr=subprocess.PIPE)
+        proc = start(*ARGS, f"--out_dir={out}", f"--max_iters={M}", "--checkpoint_interval=1",
+                     "--keep_last=2", stderr=subprocess.PIPE)
         if kills < 6:
             wait_for(proc, r"^(iter \d+:|step \d+:)")
             time.sleep(rng.uniform(0.0, 0.1))
@@ -139,8 +142,8 @@ def test_kill_9_fuzz(shakespeare_char, tmp_path):
 
 
 def torchrun(nproc, out, *extra):
-    proc = start(*ARGS, "--dropout=0.0", "--gradient_accumulation_steps=2", f"--out_dir={out}", *extra,
-                 torchrun=[f"--nproc_per_node={nproc}"])
+    proc = start(*ARGS, "--dropout=0.0", "--gradient_accumulation_steps=2", f"--out_dir={out}",
+                 *extra, torchrun=[f"--nproc_per_node={nproc}"])
     stdout = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, stdout
 
@@ -155,11 +158,12 @@ def test_ddp_resume_exact_and_across_world_sizes(shakespeare_char, tmp_path):
     assert ddp["metadata"]["world_size"] == 2 and len(ddp["rng"]) == 2
     assert_same_state(resumed, ddp)
 
-    p = run("train.py", *ARGS, "--dropout=0.0", "--gradient_accumulation_steps=2", f"--out_dir={tmp_path / 'ddp_resumed'}",
-            f"--max_iters={N + 4}", "--init_from=resume")
+    p = run("train.py", *ARGS, "--dropout=0.0", "--gradient_accumulation_steps=2",
+            f"--out_dir={tmp_path / 'ddp_resumed'}", f"--max_iters={N + 4}", "--init_from=resume")
     assert "written by 2 rank(s), this run has 1" in p.stdout
     single = tmp_path / "single"
-    run("train.py", *ARGS, "--dropout=0.0", "--gradient_accumulation_steps=2", f"--out_dir={single}", f"--max_iters={N + 4}")
+    run("train.py", *ARGS, "--dropout=0.0", "--gradient_accumulation_steps=2",
+        f"--out_dir={single}", f"--max_iters={N + 4}")
     moved, one = final_state(tmp_path / "ddp_resumed", N + 4), final_state(single, N + 4)
     for k in one["model"]:
         torch.testing.assert_close(moved["model"][k], one["model"][k], rtol=1e-4, atol=1e-5)

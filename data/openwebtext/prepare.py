@@ -3,8 +3,8 @@ OpenWebText in GPT-2 BPE tokens, for training GPT-2 124M from scratch (config/tr
 data/openwebtext/{train,val}.bin, each document followed by <|endoftext|>, 0.05% of the documents
 (seed 2357, as nanoGPT's split) in val. The full corpus is about 9B train tokens (~17 GB).
 
-    python data/openwebtext/prepare.py                          # through Hugging Face datasets
-    python data/openwebtext/prepare.py --input=PATH             # local .parquet / .jsonl / .txt files
+    python data/openwebtext/prepare.py               # through Hugging Face datasets
+    python data/openwebtext/prepare.py --input=PATH  # local .parquet / .jsonl / .txt files
 
 Through `datasets` (pip install datasets) the corpus is loaded by name, --hf_dataset (default
 Skylion007/openwebtext), from Parquet: current datasets versions run no loading scripts, so the name
@@ -30,21 +30,25 @@ def from_hub(name, revision, field, num_proc):
     try:
         import datasets
     except ImportError:
-        raise corpus.UsageError("loading OpenWebText by name needs Hugging Face datasets: pip install datasets "
-                                "(or pass --input=PATH with local .parquet, .jsonl or .txt files)")
+        raise corpus.UsageError("loading OpenWebText by name needs Hugging Face datasets: pip "
+                                "install datasets (or pass --input=PATH with local .parquet, "
+                                ".jsonl or .txt files)")
     offline = os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     try:
-        table = datasets.load_dataset(name, split="train", revision=revision or None, num_proc=num_proc)
+        table = datasets.load_dataset(name, split="train", revision=revision or None,
+                                      num_proc=num_proc)
     except ConnectionError as e:  # offline, or no network: nothing in the cache for this name
         why = "HF_DATASETS_OFFLINE is set" if offline else "the Hub cannot be reached"
-        raise corpus.PrepareError(f"{name} is not in the Hugging Face cache ({datasets.config.HF_DATASETS_CACHE}) "
-                                  f"and {why} ({e}); download it on a machine with network access into that cache, "
-                                  f"or pass --input=PATH with local .parquet, .jsonl or .txt files")
+        raise corpus.PrepareError(f"{name} is not in the Hugging Face cache "
+                                  f"({datasets.config.HF_DATASETS_CACHE}) and {why} ({e}); "
+                                  "download it on a machine with network access into that cache, "
+                                  "or pass --input=PATH with local .parquet, .jsonl or .txt files")
     except RuntimeError as e:
         if "scripts are no longer supported" not in str(e):
             raise
-        raise corpus.PrepareError(f"{name} is a script dataset, which datasets {datasets.__version__} cannot load; "
-                                  f"pass --hf_dataset= a Parquet copy, or --input= local files")
+        raise corpus.PrepareError(f"{name} is a script dataset, which datasets "
+                                  f"{datasets.__version__} cannot load; pass --hf_dataset= a "
+                                  "Parquet copy, or --input= local files")
     except (FileNotFoundError, ValueError) as e:  # no such dataset, no 'train' split
         raise corpus.PrepareError(f"{name}: {e}")
     return corpus.Rows(name, field, table=table)
@@ -64,7 +68,8 @@ if __name__ == "__main__":
     def work():
         sources = corpus.find_sources(k.input, k.text_field) if k.input else \
             [from_hub(k.hf_dataset, k.hf_revision, k.text_field, k.num_proc)]
-        corpus.prepare(sources, "openwebtext", "gpt2", val_fraction=0.0005, seed=2357, num_proc=k.num_proc,
-                       shard_mb=k.shard_mb, origin=corpus.origin_of(k.input) if k.input else k.hf_dataset,
+        corpus.prepare(sources, "openwebtext", "gpt2", val_fraction=0.0005, seed=2357,
+                       num_proc=k.num_proc, shard_mb=k.shard_mb,
+                       origin=corpus.origin_of(k.input) if k.input else k.hf_dataset,
                        keep=("prepare.py",))
     corpus.run(work)

@@ -19,13 +19,14 @@ INPUT = os.path.join(HERE, "..", "shakespeare_char", "input.txt")
 
 if __name__ == "__main__":
     if not os.path.exists(INPUT):
-        sys.exit(f"error: {os.path.normpath(INPUT)} is missing; run python data/shakespeare_char/prepare.py "
-                 f"(it downloads the text)")
+        sys.exit(f"error: {os.path.normpath(INPUT)} is missing; run python "
+                 "data/shakespeare_char/prepare.py (it downloads the text)")
     with open(INPUT, encoding="utf-8") as f:
         text = f.read()
     n = len(text)
     enc = gpt2_encoding()
     for split, part in (("train", text[:int(n * 0.9)]), ("val", text[int(n * 0.9):])):
-        ids = np.array(enc.encode_ordinary(part), dtype=np.uint16)  # GPT-2's 50257 ids fit in 16 bits
+        # GPT-2's 50257 ids fit in 16 bits
+        ids = np.array(enc.encode_ordinary(part), dtype=np.uint16)
         write_bin(os.path.join(HERE, f"{split}.bin"), ids)
         print(f"{split} has {len(ids):,} tokens")

@@ -11,7 +11,8 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
+# the repo root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from dataset import write_bin  # noqa: E402
 from tokenizer import save_meta  # noqa: E402
 
@@ -28,13 +29,15 @@ def fetch(path):
             r = requests.get(URL, timeout=30)
             r.raise_for_status()
         except requests.RequestException as e:
-            sys.exit(f"error: {path} is missing and the download failed ({e}); copy input.txt there by hand")
+            sys.exit(f"error: {path} is missing and the download failed ({e}); copy input.txt "
+                     "there by hand")
         with open(path, "wb") as f:
             f.write(r.content)
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     if digest != SHA256:
-        print(f"warning: {path} is not the standard tiny Shakespeare (sha256 {digest[:12]}...); using it anyway")
+        print(f"warning: {path} is not the standard tiny Shakespeare (sha256 {digest[:12]}...); "
+              "using it anyway")
 
 
 def prepare(text, out_dir):
@@ -44,8 +47,10 @@ def prepare(text, out_dir):
     n = len(text)
     splits = {"train": text[:int(n * 0.9)], "val": text[int(n * 0.9):]}
     for split, part in splits.items():
-        write_bin(os.path.join(out_dir, f"{split}.bin"), np.array([stoi[c] for c in part], dtype=np.uint16))
-    save_meta(os.path.join(out_dir, "meta.pkl"), {"vocab_size": len(chars), "itos": itos, "stoi": stoi})
+        write_bin(os.path.join(out_dir, f"{split}.bin"),
+                  np.array([stoi[c] for c in part], dtype=np.uint16))
+    save_meta(os.path.join(out_dir, "meta.pkl"),
+              {"vocab_size": len(chars), "itos": itos, "stoi": stoi})
     return len(chars), len(splits["train"]), len(splits["val"])
 
 
