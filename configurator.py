@@ -1,5 +1,6 @@
 """
-Config for train.py, sample.py, bench.py and export.py: their plain-valued globals are the config.
+Config for train.py, sample.py, eval.py, bench.py and export.py: their plain-valued globals are
+the config.
 
     python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
 
@@ -7,8 +8,8 @@ Each positional argument is a Python file executed into the script's globals; ea
 then overrides one global, the value read as a Python literal (or taken as a string if it is not
 one); a bare --key sets a True/False knob to True. Then every value is checked (RANGES, CHOICES,
 NOT_EMPTY, and values that must fit together), once, here, for whichever of these keys a script has;
-once the data and the model's shape are known, check_data and check_fits judge them (block_size
-against the data; the training state and a micro-batch's activations against the device's memory).
+once the data and the model's shape are known, check_data judges block_size against the data (and
+devices.check_fits the training state and a micro-batch's activations against the memory).
 Mistakes end with one line on stderr and exit code 2, never a traceback.
 
 Exit codes, the same in every script: 2 when the command is wrong (an unknown key, a value of the
@@ -191,116 +192,6 @@ def check_data(block_size, split_tokens, dataset):
         if n <= block_size:
             fail(f"block_size={block_size} is too long for dataset {dataset!r}: its {split}.bin "
                  f"has {n} tokens, and a batch row needs block_size+1; use a smaller --block_size")
-
-
-def check_fits(model_args, device, known, shards=1, batch_size=0, procs=1, host_copy=False):
-    """Training that cannot fit in the device's memory, said before anything is built or written.
-    A training state (fp32 weights, gradients and AdamW's two moments: 16 bytes per parameter, split
-    `shards` ways under FSDP) larger than the device's whole memory can never train. On a CPU the
-    state plus one micro-batch's activations (batch_size rows of block_size, forward and backward;
-    0: not checked) must also fit in the memory available now, for `procs` training processes on
-    this host: Linux overcommits memory, so a too-big batch does not fail an allocation, the OOM
-    killer ends it minutes later without a word. (A GPU's allocation fails at once, and
-    devices.one_line_out_of_memory makes that one line.) host_copy: background checkpoints keep a
-    copy of the weights and AdamW's moments in host memory (12 bytes per parameter). known: the
-    device's (total, available) memory in bytes (devices.memory), or None when it cannot be told."""
-    d, L, V, T = (model_args["n_embd"], model_args["n_layer"], model_args["vocab_size"],
-                  model_args["block_size"])
-    params = n_params(model_args)
-    if known is None:
-        return
-    total, available = known
-    state = 16 * params / shards
-    if state > total:
-        fail(f"n_layer={L}, n_embd={d}, block_size={T}, vocab {V}: {params / 1e9:.1f}B parameters "
-             f"need {state / 2**30:.0f} GiB to train (weights, gradients, AdamW"
-             f"{f', sharded {shards} ways' if shards > 1 else ''}), more than this {device}'s "
-             f"{total / 2**30:.0f} GiB; make the model smaller"
-             + ("" if shards > 1 else " or use --parallelism=fsdp on several GPUs"))
-    if device != "cpu" or not batch_size:
-        return
-    act = activation_bytes(model_args, batch_size)
-    state += 12 * params / shards if host_copy else 0
-    each = f" in each of {procs} processes" if procs > 1 else ""
-    if procs * (state + act + STEP_OVERHEAD) <= available:
-        return
-    if procs * (state + STEP_OVERHEAD) > available:  # the model alone is too much
-        fail(f"{params / 1e6:.0f}M parameters need {_size(state)} to train{each} (weights, "
-             f"gradients, AdamW), more than the {_size(available)} this machine has available; "
-             "make the model smaller or free memory")
-    fail(f"batch_size={batch_size} x block_size={T} needs about {_size(act)} for one micro-batch's "
-         f"activations (forward and backward) on top of {_size(state)} of training state{each}, "
-         f"more than the {_size(available)} this machine has available; lower batch_size (raising "
-         "gradient_accumulation_steps keeps the global batch) or block_size")
-
-
-def _size(n):
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
-# Peak memory of one CPU training step (forward, backward, grad clip, fused AdamW), over what the
-# process held before it built the model: ru_maxrss of a child process running tests/test_model.py's
-# STEP (torch 2.13, eager, fp32, 2026-12-01 on 2-core AMD EPYC, one thread; the third row also with
-# two threads and with torch.compile), MiB:
-#   n_layer n_head n_embd block_size vocab dropout batch | measured | estimate: 16 n_params +
-#                                                        |          | activations + overhead
-#         1      1      8          8    65     0.0     1 |       82 |   128
-#         6      6    384        256    65     0.0    16 |     1073 |  1449
-#         6      6    384        256    65     0.2    16 |     1788 |  3561 (two threads 1797;
-#                                                        |          |       compiled 1317)
-#         6      6    384        256    65     0.2    32 |     3210 |  4430
-#         8      4     64        256    65     0.0     8 |      187 |   265
-#         8      4     64        256    65     0.1     8 |      492 |  1193
-#         2      4    128        256 50304     0.0     8 |     1827 |  2262
-#         1      2     64        128 50304     0.0     4 |      531 |   673
-#         2      4    128        128  4000     0.0    16 |      263 |   362
-#         2      8     64       1024    65     0.2     4 |     1048 |  1992
-#         2      8     64       1024    65     0.0     4 |      142 |   200
-#         1      8     32        512    65     0.1     2 |      181 |   422
-#         2      8     32        512    65     0.1     2 |      268 |   650 (484 on the CI machine;
-#                                                        |          |       596 in a full suite run,
-#                                                        |          |       2026-12-07)
-#         4      8     32        512    65     0.1     2 |      434 |  1106
-# Saved for backward (counted with torch.autograd.graph.saved_tensors_hooks), per token: 16 floats
-# per layer and n_embd (18 with dropout), 1 per vocab entry (the log-softmax), and with dropout 3
-# per layer and entry of the attention matrix; without dropout the CPU's fused attention keeps no
-# batch x n_head x block^2 matrix. The coefficients below add backward's gradients and what the
-# allocator keeps: with dropout the peak held 5-6 attention matrices per layer where each is under
-# malloc's 32 MiB mmap threshold (freed ones stay in the heap), 3.7 where each is larger. The
-# 2-layer, block 512 row measured 484 MiB on another machine (the CI run of 2026-12-01; the freed
-# matrices stayed in its heap twice as often), and 596 MiB in a full `make test` here (2026-12-07),
-# so under the threshold 14 per layer are counted.
-# Every estimate is over every measurement, and at most 3x the lowest. Under bf16 autocast
-# the saved tensors measured 0.66x (layers), 1.1x (logits), 0.93x (attention) of fp32's: the fp32
-# figure is used for every dtype.
-MMAP_THRESHOLD = 32 * 2**20  # glibc's largest: a freed block under it stays in the process's heap
-# the first step's kernels and thread pools (82 MiB for a 1,472-parameter model)
-STEP_OVERHEAD = 128 * 2**20
-
-
-def n_params(model_args):
-    """GPT's parameter count from its shape, biases and LayerNorms left out: 12 n_embd^2 per layer
-    (attention 4, MLP 8), and the token and position embeddings."""
-    d = model_args["n_embd"]
-    return (12 * model_args["n_layer"] * d * d
-            + (model_args["vocab_size"] + model_args["block_size"]) * d)
-
-
-def activation_bytes(model_args, batch_size):
-    """About the most memory one micro-batch's forward and backward hold at once on a CPU (see
-    above)."""
-    d, L, V, T, H = (model_args[k]
-                     for k in ("n_embd", "n_layer", "vocab_size", "block_size", "n_head"))
-    tokens = batch_size * T
-    # the layers' saved tensors and gradients; logits, log-softmax, theirs
-    floats = tokens * (32 * L * d + 5 * V)
-    # attention's dropout runs the math path: the whole matrix per layer
-    if model_args.get("dropout", 0.0) > 0:
-        matrix = batch_size * H * T * T
-        # freed ones stay in the heap
-        kept = 14 * L + 4 if 4 * matrix < MMAP_THRESHOLD else 6 * L + 2
-        floats += kept * matrix
-    return 4 * floats
 
 
 def help_text(namespace, path, before=None):

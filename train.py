@@ -15,7 +15,7 @@ import sys
 import time
 from functools import partial
 
-from configurator import check, check_fits, config_keys, configure
+from configurator import check, config_keys, configure
 from console import console, one_line_errors, say
 from metrics import MetricsLog, humanize, median, speed_line
 
@@ -91,7 +91,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 import distributed  # noqa: E402
 from devices import autocast_context, memory, one_line_out_of_memory, peak_flops_for  # noqa: E402
-from devices import allow_tf32, pick_device, pick_dtype  # noqa: E402
+from devices import allow_tf32, check_fits, pick_device, pick_dtype  # noqa: E402
 from evals.evaluator import Evaluator  # noqa: E402
 from keep import lock, preemption, remote as remote_copy, resume, rng  # noqa: E402
 from keep.run import run_state  # noqa: E402

@@ -199,7 +199,7 @@ def test_time_limit_too_short_for_one_iteration(shakespeare_char, tmp_path):
 
 
 def test_out_of_memory_is_one_line(shakespeare_char, tmp_path):
-    """Out of memory during training (a batch that passes configurator.check_fits, about 1.3 GB, but
+    """Out of memory during training (a batch that passes devices.check_fits, about 1.3 GB, but
     not the 1.5 GiB of address space it is given): the allocation fails, one line, exit 1, no
     checkpoint."""
     p = run("train.py", *TINY, f"--out_dir={tmp_path}", "--batch_size=4000", check=False,

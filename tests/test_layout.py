@@ -6,6 +6,7 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMIT = 400
+WIDTH = 100
 PACKAGES = ("keep", "evals")
 
 
@@ -69,3 +70,18 @@ def test_no_import_cycle():
 
     cycles = [c for n in sorted(graph) if (c := visit(n, []))]
     assert cycles == []
+
+
+def test_no_line_is_wider_than_100_columns():
+    """Every Python file of the project (scripts, packages, tests, bench, data, config)."""
+    wide = {}
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "__", "out"))]
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(folder, f)
+                with open(path, encoding="utf-8") as fh:
+                    n = sum(len(line.rstrip("\n")) > WIDTH for line in fh)
+                if n:
+                    wide[os.path.relpath(path, ROOT)] = n
+    assert wide == {}

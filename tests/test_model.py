@@ -1,5 +1,5 @@
 """model.py: shapes, causality, generation, cropping, the optimizer groups; devices.py: device/dtype
-choice; configurator.check_fits: what memory a training needs."""
+choice; devices.check_fits: what memory a training needs."""
 import json
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from configurator import STEP_OVERHEAD, activation_bytes, n_params
+from devices import STEP_OVERHEAD, activation_bytes, n_params
 from conftest import ENV, ROOT
 from devices import DeviceError, autocast_context, memory, pick_device, pick_dtype
 from model import GPT, GPTConfig
@@ -132,7 +132,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
     (dict(n_layer=2, n_head=8, n_embd=32, block_size=512, vocab_size=65, dropout=0.1), 2),
 ])
 def test_the_cpu_memory_estimate_covers_a_real_training_step(shape, batch):
-    """configurator.check_fits refuses a CPU run whose training state and activations exceed the
+    """devices.check_fits refuses a CPU run whose training state and activations exceed the
     memory available; an estimate below what a real step takes would let a too-big batch through to
     the OOM killer, one far above it would refuse runs that fit."""
     p = subprocess.run([sys.executable, "-c", STEP, json.dumps(shape), str(batch)], cwd=ROOT,
