@@ -198,8 +198,9 @@ def project_without_data(dst):
     for name in os.listdir(ROOT):
         if name.endswith(".py"):
             shutil.copyfile(os.path.join(ROOT, name), os.path.join(dst, name))
-    shutil.copytree(os.path.join(ROOT, "keep"), os.path.join(dst, "keep"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("keep", "evals"):
+        shutil.copytree(os.path.join(ROOT, package), os.path.join(dst, package),
+                        ignore=shutil.ignore_patterns("__pycache__"))
     return str(dst)
 
 

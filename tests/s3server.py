@@ -54,8 +54,6 @@ class S3Server:
         os.makedirs(folder, exist_ok=True)
         self.weed = (shutil.which("weed", path=os.path.dirname(sys.executable))
                      or shutil.which("weed"))
-        self.ports = [_free_port() for _ in range(4)]
-        self.url = f"http://127.0.0.1:{self.ports[0]}"
         self.ids = os.path.join(folder, "identities.json")
         with open(self.ids, "w") as f:
             json.dump({"identities": [
@@ -73,7 +71,17 @@ class S3Server:
                   for a, (k, secret) in LACKING.items()],
                 *identities]}, f)
         self.proc = None
-        self.start()
+        for attempt in range(3):  # a port that another process took since it was picked: others
+            self.ports = [_free_port() for _ in range(4)]
+            self.url = f"http://127.0.0.1:{self.ports[0]}"
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                with open(os.path.join(folder, "weed.log"), errors="replace") as f:
+                    taken = "address already in use" in f.read()
+                if attempt == 2 or not taken or self.proc.poll() is None:
+                    raise
 
     def env(self, key=KEY, secret=SECRET):
         return dict(AWS_ENDPOINT_URL=self.url, AWS_ACCESS_KEY_ID=key, AWS_SECRET_ACCESS_KEY=secret,

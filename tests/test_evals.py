@@ -204,3 +204,19 @@ def test_a_stop_abandons_the_task_eval(bpe_run, tmp_path):
     rows = [r for r in map(json.loads, open(out / "metrics.jsonl"))
             if r["kind"] == "eval" and not r.get("superseded")]
     assert [r["iter"] for r in rows] == [0, 2, 4, 6] and "hellaswag_acc" in rows[2], rows
+
+
+def test_a_checkpoint_from_before_fixed_eval_text_says_so(trained, tmp_path):
+    """A checkpoint whose config has no eval_tokens (written when evals drew random windows): its
+    resume says in one line that the losses before and after are on different text."""
+    import torch
+    out = tmp_path / "old"
+    out.mkdir()
+    ckpt = torch.load(os.path.join(trained, "ckpt-00000010.pt"), weights_only=True)
+    del ckpt["config"]["eval_tokens"]
+    torch.save(ckpt, out / "ckpt-00000010.pt")
+    p = run("train.py", *TINY, f"--out_dir={out}", "--max_iters=12", "--eval_interval=2")
+    said = [line for line in p.stdout.splitlines() if "random windows" in line]
+    assert len(said) == 1 and said[0].startswith("note: ") and "iteration 10" in said[0], p.stdout
+    p = run("train.py", *TINY, f"--out_dir={out}", "--max_iters=14", "--eval_interval=2")
+    assert "random windows" not in p.stdout  # its own checkpoints have it now

@@ -30,7 +30,7 @@ TRAIN = [  # flags, exit code, words the error line holds
     (["--learning_rate=1e999"], 2, "learning_rate=inf must be a finite number"),
     (["--batch_size=-1"], 2, "batch_size=-1"),
     (["--batch_size=0"], 2, "batch_size=0"),
-    (["--eval_iters=0"], 2, "eval_iters=0"),
+    (["--eval_tokens=-5"], 2, "eval_tokens=-5"),
     (["--max_iters=-5"], 2, "max_iters=-5"),
     (["--max_iters=None"], 2, "max_iters in --max_iters=None must be int"),
     (["--batch_size=None"], 2, "batch_size in --batch_size=None must be int"),
