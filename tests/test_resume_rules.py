@@ -216,7 +216,8 @@ def test_each_checkpoint_has_its_own_val_loss(shakespeare_char, tmp_path):
     assert "step 12:" not in p.stdout and "step 13:" in p.stdout
     # but --eval_only always evaluates, also when the file holds its iteration's eval
     p = run("train.py", f"--out_dir={tmp_path}", "--eval_only=True")
-    assert re.search(r"^step 13: train loss [\d.]+, val loss [\d.]+ \([\d.]+ bpb\)$", p.stdout, re.M)
+    assert re.search(r"^step 13: train loss [\d.]+, val loss [\d.]+ \([\d.]+ bpb\)$", p.stdout,
+                     re.M)
 
 
 def test_one_training_process_per_out_dir(shakespeare_char, tmp_path):
