@@ -89,12 +89,16 @@ def restart_store(rank, world_size):
     return dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def teardown():
+def teardown(exit_code=None):
+    """The process group let go of, on every rank together; then exit with exit_code, if given
+    (an exit with the group up destroys gloo's threads under it: SIGABRT at random)."""
     gc.collect()  # work objects still referenced by cycles go now, while the group is whole
     if dist.is_initialized():
         # rank 0 may still be writing; tearing down gloo under it aborts the other ranks
         dist.barrier()
         dist.destroy_process_group()
+    if exit_code is not None:
+        sys.exit(exit_code)
 
 
 # ---------------------------------------------------------------------------------------------

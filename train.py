@@ -120,7 +120,7 @@ globals().update(config)  # the run's stored config, with config files and flags
 check(config)  # again: a stored config comes from a file, maybe an old or foreign one
 data = resume.open_data(config, ckpt, log)  # checked against block_size and the checkpoint
 if resume.complete(ckpt, ckpt_path, config, remote, attempt, log=log):  # max_iters reached
-    sys.exit(0)
+    distributed.teardown(exit_code=0)
 stopper = preemption.Stopper(time_budget)  # from here on a signal means "save, then exit"
 
 # distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE. Under FSDP the periodic checkpoints

@@ -24,7 +24,6 @@ rather than as missing files.
 """
 import os
 import subprocess
-import sys
 import time
 
 import torch
@@ -363,8 +362,7 @@ class Checkpointer:
         self.metrics.event(it, event, reason=what)
         if self.master:
             say(f"error: {self.halt_line(it, event, what)}", err=True)
-        distributed.teardown()
-        sys.exit(1)
+        distributed.teardown(exit_code=1)
 
     def halt_line(self, it, event, what):
         """Rank 0's error line for a run stopped at `it`: its saves keep failing, or it diverged."""
