@@ -65,7 +65,7 @@ for name, examples in data.items():
     if not TASKS[name].norm:
         r.pop("acc_norm")
     results[name] = dict(r, seconds=round(time.time() - t0, 2))
-    log_rows += [dict(task=name, **row) for row in rows or []]
+    log_rows += [dict(task=name, **row) for row in sorted(rows or [], key=lambda r: r["index"])]
     t0 = time.time()
 
 say(f"{'task':<12} {'n':>6} {'acc':>8} {'acc_norm':>9}")

@@ -36,7 +36,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x, cache=None, layer=0):
+    def forward(self, x, cache=None, layer=0, mask=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size)
@@ -49,8 +49,7 @@ class CausalSelfAttention(nn.Module):
         # aligned to the top-left corner and would hide them); several new ones (scoring a
         # continuation) see the cached positions and those before their own
         S = k.size(2)
-        mask = None
-        if T > 1 and S > T:
+        if mask is None and T > 1 and S > T:
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0,
@@ -79,8 +78,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, cache=None, layer=0, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -126,22 +125,28 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None, cache=None, every=False):
+    def forward(self, idx, targets=None, cache=None, every=False, pos=None, mask=None, at=None):
         """Logits (and the loss with targets): of the last position only, unless targets are given
-        or every=True. With a KVCache, idx continues the positions the cache holds."""
+        or every=True, or at the positions that the (B, T) mask `at` picks ((N, vocab), row by
+        row). With a KVCache, idx continues the positions the cache holds. pos and mask (scoring
+        rows that go on from cached prefixes of other lengths): each row's positions (B, T), and
+        which cached and new keys each query sees (B, 1, T, keys)."""
         b, t = idx.size()
         start = 0 if cache is None else cache.length
-        if start + t > self.config.block_size:
+        if pos is None and start + t > self.config.block_size:
             raise ValueError(f"sequence of length {start + t} is longer than block_size "
                              f"{self.config.block_size}")
-        pos = torch.arange(start, start + t, dtype=torch.long, device=idx.device)
+        if pos is None:
+            pos = torch.arange(start, start + t, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)
+            x = block(x, cache, i, mask)
         if cache is not None:
             cache.length += t
         x = self.transformer.ln_f(x)
-        if targets is not None or every:
+        if at is not None:  # scoring: only where a token is scored (the vocab's matmul is big)
+            logits, loss = self.lm_head(x[at]), None
+        elif targets is not None or every:
             logits = self.lm_head(x)
             loss = None if targets is None else F.cross_entropy(
                 logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
@@ -290,10 +295,10 @@ class KVCache:
         kv[1, :, :, self.length:end] = v
         return kv[0, :, :, :end], kv[1, :, :, :end]
 
-    def expand(self, batch):
-        """The positions held so far (of one sequence) repeated for `batch` sequences that go on
-        from them (the choices of one question)."""
-        self.kv = [None if kv is None else kv.repeat(1, batch, 1, 1, 1) for kv in self.kv]
+    def select(self, rows):
+        """Row rows[i] of what is held so far becomes row i: sequences that go on from a shared
+        start (the choices of one question)."""
+        self.kv = [None if kv is None else kv[:, rows] for kv in self.kv]
 
 
 def pick(logits, temperature, top_k, generators=None):

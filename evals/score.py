@@ -8,7 +8,9 @@ computes them, so that acc and acc_norm equal its scores:
   the last one), and the continuation's log-probabilities are summed in fp32.
 
 What is ours is the speed: the choices of one example share their context, which runs once into
-a KV cache; the choices then run as one batch on top of it.
+a KV cache, and several examples of similar lengths run together: their contexts as one batch,
+then all their choices as one batch on top of them, the vocab's matmul only where a token is
+scored.
 """
 import math
 
@@ -53,37 +55,47 @@ def shared(inputs, starts):
 
 
 @torch.no_grad()
-def loglikelihoods(model, pairs, device, ctx):
-    """[(summed log-probability of the continuation, whether it is the greedy one)] of each
-    (context ids, continuation ids) pair of one example, the pairs' shared start run once. Always
-    two forward passes, whatever the pairs (FSDP's ranks must run the same ones)."""
-    cut = windows(pairs, model.config.block_size)
-    inputs, starts = [w[0] for w in cut], [w[2] for w in cut]
-    p = max(1, shared(inputs, starts))  # (a first token in common always, unless cut differently)
-    same = all(len(i) >= p and i[:p] == inputs[0][:p] for i in inputs)
-    head = inputs[0][:p] if same else inputs[0][:1]
-    cache = KVCache(model.config.n_layer, model.config.block_size)
+def loglikelihoods(model, examples, device, ctx):
+    """[[summed log-probability of each choice's continuation]] of several examples, each given
+    as its (context ids, continuation ids) pairs. Two forward passes whatever the examples (FSDP's
+    ranks must run the same ones): every example's shared start (its context) as one batch into a
+    KV cache, then every choice's rest as one batch on top of its own example's start, each row
+    with its own positions and a mask that hides the other examples' starts and the padding."""
+    cuts = [windows(pairs, model.config.block_size) for pairs in examples]
+    starts = [shared([w[0] for w in cut], [w[2] for w in cut]) for cut in cuts]
+    P = max(1, max(starts))  # (one token at least: the first pass always runs)
+    head = torch.zeros((len(cuts), P), dtype=torch.long, device=device)
+    for e, (cut, p) in enumerate(zip(cuts, starts)):
+        head[e, :p] = torch.tensor(cut[0][0][:p], dtype=torch.long)
+    rows = [(e, w[0][p:]) for e, (cut, p) in enumerate(zip(cuts, starts)) for w in cut]
+    W = max(len(r) for _, r in rows)
+    cache = KVCache(model.config.n_layer, P + W)
     with ctx:
-        model(torch.tensor([head], device=device), cache=cache)
-    if not same:  # no common start: the whole inputs, the cache left unused
-        p, cache = 0, None
-    rest = [i[p:] for i in inputs]
-    width = max(len(r) for r in rest)
-    batch = torch.zeros((len(rest), width), dtype=torch.long, device=device)
-    for row, r in enumerate(rest):
-        batch[row, :len(r)] = torch.tensor(r, dtype=torch.long)
-    if cache is not None:
-        cache.expand(len(rest))
+        model(head, cache=cache)  # right-padded: causal attention keeps padding out of the starts
+    cache.select(torch.tensor([e for e, _ in rows], device=device))
+    batch = torch.zeros((len(rows), W), dtype=torch.long, device=device)
+    pos = torch.zeros((len(rows), W), dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), 1, W, P + W), dtype=torch.bool, device=device)
+    at = torch.zeros((len(rows), W), dtype=torch.bool, device=device)
+    causal = torch.ones(W, W, dtype=torch.bool, device=device).tril()
+    for i, (e, r) in enumerate(rows):
+        batch[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        pos[i] = torch.arange(starts[e], starts[e] + W).clamp(max=model.config.block_size - 1)
+        mask[i, 0, :, :starts[e]] = True  # its own example's start, not the padding after it
+        mask[i, 0, :, P:] = causal
+    i = 0
+    for cut, p in zip(cuts, starts):
+        for _, target, start in cut:
+            at[i, start - p:start - p + len(target)] = True  # the scored tokens' positions
+            i += 1
     with ctx:
-        logits, _ = model(batch, cache=cache, every=True)
-    logits = logits.float()
-    out = []
-    for row, (inp, target, start) in enumerate(cut):
-        span = logits[row, start - p:start - p + len(target)]
-        logp = F.log_softmax(span, dim=-1)
-        t = torch.tensor(target, device=logp.device)
-        out.append((logp.gather(1, t[:, None]).sum().item(), bool((logp.argmax(-1) == t).all())))
-    return out
+        logits, _ = model(batch, cache=cache, pos=pos, mask=mask, at=at)
+    logp = F.log_softmax(logits.float(), dim=-1)
+    targets = torch.tensor([t for cut in cuts for _, target, _ in cut for t in target],
+                           device=logp.device)
+    picked = logp.gather(1, targets[:, None])[:, 0]
+    sums = iter(torch.split(picked, [len(target) for cut in cuts for _, target, _ in cut]))
+    return [[next(sums).sum().item() for _ in cut] for cut in cuts]  # (fp32 sums, as lm-eval's)
 
 
 def check_vocab(codec, name, examples):
@@ -98,33 +110,38 @@ def check_vocab(codec, name, examples):
 
 
 def score_task(model, codec, examples, device, ctx, stopping=lambda: False, progress=None,
-               samples=None):
-    """{"acc", "acc_norm" (tasks that report it), "n"} of the model on examples, every rank
-    scoring its share (example k on rank k % world size; a rank past its share runs the first
-    example again and drops it, as FSDP's ranks must all run forward). None if stopping() turns
-    true on any rank meanwhile. progress(n): called with the examples done on this rank.
-    samples: a list that gets each of this rank's examples as a dict (lm-eval's --log_samples)."""
+               samples=None, chunk=8):
+    """{"acc", "acc_norm", "n"} of the model on examples (acc_norm: tasks.TASKS says whether to
+    report it), every rank scoring its share: example k on rank k % world size, `chunk` examples
+    of similar length at a time (a rank past its share scores the first example again and drops
+    it, as FSDP's ranks must all run forward). None if stopping() turns true on any rank
+    meanwhile. progress(n): called with the examples done on this rank. samples: a list that gets
+    each of this rank's examples as a dict (lm-eval's --log_samples)."""
     rank, world = distributed.rank(), distributed.world()
+    mine = list(range(rank, len(examples), world))
+    encoded = {k: [encode_pair(codec.encode, c, t) for c, t in examples[k].pairs] for k in mine}
+    # similar lengths together: the longest continuation sets a batch's width
+    mine.sort(key=lambda k: (max(len(t) for _, t in encoded[k]),
+                             max(len(h) for h, _ in encoded[k])))
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # right, right by acc_norm, n
-    for j in range(math.ceil(len(examples) / world)):
+    for j in range(math.ceil(math.ceil(len(examples) / world) / chunk)):
         if distributed.any_rank([stopping()], device)[0]:
             return None
-        k = j * world + rank
-        e = examples[k if k < len(examples) else 0]
-        pairs = [encode_pair(codec.encode, c, t) for c, t in e.pairs]
-        lls = [ll for ll, _ in loglikelihoods(model, pairs, device, ctx)]
-        if k >= len(examples):
-            continue
-        pred = max(range(len(lls)), key=lambda i: (lls[i], -i))  # the first of equals, as argmax
-        normed = [ll / n for ll, n in zip(lls, e.lengths)]
-        pred_norm = max(range(len(normed)), key=lambda i: (normed[i], -i))
-        counts += torch.tensor([pred == e.label, pred_norm == e.label, 1.0], dtype=torch.float64,
-                               device=device)
-        if samples is not None:
-            samples.append(dict(index=k, label=e.label, loglikelihoods=lls, pred=pred,
-                                pred_norm=pred_norm))
-        if progress is not None:
-            progress(1)
+        some = mine[j * chunk:(j + 1) * chunk]
+        pairs = [encoded[k] for k in some] or [[encode_pair(codec.encode, c, t)
+                                                for c, t in examples[0].pairs]]
+        for k, lls in zip(some, loglikelihoods(model, pairs, device, ctx)):
+            e = examples[k]
+            pred = max(range(len(lls)), key=lambda i: (lls[i], -i))  # the first of equals
+            normed = [ll / n for ll, n in zip(lls, e.lengths)]
+            pred_norm = max(range(len(normed)), key=lambda i: (normed[i], -i))
+            counts += torch.tensor([pred == e.label, pred_norm == e.label, 1.0],
+                                   dtype=torch.float64, device=device)
+            if samples is not None:
+                samples.append(dict(index=k, label=e.label, loglikelihoods=lls, pred=pred,
+                                    pred_norm=pred_norm))
+        if progress is not None and some:
+            progress(len(some))
     if dist.is_initialized():
         dist.all_reduce(counts)
     right, right_norm, n = counts.tolist()
