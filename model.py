@@ -46,11 +46,8 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.extend(layer, k, v)
         # the fused kernel (flash attention on GPU) is faster than a manual softmax on CPU too.
         # One new query after cached positions sees them all: no mask (is_causal's mask is
-        # aligned to the top-left corner and would hide them); several new ones (scoring a
-        # continuation) see the cached positions and those before their own
-        S = k.size(2)
-        if mask is None and T > 1 and S > T:
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        # aligned to the top-left corner and would hide them); several new ones come with the
+        # mask that says what each sees (GPT.forward)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=T > 1 and mask is None)
@@ -136,6 +133,9 @@ class GPT(nn.Module):
         if pos is None and start + t > self.config.block_size:
             raise ValueError(f"sequence of length {start + t} is longer than block_size "
                              f"{self.config.block_size}")
+        if start and t > 1 and mask is None:
+            raise ValueError("after the first window, a KVCache takes one token at a time, or "
+                             "several with a mask")
         if pos is None:
             pos = torch.arange(start, start + t, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))

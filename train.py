@@ -147,7 +147,7 @@ globals().update({k: model_args[k] for k in resume.SHAPE})
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 # the run's own counters: iteration, best loss, tokens, run id, branch, resumes (keep/run.py)
 run = run_state(ckpt, ckpt_path, config, tokens_per_iter, changed, log=log)
-evaluate = Evaluator(config, data, model_args["vocab_size"], device, ctx)  # (data checked first)
+evaluate = Evaluator.build(config, data, model_args["vocab_size"], device, ctx)
 log(f"device {device}, dtype {dtype}, world size {world_size}, "
     f"{model.get_num_params() / 1e6:.2f}M parameters, tokens per iteration {tokens_per_iter:,}")
 if writes:  # out_dir is made only now: a start that fails on its config or model leaves nothing

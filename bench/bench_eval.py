@@ -13,6 +13,7 @@ import argparse
 import json
 import glob
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -66,6 +67,13 @@ def main():
               f"pretrained={model},dtype=float32", "--tasks", f"{a.task}_local", "--include_path",
               tasks, "--limit", str(a.limit), "--device", "cpu", "--batch_size", str(a.batch_size),
               "--output_path", os.path.join(tmp, "lm")]
+    try:
+        compare(a, tmp, ours, theirs, env)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def compare(a, tmp, ours, theirs, env):
     times = {"ours": [], "lm-eval": []}
     for i in range(a.pairs):
         times["lm-eval"].append(timed(theirs, env))
@@ -83,7 +91,6 @@ def main():
     ratio = statistics.median(t / o for t, o in zip(times["lm-eval"], times["ours"]))
     print(f"median wall: lm-eval {statistics.median(times['lm-eval']):.1f} s, ours "
           f"{statistics.median(times['ours']):.1f} s; ours is {ratio:.2f}x as fast")
-    subprocess.run(["rm", "-rf", tmp])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ eval.py scores them) at every eval_tasks_interval-th iteration, every rank scori
 """
 import math
 
+import distributed
 import tokenizer
 from console import UsageError
 from evals import score
@@ -13,6 +14,12 @@ from evals.tasks import TASKS, load, names
 
 
 class Evaluator:
+    @classmethod
+    def build(cls, config, data, vocab_size, device, ctx):
+        """The run's Evaluator, on every rank together: a task's data that one node lacks stops
+        every rank with that one line (distributed.on_every_rank), none waits on the others."""
+        return distributed.on_every_rank(lambda: cls(config, data, vocab_size, device, ctx))
+
     def __init__(self, config, data, vocab_size, device, ctx):
         c = config
         tokens = c["eval_tokens"]

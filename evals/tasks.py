@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import zlib
 from dataclasses import dataclass
 
 from console import RunError, UsageError
@@ -119,7 +120,7 @@ def load(name, limit=0, data_dir=""):
         raise RunError(f"the data of task {name} is missing: {path}; it ships with the project in "
                        f"data/evals/ (git checkout data/evals), or give --eval_data=DIR holding "
                        f"{task.file}") from None
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise RunError(f"cannot read the data of task {name}, {path}: {e}") from None
     if hashlib.sha256(raw).hexdigest() != task.sha256:
         raise RunError(f"{path} is not the {name} validation set this project scores (sha256 "
