@@ -194,7 +194,7 @@ def check_data(block_size, split_tokens, dataset):
                  f"has {n} tokens, and a batch row needs block_size+1; use a smaller --block_size")
 
 
-def help_text(namespace, path, before=None):
+def help_text(namespace, path, before=None, keys=None):
     """--help, read from the script at path so that it never drifts from the code: its docstring,
     then each knob in the order of the code as --key=default and the comment on its line (comment
     lines right above a knob are printed as they are: the code's own headings). A knob's line is its
@@ -202,7 +202,7 @@ def help_text(namespace, path, before=None):
     where no line of the script shows them come last."""
     with open(path, encoding="utf-8") as f:
         source = f.read()
-    keys = config_keys(namespace)
+    keys = keys or config_keys(namespace)
     doc = (ast.get_docstring(ast.parse(source)) or "").strip()
     out = [doc, ""] if doc else []
     out.append("Knobs (--key=value, config files: configurator.py), with their defaults:")
@@ -237,17 +237,18 @@ def help_text(namespace, path, before=None):
     return "\n".join(out) + "\n"
 
 
-def configure(namespace, argv=None):
+def configure(namespace, argv=None, keys=None):
     """Apply config files and --key=value overrides from argv (default sys.argv[1:]) to namespace.
+    keys: the knobs (default: config_keys; sweep.py adds its dict-valued ones).
     Returns {key: where it was set} for the keys a file or flag set ('--key' for a flag, else the
     file's path), so a script can tell a user's choice from a default, and a flag from a file.
     --help (or -h) prints help_text of the calling script and exits 0."""
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
         caller = sys._getframe(1)  # the script's own frame: its file is the help's source
-        sys.stdout.write(help_text(namespace, caller.f_code.co_filename, caller.f_lineno))
+        sys.stdout.write(help_text(namespace, caller.f_code.co_filename, caller.f_lineno, keys))
         sys.exit(0)
-    keys = config_keys(namespace)
+    keys = keys or config_keys(namespace)
     defaults = {k: namespace[k] for k in keys}
     touched = {}
     for arg in argv:

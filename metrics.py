@@ -120,7 +120,7 @@ class MetricsLog:
                      id=run.run_id) if config["wandb_log"] else None
         log = cls(out_dir, run.tokens_at, run.start_iter if resumed_from else None, wandb)
         log.event(run.start_iter, "start", init_from=run.origin, dataset=config["dataset"],
-                  max_iters=config["max_iters"], **start)
+                  max_iters=config["max_iters"], config=config, **start)
         if resumed_from:
             log.event(run.start_iter, "resume", path=resumed_from, branch=run.branch)
         return log
