@@ -112,7 +112,8 @@ def show(folders, head=None):
     lines = []
     for r in table[:head] if head else table:
         scores = r.get("scores") or {}
-        cells = ["*" if r.get("best") else "", r["label"], r["state"], str(r.get("iters") or 0),
+        state = "stopped" if r["state"] == "waiting" and r.get("iters") else r["state"]
+        cells = ["*" if r.get("best") else "", r["label"], state, str(r.get("iters") or 0),
                  num(r.get("best_val_loss"))]
         if objective and objective != "val_loss":
             cells.append(num(r.get("value")))

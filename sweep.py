@@ -92,15 +92,16 @@ made = db.open(plan.fingerprint(), objective, plan.grid_points())
 os.makedirs(out_dir, exist_ok=True)
 console.keep()
 console.open(out_dir)  # the sweep's lines also go to out_dir/console.log
-say(f"sweep {db.name!r}: {'made' if made else 'continued'} in {db.shown}; "
-    f"{len(db.trials())} trials so far, {db.summary()}")
+say(f"sweep {db.name!r}: {'made' if made else 'continued'} in {db.shown}: {db.summary()}")
 for line in describe_derived(plan):
     say(f"derived: {line}")
 if continue_pruned:
     say(f"continue_pruned: {db.continue_pruned()} pruned trials continue from their checkpoints")
 db.take_over()  # this sweep's own trials that a kill -9 left running: continued now
 
+# no trial starts in the budget's last tenth (15 s to 60 s): too little for a start and a save
 deadline = time.time() + budget if budget else None
+margin = min(60.0, max(15.0, 0.1 * budget))
 runner = Runner(plan, sweep, db, say, deadline, gpu_slots(gpus, workers, nproc))
 for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
     signal.signal(s, lambda signum, frame: runner.stop(signum))
@@ -110,7 +111,7 @@ def work(slot):
     """One worker: takes waiting trials until none is left, then waits while others run (one of
     them may need taking over: its machine lost)."""
     mine = db.worker()
-    while runner.signum is None and not (deadline and time.time() > deadline - 60):
+    while runner.signum is None and not (deadline and time.time() > deadline - margin):
         mine.take_over()
         trial = mine.pop()
         if trial is None:
@@ -132,7 +133,7 @@ while any(t.is_alive() for t in threads):  # the main thread stays free for the 
 db.publish()
 compare.show([out_dir], head=20)
 left = db.unfinished()
-if runner.signum is not None or (deadline and time.time() > deadline - 60 and left):
+if runner.signum is not None or (deadline and time.time() > deadline - margin and left):
     why = signal.Signals(runner.signum).name if runner.signum else "time_limit"
     say(f"sweep stopped ({why}): its trials saved; the same command continues it")
     sys.exit(130 if runner.signum == signal.SIGINT else 0)

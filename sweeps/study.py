@@ -91,7 +91,7 @@ class Study:
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
         except ImportError as e:
             raise UsageError(f"storage {hidden(url)!r} needs a driver: {e} (for postgresql:// "
-                             "pip install psycopg2-binary)") from None
+                             "pip install 'psycopg[binary]')") from None
         except Exception as e:  # sqlalchemy's errors: a bad URL, a server that does not answer
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RunError(f"storage {hidden(url)!r} cannot be reached: {first}") from None
@@ -181,8 +181,10 @@ class Study:
         return True
 
     def pop(self):
-        """The next waiting trial, now running in this process's name (None when none waits)."""
-        for t in self.trials((TrialState.WAITING,)):
+        """The next waiting trial, now running in this process's name (None when none waits):
+        trials to continue first, then new ones in order."""
+        waiting = self.trials((TrialState.WAITING,))
+        for t in sorted(waiting, key=lambda t: ("failed_trial" not in t.system_attrs, t.number)):
             if self.origin(t) in self.skip:
                 continue
             try:
@@ -239,15 +241,12 @@ class Study:
                 os.replace(tmp, link)
 
     def summary(self):
-        trials = self.trials()
+        """Where the trials stand, each counted once (its newest try)."""
+        trials = latest(self.trials())
         counts = {s: sum(t.state == s for t in trials) for s in TrialState}
-        retried = {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in
-                   t.system_attrs}
-        failed = sum(t.state == TrialState.FAIL and t.number not in retried
-                     and self.origin(t) not in retried for t in trials)
         return (f"{counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
                 f"{counts[TrialState.RUNNING]} running, {counts[TrialState.WAITING]} waiting"
-                + (f", {failed} failed" if failed else ""))
+                + (f", {counts[TrialState.FAIL]} failed" if counts[TrialState.FAIL] else ""))
 
 
 def latest(trials):
@@ -266,7 +265,8 @@ def record(trial, out_dir):
     """A trial as sweep.json holds it."""
     attrs = trial.user_attrs
     return {"number": trial.system_attrs.get("failed_trial", trial.number),
-            "params": trial.params, "state": state_name(trial), "value": trial.value,
+            "params": trial.params or trial.system_attrs.get("fixed_params", {}),
+            "state": state_name(trial), "value": trial.value,
             "out_dir": os.path.join(out_dir, attrs["out_dir"]) if "out_dir" in attrs else None,
             **{k: attrs.get(k) for k in ("iters", "best_val_loss", "scores", "seconds", "ended")}}
 

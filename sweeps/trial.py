@@ -177,18 +177,22 @@ class Runner:
         storage.set_trial_system_attr(trial._trial_id, "child", me(proc.pid))
         self.say(f"trial {number} started{again}: {what} -> {out}")
         evals, seen, beat, pruned = Evals(out), set(), time.time(), False
-        started = time.time()
+        before = set(evals.read())  # a continued trial's evals: reported again, not printed
+        started, spent = time.time(), frozen.user_attrs.get("seconds", 0)
         while True:
             alive = proc.poll() is None
             if alive and time.time() - beat >= self.sweep["heartbeat"]:
                 storage.record_heartbeat(trial._trial_id)
+                trial.set_user_attr("seconds", round(spent + time.time() - started, 1))
                 beat = time.time()
             for it, row in sorted(evals.read().items()):
                 value = row.get(self.plan.objective)
                 if it in seen or not isinstance(value, (int, float)):
                     continue
                 seen.add(it)
-                self.say(f"trial {number} at iteration {it}: {self.plan.objective} {value:.4f}")
+                if it not in before:
+                    self.say(f"trial {number} at iteration {it}: {self.plan.objective} "
+                             f"{value:.4f}")
                 trial.report(value, it)
                 if pruning and not pruned and alive and trial.should_prune():
                     pruned = True
@@ -209,8 +213,7 @@ class Runner:
         last = rows[max(rows)] if rows else {}
         trial.set_user_attr("scores", {k: v for k, v in last.items() if k.endswith(
             ("_acc", "_acc_norm", "_bpb"))})
-        trial.set_user_attr("seconds", round(time.time() - started + frozen.user_attrs.get(
-            "seconds", 0), 1))
+        trial.set_user_attr("seconds", round(spent + time.time() - started, 1))
         done = evals.finished(knobs.get("max_iters", self.plan.base["max_iters"]))
         code = proc.returncode
         if code == 0 and pruned:
