@@ -2,7 +2,8 @@
 Draw a run's loss curve from its metrics.jsonl (see metrics.py), or several runs on one figure.
 
     python plot.py out-shakespeare-char             # -> out-shakespeare-char/loss.png
-    python plot.py out-a out-b --to=compare.png     # runs side by side, labelled by folder
+    python plot.py out-a out-b --to=compare.png     # runs side by side, labelled by their knobs
+    python plot.py out-sweep                        # every trial of a sweep (sweep.py), best marked
     python plot.py out-shakespeare-char --x=tokens  # tokens seen on the x axis -> loss-tokens.png
 
 Top panel: train loss (a thin line per logged iteration) and val loss (dots at each eval), on a
@@ -10,7 +11,8 @@ log scale when the loss falls by more than 2x; checkpoints are ticks along the b
 dashed vertical lines. Then, when the runs have them, the val loss in bits per byte (which a
 char run and a BPE run of the same text share) and each task's accuracy (eval_tasks; one marker
 per task, one color per run). Bottom panel: the learning rate. Rows marked superseded (work redone
-after a resume) are left out.
+after a resume) are left out. Several runs, or a sweep's trials, are labelled by the knobs that
+differ between them (compare.py); a sweep's best trial is drawn thicker, "(best)" in its label.
 """
 import argparse
 import os
@@ -21,6 +23,7 @@ matplotlib.use("Agg")  # files only: no display needed, none opened
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter, ScalarFormatter  # noqa: E402
 
+import compare  # noqa: E402
 from console import fail  # noqa: E402
 from metrics import METRICS, read_rows  # noqa: E402
 
@@ -32,7 +35,8 @@ NEEDS = {"train": ("loss", "lr"), "eval": ("val_loss",), "event": ("event",)}
 def main(argv=None):
     ap = argparse.ArgumentParser(description="loss curves from out_dir/metrics.jsonl")
     ap.add_argument("out_dirs", nargs="+",
-                    help="run folders (each holds a metrics.jsonl), or metrics.jsonl files")
+                    help="run folders (each holds a metrics.jsonl), metrics.jsonl files, or sweep "
+                         "folders (sweep.py's out_dir: every trial)")
     ap.add_argument("--x", choices=("iter", "tokens"), default="iter",
                     help="x axis: iterations or tokens seen")
     ap.add_argument("--to", default="", help="the PNG to write (default: OUT_DIR/loss.png for one "
@@ -40,25 +44,38 @@ def main(argv=None):
                                              "loss-tokens.png with --x=tokens)")
     args = ap.parse_args(argv)
     key = "iter" if args.x == "iter" else "tokens"
+    folders = [os.path.dirname(d) or "." if os.path.basename(d) == METRICS and os.path.isfile(d)
+               else d.rstrip("/") or d for d in args.out_dirs]
+    for d in folders:
+        if not os.path.isfile(os.path.join(d, METRICS)) and not compare.is_sweep(d):
+            fail(f"{d!r} has no {METRICS}: train into it first (every run writes one), or check "
+                 "the folder")
+    # (folder, label, best): one run by its folder's name; several, or a sweep's trials, by the
+    # knobs that differ between them; trials that have not started yet have nothing to draw
+    entries = [(folders[0], folders[0], False)]
+    if len(folders) > 1 or compare.is_sweep(folders[0]):
+        table, _, _ = compare.rows(folders)
+        entries = [(r["out_dir"], r["label"], r.get("best", False)) for r in table
+                   if os.path.isfile(os.path.join(r["out_dir"], METRICS))]
+        if not entries:
+            fail(f"no trial of {', '.join(folders)} has a {METRICS} yet: run the sweep first")
     runs = []
-    for out_dir in args.out_dirs:
-        if os.path.basename(out_dir) == METRICS and os.path.isfile(out_dir):
-            out_dir = os.path.dirname(out_dir) or "."
+    for out_dir, label, best in entries:
         path = os.path.join(out_dir, METRICS)
-        if not os.path.isfile(path):
-            fail(f"{out_dir!r} has no {METRICS}: train into it first (every run writes one), or "
-                 "check the folder")
         rows = [r for r in read_rows(path) if not r.get("superseded") and all(
             # (a null loss: the step that diverged)
             r.get(k) is not None for k in (key, *NEEDS.get(r["kind"], ())))]
         if not any(r["kind"] in ("train", "eval") for r in rows):
+            if len(entries) > 1:
+                continue  # a trial that has just started
             raise SystemExit(f"error: {path} has no train or eval rows yet")
-        runs.append((out_dir.rstrip("/"), rows))
+        runs.append((label + (" (best)" if best else ""), rows, best))
+    single = len(folders) == 1
     png = "loss.png" if args.x == "iter" else "loss-tokens.png"
-    to = args.to or (os.path.join(runs[0][0], png)
-                     if len(runs) == 1 else png.replace("loss", "loss-compare"))
+    to = args.to or (os.path.join(folders[0], png)
+                     if single else png.replace("loss", "loss-compare"))
 
-    evals = [r for _, rows in runs for r in rows if r["kind"] == "eval"]
+    evals = [r for _, rows, _ in runs for r in rows if r["kind"] == "eval"]
     bpb = any(r.get("val_bpb") is not None for r in evals)  # runs since evals in bits per byte
     tasks = sorted({k for r in evals for k in r if k.endswith("_acc") and r[k] is not None})
     ratios = [3] + [1.5] * bpb + [1.5] * bool(tasks) + [1]
@@ -67,7 +84,7 @@ def main(argv=None):
     ax, ax_lr = axes[0], axes[-1]
     ax_bpb, ax_tasks = (axes[1] if bpb else None), (axes[-2] if tasks else None)
     titles, losses = [], []
-    for i, (name, rows) in enumerate(runs):
+    for i, (name, rows, best) in enumerate(runs):
         color = f"C{i}"
         train = [r for r in rows if r["kind"] == "train"]
         evals = [r for r in rows if r["kind"] == "eval"]
@@ -80,8 +97,9 @@ def main(argv=None):
         label = name if len(runs) <= 3 else f"{name}{size}"
         ax.plot([r[key] for r in train], [r["loss"] for r in train], color=color, alpha=0.35,
                 lw=0.8, label=f"{label} train" if len(runs) <= 3 else None)
-        ax.plot([r[key] for r in evals], [r["val_loss"] for r in evals], "o-", color=color, ms=4,
-                lw=1.5, label=f"{label} val" if len(runs) <= 3 else label)
+        ax.plot([r[key] for r in evals], [r["val_loss"] for r in evals], "o-", color=color,
+                ms=6 if best else 4, lw=3 if best else 1.5,
+                label=f"{label} val" if len(runs) <= 3 else label)
         ax_lr.plot([r[key] for r in train], [r["lr"] for r in train], color=color, lw=1)
         if ax_bpb is not None:  # bits per byte of the text: a char run and a BPE run compare here
             pts = [r for r in evals if r.get("val_bpb") is not None]
@@ -109,8 +127,9 @@ def main(argv=None):
     ax.set_ylabel("loss (cross-entropy" + (", log scale)" if log_scale else ")"))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8 if len(runs) <= 3 else 7, ncol=1 if len(runs) <= 3 else 2)
-    title = ("; ".join(titles)
-             if len(runs) <= 3 else f"{len(runs)} runs (val loss; train loss faint)")
+    title = ("; ".join(titles) if len(runs) <= 3 and not compare.is_sweep(folders[0]) else
+             f"{len(runs)} {'trials of ' + folders[0] if compare.is_sweep(folders[0]) else 'runs'}"
+             f" (val loss; train loss faint)")
     ax.set_title(title + ("\n(dashed: resumed here)"
                           if any("resumed" in t for t in titles) else ""), fontsize=10)
     if ax_bpb is not None:

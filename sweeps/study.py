@@ -22,6 +22,7 @@ import time
 import warnings
 
 import optuna
+import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
@@ -89,10 +90,15 @@ class Study:
                 url, engine_kwargs=kwargs, heartbeat_interval=max(1, int(heartbeat)),
                 grace_period=max(3, int(4 * heartbeat)),
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
-        except ImportError as e:
-            raise UsageError(f"storage {hidden(url)!r} needs a driver: {e} (for postgresql:// "
-                             "pip install 'psycopg[binary]')") from None
-        except Exception as e:  # sqlalchemy's errors: a bad URL, a server that does not answer
+        except ImportError:
+            raise UsageError(f"storage {hidden(url)!r}: its database driver is not installed (for "
+                             "postgresql:// pip install 'psycopg[binary]'; for mysql:// pip "
+                             "install mysqlclient)") from None
+        except (sqlalchemy.exc.NoSuchModuleError, sqlalchemy.exc.ArgumentError):
+            raise UsageError(f"storage {hidden(url)!r} is not a database URL: give "
+                             "postgresql://user:password@host/db, mysql://..., or "
+                             "sqlite:///path/study.db") from None
+        except Exception as e:  # sqlalchemy's errors: a server that does not answer, a login
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RunError(f"storage {hidden(url)!r} cannot be reached: {first}") from None
         self.retry = RetryHeartbeatStaleTrialCallback(max_retry=None)
