@@ -13,7 +13,9 @@ which names its out_dir, so it continues from its checkpoint. Who saw it end:
   worker's process and its trial's process are both gone (kill -9 of the sweep);
 - any worker, once the trial's heartbeat is older than the grace period (a lost machine).
 """
+import contextlib
 import copy
+import fcntl
 import json
 import os
 import socket
@@ -82,14 +84,23 @@ class Study:
         self.shown = hidden(url)
         self.skip = set()  # numbers this process saw fail: not retried by it again (a loop)
         self.lock = threading.Lock()
+        # SQLite has no row locks (Optuna's SELECT ... FOR UPDATE is a plain read there): two
+        # processes could both make its tables, take one waiting trial, or fail and retry one
+        # running trial. Its changes go one at a time under a lock file beside the database;
+        # PostgreSQL and MySQL lock the trial's row.
+        self.turns = threading.Lock()
+        self.lock_file = (url[len("sqlite:///"):] + ".lock" if url.startswith("sqlite:///")
+                          else None)
         kwargs = {"pool_pre_ping": True}
         if url.startswith("sqlite"):  # workers of one machine wait for each other's writes
             kwargs = {"connect_args": {"timeout": 300}}
         try:
-            self.storage = RDBStorage(
-                url, engine_kwargs=kwargs, heartbeat_interval=max(1, int(heartbeat)),
-                grace_period=max(3, int(4 * heartbeat)),
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
+            with self.turn():
+                self.storage = RDBStorage(
+                    url, engine_kwargs=kwargs, heartbeat_interval=max(1, int(heartbeat)),
+                    grace_period=max(3, int(4 * heartbeat)),
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                        max_retry=None))
         except ImportError:
             raise UsageError(f"storage {hidden(url)!r}: its database driver is not installed (for "
                              "postgresql:// pip install 'psycopg[binary]'; for mysql:// pip "
@@ -123,6 +134,10 @@ class Study:
     def open(self, fingerprint, objective, points):
         """Load the study, or make it with every trial enqueued. A study made for another plan is
         refused."""
+        with self.turn():
+            return self._open(fingerprint, objective, points)
+
+    def _open(self, fingerprint, objective, points):
         try:
             self.study = optuna.create_study(storage=self.storage, study_name=self.name,
                                              direction=direction(objective))
@@ -163,11 +178,23 @@ class Study:
         """The number a trial's retries share: its out_dir's."""
         return trial.system_attrs.get("failed_trial", trial.number)
 
+    @contextlib.contextmanager
+    def turn(self):
+        """One state change at a time (see lock_file)."""
+        with self.turns:
+            if self.lock_file is None:
+                yield
+                return
+            with open(self.lock_file, "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)  # (dropped when the file closes)
+                yield
+
     def take_over(self):
         """Fail, and enqueue again, the running trials nobody runs any more: those whose
         heartbeat is stale (any machine), and this sweep's own on this machine whose worker and
         trial processes are gone (a restart after kill -9 need not wait for the heartbeat)."""
-        fail_stale_trials(self.study)
+        with self.turn():
+            fail_stale_trials(self.study)
         for t in self.trials((TrialState.RUNNING,)):
             worker = t.system_attrs.get("worker", {})
             if worker.get("host") == HOST and worker.get("out_dir") == self.out_dir \
@@ -176,33 +203,36 @@ class Study:
 
     def fail(self, number, why):
         """A running trial failed (and enqueued again) by this process, if nobody did first."""
-        trial = self.trials()[number]
-        try:
-            self.storage.set_trial_user_attr(trial._trial_id, "ended", why)
-            if not self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+        with self.turn():
+            trial = self.trials()[number]
+            try:
+                self.storage.set_trial_user_attr(trial._trial_id, "ended", why)
+                if not self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                    return False
+            except optuna.exceptions.UpdateFinishedTrialError:
                 return False
-        except optuna.exceptions.UpdateFinishedTrialError:
-            return False
-        self.retry(self.study, self.storage.get_trial(trial._trial_id))
-        return True
+            self.retry(self.study, self.storage.get_trial(trial._trial_id))
+            return True
 
     def pop(self):
         """The next waiting trial, now running in this process's name (None when none waits):
         trials to continue first, then new ones in order."""
-        waiting = self.trials((TrialState.WAITING,))
-        for t in sorted(waiting, key=lambda t: ("failed_trial" not in t.system_attrs, t.number)):
-            if self.origin(t) in self.skip:
-                continue
-            try:
-                if not self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
-                    continue  # another worker took it first
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue
-            self.storage.set_trial_system_attr(t._trial_id, "worker", {
-                "host": HOST, "out_dir": self.out_dir, **me()})
-            self.storage.record_heartbeat(t._trial_id)
-            self.study.sampler = self.sampler(t.number)
-            return optuna.Trial(self.study, t._trial_id)
+        with self.turn():
+            waiting = self.trials((TrialState.WAITING,))
+            for t in sorted(waiting, key=lambda t: ("failed_trial" not in t.system_attrs,
+                                                    t.number)):
+                if self.origin(t) in self.skip:
+                    continue
+                try:
+                    if not self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+                        continue  # another worker took it first
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    continue
+                self.storage.set_trial_system_attr(t._trial_id, "worker", {
+                    "host": HOST, "out_dir": self.out_dir, **me()})
+                self.storage.record_heartbeat(t._trial_id)
+                self.study.sampler = self.sampler(t.number)
+                return optuna.Trial(self.study, t._trial_id)
         return None
 
     def busy(self):
@@ -216,13 +246,14 @@ class Study:
         """Enqueue each pruned trial again (the newest of its number), to run on unpruned from its
         checkpoint. Returns how many."""
         n = 0
-        for t in latest(self.trials()):
-            if t.state == TrialState.PRUNED:
-                self.study.add_trial(optuna.create_trial(
-                    state=TrialState.WAITING, params=t.params, distributions=t.distributions,
-                    user_attrs=t.user_attrs,
-                    system_attrs={"failed_trial": self.origin(t), "continues": t.number}))
-                n += 1
+        with self.turn():
+            for t in latest(self.trials()):
+                if t.state == TrialState.PRUNED:
+                    self.study.add_trial(optuna.create_trial(
+                        state=TrialState.WAITING, params=t.params, distributions=t.distributions,
+                        user_attrs=t.user_attrs,
+                        system_attrs={"failed_trial": self.origin(t), "continues": t.number}))
+                    n += 1
         return n
 
     def unfinished(self):
