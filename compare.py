@@ -105,14 +105,19 @@ def show(folders, head=None):
     table, objective, maximize = rows(folders)
     key = "value" if objective else "best_val_loss"
     sign = -1 if maximize and objective else 1
-    table.sort(key=lambda r: (r[key] is None, sign * (r[key] or 0)))
+    # complete trials by their value, best first; then the others (a pruned trial's value is its
+    # last eval's, not comparable)
+    table.sort(key=lambda r: (r["state"] != "complete" and r.get("number") is not None,
+                              r[key] is None, sign * (r[key] or 0)))
     tasks = sorted({k for r in table for k in r.get("scores") or {} if not k.endswith("_bpb")})
     head_cells = ["", "run", "state", "iters", "best val"] + \
         ([objective] if objective and objective != "val_loss" else []) + tasks + ["time"]
     lines = []
     for r in table[:head] if head else table:
         scores = r.get("scores") or {}
-        state = "stopped" if r["state"] == "waiting" and r.get("iters") else r["state"]
+        # a waiting copy of a try that ended (stopped, killed, lost) continues from its checkpoint
+        state = {"fail": "failed"}.get(r["state"], r["state"])
+        state = "to continue" if state == "waiting" and r.get("ended") else state
         cells = ["*" if r.get("best") else "", r["label"], state, str(r.get("iters") or 0),
                  num(r.get("best_val_loss"))]
         if objective and objective != "val_loss":

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter, ScalarFormatter  # noqa: E402
 
 import compare  # noqa: E402
-from console import fail  # noqa: E402
+from console import fail, one_line_errors  # noqa: E402
 from metrics import METRICS, read_rows  # noqa: E402
 
 
@@ -43,6 +43,7 @@ def main(argv=None):
                                              "run, loss-compare.png here for several; "
                                              "loss-tokens.png with --x=tokens)")
     args = ap.parse_args(argv)
+    one_line_errors()  # (a sweep.json that cannot be read: compare.py's UsageError)
     key = "iter" if args.x == "iter" else "tokens"
     folders = [os.path.dirname(d) or "." if os.path.basename(d) == METRICS and os.path.isfile(d)
                else d.rstrip("/") or d for d in args.out_dirs]

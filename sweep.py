@@ -20,7 +20,7 @@ import time
 
 import compare
 from configurator import config_keys, configure
-from console import console, fail, one_line_errors, say
+from console import RunError, UsageError, console, fail, one_line_errors, say
 
 # -----------------------------------------------------------------------------------------------
 # the experiment (a sweep out_dir or study holding another experiment is refused)
@@ -56,6 +56,7 @@ if sys.argv[1:2] == ["--show"]:  # the table of a sweep, or of plain runs: compa
     sys.exit(0)
 configure(globals(), keys=KNOBS)
 one_line_errors()
+signal.signal(signal.SIGINT, lambda *_: sys.exit(130))  # a Ctrl-C before the trials: no traceback
 for knob, kind in (("flags", dict), ("grid", dict), ("search", dict), ("derived", dict)):
     if not isinstance(globals()[knob], kind):
         fail(f"{knob} must be a dict, got {globals()[knob]!r}")
@@ -81,6 +82,7 @@ from sweeps.trial import Runner, gpu_slots  # noqa: E402
 
 sweep = {k: globals()[k] for k in KNOBS}
 budget = parse_duration(time_limit)
+slots = gpu_slots(gpus, workers, nproc)
 plan = Plan(sweep)  # every trial's knobs checked by train.py's rules: one line if one is refused
 if os.path.isfile(out_dir) or compare.is_run(out_dir):
     fail(f"out_dir {out_dir!r} holds a training run, not a sweep: pick another --out_dir")
@@ -98,30 +100,42 @@ for line in describe_derived(plan):
 if continue_pruned:
     say(f"continue_pruned: {db.continue_pruned()} pruned trials continue from their checkpoints")
 db.take_over()  # this sweep's own trials that a kill -9 left running: continued now
+db.publish()  # sweep.json and the table (sweep.py --show) from the start
 
 # no trial starts in the budget's last tenth (15 s to 60 s): too little for a start and a save
 deadline = time.time() + budget if budget else None
 margin = min(60.0, max(15.0, 0.1 * budget))
-runner = Runner(plan, sweep, db, say, deadline, gpu_slots(gpus, workers, nproc))
+runner = Runner(plan, sweep, db, say, deadline, slots)
 for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
     signal.signal(s, lambda signum, frame: runner.stop(signum))
 
 
 def work(slot):
     """One worker: takes waiting trials until none is left, then waits while others run (one of
-    them may need taking over: its machine lost)."""
-    mine = db.worker()
-    while runner.signum is None and not (deadline and time.time() > deadline - margin):
-        mine.take_over()
-        trial = mine.pop()
-        if trial is None:
-            if not mine.busy():
-                return
-            time.sleep(min(heartbeat, 5.0))
-            continue
-        runner.run(trial, slot, mine)
-        db.publish()
-        say(f"sweep: {db.summary()}")
+    them may need taking over: its machine lost). Anything that stops it (the storage gone, a
+    full disk) stops the others too: their trials save, and the error is the sweep's last line."""
+    try:
+        mine = db.worker()
+        while runner.signum is None and not runner.out_of_time and not (
+                deadline and time.time() > deadline - margin):
+            mine.take_over()
+            trial = mine.pop()
+            if trial is None:
+                if not mine.busy():
+                    return
+                time.sleep(min(heartbeat, 5.0))
+                continue
+            runner.run(trial, slot, mine)
+            db.publish()
+            say(f"sweep: {db.summary()}")
+    except Exception as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        errors.append(text if isinstance(e, (UsageError, RunError)) else
+                      f"{type(e).__name__}: {text}")
+        runner.stop(signal.SIGTERM)
+
+
+errors = []
 
 
 threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(workers)]
@@ -130,14 +144,21 @@ for t in threads:
 while any(t.is_alive() for t in threads):  # the main thread stays free for the signals
     for t in threads:
         t.join(0.5)
+if errors:  # (the storage may be what failed: nothing more is asked of it)
+    fail(f"a worker stopped: {errors[0]}; the running trials saved, and the same command "
+         "continues the sweep", 1)
 db.publish()
 compare.show([out_dir], head=20)
-left = db.unfinished()
-if runner.signum is not None or (deadline and time.time() > deadline - margin and left):
+left, lost = db.unfinished()
+if runner.signum is not None or (left and (runner.out_of_time or deadline and
+                                          time.time() > deadline - margin)):
     why = signal.Signals(runner.signum).name if runner.signum else "time_limit"
     say(f"sweep stopped ({why}): its trials saved; the same command continues it")
     sys.exit(130 if runner.signum == signal.SIGINT else 0)
 if left:
-    fail(f"{left} trials did not finish (see their train.log); the same command runs them again",
-         1)
-say(f"sweep complete: {db.summary()}; the best trial: {os.path.join(out_dir, 'best')}")
+    parts = [f"{left - lost} to continue: see their train.log; the same command continues them"]
+    parts = parts[:left > lost] + [f"{lost} failed for good: sweep.json says why"][:lost > 0]
+    fail(f"{left} trials did not finish ({'; '.join(parts)})", 1)
+best = db.publish()
+say(f"sweep complete: {db.summary()}" + (f"; the best trial: {os.path.join(out_dir, 'best')} -> "
+                                         f"{os.path.basename(best)}" if best else ""))

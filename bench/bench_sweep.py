@@ -5,7 +5,7 @@ run by hand, back to back. From the project root, with nothing else running:
 
     python bench/bench_sweep.py                     # the whole recipe (2000 iterations), 2 pairs
     python bench/bench_sweep.py --max_iters=500 --pairs=3
-    python bench/bench_sweep.py --workers           # also workers=2 against workers=1
+    python bench/bench_sweep.py --workers           # workers=2 against workers=1 instead
 
 A: `python sweep.py config/sweep_shakespeare_char_cpu.py --out_dir=<new folder>`, its wall time
    from start to exit (the study, the checks of every trial's knobs, three train.py processes and
@@ -15,7 +15,7 @@ B: `python train.py config/train_shakespeare_char_cpu.py --learning_rate=X --min
    knobs sweep.py gives its trials; the wall time of the three.
 The runs alternate A B A B; the overhead is the median of A/B - 1 over the pairs.
 
---workers then runs the sweep with workers=2 against workers=1 (A B A B): on a 2-core machine
+--workers runs the sweep with workers=2 against workers=1 instead (A B A B): on a 2-core machine
 each trial then gets one thread (OMP_NUM_THREADS=1 is set for both, so that the only difference is
 two trials at a time, not thread oversubscription).
 """
@@ -49,7 +49,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--max_iters", type=int, default=2000, help="each trial's (the recipe: 2000)")
-    ap.add_argument("--workers", action="store_true", help="also workers=2 against workers=1")
+    ap.add_argument("--workers", action="store_true", help="workers=2 against workers=1 instead")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bench-sweep-")
     py = sys.executable
@@ -57,16 +57,17 @@ def main():
     flags = f"--flags={{'max_iters': {args.max_iters}, 'lr_decay_iters': {args.max_iters}}}"
     ratios = []
     try:
-        for i in range(args.pairs):
+        for i in range(0 if args.workers else args.pairs):
             a = timed([[py, "sweep.py", SWEEP, f"--out_dir={work}/sweep-{i}", flags]])
             b = timed([[py, "train.py", TRAIN, f"--learning_rate={lr!r}", f"--min_lr={lr / 10!r}",
                         *iters, f"--out_dir={work}/hand-{i}-{j}"] for j, lr in enumerate(GRID)])
             ratios.append(a / b)
             print(f"pair {i}: sweep.py {a:.1f} s, by hand {b:.1f} s, ratio {a / b:.4f}",
                   flush=True)
-        print(f"sweep.py overhead: {100 * (statistics.median(ratios) - 1):+.2f}% "
-              f"(median of {len(ratios)} pairs, {len(GRID)} trials of {args.max_iters} "
-              "iterations)")
+        if ratios:
+            print(f"sweep.py overhead: {100 * (statistics.median(ratios) - 1):+.2f}% "
+                  f"(median of {len(ratios)} pairs, {len(GRID)} trials of {args.max_iters} "
+                  "iterations)")
         if args.workers:
             env = dict(os.environ, OMP_NUM_THREADS="1")
             speed = []

@@ -14,7 +14,7 @@ import json
 import os
 import re
 
-from configurator import configure
+from configurator import config_keys, configure
 from console import UsageError
 
 # knobs that follow another one when only that one is swept: {knob: the knob it keeps its ratio
@@ -35,7 +35,6 @@ def train_defaults():
     head = source[:source.index("keys = config_keys(globals())")]
     namespace = {"__file__": TRAIN, "__name__": "train_knobs"}
     exec(compile(head, TRAIN, "exec"), namespace)
-    from configurator import config_keys
     return {k: namespace[k] for k in config_keys(namespace)}
 
 
@@ -86,8 +85,8 @@ class Plan:
                 raise UsageError(f"grid: {key} lists a value twice: {list(values)!r}")
         for key, spec in self.search.items():
             self.search[key] = self._range(key, spec, defaults[key])
-        both = (set(self.grid) & set(self.search)) | ((set(self.grid) | set(self.search))
-                                                      & (set(self.flags) | set(self.derived)))
+        both = (set(self.grid) & set(self.search)) | (set(self.flags) & set(self.derived)) | (
+            (set(self.grid) | set(self.search)) & (set(self.flags) | set(self.derived)))
         if both:
             raise UsageError(f"{sorted(both)[0]} is set twice (grid, search, flags, derived): "
                              "keep it in one of them")

@@ -22,7 +22,7 @@ import optuna
 from optuna.trial import TrialState
 
 from metrics import METRICS
-from console import UsageError
+from console import RunError, UsageError
 from sweeps.plan import TRAIN, flag, name, value_text
 from sweeps.study import me
 
@@ -30,9 +30,13 @@ PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
-def _die_with_parent():
+def _die_with_parent(parent):
+    """(in the child, before train.py) SIGTERM when the sweep's thread that started it ends; and
+    no start at all if the sweep already died between the fork and this call."""
     if _LIBC is not None:
         _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def gpu_slots(gpus, workers, nproc):
@@ -41,9 +45,12 @@ def gpu_slots(gpus, workers, nproc):
     if gpus == "auto":
         if workers * nproc == 1:
             return []
-        import torch  # only here: a sweep of one process per trial on one GPU never needs it
+        # the GPUs this process was given (a Slurm job's, say), else all that CUDA sees
+        gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if gpus is None:
+            import torch  # only here: a sweep of one process per trial never needs it
 
-        gpus = ",".join(map(str, range(torch.cuda.device_count())))
+            gpus = ",".join(map(str, range(torch.cuda.device_count())))
     ids = [g.strip() for g in gpus.split(",") if g.strip()]
     if ids and len(ids) < workers * nproc:
         raise UsageError(f"workers={workers} x nproc={nproc} needs {workers * nproc} GPUs; "
@@ -115,18 +122,23 @@ class Runner:
     def __init__(self, plan, sweep, study, say, deadline=None, gpus=None):
         self.plan, self.sweep, self.study, self.say = plan, sweep, study, say
         self.deadline, self.gpus = deadline, gpus or []
-        self.live = {}  # number: its Popen
-        self.signum = None
-        self.lock = threading.Lock()
+        self.live = {}  # trial id: its Popen
+        self.signum = None  # the stop signal passed on
+        self.out_of_time = False  # a trial stopped for the sweep's time_limit: start no more
+        self.lock = threading.RLock()  # (a second signal may come while the handler holds it)
         self.maximize = study.study.direction == optuna.study.StudyDirection.MAXIMIZE
 
     def stop(self, signum):
-        """Pass a stop signal on to every trial process (they save and exit); start no more."""
+        """Pass a stop signal on to every trial process (they save and exit); start no more.
+        torchrun passes on only SIGTERM, SIGINT and SIGHUP (others would kill it and orphan its
+        workers): it gets SIGTERM for the others."""
         self.signum = signum
+        sig = signum if self.sweep["nproc"] == 1 or signum in (
+            signal.SIGTERM, signal.SIGINT, signal.SIGHUP) else signal.SIGTERM
         with self.lock:
             for proc in self.live.values():
                 try:
-                    proc.send_signal(signum)
+                    proc.send_signal(sig)
                 except ProcessLookupError:
                     pass
 
@@ -150,95 +162,144 @@ class Runner:
         return [*launcher, TRAIN, *argv], env
 
     def run(self, trial, slot, study):
-        """Run one trial to its end (study: the worker's view of the study); tells the study how it
-        ended: 'complete', 'pruned', 'failed' or 'interrupted'."""
+        """Run one trial to its end (study: the worker's view of the study) and tell the study how
+        it ended."""
         storage = study.storage
-        params = suggest(trial, self.plan)
         frozen = storage.get_trial(trial._trial_id)
-        number = frozen.system_attrs.get("failed_trial", trial.number)
+        number = study.origin(frozen)
+        try:
+            params = suggest(trial, self.plan)
+            knobs = self.plan.knobs(params)  # (a searched value inside a range may be refused)
+        except UsageError as e:
+            study.fail(trial._trial_id, f"its knobs are refused: {e}", permanent=True)
+            self.say(f"trial {number} failed for good: its knobs are refused: {e}")
+            return
         folder = name(params, number)
         out = os.path.join(self.sweep["out_dir"], folder)
-        knobs = self.plan.knobs(params)
         trial.set_user_attr("out_dir", folder)
-        pruning = self.sweep["prune"] and not frozen.system_attrs.get("continues")
         cmd, env = self.command(knobs, out, slot)
         os.makedirs(out, exist_ok=True)
-        what = ", ".join(f"{k}={value_text(v)}" for k, v in params.items())
-        again = " (continuing it)" if number != trial.number else ""
         with open(os.path.join(out, "train.log"), "ab") as log:
             log.write(f"--- sweep: trial {number}, {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                       f"{' '.join(cmd[1:])}\n".encode())
             log.flush()
             with self.lock:
                 if self.signum is not None:
-                    study.fail(trial.number, "the sweep was stopped")
-                    return "interrupted"
+                    study.fail(trial._trial_id, "the sweep was stopped before it started",
+                               again=True)
+                    return
+                parent = os.getpid()
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                        preexec_fn=_die_with_parent)
-                self.live[trial.number] = proc
-        storage.set_trial_system_attr(trial._trial_id, "child", me(proc.pid))
-        self.say(f"trial {number} started{again}: {what} -> {out}")
-        evals, seen, beat, pruned = Evals(out), set(), time.time(), False
+                                        preexec_fn=lambda: _die_with_parent(parent))
+                self.live[trial._trial_id] = proc
+        try:
+            storage.set_trial_system_attr(trial._trial_id, "child", me(proc.pid))
+            what = ", ".join(f"{k}={value_text(v)}" for k, v in params.items())
+            again = " (continuing it)" if number != trial.number else ""
+            self.say(f"trial {number} started{again}: {what} -> {out}")
+            self._watch(trial, frozen, number, proc, out, knobs, study)
+        finally:  # whatever happened here, the trial's process is stopped (it saves) and waited for
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            proc.wait()
+            with self.lock:
+                self.live.pop(trial._trial_id, None)
+
+    def _watch(self, trial, frozen, number, proc, out, knobs, study):
+        """Until the trial's process ends: its heartbeat, its evals (to the pruner and the
+        console), and whether another worker took it over; then its end, told."""
+        pruning = self.sweep["prune"] and not frozen.system_attrs.get("continues")
+        evals, seen, beat, pruned, lost = Evals(out), set(), time.time(), False, None
+        failing = None  # since when the storage fails
         before = set(evals.read())  # a continued trial's evals: reported again, not printed
         started, spent = time.time(), frozen.user_attrs.get("seconds", 0)
         while True:
             alive = proc.poll() is None
-            if alive and time.time() - beat >= self.sweep["heartbeat"]:
-                storage.record_heartbeat(trial._trial_id)
-                trial.set_user_attr("seconds", round(spent + time.time() - started, 1))
-                beat = time.time()
-            for it, row in sorted(evals.read().items()):
-                value = row.get(self.plan.objective)
-                if it in seen or not isinstance(value, (int, float)):
-                    continue
-                seen.add(it)
-                if it not in before:
-                    self.say(f"trial {number} at iteration {it}: {self.plan.objective} "
-                             f"{value:.4f}")
-                trial.report(value, it)
-                if pruning and not pruned and alive and trial.should_prune():
-                    pruned = True
-                    self.say(f"trial {number} pruned at iteration {it}: behind the median of "
-                             "the others; it saves its checkpoint")
-                    proc.send_signal(signal.SIGTERM)
+            try:
+                if alive and time.time() - beat >= self.sweep["heartbeat"]:
+                    beat = time.time()
+                    if study.storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+                        lost = "another worker took it over (its heartbeat had lapsed)"
+                        proc.send_signal(signal.SIGTERM)
+                    else:
+                        study.storage.record_heartbeat(trial._trial_id)
+                        trial.set_user_attr("seconds", round(spent + time.time() - started, 1))
+                for it, row in sorted(evals.read().items()):
+                    value = row.get(self.plan.objective)
+                    if it in seen or not isinstance(value, (int, float)) or lost:
+                        continue
+                    seen.add(it)
+                    if it not in before:
+                        self.say(f"trial {number} at iteration {it}: {self.plan.objective} "
+                                 f"{value:.4f}")
+                    trial.report(value, it)
+                    if pruning and not pruned and alive and trial.should_prune():
+                        pruned = True
+                        self.say(f"trial {number} pruned at iteration {it}: behind the median "
+                                 "of the others; it saves its checkpoint")
+                        proc.send_signal(signal.SIGTERM)
+                failing = None
+            except Exception as e:  # the storage unreachable for a while: the trial goes on
+                text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                if failing is None:
+                    failing = time.time()
+                    self.say(f"warning: trial {number}: the storage failed ({text}); retrying")
+                elif time.time() - failing > 4 * self.sweep["heartbeat"]:  # others took it over
+                    raise RunError(f"the storage has failed for {time.time() - failing:.0f} s "
+                                   f"({text})") from None
             if not alive:
                 break
             time.sleep(0.5)
-        with self.lock:
-            del self.live[trial.number]
+        if lost:
+            self.say(f"trial {number}: {lost}; this copy stopped")
+            return
         rows = evals.read()
         value = best(rows, self.plan.objective, self.maximize)
         iters = max([r["iter"] for r in evals.events if r.get("event") in ("end", "checkpoint")]
                     or [0])
-        trial.set_user_attr("iters", iters)
-        trial.set_user_attr("best_val_loss", best(rows, "val_loss", False))
         last = rows[max(rows)] if rows else {}
-        trial.set_user_attr("scores", {k: v for k, v in last.items() if k.endswith(
-            ("_acc", "_acc_norm", "_bpb"))})
-        trial.set_user_attr("seconds", round(spent + time.time() - started, 1))
+        for key, v in (("iters", iters), ("best_val_loss", best(rows, "val_loss", False)),
+                       ("scores", {k: x for k, x in last.items()
+                                   if k.endswith(("_acc", "_acc_norm", "_bpb"))}),
+                       ("seconds", round(spent + time.time() - started, 1))):
+            trial.set_user_attr(key, v)
         done = evals.finished(knobs.get("max_iters", self.plan.base["max_iters"]))
         code = proc.returncode
         if code == 0 and pruned:
-            study.study.tell(trial, state=TrialState.PRUNED)
-            return "pruned"
+            self._tell(study, trial, number, state=TrialState.PRUNED)
+            return
         if code == 0 and done and value is not None:
-            study.study.tell(trial, value)
-            self.say(f"trial {number} complete: {self.plan.objective} {value:.4f}, "
-                     f"{iters} iterations")
-            return "complete"
+            trial.set_user_attr("ended", None)
+            if self._tell(study, trial, number, values=value):
+                self.say(f"trial {number} complete: {self.plan.objective} {value:.4f}, "
+                         f"{iters} iterations")
+            return
+        error = last_error(out)
+        timed = self.deadline is not None and self.signum is None and (
+            code == 0 or "leaves no time" in error)  # (train.py's own time_limit, or too little)
+        self.out_of_time = self.out_of_time or timed
+        permanent = code == 2 or (code == 0 and done)  # a refused knob, no eval: never better
         if code == 0 and done:
             why = f"no eval gave {self.plan.objective} (is eval_interval above max_iters?)"
-        elif self.signum is not None or code == 0:
+        elif self.signum is not None or code == 0 or timed:
             why = "stopped before its end (it saved a checkpoint and continues from it)"
         elif code < 0:
             why = f"killed by {signal.Signals(-code).name}"
         else:
-            why = f"exit {code}: {last_error(out)}"
-        study.fail(trial.number, why)
-        study.skip.add(number)
-        self.say(f"trial {number} {why}; see {os.path.join(out, 'train.log')}")
-        return "interrupted" if self.signum is not None else "failed"
+            why = f"exit {code}: {error}"
+        if study.fail(trial._trial_id, why, permanent, again=self.signum is not None or timed):
+            self.say(f"trial {number} {why}; see {os.path.join(out, 'train.log')}")
+
+
+    def _tell(self, study, trial, number, **how):
+        try:
+            study.study.tell(trial, **how)
+            return True
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):  # no longer running
+            self.say(f"trial {number}: another worker took it over (its heartbeat had lapsed); "
+                     "its end here is not counted")
+            return False
 
 
 def last_error(out):

@@ -7,7 +7,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMIT = 400
 WIDTH = 100
-PACKAGES = ("keep", "evals")
+PACKAGES = ("keep", "evals", "sweeps")
 
 
 def modules():

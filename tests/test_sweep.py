@@ -31,8 +31,9 @@ FLAGS.update(eval_interval=20, checkpoint_interval=20, log_interval=20, always_s
 
 
 def sweep_config(path, out, grid=None, **knobs):
-    """A sweep config file over the CPU recipe with TINY's model, its trials in `out`."""
-    flags = dict(FLAGS, **knobs.pop("flags", {}))
+    """A sweep config file over the CPU recipe with TINY's model, its trials in `out` (a flag of
+    None: TINY's value left out)."""
+    flags = {k: v for k, v in dict(FLAGS, **knobs.pop("flags", {})).items() if v is not None}
     lines = [f"out_dir = {str(out)!r}", "train_config = 'config/train_shakespeare_char_cpu.py'",
              f"flags = {flags!r}",
              f"grid = {grid if grid is not None else {'learning_rate': [1e-3, 3e-3]}!r}"]
@@ -79,6 +80,16 @@ def train_pid(folder):
     raise AssertionError(f"no train.py holds {folder}")
 
 
+def saved(folder):
+    """A trial folder's periodic checkpoints (iterations), once it has one."""
+    for _ in range(300):
+        found = [int(n[5:13]) for n in os.listdir(folder) if re.fullmatch(r"ckpt-\d{8}\.pt", n)]
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"no checkpoint in {folder}")
+
+
 def assert_like_plain_run(folder, tmp_path, max_iters):
     """The trial's last checkpoint equals that of train.py run alone with the trial's knobs."""
     knobs = launches(folder)[-1].split()[1:]  # (train.py's path first)
@@ -99,9 +110,11 @@ def test_a_killed_sweep_and_a_killed_trial_continue_with_the_same_command(shakes
     cfg = sweep_config(tmp_path / "sweep.py", out, flags={"max_iters": 1500})
     job = sweep(cfg)
     wait_for(job, r"trial 0 at iteration 20:")
+    saved(out / "000-learning_rate=0.001")  # (the eval's row comes before its checkpoint)
     os.kill(train_pid(out / "000-learning_rate=0.001"), signal.SIGKILL)
     wait_for(job, r"trial 0 killed by SIGKILL")
     wait_for(job, r"trial 1 at iteration 20:")
+    saved(out / "001-learning_rate=0.003")
     os.kill(job.pid, signal.SIGKILL)
     job.wait()
     rest = run("sweep.py", cfg, check=False, timeout=600)
@@ -110,7 +123,7 @@ def test_a_killed_sweep_and_a_killed_trial_continue_with_the_same_command(shakes
     assert "trial 1 started (continuing it)" in rest.stdout
     for folder in ("000-learning_rate=0.001", "001-learning_rate=0.003"):
         assert len(launches(out / folder)) == 2, folder
-        assert resumed_at(out / folder)[0] >= 20, folder  # not from iteration 0
+        assert resumed_at(out / folder)[0] >= 20, (folder, resumed_at(out / folder))  # not 0
         assert_like_plain_run(out / folder, tmp_path, 1500)
     assert [t["state"] for t in trials(out)["trials"]] == ["complete", "complete"]
 
@@ -135,8 +148,7 @@ def test_sigterm_and_time_limit_stop_the_sweep_with_exit_0_and_it_continues(shak
     assert job.wait(timeout=60) == 0
     starts = resumed_at(folder)
     assert len(launches(folder)) == 2 and len(starts) == 1 and starts[0] > 20
-    saved = [int(n[5:13]) for n in os.listdir(folder) if re.fullmatch(r"ckpt-\d{8}\.pt", n)]
-    assert max(saved) > starts[0]  # the SIGTERM's checkpoint, where the next start goes on
+    assert max(saved(folder)) > starts[0]  # the SIGTERM's checkpoint, where the next goes on
 
 
 def test_two_sweeps_on_one_out_dir_split_the_trials(shakespeare_char, tmp_path):
@@ -176,6 +188,12 @@ def test_two_machines_share_a_postgres_study_and_one_takes_over_a_lost_trial(
     cfg = sweep_config(tmp_path / "sweep.py", tmp_path / "unused", flags={"max_iters": 1500})
     a = sweep(cfg, f"--out_dir={tmp_path}/a", *common)
     wait_for(a, r"trial 0 at iteration 20:")
+    copy = tmp_path / "remote" / "000-learning_rate=0.001"
+    for _ in range(300):  # a periodic checkpoint's copy committed in remote_dir
+        if os.path.isdir(copy) and any(re.fullmatch(r"ckpt-\d{8}\.pt\.commit", n)
+                                       for n in os.listdir(copy)):
+            break
+        time.sleep(0.1)
     trial_a = train_pid(tmp_path / "a" / "000-learning_rate=0.001")
     b = sweep(cfg, f"--out_dir={tmp_path}/b", *common)
     wait_for(b, r"trial 1 started")
@@ -189,6 +207,42 @@ def test_two_machines_share_a_postgres_study_and_one_takes_over_a_lost_trial(
     assert resumed_at(taken)[0] >= 20  # from A's checkpoint in remote_dir, not from iteration 0
     assert_like_plain_run(taken, tmp_path, 1500)
     assert [t["state"] for t in trials(tmp_path / "b")["trials"]] == ["complete", "complete"]
+
+
+def test_a_storage_that_dies_mid_sweep_stops_it_with_one_line(shakespeare_char, tmp_path):
+    """The PostgreSQL server goes away while a trial runs: the sweep warns, then stops that trial
+    (it saves) and exits 1 with one error line, not a traceback."""
+    pgserver = pytest.importorskip("pgserver")
+    server = pgserver.get_server(str(tmp_path / "pg"), cleanup_mode="stop")
+    cfg = sweep_config(tmp_path / "sweep.py", tmp_path / "sw", flags={"max_iters": 10**6})
+    job = sweep(cfg, f"--storage={server.get_uri()}", "--heartbeat=1")
+    wait_for(job, r"trial 0 at iteration 20:")
+    server.cleanup()  # (stops the server)
+    text, _ = job.communicate(timeout=120)
+    lines = text.strip().splitlines()
+    assert job.returncode == 1, text
+    assert "warning: trial 0: the storage failed" in text and "Traceback" not in text
+    assert lines[-1].startswith("error: a worker stopped: the storage has failed for"), text
+    with open(tmp_path / "sw" / "000-learning_rate=0.001" / "train.log") as f:
+        assert "saving a checkpoint, then exiting" in f.read()
+
+
+def test_a_searched_value_train_py_refuses_fails_that_trial_for_good(shakespeare_char, tmp_path):
+    """n_head searched over 1..4 with n_embd=32: 3 does not divide it. That trial fails before it
+    starts, the others run; the sweep exits 1 and a second start does not try it again."""
+    out = tmp_path / "sw"
+    cfg = sweep_config(tmp_path / "sweep.py", out, grid={}, search={"n_head": (1, 4)}, trials=6,
+                       sampler="random", flags={"max_iters": 10, "n_head": None})
+    first = run("sweep.py", cfg, check=False, timeout=300)
+    data = trials(out)["trials"]
+    bad = [t for t in data if t["params"]["n_head"] == 3]
+    assert bad, data  # (random's picks with seed 0 include 3)
+    assert first.returncode == 1 and first.stdout.count("failed for good") == len(bad)
+    assert all(t["state"] == "fail" and "must be a multiple of n_head=3" in t["ended"]
+               for t in bad)
+    assert all(t["state"] == "complete" for t in data if t not in bad)
+    second = run("sweep.py", cfg, check=False, timeout=300)
+    assert second.returncode == 1 and "started" not in second.stdout
 
 
 def test_pruning_stops_a_trial_behind_the_median_and_continue_pruned_finishes_it(
