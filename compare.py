@@ -74,9 +74,10 @@ def rows(folders):
         sweep = read_sweep(folder)
         objective = objective or sweep.get("objective")
         maximize = sweep.get("direction") == "maximize"
-        for t in sweep["trials"]:
-            out.append(dict(t, knobs=t["params"], best=t["number"] == sweep["best"],
-                            out_dir=t.get("out_dir") or folder))
+        for t in sweep["trials"]:  # (found beside sweep.json: the folder may have been moved)
+            here = os.path.join(folder, os.path.basename(t["out_dir"])) if t.get("out_dir") \
+                else folder
+            out.append(dict(t, knobs=t["params"], best=t["number"] == sweep["best"], out_dir=here))
     keys = differing([r["knobs"] for r in out])
     for r in out:
         r["label"] = ", ".join(f"{k}={short(r['knobs'].get(k))}" for k in keys) or \

@@ -42,7 +42,7 @@ continue_pruned = False  # run the pruned trials on from their checkpoints, unpr
 # where and how (these may change between runs of the same sweep)
 workers = 1  # trials at a time on this machine (on GPUs: nproc GPUs each)
 nproc = 1  # processes per trial (torchrun --nproc_per_node); a trial's GPUs
-gpus = "auto"  # GPUs handed out to the workers: 'auto' (all that CUDA sees), '' (none), '0,1,2'
+gpus = "auto"  # GPUs handed out: 'auto' (this process's), '0,1,2', '' (none: trials see all)
 storage = ""  # Optuna's storage: '' (out_dir/study.db), or postgresql://... shared by machines
 study = ""  # the study's name in the storage (default: out_dir's folder name)
 remote_dir = ""  # each trial copies its checkpoints to remote_dir/<trial> (docs/remote.md)

@@ -13,7 +13,10 @@ A: `python sweep.py config/sweep_shakespeare_char_cpu.py --out_dir=<new folder>`
 B: `python train.py config/train_shakespeare_char_cpu.py --learning_rate=X --min_lr=X/10
    --out_dir=<new folder>` for each of the grid's three values, one after the other, the same
    knobs sweep.py gives its trials; the wall time of the three.
-The runs alternate A B A B; the overhead is the median of A/B - 1 over the pairs.
+The runs alternate A B A B; the overhead is the median of A/B - 1 over the pairs, and the median
+of A - B in seconds. On a 2-core machine whose speed changes from run to run (one training run at
+35 ms/iter, the next at 44), the whole recipe's pairs scatter by +-10%; short trials
+(--max_iters=100) measure the sweep's own fixed cost in seconds, which is what it adds to any grid.
 
 --workers runs the sweep with workers=2 against workers=1 instead (A B A B): on a 2-core machine
 each trial then gets one thread (OMP_NUM_THREADS=1 is set for both, so that the only difference is
@@ -55,19 +58,20 @@ def main():
     py = sys.executable
     iters = [f"--max_iters={args.max_iters}", f"--lr_decay_iters={args.max_iters}"]
     flags = f"--flags={{'max_iters': {args.max_iters}, 'lr_decay_iters': {args.max_iters}}}"
-    ratios = []
+    ratios, extra = [], []
     try:
         for i in range(0 if args.workers else args.pairs):
             a = timed([[py, "sweep.py", SWEEP, f"--out_dir={work}/sweep-{i}", flags]])
             b = timed([[py, "train.py", TRAIN, f"--learning_rate={lr!r}", f"--min_lr={lr / 10!r}",
                         *iters, f"--out_dir={work}/hand-{i}-{j}"] for j, lr in enumerate(GRID)])
             ratios.append(a / b)
-            print(f"pair {i}: sweep.py {a:.1f} s, by hand {b:.1f} s, ratio {a / b:.4f}",
-                  flush=True)
+            extra.append(a - b)
+            print(f"pair {i}: sweep.py {a:.1f} s, by hand {b:.1f} s, ratio {a / b:.4f}, "
+                  f"{a - b:+.1f} s", flush=True)
         if ratios:
-            print(f"sweep.py overhead: {100 * (statistics.median(ratios) - 1):+.2f}% "
-                  f"(median of {len(ratios)} pairs, {len(GRID)} trials of {args.max_iters} "
-                  "iterations)")
+            print(f"sweep.py overhead: {100 * (statistics.median(ratios) - 1):+.2f}%, "
+                  f"{statistics.median(extra):+.1f} s (medians of {len(ratios)} pairs, "
+                  f"{len(GRID)} trials of {args.max_iters} iterations)")
         if args.workers:
             env = dict(os.environ, OMP_NUM_THREADS="1")
             speed = []
