@@ -10,7 +10,7 @@ import json
 import os
 
 from console import UsageError, say
-from metrics import METRICS, read_rows
+from metrics import METRICS, reached, read_rows
 
 SWEEP = "sweep.json"
 # knobs that say where or how a run ran, not what it learned: never a label
@@ -31,11 +31,20 @@ def is_run(folder):
 
 
 def read_sweep(folder):
+    """sweep.json, judged before it is used: a damaged or foreign one is one error line."""
+    path = os.path.join(folder, SWEEP)
     try:
-        with open(os.path.join(folder, SWEEP)) as f:
-            return json.load(f)
+        with open(path) as f:
+            sweep = json.load(f)
+        ok = isinstance(sweep, dict) and isinstance(sweep.get("trials"), list) and all(
+            isinstance(t, dict) and isinstance(t.get("params"), dict) and "number" in t
+            and isinstance(t.get("out_dir") or "", str) for t in sweep["trials"])
     except (OSError, ValueError) as e:
-        raise UsageError(f"{os.path.join(folder, SWEEP)} cannot be read: {e}") from None
+        raise UsageError(f"{path} cannot be read: {e}") from None
+    if not ok:
+        raise UsageError(f"{path} is not a sweep's (sweep.py writes trials with number, params "
+                         "and out_dir)")
+    return sweep
 
 
 def run_row(folder):
@@ -53,8 +62,9 @@ def run_row(folder):
     iters = max(saved + [r["iter"] + 1 for r in rows if r["kind"] == "train"] or [0])
     max_iters = start.get("max_iters")
     last = evals[-1] if evals else {}
-    return dict(out_dir=folder, knobs=config, state="complete" if max_iters is not None and any(
-        i >= max_iters for i in saved) else "stopped", iters=iters,
+    return dict(out_dir=folder, knobs=config if isinstance(config, dict) else {},
+                state="complete" if isinstance(max_iters, int) and reached(events, max_iters)
+                else "stopped", iters=iters,
         best_val_loss=min((r["val_loss"] for r in evals), default=None), value=None,
         scores={k: v for k, v in last.items() if k.endswith(("_acc", "_acc_norm"))},
         seconds=sum(r.get("seconds") or 0 for r in events if r["event"] == "end"), number=None)
@@ -77,7 +87,8 @@ def rows(folders):
         for t in sweep["trials"]:  # (found beside sweep.json: the folder may have been moved)
             here = os.path.join(folder, os.path.basename(t["out_dir"])) if t.get("out_dir") \
                 else folder
-            out.append(dict(t, knobs=t["params"], best=t["number"] == sweep["best"], out_dir=here))
+            out.append(dict(t, knobs=t["params"], best=t["number"] == sweep.get("best"),
+                            out_dir=here))
     keys = differing([r["knobs"] for r in out])
     for r in out:
         r["label"] = ", ".join(f"{k}={short(r['knobs'].get(k))}" for k in keys) or \

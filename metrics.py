@@ -31,10 +31,11 @@ def read_rows(path):
     """The rows of a metrics file, in order; a torn line (a crash mid-write) or any line that is not
     a row is skipped."""
     with open(path, encoding="utf-8", errors="replace") as f:
-        return _rows(f.read())
+        return parse_rows(f.read())
 
 
-def _rows(text):
+def parse_rows(text):
+    """The whole rows of a piece of a metrics file (sweep.py reads a growing one piece by piece)."""
     rows = []
     for line in text.splitlines(keepends=True):
         if not line.endswith("\n"):
@@ -46,6 +47,12 @@ def _rows(text):
         if isinstance(row, dict) and "kind" in row and "iter" in row:
             rows.append(row)
     return rows
+
+
+def reached(rows, max_iters):
+    """Whether a run's rows show it reached max_iters: an end event or a checkpoint there."""
+    return any(r["kind"] == "event" and r.get("event") in ("end", "checkpoint")
+               and r["iter"] >= max_iters and not r.get("superseded") for r in rows)
 
 
 def redone(row, k):
@@ -169,7 +176,7 @@ class MetricsLog:
             return []
         with open(self.path, encoding="utf-8", errors="replace") as f:
             text = f.read()
-        rows = _rows(text)
+        rows = parse_rows(text)
         stale = [r for r in rows if not r.get("superseded") and redone(r, k)]
         if not stale and (not text or text.endswith("\n")):
             return rows

@@ -147,21 +147,21 @@ class Plan:
             raise UsageError(f"search: {key} is an int knob: give it int ends, got {spec!r}")
         return (kind(spec[0]), kind(spec[1]), "log" if log else "linear")
 
+    def combinations(self):
+        return [dict(zip(self.grid, values))
+                for values in itertools.product(*self.grid.values())] or [{}]
+
     def points(self):
         """Each combination to check: every grid point with each search knob at each end of its
         range (ends taken together: low with low, high with high)."""
-        grid = [dict(zip(self.grid, values))
-                for values in itertools.product(*self.grid.values())] or [{}]
         ends = [{}] if not self.search else [{k: r[i] for k, r in self.search.items()}
                                              for i in (0, 1)]
-        return [{**g, **e} for g in grid for e in ends]
+        return [{**g, **e} for g in self.combinations() for e in ends]
 
     def grid_points(self):
         """The trials to enqueue: every grid combination (trials times over with a search, whose
         knobs the sampler then picks)."""
-        grid = [dict(zip(self.grid, values))
-                for values in itertools.product(*self.grid.values())] or [{}]
-        return [g for g in grid for _ in range(max(self.trials, 1))]
+        return [g for g in self.combinations() for _ in range(max(self.trials, 1))]
 
     def knobs(self, params):
         """A trial's train.py config (checked) for the swept knobs' values `params`: the base

@@ -211,10 +211,6 @@ class Study:
     def trials(self, states=None):
         return self.study.get_trials(deepcopy=False, states=states)
 
-    @staticmethod
-    def origin(trial):
-        """The number a trial's tries share: its out_dir's."""
-        return trial.system_attrs.get("failed_trial", trial.number)
 
     def again(self, trial, why, **system_attrs):
         """Enqueue a copy of a try: the same knobs and folder, why the last try ended."""
@@ -222,14 +218,14 @@ class Study:
         self.study.add_trial(optuna.create_trial(
             state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
             user_attrs={**keep, "ended": why},
-            system_attrs={"failed_trial": self.origin(trial), **system_attrs}))
+            system_attrs={"failed_trial": origin(trial), **system_attrs}))
 
     def _requeue(self):
         """(in a turn) A copy of every trial whose newest try failed, unless it failed for good
         or this process saw it fail."""
         for t in latest(self.trials()):
             if t.state == TrialState.FAIL and not t.user_attrs.get("permanent") \
-                    and self.origin(t) not in self.skip:
+                    and origin(t) not in self.skip:
                 self.again(t, t.user_attrs.get("ended") or "failed")
 
     @stored
@@ -264,7 +260,7 @@ class Study:
         with self.turn():
             trial = self.storage.get_trial(trial_id)
             if not again:
-                self.skip.add(self.origin(trial))
+                self.skip.add(origin(trial))
             if trial.state != TrialState.RUNNING or not self._fail(trial, why, permanent):
                 return False
             if again:
@@ -278,13 +274,13 @@ class Study:
         before it is running, so a running trial always has both."""
         with self.turn():
             trials = self.trials()
-            taken = {self.origin(t) for t in trials if t.state in (TrialState.RUNNING, *DONE)}
+            taken = {origin(t) for t in trials if t.state in (TrialState.RUNNING, *DONE)}
             waiting = [t for t in trials if t.state == TrialState.WAITING]
             for t in sorted(waiting, key=lambda t: ("failed_trial" not in t.system_attrs,
                                                     t.number)):
-                if self.origin(t) in self.skip:
+                if origin(t) in self.skip:
                     continue
-                if self.origin(t) in taken and not t.system_attrs.get("continues"):
+                if origin(t) in taken and not t.system_attrs.get("continues"):
                     # (cannot happen while every change takes its turn; never run it twice)
                     self.storage.set_trial_user_attr(t._trial_id, "duplicate", True)
                     self._fail(t, "a second copy of a running or finished trial", True)
@@ -313,7 +309,7 @@ class Study:
         """Trials that may still need this worker: waiting ones it may take, running ones it may
         have to take over."""
         return any(t.state == TrialState.RUNNING or
-                   (t.state == TrialState.WAITING and self.origin(t) not in self.skip)
+                   (t.state == TrialState.WAITING and origin(t) not in self.skip)
                    for t in self.trials((TrialState.RUNNING, TrialState.WAITING)))
 
     @stored
@@ -336,6 +332,8 @@ class Study:
                           None)
             link = os.path.join(self.out_dir, "best")
             now = os.readlink(link) if os.path.islink(link) else None
+            if os.path.lexists(link) and now is None:  # not our link: a user's file, left alone
+                raise RunError(f"{link} is not the sweep's link to its best trial: move it away")
             if folder and now != os.path.basename(folder):
                 tmp = temp_name(link)
                 os.symlink(os.path.basename(folder), tmp)
@@ -352,12 +350,17 @@ class Study:
                 + (f", {counts[TrialState.FAIL]} failed" if counts[TrialState.FAIL] else ""))
 
 
+def origin(trial):
+    """The number a trial's tries share: its out_dir's (a copy keeps the first try's)."""
+    return trial.system_attrs.get("failed_trial", trial.number)
+
+
 def latest(trials):
     """The newest try of each trial: what its row in the table shows."""
     by = {}
     for t in trials:
         if not t.user_attrs.get("duplicate"):
-            by[t.system_attrs.get("failed_trial", t.number)] = t
+            by[origin(t)] = t
     return [by[k] for k in sorted(by)]
 
 
@@ -365,7 +368,7 @@ def record(trial, out_dir):
     """A trial (its newest try) as sweep.json holds it. state: waiting, running, complete, pruned
     or fail; ended: why the last try did not finish."""
     attrs = trial.user_attrs
-    return {"number": trial.system_attrs.get("failed_trial", trial.number),
+    return {"number": origin(trial),
             "params": trial.params or trial.system_attrs.get("fixed_params", {}),
             "state": trial.state.name.lower(), "value": trial.value,
             "out_dir": os.path.join(out_dir, attrs["out_dir"]) if "out_dir" in attrs else None,

@@ -10,7 +10,6 @@ OUT/<trial>/train.log. While it runs, its metrics.jsonl is read for the evals: e
 the study (for the pruner and the sweep's console), and the trial's heartbeat is written.
 """
 import ctypes
-import json
 import os
 import signal
 import subprocess
@@ -21,10 +20,10 @@ import time
 import optuna
 from optuna.trial import TrialState
 
-from metrics import METRICS
+from metrics import METRICS, parse_rows, reached
 from console import RunError, UsageError
 from sweeps.plan import TRAIN, flag, name, value_text
-from sweeps.study import me
+from sweeps.study import me, origin
 
 PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -91,24 +90,18 @@ class Evals:
             return self.evals
         whole = text[:text.rfind(b"\n") + 1]  # a line being written is read next time
         self.at += len(whole)
-        for line in whole.decode(errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
+        for row in parse_rows(whole.decode(errors="replace")):
             if row.get("superseded"):
                 continue
-            if row.get("kind") == "eval":
+            if row["kind"] == "eval":
                 self.evals[row["iter"]] = row
-            elif row.get("kind") == "event":
+            elif row["kind"] == "event":
                 self.events.append(row)
         return self.evals
 
     def finished(self, max_iters):
-        """Whether the run reached max_iters (an 'end' event or a checkpoint there)."""
         self.read()
-        return any(r.get("event") in ("end", "checkpoint") and r["iter"] >= max_iters
-                   for r in self.events)
+        return reached(self.events, max_iters)
 
 
 def best(rows, objective, maximize):
@@ -166,7 +159,7 @@ class Runner:
         it ended."""
         storage = study.storage
         frozen = storage.get_trial(trial._trial_id)
-        number = study.origin(frozen)
+        number = origin(frozen)
         try:
             params = suggest(trial, self.plan)
             knobs = self.plan.knobs(params)  # (a searched value inside a range may be refused)
